@@ -1,0 +1,1 @@
+"""Data: CIFAR loading, in-memory batched loader, on-device augmentation, preprocessing."""
