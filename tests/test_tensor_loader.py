@@ -132,10 +132,18 @@ def test_augment_applied_and_deterministic():
     assert not torch.equal(torch.cat([x for x, _ in run(1)]), xs)
 
 
+def test_feature_tensors_load_like_images():
+    feats = torch.randn(10, 2, 4)  # (N, K views, D) cached features
+    labels = torch.arange(10)
+    loader = TensorLoader(feats, labels, batch_size=3, shuffle=False)
+    xs = torch.cat([x for x, _ in loader])
+    assert torch.equal(xs, feats)
+
+
 def test_rejects_bad_input():
     images, labels = _data(10)
     with pytest.raises(ValueError):
-        TensorLoader(images.float(), labels, batch_size=2, shuffle=False)
+        TensorLoader(images.flatten()[:10], labels, batch_size=2, shuffle=False)  # 1-D
     with pytest.raises(ValueError):
         TensorLoader(images, labels[:5], batch_size=2, shuffle=False)
     with pytest.raises(ValueError):

@@ -60,10 +60,9 @@ class TensorLoader:
         world_size: int = 1,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     ) -> None:
-        if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
+        # images is usually uint8 (N, C, H, W); cached features (N, [K,] D) float work the same.
+        if images.dim() < 2:
+            raise ValueError(f"images must be (N, ...), got shape {tuple(images.shape)}")
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(
                 f"labels must be int64 of shape ({images.shape[0]},), "
@@ -154,7 +153,7 @@ class TensorLoader:
         """Gather one batch and move it to ``self.device``: x uint8 (B, C, H, W), y int64 (B,)."""
         if self._pinned:
             b = batch_idx.shape[0]
-            x = torch.empty((b, *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            x = torch.empty((b, *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
             y = torch.empty((b,), dtype=torch.int64, pin_memory=True)
             torch.index_select(self.images, 0, batch_idx, out=x)
             torch.index_select(self.labels, 0, batch_idx, out=y)

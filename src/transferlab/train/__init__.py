@@ -1,0 +1,1 @@
+"""Training: optimisers and schedules, precision, atomic checkpoints, the epoch loop, and fit()."""
