@@ -1,0 +1,125 @@
+"""report.md for ``compare``, rebuilt from the run dirs' files alone (summary.json, metrics.csv).
+
+Tables follow the seed study (train/val/test loss and accuracy, time, parameters); the
+observations are generated from the measured numbers, never hard-coded.
+
+Usage:
+    write_compare_report(Path("runs/compare-20261128"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transferlab.report.plots import plot_curves
+
+TITLES = {
+    "cnn": "CNN trained from scratch (seed recipe)",
+    "frozen": "Pretrained backbone, frozen, with the seed's head",
+    "chase": "CNN trained towards the pretrained model's best validation accuracy",
+    "cnn-best": "CNN with the tuned cnn-best recipe",
+}
+
+
+def _kind(run_dir: Path) -> str:
+    name = run_dir.name
+    if name.endswith("-frozen"):
+        return "frozen"
+    return {"cnn": "cnn", "cnn-chase": "chase", "cnn-best": "cnn-best"}.get(name, name)
+
+
+def load_runs(root: Path) -> dict[str, tuple[Path, dict]]:
+    """(run dir, summary) per experiment kind found under ``root``."""
+    runs = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        summary = sub / "summary.json"
+        if summary.is_file():
+            runs[_kind(sub)] = (sub, json.loads(summary.read_text()))
+    return runs
+
+
+def _table(s: dict) -> str:
+    rows = ["**----**|**Loss**|**Accuracy**", ":-----:|:-----:|:-----:"]
+    for split in ("train", "val", "test"):
+        label = {"train": "Train", "val": "Validation", "test": "Test"}[split]
+        rows.append(f"**{label}**| {s[split]['loss']:.4f}| {s[split]['acc']:.4f}")
+    return "\n".join(rows)
+
+
+def _section(kind: str, run_dir: Path, s: dict, root: Path) -> str:
+    t = s["time_s"]
+    p = s["params"]
+    fc = s.get("feature_cache") or {}
+    cache_note = ""
+    if fc:
+        hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
+        cache_note = (f"- Feature cache: {'hit for ' + ', '.join(hits) if hits else 'extracted'} "
+                      f"({fc.get('seconds', '?')} s, precision {fc.get('precision', '?')})\n")
+    curves = run_dir / "curves.png"
+    if not curves.is_file():
+        plot_curves(run_dir / "metrics.csv", curves, title=s["model"])
+    return (
+        f"## {TITLES.get(kind, kind)}\n\n"
+        f"- Model: `{s['model']}`, mode `{s['mode']}`, image size {s.get('image_size')} px, precision {s.get('precision')}\n"
+        f"- Parameters: {p['total']:,} total, {p['trainable']:,} trainable, {p['total'] - p['trainable']:,} frozen\n"
+        f"- Epochs run: {s['epochs_run']} (best epoch {s['best_epoch']}; {s['stop_reason']})\n"
+        f"- Wall time: {t['total']:.1f} s (train {t['train']:.1f} s, eval {t['eval']:.1f} s, setup {t['setup']:.1f} s)\n"
+        f"{cache_note}\n{_table(s)}\n\n![{kind} loss and accuracy]({curves.relative_to(root)})\n"
+    )
+
+
+def observations(runs: dict[str, tuple[Path, dict]]) -> list[str]:
+    """Plain statements derived from the measured numbers."""
+    out = []
+    if "cnn" in runs and "frozen" in runs:
+        c, f = runs["cnn"][1], runs["frozen"][1]
+        diff = f["test"]["acc"] - c["test"]["acc"]
+        better = "higher" if diff > 0 else "lower" if diff < 0 else "the same as"
+        out.append(f"The frozen pretrained `{f['model']}` reached test accuracy {f['test']['acc']:.4f}, "
+                   f"{abs(diff) * 100:.1f} points {better} than the CNN's {c['test']['acc']:.4f}"
+                   + (" (equal)" if diff == 0 else "") + ".")
+        ratio = f["time_s"]["total"] / max(c["time_s"]["total"], 1e-9)
+        out.append(f"For the same epoch budget the pretrained model took {f['time_s']['total']:.1f} s against the "
+                   f"CNN's {c['time_s']['total']:.1f} s ({ratio:.2f}x).")
+        gap_c = c["train"]["acc"] - c["val"]["acc"]
+        gap_f = f["train"]["acc"] - f["val"]["acc"]
+        out.append(f"Train-minus-validation accuracy gap: CNN {gap_c * 100:.1f} points, pretrained {gap_f * 100:.1f} points.")
+    if "chase" in runs and "frozen" in runs:
+        ch, f = runs["chase"][1], runs["frozen"][1]
+        target = f["fit_state"]["best_val_acc"]
+        reached = ch["fit_state"]["best_val_acc"] >= target
+        out.append(
+            f"Trained towards the pretrained model's best validation accuracy ({target:.4f}), the CNN "
+            f"{'reached' if reached else 'did not reach'} it: it stopped after {ch['epochs_run']} epochs "
+            f"({ch['stop_reason']}) with best validation accuracy {ch['fit_state']['best_val_acc']:.4f} "
+            f"and test accuracy {ch['test']['acc']:.4f}."
+        )
+    if "cnn-best" in runs and "cnn" in runs:
+        b, c = runs["cnn-best"][1], runs["cnn"][1]
+        out.append(f"The same CNN architecture with the cnn-best recipe reached test accuracy {b['test']['acc']:.4f} "
+                   f"in {b['epochs_run']} epochs, against {c['test']['acc']:.4f} with the seed's recipe.")
+    return out
+
+
+def write_compare_report(root: Path) -> Path:
+    """Write ``root/report.md`` from the runs found under ``root``."""
+    runs = load_runs(root)
+    if not runs:
+        from transferlab.errors import UserError
+
+        raise UserError(f"no finished runs (summary.json) under {root}")
+    parts = ["# Transfer learning vs a CNN from scratch\n"]
+    first = next(iter(runs.values()))[1]
+    data = first.get("data", {})
+    parts.append(f"Data: `{data.get('source')}` ({data.get('classes')} classes), split seed {data.get('split_seed')}, "
+                 f"md5 {json.dumps(data.get('md5', {}))}. Versions: {json.dumps(first.get('versions', {}))}.\n")
+    for kind in ("cnn", "frozen", "chase", "cnn-best"):
+        if kind in runs:
+            parts.append(_section(kind, runs[kind][0], runs[kind][1], root))
+    obs = observations(runs)
+    if obs:
+        parts.append("## Observations\n\n" + "\n".join(f"* {o}" for o in obs) + "\n")
+    path = root / "report.md"
+    path.write_text("\n".join(parts))
+    return path

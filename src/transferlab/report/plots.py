@@ -1,0 +1,47 @@
+"""Learning curves drawn from ``metrics.csv`` alone, so any past run can be re-plotted.
+
+Usage:
+    plot_curves(Path("runs/cnn/metrics.csv"), Path("runs/cnn/curves.png"), title="cnn")
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """Rows of metrics.csv as floats (empty list if the file is missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+
+
+def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:
+    """Loss panel and accuracy panel, train and val, per epoch (as in the seed's plots)."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss" if metric == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_loss.set_title("Loss")
+    ax_acc.set_title("Accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
