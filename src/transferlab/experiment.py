@@ -194,9 +194,9 @@ def _pixel_path(cfg, model, ds, size, channels_last, env, per_rank, eval_bs):
     return parts, (lambda x: model(prepare(x))), test_loader
 
 
-def _feature_key(cfg, model, ds, size, precision, split, views) -> dict:
+def _feature_key(cfg, model, ds, size, precision, split, views, whash) -> dict:
     pp = model.preprocess
-    return {"backbone": cfg.model.name, "weights": fcache.weights_hash(model.backbone), "image_size": size,
+    return {"backbone": cfg.model.name, "weights": whash, "image_size": size,
             "mean": pp.mean, "std": pp.std, "interpolation": pp.interpolation, "precision": precision,
             "data_md5": ds.md5, "data_source": ds.source, "split": split, "split_seed": ds.split_seed,
             "val_size": cfg.data.val_size, "train_subset": cfg.data.train_subset, "views": views,
@@ -204,10 +204,10 @@ def _feature_key(cfg, model, ds, size, precision, split, views) -> dict:
             "version": 1}
 
 
-def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx, env, eval_bs, root, precision):
+def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx, env, eval_bs, root, precision, whash):
     """(features, labels) for one split, from the cache or freshly extracted (then stored)."""
     views = cfg.run.feature_views if split_name == "train" else 1
-    key = fcache.cache_key(_feature_key(cfg, model, ds, size, precision, split_name, views))
+    key = fcache.cache_key(_feature_key(cfg, model, ds, size, precision, split_name, views, whash))
     hit = fcache.load_entry(root, key) if env.is_main else None
     hit = broadcast_object(hit is not None, env) and (hit or fcache.load_entry(root, key))
     if hit:
@@ -243,10 +243,11 @@ def _feature_path(cfg, model, ds, size, channels_last, ctx, env, per_rank, eval_
     precision = choose_precision(model.features, cfg.model.name, size, env.device, root, cfg.run.precision, channels_last)
     model.eval()
     data, info = {}, {"precision": precision, "root": str(root)}
+    whash = fcache.weights_hash(model.backbone)
     t0 = time.perf_counter()
     for name in ("train", "val", "test"):
         f, y, meta = cached_features(cfg, model, ds, name, getattr(ds, name), size, channels_last, ctx, env,
-                                     eval_bs, root, precision)
+                                     eval_bs, root, precision, whash)
         data[name] = (f.to(env.device), y.to(env.device))
         info[name] = meta
     info["seconds"] = round(time.perf_counter() - t0, 2)
