@@ -110,6 +110,10 @@ class ModelConfig:
             not (self.solver == "lbfgs" and self.mode != "frozen"),
             "--solver lbfgs fits a probe on frozen features; use it with --mode frozen",
         )
+        _check(
+            not (self.solver == "lbfgs" and self.head == "mlp" and self.head_hidden != 0),
+            "--solver lbfgs fits a linear probe; add --head linear",
+        )
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""Linear probe: full-batch L-BFGS multinomial logistic regression on cached features.
+
+The protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?") and
+SimCLR's linear evaluation: fit an L2-regularised softmax classifier on frozen features, with
+the L2 strength picked on the validation split, then report test accuracy. Features are
+standardised for a well-conditioned problem and the scaling is folded back into the linear
+head, so the saved model takes raw features like any other head.
+
+Usage:
+    transferlab train --model timm:tf_efficientnet_lite0 --head linear --solver lbfgs
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from transferlab.distributed import unwrap
+from transferlab.errors import UserError
+from transferlab.train.fit import FitState, Job, append_metrics, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # per-sample-averaged loss + l2/2 * ||W||^2
+
+
+def lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 200,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit W (C, D), b (C,) minimising mean cross-entropy + l2/2 ||W||^2 with full-batch L-BFGS."""
+    d = x.shape[1]
+    w = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(torch.addmm(b, x, w.t()), y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _linear_layer(head: torch.nn.Module) -> torch.nn.Linear:
+    layers = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    if len(layers) != 1:
+        raise UserError("--solver lbfgs fits a linear head; add --head linear")
+    return layers[0]
+
+
+def _split_tensors(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = loader.images.float(), loader.labels
+    if x.dim() == 3:  # (N, K, D) augmented views: every view is a training sample
+        k = x.shape[1]
+        return x.reshape(-1, x.shape[-1]), y.repeat_interleave(k)
+    return x, y
+
+
+def fit_linear_probe(job: Job, state: FitState) -> FitState:
+    """Pick the L2 strength on validation accuracy, load the fitted weights into the head."""
+    if job.env.enabled:
+        raise UserError("--solver lbfgs is a single-process, full-batch fit; run it without torchrun")
+    linear = _linear_layer(unwrap(job.model.head))
+    x, y = _split_tensors(job.train_loader)
+    xv, yv = job.val_loader.images.float(), job.val_loader.labels
+    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs, xvs = (x - mu) / sigma, (xv - mu) / sigma
+    c = len(job.classes)
+    t0 = time.perf_counter()
+    trials, best, init = [], None, None
+    for l2 in sorted(L2_GRID, reverse=True):  # strong to weak, warm-starting each fit
+        w, b = lbfgs_logreg(xs, y, c, l2, init=init)
+        init = (w, b)
+        with torch.no_grad():
+            logits = torch.addmm(b, xvs, w.t())
+            val_loss = F.cross_entropy(logits, yv).item()
+            val_acc = (logits.argmax(1) == yv).float().mean().item()
+        trials.append({"l2": l2, "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5)})
+        log.info("lbfgs probe: l2 %.0e -> val acc %.4f", l2, val_acc)
+        if best is None or val_acc > best[0]:
+            best = (val_acc, val_loss, l2, w, b)
+    val_acc, val_loss, l2, w, b = best
+    with torch.no_grad():  # fold the standardisation in: W' = W / sigma, b' = b - W' mu
+        w_raw = w / sigma
+        linear.weight.copy_(w_raw)
+        linear.bias.copy_(b - w_raw @ mu)
+        train_logits = linear(x)
+        train_loss = F.cross_entropy(train_logits, y).item()
+        train_acc = (train_logits.argmax(1) == y).float().mean().item()
+    seconds = time.perf_counter() - t0
+    state.epoch, state.best_epoch, state.best_val_acc = 1, 1, val_acc
+    state.train_s += seconds
+    state.stop_reason = f"L-BFGS probe, l2 {l2:g} chosen on validation"
+    job.extra["probe"] = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
+    if job.env.is_main:
+        append_metrics(job.run_dir / "metrics.csv", {
+            "epoch": 1, "train_loss": f"{train_loss:.6f}", "train_acc": f"{train_acc:.6f}",
+            "val_loss": f"{val_loss:.6f}", "val_acc": f"{val_acc:.6f}", "lr": f"{l2:g}",
+            "epoch_time_s": f"{seconds:.3f}", "train_img_s": f"{len(y) * len(trials) / max(seconds, 1e-9):.1f}"})
+        save_checkpoint(job, state, "best.pt")
+        save_checkpoint(job, state, "last.pt")
+    return state
