@@ -1,0 +1,126 @@
+"""Feature cache: cached heads match live heads, keys never go stale, bad files are rebuilt."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from transferlab.cli import main
+from transferlab.data.cifar import write_cifar_like
+from transferlab.features import cache as fcache
+from transferlab.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feat")
+    data = write_cifar_like(root / "data", 300, 100, n_classes=10)
+    weights = root / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    return root, data, weights
+
+
+def _train(root: Path, data: Path, weights: Path, name: str, *extra: str) -> dict:
+    run = root / name
+    args = ["train", "--data-dir", str(data), "--val-size", "60", "--model", "resnet18", "--weights", str(weights),
+            "--image-size", "32", "--epochs", "2", "--batch-size", "40", "--device", "cpu", "--precision", "fp32",
+            "--cache-dir", str(root / "cache"), "--run-dir", str(run), "--no-progress", "--overwrite", *extra]
+    assert main(args) == 0
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_cached_head_matches_live_head(setup):
+    root, data, weights = setup
+    cached = _train(root, data, weights, "cached")
+    live = _train(root, data, weights, "live", "--no-feature-cache")
+    assert cached["feature_cache"] is not None and live["feature_cache"] is None
+    a = load_checkpoint(root / "cached" / "last.pt")["model"]
+    b = load_checkpoint(root / "live" / "last.pt")["model"]
+    for k in a:
+        if k.startswith("head."):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for split in ("train", "val", "test"):
+        assert cached[split]["acc"] == pytest.approx(live[split]["acc"], abs=1e-6)
+        assert cached[split]["loss"] == pytest.approx(live[split]["loss"], rel=1e-4)
+
+
+def test_second_run_hits_cache_and_changed_key_misses(setup, caplog):
+    root, data, weights = setup
+    first = _train(root, data, weights, "k1")
+    second = _train(root, data, weights, "k2")
+    assert all(second["feature_cache"][s]["hit"] for s in ("train", "val", "test"))
+    assert first["feature_cache"]["train"]["key"] == second["feature_cache"]["train"]["key"]
+    resized = _train(root, data, weights, "k3", "--image-size", "40")  # a changed key never reuses features
+    assert not resized["feature_cache"]["train"]["hit"]
+    other = root / "other.pth"
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, other)
+    changed = _train(root, data, other, "k4")
+    assert not changed["feature_cache"]["train"]["hit"]
+
+
+def test_corrupt_cache_file_is_deleted_and_rebuilt(setup, caplog):
+    root, data, weights = setup
+    first = _train(root, data, weights, "c1")
+    path = fcache.entry_path(root / "cache", first["feature_cache"]["train"]["key"])
+    raw = bytearray(path.read_bytes())
+    raw[-10:] = b"\xff" * 10  # garble the data region: only the checksum can tell
+    path.write_bytes(bytes(raw))
+    second = _train(root, data, weights, "c2")
+    assert not second["feature_cache"]["train"]["hit"]
+    assert "corrupt" in caplog.text
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    third = _train(root, data, weights, "c3")
+    assert not third["feature_cache"]["train"]["hit"]
+    assert second["test"]["acc"] == third["test"]["acc"] == first["test"]["acc"]
+
+
+def test_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def boom(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        fcache.save_entry(tmp_path, "k", {"features": torch.ones(4, 3)}, {"split": "train"})
+    assert list(tmp_path.iterdir()) == []
+    assert fcache.load_entry(tmp_path, "k") is None
+
+
+def test_concurrent_writers_of_one_key_leave_a_valid_entry(tmp_path):
+    import threading
+
+    tensors = {"features": torch.arange(12.0).reshape(4, 3), "labels": torch.arange(4)}
+    threads = [threading.Thread(target=fcache.save_entry, args=(tmp_path, "k", tensors, {"i": i})) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    loaded, _ = fcache.load_entry(tmp_path, "k")
+    assert torch.equal(loaded["features"], tensors["features"])
+    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+
+
+def test_feature_views_and_lbfgs_probe(setup):
+    root, data, weights = setup
+    views = _train(root, data, weights, "views", "--feature-views", "3")
+    f = fcache.load_entry(root / "cache", views["feature_cache"]["train"]["key"])[0]["features"]
+    assert f.shape[:2] == (240, 3) and not torch.equal(f[:, 0], f[:, 1])  # 3 distinct augmented views
+    probe = _train(root, data, weights, "probe", "--head", "linear", "--solver", "lbfgs")
+    assert probe["probe"]["l2"] in [t["l2"] for t in probe["probe"]["trials"]]
+    assert probe["val"]["acc"] == pytest.approx(max(t["val_acc"] for t in probe["probe"]["trials"]), abs=1e-4)
+    assert probe["test"]["acc"] > 0.3  # 10 separable synthetic classes: far above chance (0.1)
+
+
+def test_cache_list_and_clear(setup, capsys):
+    root, data, weights = setup
+    _train(root, data, weights, "lc")
+    assert main(["cache", "list", "--cache-dir", str(root / "cache")]) == 0
+    assert "split=train" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(root / "cache")]) == 0
+    assert not list((root / "cache").glob("*.safetensors"))
