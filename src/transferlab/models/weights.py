@@ -60,7 +60,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict (or a transferlab checkpoint's ``model`` entry) from a local file."""
     obj = safe_torch_load(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        is_run_ckpt = "config" in obj
         obj = obj["model"]
+        if is_run_ckpt:  # a transferlab Classifier: keep its backbone, whose keys lack "backbone."
+            obj = {k[len("backbone."):]: v for k, v in strip_prefixes(obj).items() if k.startswith("backbone.")}
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
