@@ -35,6 +35,8 @@ from transferlab.features import cache as fcache
 from transferlab.features.extract import choose_precision, extract_features
 from transferlab.models.classifier import Classifier, count_params
 from transferlab.models.registry import build_model
+from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
+from transferlab.report.predictions import collect_predictions, save_predictions
 from transferlab.train.checkpoint import load_checkpoint, set_rng_state
 from transferlab.train.fit import FitState, Job, enter_phase, fit, initial_phase, truncate_metrics
 from transferlab.train.loop import StepContext, evaluate
@@ -77,11 +79,14 @@ def load_data(cfg: Config) -> ImageDataset:
     else:
         from transferlab.data.folder import load_folder_dataset
 
-        ds = load_folder_dataset(d, image_size=d.image_size or 224)
+        ds = load_folder_dataset(d)  # decode size is set once the model is known (run_experiment)
     if d.train_subset and d.train_subset < len(ds.train):
         g = torch.Generator().manual_seed(d.split_seed + 1)
         idx = torch.randperm(len(ds.train), generator=g)[: d.train_subset]
-        ds.train = type(ds.train)(ds.train.images[idx], ds.train.labels[idx])
+        if hasattr(ds.train, "subset"):  # folder split: paths + labels
+            ds.train = ds.train.subset(idx)
+        else:
+            ds.train = type(ds.train)(ds.train.images[idx], ds.train.labels[idx])
     return ds
 
 
@@ -139,6 +144,10 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
     ds = dataset or load_data(cfg)
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
     size = cfg.data.image_size or model.preprocess.input_size
+    if hasattr(ds, "set_image_size"):  # folder data: workers decode straight to the model's size
+        ds.set_image_size(size)
+        if env.is_main:
+            ds.write_manifest(run_dir / "data_manifest.json")
     precision = resolve_precision(cfg.run.precision, env.device)
     channels_last = cfg.run.channels_last and size > 32  # tiny 32px convs gain nothing from it
     if channels_last:
@@ -149,7 +158,7 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
     per_rank = _per_rank_batch(cfg.optim.batch_size, env)
     eval_bs = max(1, cfg.optim.eval_batch_size // env.world_size)
     extra = {"md5": ds.md5, "split_seed": ds.split_seed, "source": ds.source, "image_size": size,
-             "precision": precision, "world_size": env.world_size}
+             "precision": precision, "world_size": env.world_size, "folder": getattr(ds, "info", None)}
     t_setup = time.perf_counter()
     if uses_feature_cache(cfg):
         job_parts, test_forward, test_loader, extract_info = _feature_path(
@@ -312,7 +321,7 @@ def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float,
     t0 = time.perf_counter()
     train_loss, train_acc = evaluate(test_forward, _eval_loader_like(job), job.ctx, desc="train (best)")
     val_loss, val_acc = evaluate(job.eval_forward, job.val_loader, job.ctx, desc="val (best)")
-    test_loss, test_acc = evaluate(test_forward, test_loader, job.ctx, desc="test")
+    test_loss, test_acc, test_preds = collect_predictions(test_forward, test_loader, job.ctx)  # for reports
     final_eval_s = time.perf_counter() - t0
     total = time.perf_counter() - t_start
     cfg = job.cfg
@@ -326,7 +335,7 @@ def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float,
         "time_s": {"total": round(total, 2), "train": round(state.train_s, 2),
                    "eval": round(state.eval_s + final_eval_s, 2), "setup": round(setup_s, 2)},
         "data": {"md5": job.extra.get("md5", {}), "split_seed": job.extra.get("split_seed"),
-                 "source": job.extra.get("source"), "classes": len(job.classes),
+                 "source": job.extra.get("source"), "classes": len(job.classes), "folder": job.extra.get("folder"),
                  "n": {"train": len(job.train_loader.labels) if hasattr(job.train_loader, "labels") else None}},
         "precision": job.ctx.precision, "image_size": job.extra.get("image_size"),
         "feature_cache": job.extra.get("feature_cache"),
@@ -337,6 +346,7 @@ def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float,
     }
     if job.env.is_main:
         (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        save_predictions(job.run_dir / PREDICTIONS_FILE, test_preds, job.classes)
         from transferlab.report.plots import plot_curves
 
         plot_curves(job.run_dir / "metrics.csv", job.run_dir / "curves.png", title=f"{cfg.model.name} ({cfg.model.mode})")

@@ -1,0 +1,422 @@
+"""Your own images as a dataset: ``--data folder:PATH``.
+
+Two layouts are accepted:
+
+* ``PATH/train/<class>/*.png`` (plus optional ``PATH/val/<class>/`` and ``PATH/test/<class>/``):
+  the given splits are used as they are; a missing val or test split is carved out of train
+  with a seeded, stratified split (``--val-frac``, ``--test-frac``, ``--split-seed``).
+* ``PATH/<class>/*.png``: one tree, split three ways the same seeded, stratified way.
+
+Every file is decoded once at load time (in parallel, over ``--num-workers`` processes), so an
+unreadable or non-image file fails here, not in epoch 7. ``--on-bad-image skip`` (the default)
+drops such files with a warning that lists them and records their count in summary.json;
+``--on-bad-image error`` stops with a UserError that lists them. Hidden files (``.DS_Store``)
+are ignored. A class more than 10x larger than another gets a warning.
+
+Image size: loading needs no size. The run sets it with :meth:`FolderDataset.set_image_size`
+once the model is known (``--image-size``, else the model's own input size), and the loader's
+workers decode each image straight to that size: shorter side resized to S (PIL, bilinear with
+antialiasing), then a centre crop of S x S, returned as uint8 (3, S, S). Normalisation happens
+later, on the device. ``transferlab predict`` uses the same :func:`load_image`.
+
+Usage:
+    ds = load_folder_dataset(DataConfig(dataset="folder:/data/flowers"))
+    ds.set_image_size(224)
+    loader = folder_loader(ds.train, 64, True, torch.device("cpu"), seed=0, env=DistEnv())
+    for x_uint8, y in loader:  # (64, 3, 224, 224) uint8, (64,) int64
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from transferlab.config import DataConfig
+from transferlab.data.cifar import ImageDataset
+from transferlab.distributed import DistEnv
+from transferlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
+IMBALANCE_WARN_RATIO = 10.0  # max/min images per class above which we warn
+_RANK_STRIDE = 1_000_003  # as in TensorLoader: (seed + epoch) and rank never share a stream
+
+
+@dataclass
+class FolderSplit:
+    """One split of a folder dataset: file paths, int64 labels, and the decode size."""
+
+    paths: list[str]
+    labels: Tensor  # int64 (N,)
+    image_size: int = 0  # decode side in px; set by FolderDataset.set_image_size
+    num_workers: int = 2  # DataLoader decode processes (--num-workers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: Tensor) -> FolderSplit:
+        """The samples at ``idx`` (for --train-subset)."""
+        keep = idx.tolist()
+        return FolderSplit([self.paths[i] for i in keep], self.labels[idx].clone(), self.image_size, self.num_workers)
+
+
+@dataclass
+class FolderDataset(ImageDataset):
+    """An :class:`ImageDataset` of :class:`FolderSplit` s, plus what loading found."""
+
+    info: dict = field(default_factory=dict)  # layout, class counts, bad images (-> summary.json)
+
+    def set_image_size(self, size: int) -> None:
+        """Decode every split at ``size`` x ``size`` px (the model's input size)."""
+        for split in (self.train, self.val, self.test):
+            split.image_size = size
+
+    def write_manifest(self, path: Path) -> None:
+        """Which file went into which split, with its label (reports read the test paths)."""
+        out = {"root": self.source, "classes": self.classes,
+               **{name: {"paths": s.paths, "labels": s.labels.tolist()}
+                  for name, s in (("train", self.train), ("val", self.val), ("test", self.test))}}
+        path.write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def load_image(path: str | Path, size: int) -> Tensor:
+    """Decode an image file to uint8 (3, size, size): RGB, shorter side to ``size``, centre crop.
+
+    Raises OSError/ValueError (PIL's errors) for unreadable files; callers decide the policy.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def check_image(path: str) -> str:
+    """'' if ``path`` decodes as an image, else the reason it does not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # a JPEG still decodes every block, just at low resolution
+            im.load()
+        return ""
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        return f"{type(e).__name__}: {e}"
+
+
+class _CheckFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        return check_image(self.paths[i])
+
+
+def find_bad_images(paths: list[str], num_workers: int) -> dict[str, str]:
+    """{path: reason} for every file that does not decode; checked in ``num_workers`` processes."""
+    if not paths:
+        return {}
+    dl = torch.utils.data.DataLoader(_CheckFiles(paths), batch_size=64, num_workers=num_workers,
+                                     collate_fn=list)
+    reasons = [r for batch in dl for r in batch]
+    return {p: r for p, r in zip(paths, reasons, strict=True) if r}
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and splitting
+
+
+def _is_image_name(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
+    """{class name: sorted files} for the class sub-folders of ``split_dir`` (hidden ones skipped)."""
+    classes = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {c.name: sorted(f for f in c.rglob("*") if f.is_file() and not f.name.startswith(".")) for c in classes}
+
+
+def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> list[list[int]]:
+    """Split indices into ``len(fracs) + 1`` parts per class: the fractions, then the rest.
+
+    Per class, a permutation seeded by ``seed`` takes round(n * frac) indices for each part (at
+    least one once a class has 3 or more samples, so small classes still reach val and test).
+    Deterministic for the same labels, fractions and seed; each part is returned sorted.
+    """
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    parts: list[list[int]] = [[] for _ in range(len(fracs) + 1)]
+    for y in sorted(by_class):
+        idx = by_class[y]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        start = 0
+        for k, frac in enumerate(fracs):
+            take = round(len(idx) * frac)
+            if len(idx) >= 3 and frac > 0:
+                take = max(take, 1)
+            parts[k] += perm[start:start + take]
+            start += take
+        parts[-1] += perm[start:]
+    return [sorted(p) for p in parts]
+
+
+def _detect_layout(root: Path) -> str:
+    if not root.is_dir():
+        raise UserError(f"--data folder:{root}: no such folder; expected PATH/<class>/*.jpg or PATH/train/<class>/")
+    if (root / "train").is_dir():
+        return "splits"
+    return "tree"
+
+
+def _collect(root: Path, layout: str) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+    """Class names and {split or 'all': {class: files}}."""
+    if layout == "tree":
+        found = {"all": _list_class_files(root)}
+        classes = list(found["all"])
+    else:
+        found = {s: _list_class_files(root / s) for s in SPLITS if (root / s).is_dir()}
+        classes = list(found["train"])
+        for s, per_class in found.items():
+            extra = sorted(set(per_class) - set(classes))
+            if extra:
+                raise UserError(f"{root / s} has class folder(s) {extra} that {root / 'train'} lacks; "
+                                "every class needs training images")
+    if len(classes) < 2:
+        where = root if layout == "tree" else root / "train"
+        raise UserError(f"{where} has {len(classes)} class folder(s); need at least 2 (one sub-folder per class)")
+    return classes, found
+
+
+def _screen(found: dict, on_bad: str, num_workers: int) -> tuple[dict, dict[str, str]]:
+    """Drop non-image and undecodable files (skip) or fail listing them (error)."""
+    all_files = [str(f) for per_class in found.values() for files in per_class.values() for f in files]
+    bad = {f: "not an image file extension" for f in all_files if not _is_image_name(Path(f))}
+    candidates = [f for f in all_files if f not in bad]
+    log.info("checking %d image files (%d workers)", len(candidates), num_workers)
+    bad.update(find_bad_images(candidates, num_workers))
+    if bad:
+        listing = "; ".join(f"{p} ({r})" for p, r in sorted(bad.items())[:20])
+        more = f"; ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        if on_bad == "error":
+            raise UserError(f"{len(bad)} unreadable or non-image file(s): {listing}{more}. "
+                            "Remove or fix them, or pass --on-bad-image skip to leave them out")
+        log.warning("skipping %d unreadable or non-image file(s): %s%s", len(bad), listing, more)
+    kept = {s: {c: [f for f in files if str(f) not in bad] for c, files in per_class.items()}
+            for s, per_class in found.items()}
+    return kept, bad
+
+
+def _md5_of_files(paths: list[str]) -> str:
+    """md5 over the sorted (path, size) list: changes when a file is added, removed or resized."""
+    h = hashlib.md5()
+    for p in sorted(paths):
+        h.update(f"{p}\t{Path(p).stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def _build_splits(root: Path, classes: list[str], kept: dict, d: DataConfig) -> dict[str, FolderSplit]:
+    index = {c: i for i, c in enumerate(classes)}
+
+    def flat(per_class: dict[str, list[Path]]) -> tuple[list[str], list[int]]:
+        pairs = [(str(f), index[c]) for c in classes for f in per_class.get(c, [])]
+        return [p for p, _ in pairs], [y for _, y in pairs]
+
+    given = {s: flat(kept[s]) for s in kept if s != "all"}
+    pool_paths, pool_labels = flat(kept["all"]) if "all" in kept else given["train"]
+    want = [s for s in ("val", "test") if s not in given]  # splits to carve out of the pool
+    fracs = tuple(d.val_frac if s == "val" else d.test_frac for s in want)
+    parts = stratified_split(pool_labels, fracs, d.split_seed)
+    carved = dict(zip([*want, "train"], parts, strict=True))
+    splits = {}
+    for s in SPLITS:
+        if s in given and s != "train":
+            paths, labels = given[s]
+        else:
+            paths = [pool_paths[i] for i in carved[s]]
+            labels = [pool_labels[i] for i in carved[s]]
+        if not paths:
+            raise UserError(f"folder data {root}: the {s} split is empty; add images or raise --{s}-frac")
+        splits[s] = FolderSplit(paths, torch.tensor(labels, dtype=torch.int64), num_workers=d.num_workers)
+    return splits
+
+
+def _class_counts(split: FolderSplit, classes: list[str]) -> dict[str, int]:
+    counts = torch.bincount(split.labels, minlength=len(classes)).tolist()
+    return dict(zip(classes, counts, strict=True))
+
+
+def load_folder_dataset(d: DataConfig, image_size: int = 0) -> FolderDataset:
+    """Load ``d.dataset == 'folder:PATH'``: list, screen, split; nothing is kept in memory but paths.
+
+    ``image_size`` (optional) presets the decode size; runs set it later with ``set_image_size``.
+    """
+    root = Path(d.dataset[len("folder:"):]).expanduser()
+    layout = _detect_layout(root)
+    classes, found = _collect(root, layout)
+    kept, bad = _screen(found, d.on_bad_image, d.num_workers)
+    splits = _build_splits(root, classes, kept, d)
+    counts = {s: _class_counts(splits[s], classes) for s in SPLITS}
+    total = {c: sum(counts[s][c] for s in SPLITS) for c in classes}
+    empty = [c for c, n in counts["train"].items() if n == 0]
+    if empty:
+        raise UserError(f"class(es) {empty} have no usable training images under {root}; add images or remove the folder(s)")
+    ratio = max(total.values()) / max(min(total.values()), 1)
+    if ratio > IMBALANCE_WARN_RATIO:
+        big, small = max(total, key=total.get), min(total, key=total.get)
+        log.warning("class imbalance %.0fx: %r has %d images, %r has %d; consider rebalancing or --label-smoothing",
+                    ratio, big, total[big], small, total[small])
+    md5 = {"files": _md5_of_files([p for s in splits.values() for p in s.paths])}
+    md5.update({s: _md5_of_files(splits[s].paths) for s in SPLITS})
+    info = {"layout": layout, "class_counts": counts, "imbalance_ratio": round(ratio, 2),
+            "bad_images": len(bad), "bad_image_paths": sorted(bad)[:20], "on_bad_image": d.on_bad_image}
+    log.info("folder data %s (%s layout): %d classes, %d/%d/%d train/val/test images, %d bad file(s) %s",
+             root, layout, len(classes), len(splits["train"]), len(splits["val"]), len(splits["test"]),
+             len(bad), "skipped" if bad else "")
+    ds = FolderDataset(train=splits["train"], val=splits["val"], test=splits["test"], classes=classes,
+                       md5=md5, split_seed=d.split_seed, source=str(root.resolve()), info=info)
+    if image_size:
+        ds.set_image_size(image_size)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading batches
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes one file to uint8 (3, S, S) in a DataLoader worker."""
+
+    def __init__(self, split: FolderSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        path = self.split.paths[i]
+        try:
+            x = load_image(path, self.split.image_size)
+        except Exception as e:  # a file that changed since load time
+            raise UserError(f"cannot decode {path} ({type(e).__name__}: {e}); it passed the check at load "
+                            "time, so it changed since: fix it and rerun") from None
+        return x, self.split.labels[i]
+
+
+def shard_indices(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """This rank's sample order, with TensorLoader's semantics.
+
+    shuffle: one permutation seeded by ``seed + epoch`` (same on every rank), wrap-padded to a
+    multiple of ``world_size``; rank r takes positions r::world_size (equal, disjoint shards, as
+    DistributedSampler). No shuffle (evaluation): indices r::world_size, each sample once overall.
+    """
+    if not shuffle:
+        return list(range(rank, n, world_size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    total = math.ceil(n / world_size) * world_size
+    if total > n:
+        order = order.repeat(math.ceil(total / n))[:total]
+    return order[rank:total:world_size].tolist()
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields the owner's current shard; read afresh at every pass (works with persistent workers)."""
+
+    def __init__(self, owner: FolderLoader):
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.owner.indices())
+
+    def __len__(self) -> int:
+        return self.owner.num_samples
+
+
+class FolderLoader:
+    """Batches ``(x_uint8 (B, 3, S, S), y int64 (B,))`` of a :class:`FolderSplit` on ``device``.
+
+    Files are decoded in ``num_workers`` DataLoader processes; ``augment(x, generator)`` runs per
+    batch on the device, its generator seeded from ``(seed + epoch, rank)`` at each pass.
+    """
+
+    def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, device: torch.device,
+                 seed: int = 0, rank: int = 0, world_size: int = 1,
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, num_workers: int = 2):
+        if not split.image_size:
+            raise ValueError("FolderSplit.image_size is 0: call FolderDataset.set_image_size(size) first")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
+        self.augment, self.num_workers = augment, num_workers
+        self.labels = split.labels
+        self.epoch = 0
+        self._generator = torch.Generator(device=self.device) if augment is not None else None
+        self._loader = torch.utils.data.DataLoader(
+            _Decode(split), batch_size=batch_size, sampler=_EpochSampler(self), num_workers=num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the permutation and augmentation seeds of ``epoch``."""
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch."""
+        return shard_indices(len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size)
+
+    @property
+    def num_samples(self) -> int:
+        n, ws = len(self.split), self.world_size
+        return math.ceil(n / ws) if self.shuffle else len(range(self.rank, n, ws))
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._generator is not None:
+            self._generator.manual_seed((self.seed + self.epoch) * _RANK_STRIDE + self.rank)
+        for x, y in self._loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x = self.augment(x, self._generator)
+            yield x, y
+
+    def eval_view(self, batch_size: int | None = None) -> FolderLoader:
+        """The same split in order, without augmentation, sharded r::world_size."""
+        return FolderLoader(self.split, batch_size or self.batch_size, False, self.device, self.seed,
+                            self.rank, self.world_size, None, self.num_workers)
+
+
+def folder_loader(split: FolderSplit, batch_size: int, shuffle: bool, device: torch.device, seed: int,
+                  env: DistEnv, augment=None) -> FolderLoader:
+    """A :class:`FolderLoader` for this process's rank (what experiment.make_loader calls)."""
+    return FolderLoader(split, batch_size, shuffle, device, seed, env.rank, env.world_size, augment,
+                        split.num_workers)

@@ -1,0 +1,174 @@
+"""Folder datasets: both layouts, bad files (skip / error), imbalance warning, split determinism,
+the loader's batches and sharding, and a real 1-epoch CLI run on a tiny PNG folder."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferlab.config import DataConfig
+from transferlab.data.folder import (
+    FolderLoader,
+    load_folder_dataset,
+    load_image,
+    shard_indices,
+    stratified_split,
+)
+from transferlab.errors import UserError
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
+
+
+def write_png_tree(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0) -> Path:
+    """PATH/<class>/<i>.png, each class a noisy solid colour (learnable in one epoch)."""
+    rng = np.random.default_rng(seed)
+    for k, (cls, n) in enumerate(counts.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            px = np.clip(np.array(COLOURS[k % 4]) + rng.normal(0, 20, (size, size + 2, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(dataset=f"folder:{root}", num_workers=0, **kw)
+
+
+def test_single_tree_stratified_split_is_deterministic(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"cat": 20, "dog": 10})
+    a = load_folder_dataset(_cfg(root, val_frac=0.2, test_frac=0.2, split_seed=3))
+    b = load_folder_dataset(_cfg(root, val_frac=0.2, test_frac=0.2, split_seed=3))
+    c = load_folder_dataset(_cfg(root, val_frac=0.2, test_frac=0.2, split_seed=4))
+    assert a.classes == ["cat", "dog"]
+    assert a.info["layout"] == "tree"
+    assert a.info["class_counts"]["val"] == {"cat": 4, "dog": 2}  # stratified: 20% of each class
+    assert a.info["class_counts"]["test"] == {"cat": 4, "dog": 2}
+    assert (len(a.train), len(a.val), len(a.test)) == (18, 6, 6)
+    assert a.val.paths == b.val.paths and a.md5 == b.md5
+    assert a.val.paths != c.val.paths
+    assert not set(a.train.paths) & set(a.val.paths) and not set(a.val.paths) & set(a.test.paths)
+    assert a.source == str(root.resolve()) and len(a.md5["files"]) == 32
+
+
+def test_stratified_split_keeps_one_per_small_class():
+    parts = stratified_split([0] * 3 + [1] * 50, (0.1, 0.1), seed=0)
+    assert [sum(1 for i in p if i < 3) for p in parts] == [1, 1, 1]
+    assert sorted(i for p in parts for i in p) == list(range(53))
+
+
+def test_split_layout_uses_given_splits_and_carves_missing_val(tmp_path):
+    write_png_tree(tmp_path / "d" / "train", {"a": 10, "b": 10})
+    write_png_tree(tmp_path / "d" / "test", {"a": 2, "b": 3}, seed=1)
+    ds = load_folder_dataset(_cfg(tmp_path / "d", val_frac=0.2))
+    assert ds.info["layout"] == "splits"
+    assert len(ds.test) == 5 and all("/test/" in p for p in ds.test.paths)
+    assert len(ds.val) == 4 and all("/train/" in p for p in ds.val.paths)
+    assert len(ds.train) == 16
+
+
+def test_unknown_class_in_test_is_an_error(tmp_path):
+    write_png_tree(tmp_path / "d" / "train", {"a": 4, "b": 4})
+    write_png_tree(tmp_path / "d" / "test", {"zebra": 2})
+    with pytest.raises(UserError, match="zebra"):
+        load_folder_dataset(_cfg(tmp_path / "d"))
+
+
+def _add_bad_files(root: Path) -> list[Path]:
+    corrupt = root / "cat" / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    text = root / "dog" / "notes.txt"
+    text.write_text("not an image")
+    (root / "dog" / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored, not counted
+    return [corrupt, text]
+
+
+def test_bad_images_skipped_with_warning_and_count(tmp_path, caplog):
+    root = write_png_tree(tmp_path / "d", {"cat": 10, "dog": 10})
+    bad = _add_bad_files(root)
+    with caplog.at_level(logging.WARNING):
+        ds = load_folder_dataset(_cfg(root))
+    assert ds.info["bad_images"] == 2
+    assert sorted(ds.info["bad_image_paths"]) == sorted(str(p) for p in bad)
+    assert "broken.png" in caplog.text and "notes.txt" in caplog.text
+    all_paths = ds.train.paths + ds.val.paths + ds.test.paths
+    assert len(all_paths) == 20 and not any("broken" in p for p in all_paths)
+
+
+def test_bad_images_error_policy_lists_paths(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"cat": 6, "dog": 6})
+    _add_bad_files(root)
+    with pytest.raises(UserError, match=r"2 unreadable.*broken\.png.*notes\.txt.*--on-bad-image skip"):
+        load_folder_dataset(_cfg(root, on_bad_image="error"))
+
+
+def test_imbalance_over_10x_warns(tmp_path, caplog):
+    root = write_png_tree(tmp_path / "d", {"big": 44, "small": 4}, size=4)
+    with caplog.at_level(logging.WARNING):
+        ds = load_folder_dataset(_cfg(root))
+    assert ds.info["imbalance_ratio"] == 11.0
+    assert "imbalance 11x" in caplog.text
+
+
+def test_missing_folder_and_single_class_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_folder_dataset(_cfg(tmp_path / "nope"))
+    write_png_tree(tmp_path / "one", {"only": 5})
+    with pytest.raises(UserError, match="at least 2"):
+        load_folder_dataset(_cfg(tmp_path / "one"))
+
+
+def test_load_image_resizes_shorter_side_and_centre_crops(tmp_path):
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, 5:15] = 255  # a white centre band, 10 px wide, in a 20 px wide image
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    x = load_image(tmp_path / "x.png", 8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    assert x.float().mean() > 200  # the crop kept the centre band
+
+
+def test_loader_batches_labels_and_augment(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"a": 7, "b": 6}, size=6)
+    ds = load_folder_dataset(_cfg(root, val_frac=0.1, test_frac=0.1))
+    ds.set_image_size(8)
+    seen = []
+    aug = lambda x, g: torch.flip(x, dims=[3]) if g is not None else x  # noqa: E731
+    loader = FolderLoader(ds.train, 4, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0)
+    loader.set_epoch(2)
+    for x, y in loader:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8) and y.dtype == torch.int64
+        seen += y.tolist()
+    assert len(loader) == 3 and sorted(seen) == sorted(ds.train.labels.tolist())
+    assert torch.equal(loader.labels, ds.train.labels)
+    ev = loader.eval_view()
+    assert [y for _, y in ev][0].tolist() == ds.train.labels[:4].tolist()  # in order
+
+
+def test_shard_indices_match_distributed_sampler_semantics():
+    shards = [shard_indices(10, True, 0, 1, r, 3) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # padded to 12 = 3 x 4
+    assert set(sum(shards, [])) == set(range(10))
+    assert shards == [shard_indices(10, True, 0, 1, r, 3) for r in range(3)]
+    assert shard_indices(10, True, 0, 2, 0, 3) != shards[0]  # new epoch, new order
+    assert [shard_indices(10, False, 0, 0, r, 3) for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+def test_cli_trains_on_a_png_folder_and_records_bad_images(tmp_path):
+    from transferlab.cli import main
+
+    root = write_png_tree(tmp_path / "d", {"red": 12, "green": 12, "blue": 12})
+    (root / "red" / "bad.jpg").write_bytes(b"nope")
+    run = tmp_path / "run"
+    rc = main(["train", "--data", f"folder:{root}", "--model", "cnn", "--epochs", "1", "--batch-size", "8",
+               "--num-workers", "1", "--val-frac", "0.2", "--test-frac", "0.2", "--run-dir", str(run),
+               "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["data"]["folder"]["bad_images"] == 1
+    assert s["data"]["folder"]["class_counts"]["test"] == {"blue": 2, "green": 2, "red": 2}
+    assert s["image_size"] == 32 and s["data"]["source"] == str(root.resolve())
+    manifest = json.loads((run / "data_manifest.json").read_text())
+    assert len(manifest["test"]["paths"]) == 6 and manifest["classes"] == ["blue", "green", "red"]
