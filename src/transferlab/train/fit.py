@@ -25,6 +25,7 @@ from transferlab.config import Config, config_to_dict
 from transferlab.distributed import DistEnv, barrier, unwrap
 from transferlab.errors import TrainingStopped
 from transferlab.models.classifier import Classifier, set_backbone_frozen
+from transferlab.report.tracking import log_epoch_scalars
 from transferlab.train.checkpoint import atomic_save, rng_state
 from transferlab.train.loop import EpochStats, StepContext, evaluate, train_one_epoch
 from transferlab.train.optim import build_optimizer, build_scheduler
@@ -220,6 +221,8 @@ def fit(job: Job, state: FitState) -> FitState:
             log.info("epoch %d/%d  train %.4f/%.4f  val %.4f/%.4f  %.0f img/s", epoch + 1, cfg.optim.epochs,
                      stats.loss, stats.acc, val_loss, val_acc, stats.img_per_s)
             append_metrics(job.run_dir / "metrics.csv", row)
+            if job.cfg.run.tensorboard:  # the same row as TensorBoard scalars, in RUN_DIR/tb
+                log_epoch_scalars(job.run_dir / "tb", row)
             if improved:
                 save_checkpoint(job, state, "best.pt")
             save_checkpoint(job, state, "last.pt")
