@@ -32,6 +32,8 @@ def experiment_configs(base: Config, args, root: Path, chase_target: float | Non
     def variant(name: str, **model) -> Config:
         d = config_to_dict(copy.deepcopy(base))
         d["model"].update(model)
+        if model["name"] == "cnn":  # --image-size is the backbone's; the cnn always takes 32 px
+            d["data"]["image_size"] = 0
         d["run"]["run_dir"] = str(root / name)
         return config_from_dict(d)
 
@@ -57,6 +59,9 @@ def run_compare(base: Config, args, stop_requested=lambda: False) -> dict:
         raise UserError(f"compare dir {root} is not empty; pass --overwrite or another --run-dir")
     if args.chase_max_epochs < 1 or args.chase_patience < 1:
         raise UserError("--chase-max-epochs and --chase-patience must be >= 1")
+    from transferlab.models.registry import resolve_name
+
+    resolve_name(args.backbone)  # an unknown backbone fails now, not after the CNN has trained
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -76,6 +81,7 @@ def run_compare(base: Config, args, stop_requested=lambda: False) -> dict:
 
         d = merge_dicts(config_to_dict(base), load_yaml(resolve_preset("cnn-best")))
         d["run"]["run_dir"] = str(root / "cnn-best")
+        d["data"]["image_size"] = 0
         best = config_from_dict(d)
         summaries["cnn_best"] = run_experiment(best, dataset=data, env=env, stop_requested=stop_requested)
     if env.is_main:

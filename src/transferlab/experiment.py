@@ -34,7 +34,7 @@ from transferlab.errors import UserError
 from transferlab.features import cache as fcache
 from transferlab.features.extract import choose_precision, extract_features
 from transferlab.models.classifier import Classifier, count_params
-from transferlab.models.registry import build_model
+from transferlab.models.registry import build_model, resolve_name
 from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
 from transferlab.report.predictions import collect_predictions, save_predictions
 from transferlab.train.checkpoint import load_checkpoint, set_rng_state
@@ -141,6 +141,10 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
         saved.run.device, saved.run.progress = cfg.run.device, cfg.run.progress
         cfg = saved
     _seed_everything(cfg.run.seed)
+    resolve_name(cfg.model.name)  # fail on an unknown model or fp16 on a CPU before the data load
+    resolve_precision(cfg.run.precision, env.device)
+    if cfg.model.name == "cnn" and cfg.data.image_size not in (0, 32):
+        raise UserError(f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs (five 2x poolings to 1x1)")
     ds = dataset or load_data(cfg)
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
     size = cfg.data.image_size or model.preprocess.input_size
