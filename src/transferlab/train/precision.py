@@ -22,8 +22,14 @@ from transferlab.errors import UserError
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX tiles or AVX512-BF16 (bf16 matmul/conv in hardware)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    cpu = getattr(torch._C, "_cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
+    if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks):
+        return True
+    try:  # older torch builds lack the probes above; the kernel's CPU flags are the truth
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
