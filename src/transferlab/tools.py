@@ -1,15 +1,65 @@
 """Commands a practitioner uses after training: predict, export, report, runs.
 
-Each adds its subparser in :func:`add_subcommands` and its handler to ``COMMANDS``.
+Each adds its subparser in :func:`add_subcommands` and its handler to ``COMMANDS``; the
+predict and export parsers live beside their code (predict.py, export.py).
 
 Usage:
+    transferlab predict runs/lite0 photos/ --top-k 3
+    transferlab export runs/lite0 --format onnx
     transferlab report runs/cnn-20261128-120000
+    transferlab runs
 """
 
 from __future__ import annotations
 
-COMMANDS: dict = {}
+import sys
+from pathlib import Path
+
+
+def cmd_predict(args) -> int:
+    from transferlab.predict import cmd_predict as run
+
+    return run(args)
+
+
+def cmd_export(args) -> int:
+    from transferlab.export import cmd_export as run
+
+    return run(args)
+
+
+def cmd_report(args) -> int:
+    from transferlab.report.run_report import write_reports
+
+    for run_dir in args.run_dirs:
+        for path in write_reports(Path(run_dir)):
+            sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from transferlab.report.tracking import find_runs, format_runs
+
+    rows = find_runs(Path(args.root))
+    if not rows:
+        sys.stdout.write(f"no finished runs (summary.json) under {args.root}\n")
+        return 0
+    sys.stdout.write(format_runs(rows))
+    return 0
+
+
+COMMANDS: dict = {"predict": cmd_predict, "export": cmd_export, "report": cmd_report, "runs": cmd_runs}
 
 
 def add_subcommands(sub) -> None:
-    """Register the subcommands (none yet)."""
+    """Register predict, export, report and runs."""
+    from transferlab import export, predict
+
+    predict.add_parser(sub)
+    export.add_parser(sub)
+    p = sub.add_parser("report", help="rebuild report.md and report.html of runs or compare dirs",
+                       description="Write report.md and a self-contained report.html for each RUN_DIR (a run dir, "
+                       "or a compare dir holding run dirs), from the saved files alone.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = sub.add_parser("runs", help="list past runs with model, mode, epochs, best val, test acc and time")
+    p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="folder searched recursively (default runs/)")

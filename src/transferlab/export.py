@@ -1,0 +1,178 @@
+"""``transferlab export``: a run's whole model (backbone + head) as ONNX or TorchScript.
+
+Input contract of the exported graph: ``float32 (N, 3, S, S)`` RGB in ``[0, 1]`` (pixel / 255),
+``S`` = the run's image size, N dynamic. The mean/std normalisation is folded into the graph,
+so a consumer only decodes, resizes (shorter side to S, centre crop, as ``transferlab predict``
+does) and divides by 255. Output: ``logits (N, classes)``; softmax them for probabilities.
+We chose float over uint8 input so a consumer may resize in float with any library.
+
+Beside the model, ``<output>.json`` records the classes, mean, std, image size, input and
+output names, the run dir and the check's result; ONNX files also carry it as metadata_props.
+
+The export is checked before the command succeeds: the exported model (run with onnxruntime,
+or the TorchScript module reloaded from disk) and the PyTorch model get the same random
+inputs, and the max abs difference of the logits must be within ``--tolerance`` (1e-4);
+otherwise the command prints the difference and exits 1.
+
+ONNX goes through torch's TorchScript-based exporter (``dynamo=False``): the dynamo exporter
+needs the onnxscript package, which transferlab does not require.
+
+Usage:
+    transferlab export runs/lite0 --format onnx                # runs/lite0/model.onnx (+ .json)
+    transferlab export runs/lite0 --format torchscript --output /tmp/lite0.pt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferlab.errors import UserError
+from transferlab.predict import RunModel, load_run_model
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+OPSET = 17
+
+
+class NormalizedModel(nn.Module):
+    """``model((x - mean) / std)`` for x in [0, 1]: the preprocessing inside the graph."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+@dataclass
+class ExportCheck:
+    """How the exported model compares with PyTorch on random inputs."""
+
+    runtime: str
+    max_abs_diff: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def export_onnx(wrapped: nn.Module, size: int, path: Path, metadata: dict) -> None:
+    """Write an ONNX model with a dynamic batch axis and the metadata as metadata_props."""
+    import onnx
+
+    example = torch.rand(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    m = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = m.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def export_torchscript(wrapped: nn.Module, size: int, path: Path, metadata: dict) -> None:
+    """Trace to TorchScript and save, with the metadata as the archive's extra file meta.json."""
+    example = torch.rand(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python values in timm models
+        traced = torch.jit.trace(wrapped, example, check_trace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        torch.jit.save(traced, str(path), _extra_files={"meta.json": json.dumps(metadata)})
+
+
+@torch.inference_mode()
+def check_export(wrapped: nn.Module, path: Path, fmt: str, size: int, tolerance: float,
+                 batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> ExportCheck:
+    """Max abs logit difference between the exported file and PyTorch on random [0, 1] inputs."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])  # noqa: E731
+        runtime = f"onnxruntime {ort.__version__}"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        run = loaded
+        runtime = f"torchscript (torch {torch.__version__})"
+    diff = 0.0
+    for n in batch_sizes:
+        x = torch.rand(n, 3, size, size, generator=g)
+        diff = max(diff, (run(x).float() - wrapped(x).float()).abs().max().item())
+    return ExportCheck(runtime, diff, tolerance, batch_sizes)
+
+
+def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: float = 1e-4) -> tuple[Path, ExportCheck]:
+    """Export ``run_dir``'s best model to ``fmt``, write the metadata JSON, and check it."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if tolerance < 0:
+        raise UserError(f"--tolerance must be >= 0; got {tolerance}")
+    rm: RunModel = load_run_model(run_dir, "cpu")
+    output = Path(output) if output else Path(run_dir) / FORMATS[fmt]
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {output.parent} ({e.strerror or e}); choose another --output") from None
+    wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
+    meta = {"format": fmt, "model": rm.name, "run_dir": str(run_dir), "classes": rm.classes,
+            "image_size": rm.image_size, "mean": list(rm.mean), "std": list(rm.std),
+            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 3, rm.image_size, rm.image_size],
+                      "range": [0.0, 1.0], "layout": "RGB, NCHW; resize shorter side to image_size, centre crop"},
+            "output": {"name": OUTPUT_NAME, "shape": ["N", len(rm.classes)], "meaning": "logits (softmax for probabilities)"}}
+    if fmt == "onnx":
+        export_onnx(wrapped, rm.image_size, output, meta)
+    else:
+        export_torchscript(wrapped, rm.image_size, output, meta)
+    check = check_export(wrapped, output, fmt, rm.image_size, tolerance)
+    meta["check"] = {"runtime": check.runtime, "max_abs_diff": check.max_abs_diff, "tolerance": tolerance,
+                     "ok": check.ok}
+    output.with_name(output.name + ".json").write_text(json.dumps(meta, indent=2))
+    return output, check
+
+
+def cmd_export(args) -> int:
+    """``transferlab export``: write the model, print the check; exit 1 if it fails the tolerance."""
+    path, check = export_run(Path(args.run_dir), args.format, Path(args.output) if args.output else None,
+                             args.tolerance)
+    verdict = "OK" if check.ok else "FAILED"
+    sys.stdout.write(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n"
+                     f"check: {check.runtime} vs PyTorch on random inputs (batch {', '.join(map(str, check.batch_sizes))}): "
+                     f"max abs diff {check.max_abs_diff:.3g} (tolerance {check.tolerance:g}) {verdict}\n")
+    if not check.ok:
+        sys.stderr.write(f"transferlab: export check failed: max abs diff {check.max_abs_diff:.3g} > {check.tolerance:g}\n")
+        return 1
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``export``."""
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked against PyTorch",
+                       description="Export RUN_DIR/best.pt (backbone + head, normalisation folded in; input float "
+                       "[0,1] NCHW at the run's image size; output logits) and check it against PyTorch.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx or torchscript")
+    p.add_argument("--output", default="", help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (default 1e-4)")

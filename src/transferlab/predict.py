@@ -1,0 +1,158 @@
+"""``transferlab predict``: a trained run's top-k classes for your image files.
+
+The model is rebuilt from the run's ``best.pt`` alone (config, class names, preprocessing and
+weights are all in the checkpoint). Each image goes through the preprocessing of the run: the
+same decode as folder datasets (RGB, shorter side resized to the run's image size, centre crop;
+``transferlab.data.folder.load_image``), then the weights' mean/std (``to_float_normalized``).
+Images are decoded and classified in batches of ``--batch-size``.
+
+A file that cannot be read is reported (on stderr, or as an ``error`` line with ``--json``) and
+the others still get predictions. Exit code: 0 when at least one file was predicted, 1 when
+none was, 2 for bad input (no such run dir, no image found).
+
+Usage:
+    transferlab predict runs/lite0 photo.jpg more_photos/ --top-k 3
+    transferlab predict runs/lite0 photos/ --json > predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transferlab.config import config_from_dict
+from transferlab.data.folder import IMAGE_EXTENSIONS, load_image
+from transferlab.data.preprocess import to_float_normalized
+from transferlab.distributed import resolve_device
+from transferlab.errors import UserError
+from transferlab.models.classifier import Classifier
+from transferlab.models.registry import build_model
+from transferlab.train.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunModel:
+    """A trained model rebuilt from a run dir, with what its inputs need."""
+
+    model: Classifier
+    classes: list[str]
+    image_size: int  # input side in px the run trained at
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    name: str  # --model of the run
+
+
+def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> RunModel:
+    """Rebuild the best model of ``run_dir`` (weights from best.pt; no download, no pretrained load)."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "best.pt"
+    if not ckpt_path.is_file():
+        raise UserError(f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>")
+    ck = load_checkpoint(ckpt_path)
+    cfg = config_from_dict(ck["config"])
+    classes = list(ck["classes"])
+    model = build_model(dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes))
+    model.load_state_dict(ck["model"])
+    model.eval().to(device)
+    pp = ck["preprocess"]
+    size = int((ck.get("extra") or {}).get("image_size") or cfg.data.image_size or pp["input_size"])
+    return RunModel(model, classes, size, tuple(pp["mean"]), tuple(pp["std"]), pp.get("interpolation", "bilinear"),
+                    cfg.model.name)
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, and the image files (by extension) under each folder, sorted."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                log.warning("no image files (%s) under %s", ", ".join(IMAGE_EXTENSIONS), p)
+            out += found
+        else:
+            out.append(p)  # a missing or bad file is reported per file, not fatal
+    if not out:
+        raise UserError("no images to predict: pass image files or folders that contain them")
+    return out
+
+
+@torch.inference_mode()
+def predict_files(rm: RunModel, files: list[Path], top_k: int, batch_size: int,
+                  device: torch.device) -> list[dict]:
+    """One dict per file, in order: {"file", "top": [{"class", "prob"}, ...]} or {"file", "error"}."""
+    k = max(1, min(top_k, len(rm.classes)))
+    results: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images, ok = [], []
+        rows = [{"file": str(f)} for f in chunk]
+        for row, f in zip(rows, chunk, strict=True):
+            try:
+                images.append(load_image(f, rm.image_size))
+                ok.append(row)
+            except Exception as e:  # missing, unreadable, not an image: PIL/OS errors of many kinds
+                row["error"] = f"{type(e).__name__}: {e}"
+        if images:
+            x = to_float_normalized(torch.stack(images).to(device), rm.mean, rm.std, None, rm.interpolation)
+            probs = rm.model(x).float().softmax(1)
+            top_p, top_i = probs.topk(k, dim=1)
+            for row, ps, ids in zip(ok, top_p.tolist(), top_i.tolist(), strict=True):
+                row["top"] = [{"class": rm.classes[i], "prob": round(p, 6)} for p, i in zip(ps, ids, strict=True)]
+        results += rows
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """Aligned text: file, then class (prob) for each of the top k."""
+    width = max(len(r["file"]) for r in results)
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['file']:{width}}  ERROR {r['error']}")
+        else:
+            lines.append(f"{r['file']:{width}}  " + "  ".join(f"{t['class']} ({t['prob']:.3f})" for t in r["top"]))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_predict(args) -> int:
+    """``transferlab predict``: print predictions; exit 0 if any file was predicted, else 1."""
+    device = resolve_device(args.device)
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be >= 1")
+    rm = load_run_model(args.run_dir, device)
+    files = expand_inputs(args.images)
+    results = predict_files(rm, files, args.top_k, args.batch_size, device)
+    if args.json:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
+    else:
+        sys.stdout.write(format_table(results))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        sys.stderr.write(f"transferlab: cannot read {r['file']}: {r['error']}\n")
+    if failed:
+        sys.stderr.write(f"transferlab: {len(results) - len(failed)} of {len(results)} file(s) predicted, "
+                         f"{len(failed)} failed\n")
+    return 0 if len(failed) < len(results) else 1
+
+
+def add_parser(sub) -> None:
+    """Register ``predict``."""
+    p = sub.add_parser("predict", help="top-k classes for image files with a trained run",
+                       description="Classify images with RUN_DIR/best.pt, using the run's own preprocessing. "
+                       "Exit code 0 if at least one file was predicted, 1 if none.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
+    p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files, or folders searched recursively")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
