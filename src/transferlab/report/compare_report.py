@@ -1,4 +1,5 @@
-"""report.md for ``compare``, rebuilt from the run dirs' files alone (summary.json, metrics.csv).
+"""report.md and a self-contained report.html for ``compare``, rebuilt from the run dirs' files
+alone (summary.json, metrics.csv).
 
 Tables follow the seed study (train/val/test loss and accuracy, time, parameters); the
 observations are generated from the measured numbers, never hard-coded.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves
 
 TITLES = {
@@ -122,4 +124,5 @@ def write_compare_report(root: Path) -> Path:
         parts.append("## Observations\n\n" + "\n".join(f"* {o}" for o in obs) + "\n")
     path = root / "report.md"
     path.write_text("\n".join(parts))
+    write_html(path)  # report.html beside it, images inlined (report/html.py)
     return path

@@ -1,0 +1,246 @@
+"""A run's report.md and self-contained report.html, rebuilt from the run dir's files alone.
+
+Reads: summary.json (results, timing, seeds, versions, data md5), metrics.csv (learning curves),
+test_predictions.npz (per-class accuracy, confused pairs, misclassified images), config.yaml,
+and for the misclassified images the data themselves: the test files listed in
+data_manifest.json (folder data) or the CIFAR-100 ``test`` file at the source recorded in
+summary.json (read with the safe loader; its md5 is checked against the one recorded).
+
+Sections: results, learning curves, per-class accuracy (best and worst 10), most confused class
+pairs (not a C x C matrix), the most confident mistakes as an image grid, timing, data and
+reproducibility (seeds, versions, md5, config).
+
+Usage:
+    write_run_report(Path("runs/lite0"))        # -> report.md, report.html (+ curves.png, misclassified.png)
+    write_reports(Path("runs/compare-2026"))    # run dir or compare dir, whichever it is
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from transferlab.errors import UserError
+from transferlab.report.html import write_html
+from transferlab.report.plots import plot_curves, read_metrics
+from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
+from transferlab.report.predictions import load_predictions
+
+log = logging.getLogger(__name__)
+
+TOP_N = 10  # rows in the best/worst class tables and the confused-pairs table
+GRID_N = 24  # misclassified images shown
+
+
+def per_class_accuracy(true: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test images per class, accuracy per class); accuracy is NaN for a class with no images."""
+    n = np.bincount(true, minlength=n_classes)
+    correct = np.bincount(true[true == pred], minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n, np.where(n > 0, correct / np.maximum(n, 1), np.nan)
+
+
+def confused_pairs(true: np.ndarray, pred: np.ndarray, n_classes: int, top: int = TOP_N) -> list[tuple[int, int, int]]:
+    """The ``top`` (true, predicted, count) off-diagonal pairs, most frequent first."""
+    wrong = true != pred
+    if not wrong.any():
+        return []
+    counts = np.bincount(true[wrong] * n_classes + pred[wrong], minlength=n_classes * n_classes)
+    order = np.argsort(-counts, kind="stable")[:top]
+    return [(int(k // n_classes), int(k % n_classes), int(counts[k])) for k in order if counts[k] > 0]
+
+
+def _test_images(run_dir: Path, summary: dict, indices: np.ndarray, size: int = 64) -> tuple[list, str]:
+    """uint8 (3, H, W) test images at ``indices`` and '' , or [] and the reason they are unavailable."""
+    manifest = run_dir / "data_manifest.json"
+    if manifest.is_file():  # folder data: the test files by index
+        from transferlab.data.folder import load_image
+
+        paths = json.loads(manifest.read_text())["test"]["paths"]
+        images = []
+        for i in indices:
+            try:
+                images.append(load_image(paths[int(i)], size).numpy())
+            except Exception as e:  # moved or changed since training
+                return [], f"cannot read {paths[int(i)]} ({type(e).__name__})"
+        return images, ""
+    data = summary.get("data") or {}
+    source = Path(str(data.get("source") or ""))
+    if source.name != "cifar-100-python":
+        return [], f"no data_manifest.json and the source {source} is not a CIFAR-100 folder"
+    from transferlab.data.cifar import load_cifar100
+
+    try:
+        ds = load_cifar100(source.parent, False, 0, 1)
+    except UserError as e:
+        return [], f"CIFAR-100 not readable at {source} ({e})"
+    recorded = (data.get("md5") or {}).get("test")
+    if recorded and ds.md5.get("test") != recorded:
+        return [], f"the CIFAR test file at {source} has md5 {ds.md5.get('test')}, the run recorded {recorded}"
+    return [ds.test.images[int(i)].numpy() for i in indices], ""
+
+
+def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols: int = 6) -> Path:
+    """A grid of images (uint8 (3, H, W)) with a caption above each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.15), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(np.transpose(img, (1, 2, 0)), interpolation="nearest")
+        ax.set_title(cap, fontsize=7.5)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return out_png
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def _results_section(s: dict, preds: dict | None) -> list[str]:
+    rows = ["| split | loss | accuracy |", "|---|---|---|"]
+    for split in ("train", "val", "test"):
+        rows.append(f"| {split} | {_fmt(s[split]['loss'])} | {_fmt(s[split]['acc'])} |")
+    out = ["## Results", "", *rows, ""]
+    if preds:
+        top5 = (preds["top5"] == preds["true"][:, None]).any(1).mean()
+        out.append(f"Test top-{preds['top5'].shape[1]} accuracy: {top5:.4f} over {len(preds['true'])} images. "
+                   f"Best epoch {s['best_epoch']} of {s['epochs_run']} ({s['stop_reason']}).")
+        out.append("")
+    return out
+
+
+def _class_sections(preds: dict, classes: list[str]) -> list[str]:
+    true, pred = preds["true"].astype(np.int64), preds["pred"].astype(np.int64)
+    n, acc = per_class_accuracy(true, pred, len(classes))
+    present = [c for c in range(len(classes)) if n[c] > 0]
+    order = sorted(present, key=lambda c: (-acc[c], classes[c]))
+    k = min(TOP_N, len(present) // 2) or len(present)
+
+    def table(ids):
+        return ["| class | test images | accuracy |", "|---|---|---|"] + [
+            f"| {classes[c]} | {n[c]} | {acc[c]:.3f} |" for c in ids]
+
+    out = ["## Per-class accuracy", "", f"{len(present)} classes in the test split.", "",
+           f"### Best {k}", "", *table(order[:k]), "", f"### Worst {k}", "", *table(order[::-1][:k]), ""]
+    pairs = confused_pairs(true, pred, len(classes))
+    out += ["## Most confused class pairs", ""]
+    if pairs:
+        out += ["| true class | predicted as | count | share of the true class |", "|---|---|---|---|"]
+        out += [f"| {classes[t]} | {classes[p]} | {c} | {c / n[t]:.1%} |" for t, p, c in pairs]
+    else:
+        out.append("No test image was misclassified.")
+    return out + [""]
+
+
+def _misclassified_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) -> list[str]:
+    wrong = np.flatnonzero(preds["true"] != preds["pred"])
+    out = ["## Misclassified test images", ""]
+    if len(wrong) == 0:
+        return out + ["None.", ""]
+    pick = wrong[np.argsort(-preds["prob"][wrong], kind="stable")][:GRID_N]  # most confident mistakes
+    images, why = _test_images(run_dir, s, preds["index"][pick])
+    if not images:
+        return out + [f"Images not shown: {why}.", ""]
+    captions = [f"true: {classes[preds['true'][i]]}\npred: {classes[preds['pred'][i]]} ({preds['prob'][i]:.2f})"
+                for i in pick]
+    plot_grid(images, captions, run_dir / "misclassified.png")
+    return out + [f"The {len(pick)} most confident of {len(wrong)} mistakes (true label, predicted label and "
+                  "its probability).", "", "![misclassified test images](misclassified.png)", ""]
+
+
+def _timing_section(s: dict, rows: list[dict]) -> list[str]:
+    t = s["time_s"]
+    other = t["total"] - t["train"] - t["eval"] - t["setup"]
+    out = ["## Timing", "", "| part | seconds |", "|---|---|",
+           f"| total | {t['total']:.1f} |", f"| setup (loaders, feature extraction) | {t['setup']:.1f} |",
+           f"| training | {t['train']:.1f} |", f"| evaluation | {t['eval']:.1f} |",
+           f"| other (data load, model build, files) | {other:.1f} |", ""]
+    fc = s.get("feature_cache") or {}
+    if fc:
+        hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
+        out += [f"Feature cache: {fc.get('seconds', '?')} s ({'hit for ' + ', '.join(hits) if hits else 'extracted'}, "
+                f"precision {fc.get('precision', '?')}).", ""]
+    if rows:
+        ep = [r.get("epoch_time_s", 0.0) for r in rows]
+        ips = [r.get("train_img_s", 0.0) for r in rows]
+        out += [f"Per epoch (metrics.csv): {np.mean(ep):.2f} s mean, training throughput {np.mean(ips):.0f} img/s mean.", ""]
+    return out
+
+
+def _data_section(run_dir: Path, s: dict) -> list[str]:
+    d = s.get("data") or {}
+    out = ["## Data and reproducibility", "",
+           f"- Data: `{d.get('source')}`, {d.get('classes')} classes, split seed {d.get('split_seed')}",
+           f"- Data md5: `{json.dumps(d.get('md5', {}))}`",
+           f"- Seed {s.get('seed')}, image size {s.get('image_size')} px, precision {s.get('precision')}, "
+           f"world size {s.get('world_size')}",
+           f"- Versions: `{json.dumps(s.get('versions', {}))}`"]
+    folder = d.get("folder") or {}
+    if folder:
+        counts = folder.get("class_counts", {})
+        sizes = {k: sum(v.values()) for k, v in counts.items()}
+        out.append(f"- Folder layout `{folder.get('layout')}`: {sizes.get('train')}/{sizes.get('val')}/{sizes.get('test')} "
+                   f"train/val/test images, imbalance {folder.get('imbalance_ratio')}x, "
+                   f"{folder.get('bad_images', 0)} bad file(s) skipped")
+        if folder.get("bad_image_paths"):
+            out.append("- Bad files: " + ", ".join(f"`{p}`" for p in folder["bad_image_paths"]))
+    out.append("")
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        out += ["Resolved config (config.yaml):", "", "```yaml", cfg.read_text().rstrip(), "```", ""]
+    return out
+
+
+def write_run_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write run_dir/report.md and run_dir/report.html; returns both paths."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{summary_path} not found: pass a finished run dir")
+    s = json.loads(summary_path.read_text())
+    rows = read_metrics(run_dir / "metrics.csv")
+    parts = [f"# {s['model']} ({s['mode']})", "", f"Run dir `{run_dir}`."
+             f" {s['params']['total']:,} parameters, {s['params']['trainable']:,} trainable.", ""]
+    preds = None
+    if (run_dir / PREDICTIONS_FILE).is_file():
+        preds = load_predictions(run_dir / PREDICTIONS_FILE)
+    parts += _results_section(s, preds)
+    parts += ["## Learning curves", ""]
+    if plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{s['model']} ({s['mode']})"):
+        parts += ["![loss and accuracy per epoch](curves.png)", ""]
+    else:
+        parts += ["No metrics.csv rows.", ""]
+    if preds is not None:
+        classes = [str(c) for c in preds["classes"]]
+        parts += _class_sections(preds, classes)
+        parts += _misclassified_section(run_dir, s, preds, classes)
+    else:
+        parts += [f"No {PREDICTIONS_FILE} in the run dir (written by newer runs): no per-class results.", ""]
+    parts += _timing_section(s, rows)
+    parts += _data_section(run_dir, s)
+    md = run_dir / "report.md"
+    md.write_text("\n".join(parts))
+    return md, write_html(md)
+
+
+def write_reports(path: Path) -> list[Path]:
+    """Reports for a run dir, or for a compare dir (a folder of run dirs)."""
+    if (path / "summary.json").is_file():
+        return list(write_run_report(path))
+    if path.is_dir() and any(p.is_file() for p in path.glob("*/summary.json")):
+        from transferlab.report.compare_report import write_compare_report
+
+        md = write_compare_report(path)
+        html = md.with_suffix(".html")
+        return [md, html] if html.is_file() else [md, write_html(md)]
+    raise UserError(f"{path} holds no summary.json (nor sub-folders with one): pass a finished run dir or a compare dir")
