@@ -103,8 +103,12 @@ def train_one_epoch(
     ends the epoch early with ``interrupted=True``.
     """
     stats = stats or EpochStats()
+    stats.interrupted = False  # a resumed partial epoch was interrupted before; it runs on now
     skip = stats.step
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss_sum, correct, count
+    # Running (loss_sum, correct, count) in float64. Rank 0 starts from a resumed partial epoch's
+    # totals, so the additions happen in the same order (same bits) as in an uninterrupted epoch.
+    start = [stats.loss_sum, stats.correct, stats.count] if ctx.env.is_main else [0.0, 0.0, 0.0]
+    sums = torch.tensor(start, dtype=torch.float64, device=ctx.device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(_progress(loader, len(loader), desc, ctx.progress and ctx.env.is_main)):
         if i < skip:
@@ -139,7 +143,6 @@ def train_one_epoch(
         stats.step += 1
         if on_step is not None or ctx.stop_requested():
             _fold(stats, sums, ctx.env, t0)
-            sums.zero_()
             t0 = time.perf_counter()
             if on_step is not None:
                 on_step(stats)
@@ -151,10 +154,8 @@ def train_one_epoch(
 
 
 def _fold(stats: EpochStats, sums: torch.Tensor, env: DistEnv, t0: float) -> None:
-    total = all_reduce_sum(sums.clone(), env).tolist()
-    stats.loss_sum += total[0]
-    stats.correct += total[1]
-    stats.count += total[2]
+    """Set the epoch totals from the running sums (all-reduced: every rank gets the global ones)."""
+    stats.loss_sum, stats.correct, stats.count = all_reduce_sum(sums.clone(), env).tolist()
     stats.seconds += time.perf_counter() - t0
 
 

@@ -1,0 +1,311 @@
+"""Reliability and security: hostile files are refused, faults stop cleanly, no work is lost.
+
+Every test drives the real CLI (``transferlab.cli.main`` in-process, or ``python -m transferlab``
+in a subprocess where a real process must be killed or signalled) on a tiny synthetic CIFAR in
+the real file format, on the CPU in fp32 with a fixed seed, so resumed runs can be compared with
+uninterrupted ones bit for bit (as printed in metrics.csv and summary.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferlab.cli import main
+from transferlab.features import cache as fcache
+
+COMMON = ["--no-progress", "--device", "cpu", "--precision", "fp32"]
+AUG = ["--crop-padding", "4", "--flip"]  # augmentation RNG must survive an interrupt too
+# Columns that must match exactly between an interrupted-and-resumed run and an uninterrupted one
+# (epoch_time_s and train_img_s are wall-clock measurements).
+EXACT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+
+
+def train_argv(data: Path, run_dir: Path, *extra: str, epochs: int = 3, batch_size: int = 50) -> list[str]:
+    return ["train", *COMMON, "--data-dir", str(data), "--val-size", "50", "--epochs", str(epochs),
+            "--batch-size", str(batch_size), "--seed", "7", "--run-dir", str(run_dir), *extra]
+
+
+def resume_argv(run_dir: Path) -> list[str]:
+    return ["train", "--no-progress", "--device", "cpu", "--resume", str(run_dir)]
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, stderr without log lines)."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, "\n".join(line for line in err.splitlines() if not LOG_LINE.match(line))
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def exact_metrics(run_dir: Path) -> list[list[str]]:
+    return [[r[c] for c in EXACT_COLUMNS] for r in metrics_rows(run_dir)]
+
+
+def test_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())["test"]
+
+
+test_summary.__test__ = False  # a helper, not a test
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Metrics rows (minus timings) and the final test loss/acc equal the reference's exactly."""
+    assert exact_metrics(run_dir) == exact_metrics(reference)
+    assert test_summary(run_dir) == test_summary(reference)
+    ours, theirs = load_ckpt(run_dir / "last.pt")["model"], load_ckpt(reference / "last.pt")["model"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that a loader ran code from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def leftover_tmp(run_dir: Path) -> list[str]:
+    return [p.name for p in run_dir.glob(".*.tmp")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in subprocesses: the same float sums in both, and kind to the
+    shared CPU (a resumed run is compared bit for bit with one from another process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cifar, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run with augmentation: what every resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    assert main(train_argv(tiny_cifar, run_dir, *AUG)) == 0
+    assert len(metrics_rows(run_dir)) == 3
+    return run_dir
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_payload_is_live(tmp_path):
+    """Sanity check of the test itself: a plain pickle.load of the payload does run code."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("where", ["top", "inside-dict"])
+def test_hostile_cifar_pickle_is_refused(cifar_copy, tmp_path, capsys, where):
+    marker = tmp_path / "pwned"
+    obj = Payload(marker) if where == "top" else {"data": Payload(marker), "fine_labels": [0]}
+    target = cifar_copy / "cifar-100-python" / "train"
+    target.write_bytes(pickle.dumps(obj, protocol=2))
+    rc, err = run_cli(capsys, train_argv(cifar_copy, tmp_path / "run", epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, str(target), "refus")
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_cifar, tmp_path_factory) -> Path:
+    """A finished 1-epoch cnn run (its checkpoints are copied and damaged by the tests)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    assert main(train_argv(tiny_cifar, run_dir, epochs=1)) == 0
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_hostile_checkpoint_is_refused_on_resume(one_epoch_run, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    ckpt = load_ckpt(run_dir / "last.pt")
+    ckpt["extra"] = Payload(marker)  # a real checkpoint with one poisoned entry
+    torch.save(ckpt, run_dir / "last.pt")
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 2
+    assert_one_line_error(err, str(run_dir / "last.pt"), "refused")
+    assert not marker.exists()
+
+
+def test_hostile_weights_file_is_refused(tiny_cifar, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "evil": Payload(marker)}, weights)
+    argv = train_argv(tiny_cifar, tmp_path / "run", "--model", "resnet18", "--weights", str(weights),
+                      "--mode", "finetune", "--image-size", "32", epochs=1)
+    rc, err = run_cli(capsys, argv)
+    assert rc == 2
+    assert_one_line_error(err, str(weights), "refused")
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- corrupt input
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    rng = torch.Generator().manual_seed(0)
+    for i in torch.randint(0, len(data), (64,), generator=rng).tolist():
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data[:200]) + os.urandom(50) + bytes(data[200:]))
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+DAMAGE = {"truncated": _truncate, "garbled": _garble, "garbage": _garbage, "empty": lambda p: p.write_bytes(b"")}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("name", ["train", "meta"])
+def test_corrupt_cifar_file_is_a_clear_error(cifar_copy, tmp_path, capsys, damage, name):
+    target = cifar_copy / "cifar-100-python" / name
+    DAMAGE[damage](target)
+    rc, err = run_cli(capsys, train_argv(cifar_copy, tmp_path / "run", epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, str(target))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_corrupt_checkpoint_is_a_clear_error(one_epoch_run, tmp_path, capsys, damage):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    DAMAGE[damage](run_dir / "last.pt")
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 2
+    assert_one_line_error(err, str(run_dir / "last.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_file_is_a_clear_error(one_epoch_run, tiny_cifar, tmp_path, capsys, damage):
+    weights = tmp_path / "w.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, weights)
+    DAMAGE[damage](weights)
+    argv = train_argv(tiny_cifar, tmp_path / "run", "--model", "resnet18", "--weights", str(weights),
+                      "--mode", "finetune", "--image-size", "32", epochs=1)
+    rc, err = run_cli(capsys, argv)
+    assert rc == 2
+    assert_one_line_error(err, str(weights))
+
+
+@pytest.mark.parametrize("damage", ["hostile", "truncated", "garbage"])
+def test_bad_feature_cache_file_is_not_run_but_rebuilt(tiny_cifar, tmp_path, capsys, caplog, damage):
+    cache_dir = tmp_path / "cache"
+    argv = ["--model", "resnet18", "--weights", "none", "--mode", "frozen", "--image-size", "32",
+            "--cache-dir", str(cache_dir)]
+    assert run_cli(capsys, train_argv(tiny_cifar, tmp_path / "a", *argv, epochs=1))[0] == 0
+    entries = sorted(cache_dir.glob("*.safetensors"))
+    assert len(entries) == 3  # train, val, test
+    good = {p.stem: fcache.load_entry(cache_dir, p.stem)[0] for p in entries}
+    marker = tmp_path / "pwned"
+    for p in entries:
+        if damage == "hostile":  # a pickle payload where safetensors bytes belong
+            torch.save({"features": Payload(marker)}, p)
+        else:
+            DAMAGE[damage](p)
+    caplog.clear()
+    assert run_cli(capsys, train_argv(tiny_cifar, tmp_path / "b", *argv, epochs=1))[0] == 0
+    assert not marker.exists()
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 3
+    for key, tensors in good.items():  # rebuilt with the same features
+        rebuilt = fcache.load_entry(cache_dir, key)[0]
+        assert all(torch.equal(rebuilt[k], tensors[k]) for k in ("features", "labels"))
+    assert test_summary(tmp_path / "b") == test_summary(tmp_path / "a")
+
+
+# --------------------------------------------------------------------------- kill, signal, resume
+
+
+def start_training(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "transferlab", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_rows(proc: subprocess.Popen, run_dir: Path, rows: int, timeout: float = 120) -> None:
+    """Poll until metrics.csv holds ``rows`` epochs (the process must still be running)."""
+    path, deadline = run_dir / "metrics.csv", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= rows + 1:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"metrics.csv never reached {rows} rows")
+
+
+@pytest.mark.parametrize("every", [0, 2], ids=["epoch-ckpt", "step-ckpt"])
+def test_kill_9_then_resume_reproduces_the_run(tiny_cifar, reference, tmp_path, capsys, every):
+    run_dir = tmp_path / "run"
+    proc = start_training(train_argv(tiny_cifar, run_dir, *AUG, "--ckpt-every-steps", str(every)))
+    wait_for_rows(proc, run_dir, 1)  # epoch 2 (of 3) is under way
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()  # it really died before the end
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_checkpoint_and_resume_reproduces_the_run(tiny_cifar, reference, tmp_path, capsys, sig):
+    run_dir = tmp_path / "run"
+    proc = start_training(train_argv(tiny_cifar, run_dir, *AUG))
+    wait_for_rows(proc, run_dir, 1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"transferlab train --resume {run_dir}" in err
+    state = load_ckpt(run_dir / "last.pt")["fit_state"]
+    assert state["epoch"] >= 1 and state["partial"]["step"] >= 1  # stopped within an epoch
+    assert len(metrics_rows(run_dir)) == state["epoch"]
+    assert not leftover_tmp(run_dir)
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
