@@ -94,7 +94,9 @@ def enter_phase(job: Job, phase: str) -> None:
     elif phase == "unfrozen":
         set_backbone_frozen(job.model, False)
     cfg = job.cfg
-    job.optimizer = build_optimizer(unwrap(job.train_module), cfg.optim, cfg.model.backbone_lr_div)
+    # discriminative lrs only when a pretrained backbone is tuned; scratch trains all at --lr (seed)
+    div = cfg.model.backbone_lr_div if cfg.model.mode in ("finetune", "gradual") else 1.0
+    job.optimizer = build_optimizer(unwrap(job.train_module), cfg.optim, div)
     job.scheduler = build_scheduler(job.optimizer, cfg.optim, len(job.train_loader), phase_epochs(job, phase))
     job.scaler = make_scaler(job.ctx.precision, job.ctx.device)
     job.ctx.params = [p for g in job.optimizer.param_groups for p in g["params"]]
