@@ -348,7 +348,7 @@ def shard_indices(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """Yields the owner's current shard; read afresh at every pass (works with persistent workers)."""
+    """Yields the owner's current shard (its epoch's order)."""
 
     def __init__(self, owner: FolderLoader):
         self.owner = owner
@@ -378,10 +378,6 @@ class FolderLoader:
         self.labels = split.labels
         self.epoch = 0
         self._generator = torch.Generator(device=self.device) if augment is not None else None
-        self._loader = torch.utils.data.DataLoader(
-            _Decode(split), batch_size=batch_size, sampler=_EpochSampler(self), num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the permutation and augmentation seeds of ``epoch``."""
@@ -402,7 +398,14 @@ class FolderLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._generator is not None:
             self._generator.manual_seed((self.seed + self.epoch) * _RANK_STRIDE + self.rank)
-        for x, y in self._loader:
+        # A fresh DataLoader per pass: its workers exit when the pass ends. (Persistent workers
+        # would idle between passes, one set per loader, and forked workers of a later loader
+        # would inherit a live iterator of an earlier one.)
+        loader = torch.utils.data.DataLoader(
+            _Decode(self.split), batch_size=self.batch_size, sampler=_EpochSampler(self),
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers > 0 else None)
+        for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.augment is not None:

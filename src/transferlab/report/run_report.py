@@ -125,14 +125,17 @@ def _class_sections(preds: dict, classes: list[str]) -> list[str]:
     n, acc = per_class_accuracy(true, pred, len(classes))
     present = [c for c in range(len(classes)) if n[c] > 0]
     order = sorted(present, key=lambda c: (-acc[c], classes[c]))
-    k = min(TOP_N, len(present) // 2) or len(present)
 
     def table(ids):
         return ["| class | test images | accuracy |", "|---|---|---|"] + [
             f"| {classes[c]} | {n[c]} | {acc[c]:.3f} |" for c in ids]
 
-    out = ["## Per-class accuracy", "", f"{len(present)} classes in the test split.", "",
-           f"### Best {k}", "", *table(order[:k]), "", f"### Worst {k}", "", *table(order[::-1][:k]), ""]
+    out = ["## Per-class accuracy", "", f"{len(present)} classes in the test split.", ""]
+    if len(present) <= 2 * TOP_N:  # few classes: one table, best first
+        out += ["### All classes", "", *table(order), ""]
+    else:
+        out += [f"### Best {TOP_N}", "", *table(order[:TOP_N]), "",
+                f"### Worst {TOP_N}", "", *table(order[::-1][:TOP_N]), ""]
     pairs = confused_pairs(true, pred, len(classes))
     out += ["## Most confused class pairs", ""]
     if pairs:
