@@ -309,3 +309,134 @@ def test_signal_saves_checkpoint_and_resume_reproduces_the_run(tiny_cifar, refer
     rc, err = run_cli(capsys, resume_argv(run_dir))
     assert rc == 0, err
     assert_same_run(run_dir, reference)
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["hostile", "truncated", "garbage"])
+def test_predict_refuses_bad_checkpoint(one_epoch_run, tmp_path, capsys, damage):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    image = _png(tmp_path / "x.png")
+    assert run_cli(capsys, ["predict", str(run_dir), str(image), "--device", "cpu"])[0] == 0  # the good one works
+    marker = tmp_path / "pwned"
+    if damage == "hostile":
+        ckpt = load_ckpt(run_dir / "best.pt")
+        ckpt["classes"] = Payload(marker)
+        torch.save(ckpt, run_dir / "best.pt")
+    else:
+        DAMAGE[damage](run_dir / "best.pt")
+    rc, err = run_cli(capsys, ["predict", str(run_dir), str(image), "--device", "cpu"])
+    assert rc == 2
+    assert_one_line_error(err, str(run_dir / "best.pt"))
+    assert not marker.exists()
+
+
+def _drop(key):
+    def edit(ckpt):
+        del ckpt[key]
+    return edit
+
+
+def _other_model(ckpt):
+    ckpt["model"] = {"weight": torch.zeros(3)}
+
+
+def _bad_config(ckpt):
+    ckpt["config"]["optim"]["lr"] = -1.0
+
+
+WRONG = {"no-fit-state": _drop("fit_state"), "no-optimizer": _drop("optimizer"), "no-rng": _drop("rng"),
+         "other-model": _other_model, "bad-config": _bad_config, "not-a-dict": None}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG))
+def test_structurally_wrong_checkpoint_is_a_clear_error(one_epoch_run, tmp_path, capsys, wrong):
+    """A loadable file that is not a complete transferlab checkpoint: one line naming it, for resume and predict."""
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_ckpt(run_dir / name)
+        if WRONG[wrong] is None:
+            ckpt = [1, 2, 3]
+        else:
+            WRONG[wrong](ckpt)
+        torch.save(ckpt, run_dir / name)
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 2
+    assert_one_line_error(err, str(run_dir / "last.pt"))
+    if wrong in ("other-model", "bad-config", "not-a-dict"):
+        rc, err = run_cli(capsys, ["predict", str(run_dir), str(_png(tmp_path / "x.png")), "--device", "cpu"])
+        assert rc == 2
+        assert_one_line_error(err, str(run_dir / "best.pt"))
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+
+def nan_losses_at(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the training loss NaN at the given (0-based, whole-run) training steps."""
+    real = torch.nn.functional.cross_entropy
+    seen = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if kwargs.get("reduction", "mean") != "mean":  # evaluate() sums: leave it alone
+            return loss
+        step, seen["n"] = seen["n"], seen["n"] + 1
+        return loss * float("nan") if step in bad_steps else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    nan_losses_at(monkeypatch, {7})  # 5 steps per epoch: the 3rd step of epoch 2
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir))
+    assert rc == 1
+    assert_one_line_error(err, "nan", "--nan-patience 0", "epoch 2")
+    ckpt = load_ckpt(run_dir / "last.pt")
+    assert ckpt["fit_state"]["epoch"] == 1 and not ckpt["fit_state"]["partial"]
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert len(metrics_rows(run_dir)) == 1 and not leftover_tmp(run_dir)
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_nan_patience_skips_that_many_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
+    nan_losses_at(monkeypatch, {3, 8})
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "a", "--nan-patience", "1"))
+    assert rc == 1 and "2 non-finite" in err
+    nan_losses_at(monkeypatch, {3, 8})
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "b", "--nan-patience", "2"))
+    assert rc == 0, err
+    assert len(metrics_rows(tmp_path / "b")) == 3
+
+
+def test_huge_lr_stops_on_non_finite_loss(tiny_cifar, tmp_path, capsys):
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", "--lr", "1e30", epochs=1))
+    assert rc == 1
+    assert_one_line_error(err, "non-finite", "--lr")
+
+
+def test_non_finite_val_loss_never_becomes_the_checkpoint(tiny_cifar, tmp_path, capsys, monkeypatch):
+    """NaN weights after an epoch's last step (train loss still finite) must not overwrite last.pt."""
+    run_dir = tmp_path / "run"
+    real = torch.nn.functional.cross_entropy
+    evals = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if kwargs.get("reduction") == "sum":  # validation: NaN from the 2nd epoch's val on
+            evals["n"] += 1
+            return loss * float("nan") if evals["n"] > 1 else loss
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir))
+    assert rc == 1
+    assert_one_line_error(err, "validation loss", "epoch 2")
+    assert load_ckpt(run_dir / "last.pt")["fit_state"]["epoch"] == 1
+    assert len(metrics_rows(run_dir)) == 1

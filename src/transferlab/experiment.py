@@ -37,7 +37,7 @@ from transferlab.models.classifier import Classifier, count_params
 from transferlab.models.registry import build_model, resolve_name
 from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
 from transferlab.report.predictions import collect_predictions, save_predictions
-from transferlab.train.checkpoint import load_checkpoint, set_rng_state
+from transferlab.train.checkpoint import RESUME_KEYS, load_checkpoint, set_rng_state
 from transferlab.train.fit import FitState, Job, enter_phase, fit, initial_phase, truncate_metrics
 from transferlab.train.loop import StepContext, evaluate
 from transferlab.train.precision import resolve_precision
@@ -136,8 +136,11 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
         prepare_run_dir(run_dir, resume, cfg.run.overwrite)
     barrier(env)
     if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        saved = config_from_dict(ckpt["config"])
+        ckpt = load_checkpoint(run_dir / "last.pt", require=RESUME_KEYS)
+        try:
+            saved = config_from_dict(ckpt["config"])
+        except UserError as e:
+            raise UserError(f"{run_dir / 'last.pt'} holds an invalid config: {e}") from None
         saved.run.device, saved.run.progress = cfg.run.device, cfg.run.progress
         cfg = saved
     _seed_everything(cfg.run.seed)
@@ -282,13 +285,17 @@ def _feature_path(cfg, model, ds, size, channels_last, ctx, env, per_rank, eval_
 
 
 def _restore(job: Job, ckpt: dict) -> FitState:
-    state = FitState(**ckpt["fit_state"])
-    job.model.load_state_dict(ckpt["model"])
-    enter_phase(job, state.phase)  # rebuild the phase's param groups before loading their state
-    job.optimizer.load_state_dict(ckpt["optimizer"])
-    job.scheduler.load_state_dict(ckpt["scheduler"])
-    job.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    try:
+        state = FitState(**ckpt["fit_state"])
+        job.model.load_state_dict(ckpt["model"])
+        enter_phase(job, state.phase)  # rebuild the phase's param groups before loading their state
+        job.optimizer.load_state_dict(ckpt["optimizer"])
+        job.scheduler.load_state_dict(ckpt["scheduler"])
+        job.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a loadable file from another model/version
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{job.run_dir / 'last.pt'} does not fit this run ({type(e).__name__}: {first})") from None
     if job.env.is_main:
         truncate_metrics(job.run_dir / "metrics.csv", state.epoch)
     log.info("resumed %s at epoch %d (phase %s)", job.run_dir, state.epoch, state.phase)

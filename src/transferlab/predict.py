@@ -57,14 +57,20 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     ckpt_path = run_dir / "best.pt"
     if not ckpt_path.is_file():
         raise UserError(f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>")
-    ck = load_checkpoint(ckpt_path)
-    cfg = config_from_dict(ck["config"])
-    classes = list(ck["classes"])
-    model = build_model(dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes))
-    model.load_state_dict(ck["model"])
+    ck = load_checkpoint(ckpt_path, require=("model", "config", "classes", "preprocess"))
+    try:
+        cfg = config_from_dict(ck["config"])
+        classes = [str(c) for c in ck["classes"]]
+        model = build_model(dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes))
+        model.load_state_dict(ck["model"])
+        pp = ck["preprocess"]
+        size = int((ck.get("extra") or {}).get("image_size") or cfg.data.image_size or pp["input_size"])
+    except UserError as e:
+        raise UserError(f"{ckpt_path} holds an invalid config: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # loadable, but not this kind of checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{ckpt_path} is not a usable transferlab checkpoint ({type(e).__name__}: {first})") from None
     model.eval().to(device)
-    pp = ck["preprocess"]
-    size = int((ck.get("extra") or {}).get("image_size") or cfg.data.image_size or pp["input_size"])
     return RunModel(model, classes, size, tuple(pp["mean"]), tuple(pp["std"]), pp.get("interpolation", "bilinear"),
                     cfg.model.name)
 

@@ -55,11 +55,18 @@ def atomic_save(obj: object, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely; a corrupt or hostile file is a UserError naming it."""
+# What a resume reads from last.pt (``fit.checkpoint_state`` writes these and more).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "fit_state", "rng", "config")
+
+
+def load_checkpoint(path: str | Path, require: tuple[str, ...] = ("model", "config")) -> dict:
+    """Load a checkpoint safely; a corrupt, hostile or incomplete file is a UserError naming it."""
     obj = safe_torch_load(path)
-    if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
-        raise UserError(f"{path} is not a transferlab checkpoint (no 'model'/'config' entries)")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a transferlab checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    missing = [k for k in require if k not in obj]
+    if missing:
+        raise UserError(f"{path} is not a complete transferlab checkpoint (no {', '.join(map(repr, missing))} entries)")
     return obj
 
 

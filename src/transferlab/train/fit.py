@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -183,6 +184,10 @@ def fit(job: Job, state: FitState) -> FitState:
             state.partial = asdict(stats)
             save_checkpoint(job, state, "last.pt")
 
+    if state.epoch == 0 and not state.partial:
+        # a checkpoint before the first step: a run killed in its first epoch can be resumed too
+        save_checkpoint(job, state, "last.pt")
+        barrier(env)
     for epoch in range(state.epoch, cfg.optim.epochs):
         if cfg.model.mode == "gradual" and state.phase == "frozen" and epoch >= cfg.model.freeze_epochs:
             log.info("epoch %d: unfreezing the backbone (lr / %g)", epoch + 1, cfg.model.backbone_lr_div)
@@ -206,6 +211,10 @@ def fit(job: Job, state: FitState) -> FitState:
         t0 = time.perf_counter()
         job.train_module.eval()
         val_loss, val_acc = evaluate(job.eval_forward, job.val_loader, job.ctx, desc="val")
+        if math.isnan(val_loss) or math.isinf(val_loss):  # diverged in the last steps: keep the old last.pt
+            raise TrainingStopped(
+                f"epoch {epoch + 1}: validation loss is {val_loss} (the weights diverged); last.pt still holds "
+                f"epoch {state.epoch}. Lower --lr, add --grad-clip, or use --precision fp32.")
         state.eval_s += time.perf_counter() - t0
         state.epoch = epoch + 1
         lr = job.optimizer.param_groups[-1]["lr"]

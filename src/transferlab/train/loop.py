@@ -120,7 +120,7 @@ def train_one_epoch(
             ctx.nan_count += 1
             if ctx.nan_count > ctx.nan_patience:
                 raise TrainingStopped(
-                    f"loss became {loss.item()} at step {stats.step} "
+                    f"{desc}: loss became {loss.item()} at step {stats.step + 1} of {len(loader)} "
                     f"({ctx.nan_count} non-finite step(s), --nan-patience {ctx.nan_patience}); "
                     "the last good checkpoint is kept. Lower --lr, add --grad-clip, or use --precision fp32."
                 )
