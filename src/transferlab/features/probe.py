@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # per-sample-averaged loss + l2/2 * ||W||^2
 
 
-def lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 200,
+def lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 100,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit W (C, D), b (C,) minimising mean cross-entropy + l2/2 ||W||^2 with full-batch L-BFGS."""
     d = x.shape[1]
@@ -71,7 +71,8 @@ def fit_linear_probe(job: Job, state: FitState) -> FitState:
     linear = _linear_layer(unwrap(job.model.head))
     x, y = _split_tensors(job.train_loader)
     xv, yv = job.val_loader.images.float(), job.val_loader.labels
-    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    mu, sigma = x.mean(0), x.std(0)
+    sigma = sigma.clamp_min(1e-3 * sigma.mean().item() + 1e-8)  # near-constant features stay well-conditioned
     xs, xvs = (x - mu) / sigma, (xv - mu) / sigma
     c = len(job.classes)
     t0 = time.perf_counter()

