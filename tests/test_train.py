@@ -16,9 +16,9 @@ import math
 import signal
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from torch import nn
 
 from transferlab.cli import build_parser, config_from_args, main

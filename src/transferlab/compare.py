@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 def experiment_configs(base: Config, args, root: Path, chase_target: float | None = None) -> dict[str, Config]:
     """The configs of the compare experiments (chase needs experiment 2's best val acc)."""
-    def variant(name: str, **model) -> Config:
+    def variant(dir_name: str, /, **model) -> Config:  # model holds name= and mode=
         d = config_to_dict(copy.deepcopy(base))
         d["model"].update(model)
         if model["name"] == "cnn":  # --image-size is the backbone's; the cnn always takes 32 px
             d["data"]["image_size"] = 0
-        d["run"]["run_dir"] = str(root / name)
+        d["run"]["run_dir"] = str(root / dir_name)
         return config_from_dict(d)
 
     out = {"cnn": variant("cnn", name="cnn", mode="scratch")}

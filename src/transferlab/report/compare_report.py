@@ -77,10 +77,10 @@ def observations(runs: dict[str, tuple[Path, dict]]) -> list[str]:
     if "cnn" in runs and "frozen" in runs:
         c, f = runs["cnn"][1], runs["frozen"][1]
         diff = f["test"]["acc"] - c["test"]["acc"]
-        better = "higher" if diff > 0 else "lower" if diff < 0 else "the same as"
+        better = "higher" if diff > 0 else "lower"
+        versus = f"{abs(diff) * 100:.1f} points {better} than" if diff else "the same as"
         out.append(f"The frozen pretrained `{f['model']}` reached test accuracy {f['test']['acc']:.4f}, "
-                   f"{abs(diff) * 100:.1f} points {better} than the CNN's {c['test']['acc']:.4f}"
-                   + (" (equal)" if diff == 0 else "") + ".")
+                   f"{versus} the CNN's {c['test']['acc']:.4f}.")
         ratio = f["time_s"]["total"] / max(c["time_s"]["total"], 1e-9)
         out.append(f"For the same epoch budget the pretrained model took {f['time_s']['total']:.1f} s against the "
                    f"CNN's {c['time_s']['total']:.1f} s ({ratio:.2f}x).")
