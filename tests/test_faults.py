@@ -440,3 +440,119 @@ def test_non_finite_val_loss_never_becomes_the_checkpoint(tiny_cifar, tmp_path, 
     assert_one_line_error(err, "validation loss", "epoch 2")
     assert load_ckpt(run_dir / "last.pt")["fit_state"]["epoch"] == 1
     assert len(metrics_rows(run_dir)) == 1
+
+
+# --------------------------------------------------------------------------- disk faults
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fail_after(n: int, real):
+    """A stand-in for ``real`` that works ``n`` times, then raises ENOSPC."""
+    calls = {"n": 0}
+
+    def fn(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            enospc()
+        return real(*args, **kwargs)
+
+    return fn
+
+
+@pytest.mark.parametrize("target", ["torch.save", "os.replace", "os.fsync"])
+def test_disk_full_during_checkpoint_keeps_previous_files(tiny_cifar, reference, tmp_path, capsys, monkeypatch, target):
+    run_dir = tmp_path / "run"
+    argv = train_argv(tiny_cifar, run_dir, *AUG)
+    assert main(argv[:-len(AUG)] + AUG + ["--epochs", "1"]) == 0  # a complete epoch-1 state to compare with
+    good_ckpt = load_ckpt(run_dir / "last.pt")
+    # the same run again, with the disk filling up after epoch 1's writes
+    for p in run_dir.iterdir():
+        p.unlink()
+    module, name = target.split(".")
+    real = getattr({"torch": torch, "os": os}[module], name)
+    first_writes = {"torch.save": 3, "os.replace": 3, "os.fsync": 7}[target]  # start, best, last (file + dir); metrics
+    monkeypatch.setattr({"torch": torch, "os": os}[module], name, fail_after(first_writes, real))
+    rc, err = run_cli(capsys, argv)
+    monkeypatch.undo()
+    assert rc == 1
+    assert_one_line_error(err, "No space left on device", "intact")
+    assert not leftover_tmp(run_dir)
+    ckpt = load_ckpt(run_dir / "last.pt")
+    timing = ("train_s", "eval_s")
+    assert {k: v for k, v in ckpt["fit_state"].items() if k not in timing} == \
+        {k: v for k, v in good_ckpt["fit_state"].items() if k not in timing}
+    assert all(torch.equal(ckpt["model"][k], good_ckpt["model"][k]) for k in ckpt["model"])
+    assert len(metrics_rows(run_dir)) in (1, 2)  # epoch 2's row may be in; resume redoes it
+    assert exact_metrics(run_dir)[0] == exact_metrics(reference)[0]
+    rc, err = run_cli(capsys, resume_argv(run_dir))  # space freed: resume finishes the run exactly
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+class HalfWriter:
+    """A file whose writes put half the bytes on disk, then fail with ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        self.f.write(s[: len(s) // 2])
+        self.f.flush()
+        enospc()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_during_metrics_append_leaves_no_torn_row(tiny_cifar, reference, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from transferlab.train import fit
+
+    run_dir = tmp_path / "run"
+    opened = {"n": 0}
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        if Path(path).name == "metrics.csv" and "a" in mode:
+            opened["n"] += 1
+            if opened["n"] == 2:  # epoch 2's row
+                return HalfWriter(f)
+        return f
+
+    monkeypatch.setattr(fit, "open", fake_open, raising=False)
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir, *AUG))
+    monkeypatch.undo()
+    assert rc == 1
+    assert_one_line_error(err, "metrics.csv", "No space left on device")
+    assert exact_metrics(run_dir) == exact_metrics(reference)[:1]  # epoch 1's row, and no half row
+    assert (run_dir / "metrics.csv").read_text().endswith("\n")
+    assert load_ckpt(run_dir / "last.pt")["fit_state"]["epoch"] == 1
+    rc, err = run_cli(capsys, resume_argv(run_dir))
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_disk_full_writing_summary_is_one_line(tiny_cifar, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, prefix="", **kwargs):
+        if "summary.json" in prefix:
+            enospc()
+        return real(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", epochs=1))
+    assert rc == 1
+    assert_one_line_error(err, "summary.json", "No space left on device")

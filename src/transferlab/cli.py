@@ -273,3 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("transferlab: interrupted\n")
         return 130
+    except OSError as e:  # disk full, permissions, ... on a write without its own message
+        sys.stderr.write(f"transferlab: error: {e}\n")
+        return 1

@@ -30,14 +30,14 @@ from transferlab.data.cifar import ImageDataset, load_cifar100
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import DistEnv, barrier, broadcast_object, init_distributed, wrap_ddp
-from transferlab.errors import UserError
+from transferlab.errors import TrainingStopped, UserError
 from transferlab.features import cache as fcache
 from transferlab.features.extract import choose_precision, extract_features
 from transferlab.models.classifier import Classifier, count_params
 from transferlab.models.registry import build_model, resolve_name
 from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
 from transferlab.report.predictions import collect_predictions, save_predictions
-from transferlab.train.checkpoint import RESUME_KEYS, load_checkpoint, set_rng_state
+from transferlab.train.checkpoint import RESUME_KEYS, atomic_write, load_checkpoint, set_rng_state
 from transferlab.train.fit import FitState, Job, enter_phase, fit, initial_phase, truncate_metrics
 from transferlab.train.loop import StepContext, evaluate
 from transferlab.train.precision import resolve_precision
@@ -356,7 +356,12 @@ def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float,
         "fit_state": asdict(state),
     }
     if job.env.is_main:
-        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        path = job.run_dir / "summary.json"
+        try:
+            atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
+        except OSError as e:
+            raise TrainingStopped(f"could not write {path} ({e.strerror or e}); last.pt, best.pt and "
+                                  "metrics.csv are intact") from None
         save_predictions(job.run_dir / PREDICTIONS_FILE, test_preds, job.classes)
         from transferlab.report.plots import plot_curves
 

@@ -140,16 +140,20 @@ def save_checkpoint(job: Job, state: FitState, name: str) -> None:
 
 def append_metrics(path: Path, row: dict) -> None:
     """Append one row to metrics.csv and flush it to disk (a crash never loses it)."""
-    new = not path.exists() or path.stat().st_size == 0
+    size = path.stat().st_size if path.exists() else 0
     try:
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            if new:
+            if size == 0:
                 w.writeheader()
             w.writerow(row)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
+        try:  # a full disk may have taken half the row: cut it off so the file stays valid CSV
+            os.truncate(path, size)
+        except OSError:
+            pass
         raise TrainingStopped(f"could not append to {path} ({e.strerror or e}); earlier rows are intact") from None
 
 
