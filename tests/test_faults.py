@@ -556,3 +556,59 @@ def test_disk_full_writing_summary_is_one_line(tiny_cifar, tmp_path, capsys, mon
     rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", epochs=1))
     assert rc == 1
     assert_one_line_error(err, "summary.json", "No space left on device")
+
+
+# --------------------------------------------------------------------------- run dir safety
+
+
+def test_non_empty_run_dir_needs_overwrite(one_epoch_run, tiny_cifar, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    before = (run_dir / "metrics.csv").read_bytes()
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir, epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, str(run_dir), "--overwrite", "--resume")
+    assert (run_dir / "metrics.csv").read_bytes() == before
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir, "--overwrite", epochs=2))
+    assert rc == 0, err
+    assert [r["epoch"] for r in metrics_rows(run_dir)] == ["1", "2"]  # fresh rows, not appended to the old
+
+
+def test_run_dir_that_is_a_file_is_refused(tiny_cifar, tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("x")
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, path, epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, str(path))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path, capsys):
+    rc, err = run_cli(capsys, resume_argv(tmp_path))
+    assert rc == 2
+    assert_one_line_error(err, "last.pt")
+
+
+def test_torn_metrics_row_is_dropped_on_resume(one_epoch_run, tiny_cifar, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path / "run")
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("2,3.1")  # what a crash in the middle of a write could leave
+    assert run_cli(capsys, resume_argv(run_dir))[0] == 0
+    assert [r["epoch"] for r in metrics_rows(run_dir)] == ["1"]
+
+
+def test_signal_handlers_are_restored_after_an_in_process_run(one_epoch_run, capsys):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    run_cli(capsys, ["train", *COMMON, "--data-dir", "/nonexistent", "--run-dir", "/nonexistent/run"])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
+    from transferlab.train import fit
+
+    saved = []
+    real = fit.atomic_save
+    monkeypatch.setattr(fit, "atomic_save", lambda obj, path: (saved.append(
+        (Path(path).name, obj["fit_state"]["epoch"], obj["fit_state"]["partial"].get("step"))), real(obj, path))[1])
+    assert run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", "--ckpt-every-steps", "2", epochs=2))[0] == 0
+    last = [(e, s) for n, e, s in saved if n == "last.pt"]
+    # 5 steps per epoch: before the first step, after steps 2 and 4, and at each epoch's end
+    assert last == [(0, None), (0, 2), (0, 4), (1, None), (1, 2), (1, 4), (2, None)]

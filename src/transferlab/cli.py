@@ -181,22 +181,30 @@ class _StopFlag:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
+    def __enter__(self) -> "_StopFlag":
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:  # an in-process caller (tests, notebooks) gets its handlers back
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
 
 def cmd_train(args) -> int:
     from transferlab.config import Config
     from transferlab.experiment import run_experiment
 
-    stop = _StopFlag()
-    stop.install()
-    if args.resume:
-        cfg = Config()
-        cfg.run.run_dir = args.resume
-        for key in ("cfg:run.device", "cfg:run.progress"):
-            if vars(args).get(key) is not None:
-                setattr(cfg.run, key.split(".")[1], vars(args)[key])
-        summary = run_experiment(cfg, resume=True, stop_requested=stop)
-    else:
-        summary = run_experiment(config_from_args(args), stop_requested=stop)
+    with _StopFlag() as stop:
+        if args.resume:
+            cfg = Config()
+            cfg.run.run_dir = args.resume
+            for key in ("cfg:run.device", "cfg:run.progress"):
+                if vars(args).get(key) is not None:
+                    setattr(cfg.run, key.split(".")[1], vars(args)[key])
+            summary = run_experiment(cfg, resume=True, stop_requested=stop)
+        else:
+            summary = run_experiment(config_from_args(args), stop_requested=stop)
     log.info("test loss %.4f, test acc %.4f; run dir %s", summary["test"]["loss"], summary["test"]["acc"], summary["run_dir"])
     return 0
 
@@ -204,9 +212,8 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from transferlab.compare import run_compare
 
-    stop = _StopFlag()
-    stop.install()
-    run_compare(config_from_args(args), args, stop_requested=stop)
+    with _StopFlag() as stop:
+        run_compare(config_from_args(args), args, stop_requested=stop)
     return 0
 
 

@@ -57,6 +57,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (run_dir / "last.pt").is_file():
             raise UserError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run dir {run_dir} is a file, not a folder; choose another --run-dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to reuse it or --resume {run_dir} to continue")
     try:
