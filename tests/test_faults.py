@@ -612,3 +612,65 @@ def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
     last = [(e, s) for n, e, s in saved if n == "last.pt"]
     # 5 steps per epoch: before the first step, after steps 2 and 4, and at each epoch's end
     assert last == [(0, None), (0, 2), (0, 4), (1, None), (1, 2), (1, 4), (2, None)]
+
+
+# --------------------------------------------------------------------------- config and CLI validation
+
+INVALID = {
+    "negative lr": (["--lr", "-1"], "--lr"),
+    "infinite lr": (["--lr", "inf"], "--lr"),
+    "nan lr": (["--lr", "nan"], "--lr"),
+    "unknown mode": (["--mode", "bogus"], "--mode"),
+    "image size under 16": (["--image-size", "8"], "--image-size"),
+    "negative patience": (["--patience", "-1"], "--patience"),
+    "lbfgs without cache": (["--model", "resnet18", "--head", "linear", "--solver", "lbfgs", "--no-feature-cache"],
+                            "--no-feature-cache"),
+    "frozen cnn": (["--mode", "frozen", "--model", "cnn"], "cnn"),
+    "unknown model": (["--model", "nosuchnet"], "choices"),
+    "zero epochs": (["--epochs", "0"], "--epochs"),
+    "negative epochs": (["--epochs", "-2"], "--epochs"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size"),
+    "non-integer epochs": (["--epochs", "two"], "--epochs"),
+    "negative nan patience": (["--nan-patience", "-1"], "--nan-patience"),
+    "negative ckpt steps": (["--ckpt-every-steps", "-5"], "--ckpt-every-steps"),
+    "unknown precision": (["--precision", "fp8"], "--precision"),
+    "unknown flag": (["--learning-rate", "1"], "--learning-rate"),
+    "unknown preset": (["--preset", "nope"], "nope"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_flag_is_one_line_exit_2(tiny_cifar, tmp_path, capsys, case):
+    flags, needle = INVALID[case]
+    argv = train_argv(tiny_cifar, tmp_path / "run", epochs=1) + flags
+    try:
+        rc, err = run_cli(capsys, argv)
+    except SystemExit as e:  # argparse errors exit from parse_args
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2
+    assert_one_line_error(err, needle)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_unwritable_run_dir(tiny_cifar, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, blocker / "run", epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, str(blocker / "run"), "--run-dir")
+
+
+def test_missing_data_dir_mentions_download(tmp_path, capsys):
+    rc, err = run_cli(capsys, train_argv(tmp_path / "nothing", tmp_path / "run", epochs=1))
+    assert rc == 2
+    assert_one_line_error(err, "--download", "--data-dir")
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe\x00 not utf-8", b"optim: [unclosed", b"- a list\n", b"optim: {lr: x}\n",
+                                  b"optim: {patience: 1.0e+400}\n", b"optim: {grad_clip: .inf}\n", b"bogus: {}\n"])
+def test_bad_preset_file_is_one_line(tiny_cifar, tmp_path, capsys, text):
+    preset = tmp_path / "p.yaml"
+    preset.write_bytes(text)
+    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", "--preset", str(preset), epochs=1))
+    assert rc == 2
+    assert_one_line_error(err)

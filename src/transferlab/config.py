@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         raise UserError(f"config must be a mapping of sections {sorted(SECTIONS)}; got {type(d).__name__}")
     unknown = set(d) - set(SECTIONS)
     if unknown:
-        raise UserError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
+        raise UserError(f"unknown config section(s) {sorted(map(str, unknown))}; valid: {sorted(SECTIONS)}")
     parts = {}
     for name, cls in SECTIONS.items():
         section = d.get(name) or {}
@@ -229,7 +230,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         valid = {f.name: f for f in dataclasses.fields(cls)}
         bad = set(section) - set(valid)
         if bad:
-            raise UserError(f"unknown key(s) {sorted(bad)} in config section {name!r}; valid: {sorted(valid)}")
+            raise UserError(f"unknown key(s) {sorted(map(str, bad))} in config section {name!r}; valid: {sorted(valid)}")
         parts[name] = cls(**{k: _coerce(v, valid[k]) for k, v in section.items()})
     return Config(**parts)
 
@@ -237,18 +238,24 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
     """Coerce YAML scalars to the field's type (YAML reads 1e-3 as a string)."""
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
-    if kind is None or isinstance(value, kind):
-        return value
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key {f.name!r} must be {kind.__name__}; got {value!r}") from None
+    if kind is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))):
+        out = value
+    else:
+        try:
+            if kind is bool:
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    return value.lower() == "true"
+                raise ValueError
+            if kind in (int, float) and isinstance(value, bool):  # `epochs: true` is a mistake, not 1
+                raise ValueError
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            out = kind(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), float(10**400)
+            raise UserError(f"config key {f.name!r} must be {kind.__name__}; got {value!r}") from None
+    if kind is float and not math.isfinite(out):
+        raise UserError(f"config key {f.name!r} (--{f.name.replace('_', '-')}) must be a finite number; got {value!r}")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -258,6 +265,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a YAML text file (not UTF-8)") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
