@@ -12,6 +12,12 @@ Sharding (``world_size > 1``), like ``DistributedSampler``:
   twice per epoch); with ``drop_last=True`` its tail is trimmed to a multiple of
   ``world_size`` and a short last batch is dropped. Rank r takes positions r::world_size, so
   every rank has the same number of samples and batches (DDP never waits on a missing rank).
+  Global batches equal single-process batches: with ``batch_size`` B/W per rank, rank r's
+  batch b holds positions b*B + r, b*B + r + W, ... of the permutation, so the W shards of
+  global batch b are exactly positions [b*B, (b+1)*B), the single-process batch b. With the
+  same seed, DDP (which averages the ranks' mean gradients over equal shards) therefore takes
+  the same steps as one process, up to float rounding, whenever N is a multiple of W (else
+  the wrap padding adds up to W - 1 repeats to the last batch). tests/test_ddp.py checks it.
 * ``shuffle=False`` (evaluation): rank r takes indices r::world_size in order, with no
   padding, so every sample is seen exactly once across ranks; shard sizes may differ by one
   (and so may batch counts). ``drop_last=True`` drops each rank's short last batch.
