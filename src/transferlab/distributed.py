@@ -259,6 +259,8 @@ def run_checked(fn: Callable[[], T], env: DistEnv, main_only: bool = False) -> T
 
 def describe_dist_error(e: BaseException) -> str | None:
     """A one-line explanation if ``e`` comes from a failed collective, else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # a single process: no peers to lose
     dist_errors = tuple(c for c in (getattr(dist, "DistError", None),) if c is not None)
     text = str(e)
     markers = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
