@@ -106,7 +106,12 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(NaiveCifar(ds.train.images, ds.train.labels, tf), batch_size=bs, shuffle=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0, drop_last=True)
-    naive_batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+    def naive_batches_fn():
+        while True:  # as many epochs as the step count needs
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    naive_batches = naive_batches_fn()
     _, step = fresh()
     naive = timed(naive_batches, step, args.steps, args.warmup, device)
 
