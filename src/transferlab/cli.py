@@ -270,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.update(tools.COMMANDS)
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        from transferlab.distributed import cleanup
+
+        cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
+        return code
     except UserError as e:
         sys.stderr.write(f"transferlab: error: {e}\n")
         return 2
@@ -282,4 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # disk full, permissions, ... on a write without its own message
         sys.stderr.write(f"transferlab: error: {e}\n")
+        return 1
+    except Exception as e:  # a collective failed: another rank died or the timeout passed
+        from transferlab.distributed import describe_dist_error
+
+        message = describe_dist_error(e)
+        if message is None:
+            raise
+        sys.stderr.write(f"transferlab: error: {message}\n")
         return 1

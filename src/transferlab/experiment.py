@@ -29,7 +29,16 @@ from transferlab.data.augment import augment_batch
 from transferlab.data.cifar import ImageDataset, load_cifar100
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
-from transferlab.distributed import DistEnv, barrier, broadcast_object, init_distributed, wrap_ddp
+from transferlab.distributed import (
+    DistEnv,
+    all_ranks_true,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    init_distributed,
+    run_checked,
+    wrap_ddp,
+)
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.features import cache as fcache
 from transferlab.features.extract import choose_precision, extract_features
@@ -134,11 +143,10 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
     run_dir = Path(broadcast_object(str(run_dir), env))
     cfg.run.run_dir = str(run_dir)
     ckpt = None
-    if env.is_main:
-        prepare_run_dir(run_dir, resume, cfg.run.overwrite)
-    barrier(env)
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt", require=RESUME_KEYS)
+    # rank 0 creates the dir; a refusal (not empty, not writable) ends every rank with its message
+    run_checked(lambda: prepare_run_dir(run_dir, resume, cfg.run.overwrite), env, main_only=True)
+    if resume:  # every rank reads last.pt (multi-node: the run dir must be shared)
+        ckpt = run_checked(lambda: load_checkpoint(run_dir / "last.pt", require=RESUME_KEYS), env)
         try:
             saved = config_from_dict(ckpt["config"])
         except UserError as e:
@@ -150,7 +158,7 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
     resolve_precision(cfg.run.precision, env.device)
     if cfg.model.name == "cnn" and cfg.data.image_size not in (0, 32):
         raise UserError(f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs (five 2x poolings to 1x1)")
-    ds = dataset or load_data(cfg)
+    ds = dataset or run_checked(lambda: load_data(cfg), env)  # data missing on one node: all ranks say so
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
     size = cfg.data.image_size or model.preprocess.input_size
     if hasattr(ds, "set_image_size"):  # folder data: workers decode straight to the model's size
@@ -177,6 +185,9 @@ def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | No
         job_parts, test_forward, test_loader = _pixel_path(cfg, model, ds, size, channels_last, env, per_rank, eval_bs)
     setup_s = time.perf_counter() - t_setup
     job = Job(cfg=cfg, model=model, ctx=ctx, env=env, run_dir=run_dir, classes=ds.classes, extra=extra, **job_parts)
+    if job.train_forward is None:  # pixel path: enter_phase may re-wrap DDP, so look the module up per call
+        prepare = _prepare_fn(model, size, channels_last)
+        job.train_forward = lambda x: job.train_module(prepare(x))
     state = FitState(phase=initial_phase(cfg))
     enter_phase(job, state.phase)
     if ckpt is not None:
@@ -207,7 +218,7 @@ def _pixel_path(cfg, model, ds, size, channels_last, env, per_rank, eval_bs):
     test_loader = make_loader(ds.test, eval_bs, False, env.device, cfg.run.seed, env)
     if cfg.run.compile:
         ddp = torch.compile(ddp)
-    parts = {"train_module": ddp, "train_forward": lambda x: ddp(prepare(x)),
+    parts = {"train_module": ddp, "train_forward": None,  # bound in run_experiment
              "eval_forward": lambda x: model(prepare(x)), "train_loader": train_loader, "val_loader": val_loader}
     return parts, (lambda x: model(prepare(x))), test_loader
 
@@ -226,8 +237,14 @@ def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx,
     """(features, labels) for one split, from the cache or freshly extracted (then stored)."""
     views = cfg.run.feature_views if split_name == "train" else 1
     key = fcache.cache_key(_feature_key(cfg, model, ds, size, precision, split_name, views, whash))
+    # rank 0 looks first (it deletes a corrupt entry); the others read only after it found a good
+    # one, and use it only if every rank could (a cache dir not shared across nodes: all extract)
     hit = fcache.load_entry(root, key) if env.is_main else None
-    hit = broadcast_object(hit is not None, env) and (hit or fcache.load_entry(root, key))
+    if broadcast_object(hit is not None, env):
+        hit = hit or fcache.load_entry(root, key)
+        if not all_ranks_true(hit is not None, env):
+            log.warning("feature cache %s is not visible to every rank (share it across nodes); extracting", root)
+            hit = None
     if hit:
         tensors, _ = hit
         log.info("feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, split_name, key)
@@ -258,7 +275,10 @@ def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx,
 
 def _feature_path(cfg, model, ds, size, channels_last, ctx, env, per_rank, eval_bs):
     root = fcache.cache_root(cfg.run.cache_dir)
-    precision = choose_precision(model.features, cfg.model.name, size, env.device, root, cfg.run.precision, channels_last)
+    # one choice for all ranks (auto measures, and ranks could disagree); rank 0 writes the memo
+    precision = broadcast_object(choose_precision(model.features, cfg.model.name, size, env.device, root,
+                                                  cfg.run.precision, channels_last) if env.is_main else None, env)
+    broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one cache key
     model.eval()
     data, info = {}, {"precision": precision, "root": str(root)}
     whash = fcache.weights_hash(model.backbone)
@@ -324,12 +344,9 @@ def write_model_summary(model: Classifier, cfg: Config, size: int, path: Path) -
 def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float, setup_s: float) -> dict:
     """Restore the best weights, evaluate on test, write summary.json and curves.png."""
     best = job.run_dir / "best.pt"
-    if job.env.is_main and best.is_file():
-        job.model.load_state_dict(load_checkpoint(best)["model"])
-    barrier(job.env)
-    if job.env.enabled:  # every rank needs rank 0's best weights
-        for t in job.model.state_dict().values():
-            torch.distributed.broadcast(t, 0)
+    if best.is_file() or not job.env.is_main:  # rank 0 reads; a bad file stops every rank with its message
+        run_checked(lambda: job.model.load_state_dict(load_checkpoint(best)["model"]), job.env, main_only=True)
+    broadcast_module(job.model, job.env)  # every rank needs rank 0's best weights
     job.model.eval()
     t0 = time.perf_counter()
     train_loss, train_acc = evaluate(test_forward, _eval_loader_like(job), job.ctx, desc="train (best)")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from transferlab.distributed import DistEnv, all_gather_tensor
+from transferlab.errors import UserError
 from transferlab.train.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ def extract_features(
     desc: str = "extract",
 ) -> tuple[torch.Tensor, float]:
     """Features (n_total, D) float32 on the CPU, in sample order; and the img/s achieved."""
+    if n_total < env.world_size:  # a rank with no samples could not tell the others its feature size
+        raise UserError(f"{desc}: {n_total} sample(s) cannot be sharded over {env.world_size} processes; "
+                        "use fewer processes or a larger split (--val-size)")
     outs = []
     t0 = time.perf_counter()
     it = loader

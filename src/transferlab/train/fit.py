@@ -11,6 +11,7 @@ Usage:
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from transferlab.config import Config, config_to_dict
-from transferlab.distributed import DistEnv, barrier, unwrap
+from transferlab.distributed import DistEnv, broadcast_module, rewrap_ddp, run_checked, unwrap
 from transferlab.errors import TrainingStopped
 from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.report.tracking import log_epoch_scalars
@@ -94,6 +95,8 @@ def enter_phase(job: Job, phase: str) -> None:
         set_backbone_frozen(job.model, True)
     elif phase == "unfrozen":
         set_backbone_frozen(job.model, False)
+    if phase != "main":  # DDP only all-reduces what required grad when it was built: build it anew
+        job.train_module = rewrap_ddp(job.train_module, job.env)
     cfg = job.cfg
     # discriminative lrs only when a pretrained backbone is tuned; scratch trains all at --lr (seed)
     div = cfg.model.backbone_lr_div if cfg.model.mode in ("finetune", "gradual") else 1.0
@@ -177,6 +180,15 @@ def _should_stop(cfg: Config, state: FitState) -> str:
     return ""
 
 
+def _write_epoch(job: Job, state: FitState, row: dict, improved: bool) -> None:
+    append_metrics(job.run_dir / "metrics.csv", row)
+    if job.cfg.run.tensorboard:  # the same row as TensorBoard scalars, in RUN_DIR/tb
+        log_epoch_scalars(job.run_dir / "tb", row)
+    if improved:
+        save_checkpoint(job, state, "best.pt")
+    save_checkpoint(job, state, "last.pt")
+
+
 def fit(job: Job, state: FitState) -> FitState:
     """Train from ``state`` to the end of the epoch budget or an early stop."""
     cfg, env = job.cfg, job.env
@@ -186,12 +198,11 @@ def fit(job: Job, state: FitState) -> FitState:
     def on_step(stats: EpochStats) -> None:
         if every and stats.step % every == 0:
             state.partial = asdict(stats)
-            save_checkpoint(job, state, "last.pt")
+            run_checked(lambda: save_checkpoint(job, state, "last.pt"), env, main_only=True)
 
     if state.epoch == 0 and not state.partial:
         # a checkpoint before the first step: a run killed in its first epoch can be resumed too
-        save_checkpoint(job, state, "last.pt")
-        barrier(env)
+        run_checked(lambda: save_checkpoint(job, state, "last.pt"), env, main_only=True)
     for epoch in range(state.epoch, cfg.optim.epochs):
         if cfg.model.mode == "gradual" and state.phase == "frozen" and epoch >= cfg.model.freeze_epochs:
             log.info("epoch %d: unfreezing the backbone (lr / %g)", epoch + 1, cfg.model.backbone_lr_div)
@@ -206,7 +217,8 @@ def fit(job: Job, state: FitState) -> FitState:
         state.nan_count = job.ctx.nan_count
         if stats.interrupted:
             state.partial = asdict(stats)
-            save_checkpoint(job, state, "last.pt")
+            # every rank waits for rank 0's write: an early exit would make torchrun kill rank 0 mid-write
+            run_checked(lambda: save_checkpoint(job, state, "last.pt"), env, main_only=True)
             raise TrainingStopped(
                 f"interrupted during epoch {epoch + 1}; checkpoint saved. Resume with: "
                 f"transferlab train --resume {job.run_dir}", exit_code=130)
@@ -214,6 +226,9 @@ def fit(job: Job, state: FitState) -> FitState:
         state.train_s += stats.seconds
         t0 = time.perf_counter()
         job.train_module.eval()
+        # BatchNorm running stats: each rank's last forward updated its own copy; use rank 0's
+        # (what its checkpoint holds), so validation and the saved model agree.
+        broadcast_module(job.model, env, buffers_only=True)
         val_loss, val_acc = evaluate(job.eval_forward, job.val_loader, job.ctx, desc="val")
         if math.isnan(val_loss) or math.isinf(val_loss):  # diverged in the last steps: keep the old last.pt
             raise TrainingStopped(
@@ -235,13 +250,8 @@ def fit(job: Job, state: FitState) -> FitState:
         if env.is_main:
             log.info("epoch %d/%d  train %.4f/%.4f  val %.4f/%.4f  %.0f img/s", epoch + 1, cfg.optim.epochs,
                      stats.loss, stats.acc, val_loss, val_acc, stats.img_per_s)
-            append_metrics(job.run_dir / "metrics.csv", row)
-            if job.cfg.run.tensorboard:  # the same row as TensorBoard scalars, in RUN_DIR/tb
-                log_epoch_scalars(job.run_dir / "tb", row)
-            if improved:
-                save_checkpoint(job, state, "best.pt")
-            save_checkpoint(job, state, "last.pt")
-        barrier(env)
+        # rank 0 writes; every rank waits for it and sees its error (disk full) as its own
+        run_checked(functools.partial(_write_epoch, job, state, row, improved), env, main_only=True)
         if state.stop_reason:
             log.info("early stop after epoch %d: %s", epoch + 1, state.stop_reason)
             break

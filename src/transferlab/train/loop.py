@@ -77,12 +77,20 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _finite_everywhere(loss: torch.Tensor, env: DistEnv) -> bool:
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    if env.enabled:  # every rank must agree to skip, or DDP's gradient all-reduce deadlocks
-        all_reduce_sum(flag, env)
-        return bool(flag.item() == env.world_size)
-    return bool(flag.item())
+def _agree(loss: torch.Tensor, ctx: StepContext) -> tuple[bool, bool]:
+    """(loss finite on every rank, stop requested on any rank), decided alike on every rank.
+
+    Under DDP one all-reduce per step: a rank that skipped a step or stopped alone (a signal
+    seen by one process) would leave the others waiting in DDP's gradient all-reduce.
+    """
+    stop = ctx.stop_requested()
+    if not ctx.env.enabled:
+        return bool(torch.isfinite(loss.detach()).item()), stop
+    flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
+                         torch.tensor(float(stop), device=loss.device)])
+    all_reduce_sum(flags, ctx.env)
+    finite, stops = flags.tolist()
+    return finite == ctx.env.world_size, stops > 0
 
 
 def train_one_epoch(
@@ -116,7 +124,8 @@ def train_one_epoch(
         with autocast(ctx.precision, ctx.device):
             logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
-        if not _finite_everywhere(loss, ctx.env):
+        finite, stop = _agree(loss, ctx)
+        if not finite:
             ctx.nan_count += 1
             if ctx.nan_count > ctx.nan_patience:
                 raise TrainingStopped(
@@ -141,12 +150,12 @@ def train_one_epoch(
             sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
                                  torch.tensor(float(n), dtype=torch.float64, device=ctx.device)])
         stats.step += 1
-        if on_step is not None or ctx.stop_requested():
+        if on_step is not None or stop:
             _fold(stats, sums, ctx.env, t0)
             t0 = time.perf_counter()
             if on_step is not None:
                 on_step(stats)
-            if ctx.stop_requested():
+            if stop:
                 stats.interrupted = True
                 return stats
     _fold(stats, sums, ctx.env, t0)
