@@ -135,3 +135,18 @@ def test_cnn_best_preset_trains_one_tiny_epoch(data_dir, tmp_path):
     assert summary["epochs_run"] == 1 and summary["params"]["total"] == 846_308
     saved = (run / "config.yaml").read_text()
     assert "schedule: onecycle" in saved and "crop_padding: 4" in saved and "batch_size: 50" in saved
+
+
+def test_failed_download_is_a_one_line_error(capsys, data_dir, tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    code = main(["train", "--model", "resnet18", "--weights", "imagenet", "--data-dir", str(data_dir),
+                 "--run-dir", str(tmp_path / "r"), *TINY])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert "could not download resnet18" in err and "--weights PATH" in err and "--weights none" in err
+    assert not (tmp_path / "r" / "last.pt").exists()  # no run with random weights
