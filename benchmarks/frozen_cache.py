@@ -141,7 +141,7 @@ def main() -> None:
 
     cold = runs.get("cold", {}).get("summary", {}).get("feature_cache") or {}
     extract_ips = (cold.get("train") or {}).get("img_s")
-    rows = [("a) live (scaled from %d images)" % args.live_images, live_s, None)]
+    rows = [(f"a) live (scaled from {args.live_images} images)", live_s, None)]
     if "cold" in runs:
         rows.append(("b) cached, cold", runs["cold"]["wall_s"], runs["cold"]["test_acc"]))
     rows.append(("c) cached, warm", runs["warm"]["wall_s"], runs["warm"]["test_acc"]))

@@ -45,6 +45,7 @@ FLAGS: list[tuple[str, str, object, str]] = [
     ("--mode", "model.mode", str, "frozen | finetune | gradual | scratch (default: scratch for cnn, frozen otherwise)"),
     ("--head-hidden", "model.head_hidden", int, "hidden units of the head (default 256, the seed's; 0 = linear)"),
     ("--head", "model.head", str, "mlp (default) or linear"),
+    ("--head-dropout", "model.head_dropout", float, "dropout in the head (default 0, as in the seed)"),
     ("--solver", "model.solver", str, "sgd (default: the --optimizer) or lbfgs (linear probe on cached features)"),
     ("--freeze-epochs", "model.freeze_epochs", int, "gradual: epochs frozen before unfreezing (default 1)"),
     ("--backbone-lr-div", "model.backbone_lr_div", float, "finetune/gradual: backbone lr = lr / this (default 10)"),
@@ -181,7 +182,7 @@ class _StopFlag:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         self.install()
         return self

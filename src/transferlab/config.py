@@ -88,6 +88,7 @@ class ModelConfig:
     mode: str = ""  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
     head_hidden: int = 256  # hidden units of the head; 256 is the seed's, 0 = a linear head
     head: str = "mlp"  # mlp (hidden layer per head_hidden) or linear
+    head_dropout: float = 0.0  # dropout in the head (0 = none, as in the seed)
     solver: str = "sgd"  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
     freeze_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing
     backbone_lr_div: float = 10.0  # finetune/gradual: backbone lr = head lr / this
@@ -100,6 +101,7 @@ class ModelConfig:
         _choice(self.mode, MODES, "--mode")
         _choice(self.head, HEADS, "--head")
         _choice(self.solver, SOLVERS, "--solver")
+        _check(0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1); got {self.head_dropout}")
         _check(self.head_hidden >= 0, f"--head-hidden must be >= 0; got {self.head_hidden}")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
         _check(self.backbone_lr_div > 0, f"--backbone-lr-div must be positive; got {self.backbone_lr_div}")

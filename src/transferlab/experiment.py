@@ -255,7 +255,8 @@ def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx,
         aug = None
         if views > 1:  # random crop (pad 4) + flip, before the resize, one stream per view
             pad = cfg.data.crop_padding or 4
-            aug = lambda x, g, pad=pad: augment_batch(x, crop_padding=pad, flip=True, cutout_size=0, generator=g)
+            def aug(x, g, pad=pad):
+                return augment_batch(x, crop_padding=pad, flip=True, cutout_size=0, generator=g)
         loader = make_loader(split, eval_bs, False, env.device, cfg.run.seed * 1000 + v, env, aug)
         f, speed = extract_features(model.features, prepare, loader, env.device, precision, env, len(split),
                                     progress=cfg.run.progress, desc=f"extract {split_name}" + (f" view {v + 1}" if views > 1 else ""))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from transferlab.distributed import unwrap
 from transferlab.errors import UserError
-from transferlab.train.fit import FitState, Job, append_metrics, save_checkpoint
+from transferlab.train.fit import FitState, Job, append_metrics, link_best, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,6 @@ def fit_linear_probe(job: Job, state: FitState) -> FitState:
             "epoch": 1, "train_loss": f"{train_loss:.6f}", "train_acc": f"{train_acc:.6f}",
             "val_loss": f"{val_loss:.6f}", "val_acc": f"{val_acc:.6f}", "lr": f"{l2:g}",
             "epoch_time_s": f"{seconds:.3f}", "train_img_s": f"{len(y) * len(trials) / max(seconds, 1e-9):.1f}"})
-        save_checkpoint(job, state, "best.pt")
         save_checkpoint(job, state, "last.pt")
+        link_best(job, state)
     return state

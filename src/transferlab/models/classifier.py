@@ -31,13 +31,19 @@ class Preprocess:
         return asdict(self)
 
 
-def make_head(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
-    """The seed's head Linear(D, hidden)-ReLU-Linear(hidden, C); hidden=0 gives Linear(D, C)."""
+def make_head(in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """The seed's head Linear(D, hidden)-ReLU-Linear(hidden, C); hidden=0 gives Linear(D, C).
+
+    ``dropout`` > 0 adds Dropout on the features (and after the hidden layer); the seed used none.
+    """
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
     if hidden == 0:
-        return nn.Sequential(nn.Linear(in_features, num_classes))
+        return nn.Sequential(*drop, nn.Linear(in_features, num_classes))
     return nn.Sequential(
+        *drop,
         nn.Linear(in_features, hidden),
         nn.ReLU(inplace=True),
+        *drop,
         nn.Linear(hidden, num_classes),
     )
 

@@ -24,7 +24,11 @@ import torch
 from torch import nn
 
 from transferlab.config import ModelConfig
-from transferlab.constants import CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from transferlab.constants import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_IMAGE_SIZE,
+)
 from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier, Preprocess, make_head, set_backbone_frozen
 from transferlab.models.cnn import cnn_backbone
@@ -77,7 +81,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg))
     else:
         backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg))
-    model = Classifier(backbone, make_head(dim, hidden, num_classes), dim, pp, cfg.name)
+    model = Classifier(backbone, make_head(dim, hidden, num_classes, cfg.head_dropout), dim, pp, cfg.name)
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
     return model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from transferlab.distributed import DistEnv, broadcast_module, rewrap_ddp, run_c
 from transferlab.errors import TrainingStopped
 from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.report.tracking import log_epoch_scalars
-from transferlab.train.checkpoint import atomic_save, rng_state
+from transferlab.train.checkpoint import atomic_save, atomic_write, rng_state
 from transferlab.train.loop import EpochStats, StepContext, evaluate, train_one_epoch
 from transferlab.train.optim import build_optimizer, build_scheduler
 from transferlab.train.precision import make_scaler
@@ -165,11 +166,12 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+        rows = [r for r in csv.DictReader(f) if str(r.get("epoch", "")).isdigit() and int(r["epoch"]) <= last_epoch]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def _should_stop(cfg: Config, state: FitState) -> str:
@@ -184,9 +186,27 @@ def _write_epoch(job: Job, state: FitState, row: dict, improved: bool) -> None:
     append_metrics(job.run_dir / "metrics.csv", row)
     if job.cfg.run.tensorboard:  # the same row as TensorBoard scalars, in RUN_DIR/tb
         log_epoch_scalars(job.run_dir / "tb", row)
-    if improved:
-        save_checkpoint(job, state, "best.pt")
     save_checkpoint(job, state, "last.pt")
+    if improved:
+        link_best(job, state)
+
+
+def link_best(job: Job, state: FitState) -> None:
+    """best.pt = the just-written last.pt, as an atomic hard link (no second copy to write).
+
+    last.pt is always replaced by a new file (os.replace), so the linked inode stays best.pt's.
+    """
+    if not job.env.is_main:
+        return
+    last, best = job.run_dir / "last.pt", job.run_dir / "best.pt"
+    tmp = job.run_dir / ".best.pt.link"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(last, tmp)
+        os.replace(tmp, best)
+    except OSError:  # no hard links on this filesystem: write a copy
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(job, state, "best.pt")
 
 
 def fit(job: Job, state: FitState) -> FitState:
