@@ -22,6 +22,7 @@ import torch
 
 from transferlab.distributed import DistEnv, all_gather_tensor
 from transferlab.errors import UserError
+from transferlab.progress import progress as show_progress
 from transferlab.train.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,7 @@ def extract_features(
                         "use fewer processes or a larger split (--val-size)")
     outs = []
     t0 = time.perf_counter()
-    it = loader
-    if progress and env.is_main:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    it = show_progress(loader, desc, progress and env.is_main)
     for x, _ in it:
         with autocast(precision, device):
             f = features(prepare(x))

@@ -24,6 +24,7 @@ from torch import nn
 
 from transferlab.distributed import DistEnv, all_reduce_sum
 from transferlab.errors import TrainingStopped
+from transferlab.progress import progress
 from transferlab.train.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ class EpochStats:
     @property
     def img_per_s(self) -> float:
         return self.count / max(self.seconds, 1e-9)
-
-
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 def _agree(loss: torch.Tensor, ctx: StepContext) -> tuple[bool, bool]:
@@ -123,7 +116,7 @@ def train_one_epoch(
     lazy = ctx.device.type == "cuda" and not ctx.env.enabled and ctx.nan_patience == 0
     bad = torch.zeros((), dtype=torch.bool, device=ctx.device)
     t0 = time.perf_counter()
-    for i, (x, y) in enumerate(_progress(loader, len(loader), desc, ctx.progress and ctx.env.is_main)):
+    for i, (x, y) in enumerate(progress(loader, desc, ctx.progress and ctx.env.is_main)):
         if i < skip:
             continue
         with autocast(ctx.precision, ctx.device):
@@ -194,7 +187,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss (without label smoothing) and accuracy over every sample, exactly once."""
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for x, y in _progress(loader, len(loader), desc, ctx.progress and ctx.env.is_main):
+    for x, y in progress(loader, desc, ctx.progress and ctx.env.is_main):
         with autocast(ctx.precision, ctx.device):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
