@@ -229,8 +229,16 @@ def _feature_key(cfg, model, ds, size, precision, split, views, whash) -> dict:
             "mean": pp.mean, "std": pp.std, "interpolation": pp.interpolation, "precision": precision,
             "data_md5": ds.md5, "data_source": ds.source, "split": split, "split_seed": ds.split_seed,
             "val_size": cfg.data.val_size, "train_subset": cfg.data.train_subset, "views": views,
-            "augment": [cfg.data.crop_padding or 4, True] if views > 1 else None, "seed": cfg.run.seed if views > 1 else None,
+            "augment": list(view_augment(cfg)) if views > 1 else None, "seed": cfg.run.seed if views > 1 else None,
             "version": 1}
+
+
+def view_augment(cfg: Config) -> tuple[int, bool]:
+    """(crop padding, flip) of the cached training views: the user's --crop-padding/--flip when
+    given, else random crop with 4 px padding plus horizontal flip."""
+    if cfg.data.crop_padding or cfg.data.flip:
+        return cfg.data.crop_padding, cfg.data.flip
+    return 4, True
 
 
 def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx, env, eval_bs, root, precision, whash):
@@ -253,10 +261,10 @@ def cached_features(cfg, model, ds, split_name, split, size, channels_last, ctx,
     views_out, speed = [], 0.0
     for v in range(views):
         aug = None
-        if views > 1:  # random crop (pad 4) + flip, before the resize, one stream per view
-            pad = cfg.data.crop_padding or 4
-            def aug(x, g, pad=pad):
-                return augment_batch(x, crop_padding=pad, flip=True, cutout_size=0, generator=g)
+        if views > 1:  # augmented at the input resolution, before the resize; one stream per view
+            pad, flip = view_augment(cfg)
+            def aug(x, g, pad=pad, flip=flip):
+                return augment_batch(x, crop_padding=pad, flip=flip, cutout_size=0, generator=g)
         loader = make_loader(split, eval_bs, False, env.device, cfg.run.seed * 1000 + v, env, aug)
         f, speed = extract_features(model.features, prepare, loader, env.device, precision, env, len(split),
                                     progress=cfg.run.progress, desc=f"extract {split_name}" + (f" view {v + 1}" if views > 1 else ""))
