@@ -80,6 +80,7 @@ def test_compare_unknown_backbone_fails_before_training(capsys, data_dir, tmp_pa
         (["--image-size", "64"], "the cnn takes 32 px inputs"),
         (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
+        (["--weights", "some.pth"], "the cnn trains from scratch; --weights applies to pretrained backbones"),
     ],
 )
 def test_bad_flags_are_one_line_errors(capsys, data_dir, tmp_path, flags, message):
@@ -150,3 +151,13 @@ def test_failed_download_is_a_one_line_error(capsys, data_dir, tmp_path, monkeyp
     err = _one_line_error(capsys)
     assert "could not download resnet18" in err and "--weights PATH" in err and "--weights none" in err
     assert not (tmp_path / "r" / "last.pt").exists()  # no run with random weights
+
+
+def test_resume_refuses_flags_it_would_ignore(capsys, data_dir, tmp_path):
+    run = tmp_path / "r"
+    assert main(["train", "--data-dir", str(data_dir), "--run-dir", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "5", "--lr", "0.1"]) == 2
+    err = _one_line_error(capsys)
+    assert "--epochs" in err and "--lr" in err and "saved config" in err
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--no-progress"]) == 0

@@ -198,9 +198,15 @@ def cmd_train(args) -> int:
 
     with _StopFlag() as stop:
         if args.resume:
+            allowed = ("cfg:run.device", "cfg:run.progress")
+            given = {"cfg:" + dest: flag for flag, dest, _, _ in reversed(FLAGS)}
+            ignored = sorted({given[k] for k, v in vars(args).items() if k in given and v is not None and k not in allowed})
+            if ignored or args.preset:
+                raise UserError(f"--resume continues with the run's saved config; drop {', '.join(ignored) or '--preset'} "
+                                "(only --device and --no-progress may change)")
             cfg = Config()
             cfg.run.run_dir = args.resume
-            for key in ("cfg:run.device", "cfg:run.progress"):
+            for key in allowed:
                 if vars(args).get(key) is not None:
                     setattr(cfg.run, key.split(".")[1], vars(args)[key])
             summary = run_experiment(cfg, resume=True, stop_requested=stop)

@@ -106,6 +106,10 @@ class ModelConfig:
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
         _check(self.backbone_lr_div > 0, f"--backbone-lr-div must be positive; got {self.backbone_lr_div}")
         _check(
+            not (self.name == "cnn" and self.weights not in ("imagenet", "none")),
+            "the cnn trains from scratch; --weights applies to pretrained backbones",
+        )
+        _check(
             not (self.name == "cnn" and self.mode in ("frozen", "gradual")),
             f"--mode {self.mode} needs a pretrained backbone; the cnn trains from scratch",
         )
