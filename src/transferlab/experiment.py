@@ -345,9 +345,7 @@ def write_model_summary(model: Classifier, cfg: Config, size: int, path: Path) -
                            col_names=("output_size", "num_params", "trainable")))
     finally:
         model.train(was_training)
-    counts = count_params(model)
-    path.write_text(f"{cfg.model.name} ({cfg.model.mode})\n{text}\n"
-                    f"Total params: {counts['total']:,}\nTrainable params: {counts['trainable']:,}\n")
+    path.write_text(f"{cfg.model.name} ({cfg.model.mode})\n{text}\n")  # torchinfo's text holds the counts
 
 
 def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float, setup_s: float) -> dict:

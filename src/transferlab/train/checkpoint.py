@@ -29,6 +29,7 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -48,6 +49,12 @@ def atomic_write(path: str | Path, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: object, path: str | Path) -> None:
