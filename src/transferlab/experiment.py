@@ -364,6 +364,7 @@ def finish(job: Job, state: FitState, test_forward, test_loader, t_start: float,
     cfg = job.cfg
     summary = {
         "model": cfg.model.name, "mode": cfg.model.mode, "run_dir": str(job.run_dir),
+        "weights": "n/a (scratch)" if cfg.model.mode == "scratch" else cfg.model.weights,
         "params": count_params(job.model),
         "train": {"loss": train_loss, "acc": train_acc},
         "val": {"loss": val_loss, "acc": val_acc},

@@ -49,10 +49,22 @@ def _table(s: dict) -> str:
     return "\n".join(rows)
 
 
+def _config_weights(run_dir: Path, s: dict) -> str:
+    """Weights of runs whose summary.json predates the field, from their config.yaml."""
+    import yaml
+
+    try:
+        model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "?"
+    return "n/a (scratch)" if model.get("mode") == "scratch" else str(model.get("weights", "?"))
+
+
 def _section(kind: str, run_dir: Path, s: dict, root: Path) -> str:
     t = s["time_s"]
     p = s["params"]
     fc = s.get("feature_cache") or {}
+    weights = s.get("weights") or _config_weights(run_dir, s)
     cache_note = ""
     if fc:
         hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
@@ -63,7 +75,8 @@ def _section(kind: str, run_dir: Path, s: dict, root: Path) -> str:
         plot_curves(run_dir / "metrics.csv", curves, title=s["model"])
     return (
         f"## {TITLES.get(kind, kind)}\n\n"
-        f"- Model: `{s['model']}`, mode `{s['mode']}`, image size {s.get('image_size')} px, precision {s.get('precision')}\n"
+        f"- Model: `{s['model']}`, mode `{s['mode']}`, weights `{weights}`, image size {s.get('image_size')} px, "
+        f"precision {s.get('precision')}{' (head; features ' + fc['precision'] + ')' if fc.get('precision') else ''}\n"
         f"- Parameters: {p['total']:,} total, {p['trainable']:,} trainable, {p['total'] - p['trainable']:,} frozen\n"
         f"- Epochs run: {s['epochs_run']} (best epoch {s['best_epoch']}; {s['stop_reason']})\n"
         f"- Wall time: {t['total']:.1f} s (train {t['train']:.1f} s, eval {t['eval']:.1f} s, setup {t['setup']:.1f} s)\n"
@@ -93,7 +106,7 @@ def observations(runs: dict[str, tuple[Path, dict]]) -> list[str]:
         reached = ch["fit_state"]["best_val_acc"] >= target
         out.append(
             f"Trained towards the pretrained model's best validation accuracy ({target:.4f}), the CNN "
-            f"{'reached' if reached else 'did not reach'} it: it stopped after {ch['epochs_run']} epochs "
+            f"{'reached' if reached else 'did not reach'} it: it stopped after {ch['epochs_run']} epoch{'s' if ch['epochs_run'] != 1 else ''} "
             f"({ch['stop_reason']}) with best validation accuracy {ch['fit_state']['best_val_acc']:.4f} "
             f"and test accuracy {ch['test']['acc']:.4f}."
         )
