@@ -24,7 +24,7 @@ from transferlab.train.fit import FitState, Job, append_metrics, link_best, save
 
 log = logging.getLogger(__name__)
 
-L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # per-sample-averaged loss + l2/2 * ||W||^2
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # per-sample-averaged loss + l2/2 * ||W||^2
 
 
 def lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 100,
@@ -89,6 +89,8 @@ def fit_linear_probe(job: Job, state: FitState) -> FitState:
         if best is None or val_acc > best[0]:
             best = (val_acc, val_loss, l2, w, b)
     val_acc, val_loss, l2, w, b = best
+    if l2 in (min(L2_GRID), max(L2_GRID)):
+        log.warning("lbfgs probe: the best L2 (%g) is at the edge of the grid %s", l2, L2_GRID)
     with torch.no_grad():  # fold the standardisation in: W' = W / sigma, b' = b - W' mu
         w_raw = w / sigma
         linear.weight.copy_(w_raw)
