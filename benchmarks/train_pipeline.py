@@ -31,6 +31,7 @@ from transferlab.data.cifar import load_cifar100
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import resolve_device
+from transferlab.experiment import use_channels_last
 from transferlab.models.registry import build_model
 from transferlab.train.optim import build_optimizer
 from transferlab.train.precision import autocast, resolve_precision
@@ -51,10 +52,10 @@ class NaiveCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[i])), int(self.labels[i])
 
 
-def make_step(model, opt, precision: str, device):
+def make_step(model, opt, precision: str, device, memory_format):
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(precision, device):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=memory_format)).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,17 +89,20 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the naive pipeline")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--nchw", action="store_true", help="NCHW layout for all three (default: as transferlab train)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     ds = load_cifar100(args.data_dir, False, 0, 5000)
     bs = args.batch_size
+    # the layout `transferlab train` would use for this model and device, for all three pipelines
+    fmt = torch.channels_last if use_channels_last(not args.nchw, 32, device) else torch.contiguous_format
 
     def fresh():
         torch.manual_seed(0)
-        model = build_model(ModelConfig(name="cnn"), 100).to(device).train()
-        return model, make_step(model, build_optimizer(model, OptimConfig(), 10.0), precision, device)
+        model = build_model(ModelConfig(name="cnn"), 100).to(device).train().to(memory_format=fmt)
+        return model, make_step(model, build_optimizer(model, OptimConfig(), 10.0), precision, device, fmt)
 
     # (a) naive
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
@@ -138,7 +142,8 @@ def main() -> None:
     bare = timed(iter(lambda: (x, y), None), step, args.steps, args.warmup, device)
 
     print(f"\nseed CNN, batch {bs}, {args.steps} steps, {precision}, device {device}, "
-          f"{torch.get_num_threads()} threads, naive workers {args.workers}")
+          f"{torch.get_num_threads()} threads, naive workers {args.workers}, "
+          f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}")
     print(f"{'pipeline':40s} {'img/s':>10s}")
     for label, v in (("a) naive Dataset+DataLoader+PIL", naive), ("b) in-memory batched (ours)", ours),
                      ("bare train step (random tensors)", bare)):
@@ -147,7 +152,8 @@ def main() -> None:
     print(f"b/a    = {ours / naive:.2f}  (target >= 3)")
     if args.out:
         Path(args.out).write_text(json.dumps({"naive": naive, "ours": ours, "bare": bare, "device": str(device),
-                                              "precision": precision, "b_over_bare": ours / bare,
+                                              "precision": precision, "memory_format": str(fmt),
+                                              "b_over_bare": ours / bare,
                                               "b_over_a": ours / naive}, indent=2))
 
 
