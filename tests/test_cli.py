@@ -81,6 +81,13 @@ def test_compare_unknown_backbone_fails_before_training(capsys, data_dir, tmp_pa
         (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
         (["--weights", "some.pth"], "the cnn trains from scratch; --weights applies to pretrained backbones"),
+        (["--drop-path", "0.1"], "--drop-path needs residual blocks; the cnn has none"),
+        (["--model", "resnet18", "--weights", "none", "--drop-path", "0.1"],
+         "--drop-path regularises a backbone that trains; use it with --mode finetune"),
+        (["--model", "resnet18", "--weights", "none", "--mode", "finetune", "--drop-path", "1.5"],
+         "--drop-path must be in [0, 1); got 1.5"),
+        (["--model", "resnet18", "--weights", "none", "--mode", "finetune", "--drop-path", "0.1"],
+         "torchvision resnet18 has no stochastic depth; drop --drop-path"),
     ],
 )
 def test_bad_flags_are_one_line_errors(capsys, data_dir, tmp_path, flags, message):

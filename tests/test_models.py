@@ -150,6 +150,20 @@ def test_gradual_starts_frozen():
     assert model.backbone_frozen and count_params(model)["trainable"] == RESNET18_HEAD
 
 
+def test_drop_path_reaches_timm_and_torchvision_backbones():
+    timm_model = build_model(ModelConfig(name="timm:test_resnet", weights="none", mode="finetune", drop_path=0.2), 10)
+    rates = [m.drop_prob for m in timm_model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2, abs=0.05)  # timm ramps the rate up with depth
+    plain = build_model(ModelConfig(name="timm:test_resnet", weights="none", mode="finetune"), 10)
+    assert not any(type(m).__name__ == "DropPath" for m in plain.modules())
+    tv = build_model(ModelConfig(name="efficientnet_b0", weights="none", mode="finetune", drop_path=0.3), 10)
+    assert {m.p for m in tv.modules() if isinstance(m, torchvision.ops.StochasticDepth)} and \
+        max(m.p for m in tv.modules() if isinstance(m, torchvision.ops.StochasticDepth)) > 0.2
+    x = torch.randn(2, 3, 64, 64)
+    timm_model.eval()  # stochastic depth is the identity at evaluation
+    assert torch.equal(timm_model(x), timm_model(x))
+
+
 def test_unknown_model_lists_choices():
     with pytest.raises(UserError, match=r"unknown model 'resnet19'.*choices: cnn.*timm:<name>"):
         resolve_name("resnet19")

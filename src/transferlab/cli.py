@@ -46,6 +46,7 @@ FLAGS: list[tuple[str, str, object, str]] = [
     ("--head-hidden", "model.head_hidden", int, "hidden units of the head (default 256, the seed's; 0 = linear)"),
     ("--head", "model.head", str, "mlp (default) or linear"),
     ("--head-dropout", "model.head_dropout", float, "dropout in the head (default 0, as in the seed)"),
+    ("--drop-path", "model.drop_path", float, "stochastic depth rate of the backbone when it trains (default 0)"),
     ("--solver", "model.solver", str, "sgd (default: the --optimizer) or lbfgs (linear probe on cached features)"),
     ("--freeze-epochs", "model.freeze_epochs", int, "gradual: epochs frozen before unfreezing (default 1)"),
     ("--backbone-lr-div", "model.backbone_lr_div", float, "finetune/gradual: backbone lr = lr / this (default 10)"),

@@ -89,6 +89,7 @@ class ModelConfig:
     head_hidden: int = 256  # hidden units of the head; 256 is the seed's, 0 = a linear head
     head: str = "mlp"  # mlp (hidden layer per head_hidden) or linear
     head_dropout: float = 0.0  # dropout in the head (0 = none, as in the seed)
+    drop_path: float = 0.0  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
     solver: str = "sgd"  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
     freeze_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing
     backbone_lr_div: float = 10.0  # finetune/gradual: backbone lr = head lr / this
@@ -103,6 +104,10 @@ class ModelConfig:
         _choice(self.solver, SOLVERS, "--solver")
         _check(0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1); got {self.head_dropout}")
         _check(self.head_hidden >= 0, f"--head-hidden must be >= 0; got {self.head_hidden}")
+        _check(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1); got {self.drop_path}")
+        _check(not (self.drop_path and self.name == "cnn"), "--drop-path needs residual blocks; the cnn has none")
+        _check(not (self.drop_path and self.mode == "frozen"),
+               "--drop-path regularises a backbone that trains; use it with --mode finetune, gradual or scratch")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
         _check(self.backbone_lr_div > 0, f"--backbone-lr-div must be positive; got {self.backbone_lr_div}")
         _check(

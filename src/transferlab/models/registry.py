@@ -78,9 +78,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         backbone, dim = cnn_backbone()
         pp = Preprocess(CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, "bilinear")
     elif source == "torchvision":
-        backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg))
+        backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
     else:
-        backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg))
+        backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
     model = Classifier(backbone, make_head(dim, hidden, num_classes, cfg.head_dropout), dim, pp, cfg.name)
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
     return model
@@ -91,7 +91,7 @@ def _weights_for_mode(cfg: ModelConfig) -> str:
     return "none" if cfg.mode == "scratch" else cfg.weights
 
 
-def _torchvision_backbone(arch: str, weights: str) -> tuple[nn.Module, int, Preprocess]:
+def _torchvision_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess]:
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
@@ -101,7 +101,11 @@ def _torchvision_backbone(arch: str, weights: str) -> tuple[nn.Module, int, Prep
         chosen = enum.DEFAULT
     elif weights not in ("none",) and weights in enum.__members__:
         chosen = enum[weights]  # an explicit enum name, e.g. IMAGENET1K_V2
-    net = torchvision.models.get_model(arch, weights=None)
+    try:  # stochastic depth: torchvision calls it stochastic_depth_prob (efficientnet, convnext, swin...)
+        net = torchvision.models.get_model(arch, weights=None, **({"stochastic_depth_prob": drop_path} if drop_path else {}))
+    except TypeError:
+        raise UserError(f"torchvision {arch} has no stochastic depth; drop --drop-path "
+                        "(or pick efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)") from None
     cls_name, linear = _last_linear(net)
     if chosen is not None:
         _download_torchvision(net, chosen, arch)
@@ -138,12 +142,16 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _timm_backbone(arch: str, weights: str) -> tuple[nn.Module, int, Preprocess]:
+def _timm_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess]:
     import timm
 
     from transferlab.models import lite0
 
-    net = timm.create_model(arch, pretrained=False, num_classes=0)
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=0,
+                                **({"drop_path_rate": drop_path} if drop_path else {}))
+    except TypeError:
+        raise UserError(f"timm {arch} takes no drop_path_rate; drop --drop-path") from None
     if weights == "imagenet":
         if arch == lite0.TIMM_NAME and lite0.lite0_weights_path() is not None:
             lite0.load_lite0_pretrained(net)
