@@ -56,23 +56,4 @@ run lite0-finetune --model timm:tf_efficientnet_lite0 --mode finetune --epochs "
 $PY benchmarks/train_pipeline.py --data-dir "$DATA" --device "$DEVICE" --steps "${PIPE_STEPS:-300}" --workers 8 \
     --out "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1 || echo "pipeline benchmark failed (see $OUT/pipeline.log)"
 
-$PY - "$OUT" <<'EOF'
-import json, sys, csv
-from pathlib import Path
-out = Path(sys.argv[1])
-walls = {n: float(b) - float(a) for n, a, b in (l.split() for l in (out / "walls.txt").read_text().splitlines())}
-print(f"\n{'experiment':24s} {'wall s':>8s} {'run s':>8s} {'setup s':>8s} {'train img/s':>12s} {'epochs':>6s} {'val acc':>8s} {'test acc':>8s}")
-for name, wall in walls.items():
-    s = json.loads((out / name / "summary.json").read_text())
-    rows = list(csv.DictReader(open(out / name / "metrics.csv")))
-    ips = max(float(r["train_img_s"]) for r in rows) if rows else 0.0
-    fc = s.get("feature_cache") or {}
-    extra = f"  extract {fc['train']['img_s']} img/s" if fc and fc.get("train", {}).get("img_s") else ""
-    print(f"{name:24s} {float(wall):8.1f} {s['time_s']['total']:8.1f} {s['time_s']['setup']:8.1f} {ips:12.0f} "
-          f"{s['epochs_run']:6d} {s['val']['acc']:8.4f} {s['test']['acc']:8.4f}{extra}")
-p = out / "pipeline.json"
-if p.exists():
-    r = json.loads(p.read_text())
-    print(f"\npipeline (cnn, batch 200): naive {r['naive']:.0f} img/s, ours {r['ours']:.0f}, bare {r['bare']:.0f}; "
-          f"b/bare {r['b_over_bare']:.2f}, b/a {r['b_over_a']:.2f}")
-EOF
+$PY "$(dirname "$0")/run_table.py" "$OUT"
