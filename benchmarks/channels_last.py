@@ -17,29 +17,21 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
+from train_pipeline import make_step  # the same step the pipelines benchmark times
 from transferlab.config import ModelConfig, OptimConfig
 from transferlab.distributed import resolve_device
 from transferlab.models.registry import build_model
 from transferlab.train.optim import build_optimizer
-from transferlab.train.precision import autocast, resolve_precision
+from transferlab.train.precision import resolve_precision
 
 
-def make_step(channels_last: bool, precision: str, device: torch.device):
+def fresh_step(channels_last: bool, precision: str, device: torch.device):
+    """A seed CNN in the given layout and its train step (train_pipeline.make_step)."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="cnn"), 100).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = build_optimizer(model, OptimConfig(), 10.0)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(precision, device):
-            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    model = build_model(ModelConfig(name="cnn"), 100).to(device).train().to(memory_format=fmt)
+    return make_step(model, build_optimizer(model, OptimConfig(), 10.0), precision, device, fmt)
 
 
 def main() -> None:
@@ -54,7 +46,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (args.batch_size,), device=device)
-    steps = {"NCHW": make_step(False, precision, device), "channels_last": make_step(True, precision, device)}
+    steps = {"NCHW": fresh_step(False, precision, device), "channels_last": fresh_step(True, precision, device)}
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():

@@ -21,14 +21,8 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu plus EXTRA="--image-size 32 --val-size 100" dry-runs the script on tiny data
 read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 
-if [ "$DEVICE" = cuda ] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu.sh: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a GPU machine." >&2
-  exit 1
-fi
-if [ ! -f "$DATA/cifar-100-python/train" ]; then
-  echo "gpu.sh: CIFAR-100 not found under $DATA/cifar-100-python; pass its parent folder as the first argument." >&2
-  exit 1
-fi
+source "$(dirname "$0")/gpu_common.sh"
+require_gpu_and_data gpu.sh
 mkdir -p "$OUT"
 CACHE="$OUT/cache"
 rm -rf "$CACHE"

@@ -19,14 +19,8 @@ DEVICE=${DEVICE:-cuda}   # DEVICE=cpu EXTRA="--image-size 32 --val-size 100 --tr
 VARIANTS=${VARIANTS:-"ft10 ft10-reg ft15-reg"}
 read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 
-if [ "$DEVICE" = cuda ] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu_finetune.sh: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a GPU machine." >&2
-  exit 1
-fi
-if [ ! -f "$DATA/cifar-100-python/train" ]; then
-  echo "gpu_finetune.sh: CIFAR-100 not found under $DATA/cifar-100-python; pass its parent folder as the first argument." >&2
-  exit 1
-fi
+source "$(dirname "$0")/gpu_common.sh"
+require_gpu_and_data gpu_finetune.sh
 mkdir -p "$OUT"
 : > "$OUT/walls.txt"
 RECIPE=(--model timm:tf_efficientnet_lite0 --mode finetune --optimizer adamw --lr 2e-3 --backbone-lr-div 4
