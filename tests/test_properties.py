@@ -61,6 +61,17 @@ def _tmp_file(data: bytes, suffix: str = "") -> Path:
     return Path(f.name)
 
 
+def _loads_or_names_the_file(load, data: bytes, suffix: str = "") -> None:
+    """``load`` on a file holding ``data`` either returns or raises a UserError naming the file."""
+    path = _tmp_file(data, suffix)
+    try:
+        load(path)
+    except UserError as e:
+        assert str(path) in str(e)
+    finally:
+        path.unlink()
+
+
 def _pickle_prefixed(draw_bytes: bytes) -> bytes:
     """Bytes that start like a real protocol-2 pickle, so the unpickler gets past the first opcode."""
     return pickle.dumps({"data": np.zeros((1, 4), np.uint8), "fine_labels": [1]}, protocol=2)[:20] + draw_bytes
@@ -72,13 +83,7 @@ any_bytes = st.one_of(st.binary(max_size=2048), st.binary(max_size=512).map(_pic
 @FAST
 @given(any_bytes)
 def test_safe_unpickle_random_bytes(data):
-    path = _tmp_file(data)
-    try:
-        safe_unpickle(path)
-    except UserError as e:
-        assert str(path) in str(e)
-    finally:
-        path.unlink()
+    _loads_or_names_the_file(safe_unpickle, data)
 
 
 def _zip_prefixed(data: bytes) -> bytes:
@@ -95,13 +100,7 @@ def _zip_prefixed(data: bytes) -> bytes:
 @FAST
 @given(st.one_of(st.binary(max_size=2048), st.binary(min_size=1, max_size=64).map(_zip_prefixed)))
 def test_safe_torch_load_random_bytes(data):
-    path = _tmp_file(data, ".pt")
-    try:
-        safe_torch_load(path)
-    except UserError as e:
-        assert str(path) in str(e)
-    finally:
-        path.unlink()
+    _loads_or_names_the_file(safe_torch_load, data, ".pt")
 
 
 def _safetensors_prefixed(data: bytes) -> bytes:

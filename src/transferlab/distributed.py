@@ -122,20 +122,19 @@ def init_distributed(device: str, timeout_s: float | None = None) -> DistEnv:
     return env
 
 
-def cleanup(env: DistEnv | None = None, synchronize: bool = True) -> None:
+def cleanup(env: DistEnv | None = None) -> None:
     """Destroy the process group (safe to call when none exists).
 
-    With ``synchronize`` every rank first meets at a barrier: a rank that tears its group down
-    (rank 0 hosts the rendezvous store) while another is still finishing could abort that one
-    (seen as gloo's "terminate called without an active exception"). A barrier that fails (a
-    rank already gone) is ignored: the group is torn down regardless.
+    Every rank first meets at a barrier: a rank that tears its group down (rank 0 hosts the
+    rendezvous store) while another is still finishing could abort that one (seen as gloo's
+    "terminate called without an active exception"). A barrier that fails (a rank already gone)
+    is ignored: the group is torn down regardless.
     """
     if dist.is_available() and dist.is_initialized():
-        if synchronize:
-            try:
-                dist.barrier()
-            except Exception as e:  # noqa: BLE001 - teardown must not raise over the real outcome
-                log.warning("barrier before leaving the process group failed (%s); leaving anyway", e)
+        try:
+            dist.barrier()
+        except Exception as e:  # noqa: BLE001 - teardown must not raise over the real outcome
+            log.warning("barrier before leaving the process group failed (%s); leaving anyway", e)
         dist.destroy_process_group()
 
 
