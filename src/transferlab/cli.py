@@ -38,6 +38,10 @@ FLAGS: list[tuple[str, str, object, str]] = [
     ("--crop-padding", "data.crop_padding", int, "random crop with this padding in px (default 0 = off)"),
     ("--flip", "data.flip", "bool", "random horizontal flips"),
     ("--cutout", "data.cutout", int, "cutout square side in px (default 0 = off)"),
+    ("--per-class", "data.per_class", int, "train on a stratified subset of N images per class (default: all)"),
+    ("--subset-seed", "data.subset_seed", int, "seed of the --per-class draw (default 0)"),
+    ("--test-subset", "data.test_subset", int, "evaluate on a seeded subset of N test images (default: all)"),
+    ("--max-image-pixels", "data.max_image_pixels", int, "skip images with more pixels (default 89478485, PIL's)"),
     ("--on-bad-image", "data.on_bad_image", str, "folder data: skip (default, warn and count) or error"),
     ("--num-workers", "data.num_workers", int, "DataLoader workers for folder data (default 2)"),
     ("--model", "model.name", str, "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)"),
@@ -78,6 +82,9 @@ FLAGS: list[tuple[str, str, object, str]] = [
     ("--nan-patience", "run.nan_patience", int, "non-finite losses skipped before stopping (default 0)"),
     ("--overwrite", "run.overwrite", "bool", "reuse a non-empty run dir"),
     ("--tensorboard", "run.tensorboard", "bool", "write TensorBoard scalars to the run dir"),
+    ("--track", "run.track", str, "log the run to MLflow: mlflow or mlflow:URI (default URI ./mlruns)"),
+    ("--engine", "run.engine", str, "frozen-feature extraction engine: auto (default) | torch | openvino | onnxruntime"),
+    ("--no-report", "run.report", "nobool", "do not write report.md/report.html at the end of the run"),
     ("--no-progress", "run.progress", "nobool", "no progress bars"),
 ]
 

@@ -29,6 +29,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEADS = ("mlp", "linear")
 SOLVERS = ("sgd", "lbfgs")
 BAD_IMAGE_POLICIES = ("skip", "error")
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+# PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): 1024 * 1024 * 1024 // 4 // 3
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _check(cond: bool, message: str) -> None:
@@ -52,6 +55,10 @@ class DataConfig:
     val_frac: float = 0.1  # folder datasets without val/: stratified fraction for validation
     test_frac: float = 0.1  # folder datasets without test/: stratified fraction for test
     train_subset: int = 0  # >0: use only this many training images (seeded), for quick studies
+    per_class: int = 0  # >0: stratified, nested subset of this many training images per class (study)
+    subset_seed: int = 0  # seeds the --per-class draw (a study's replicate seed)
+    test_subset: int = 0  # >0: evaluate on a seeded subset of this many test images (quick runs)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # folder/predict: larger images are skipped
     image_size: int = 0  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
     crop_padding: int = 0  # random-crop padding in px (0 = off; the seed used no augmentation)
     flip: bool = False  # random horizontal flip
@@ -69,6 +76,9 @@ class DataConfig:
         _check(0 < self.test_frac < 1, f"--test-frac must be in (0, 1); got {self.test_frac}")
         _check(self.val_frac + self.test_frac < 1, "--val-frac + --test-frac must be below 1")
         _check(self.train_subset >= 0, f"--train-subset must be >= 0; got {self.train_subset}")
+        _check(self.per_class >= 0, f"--per-class must be >= 0; got {self.per_class}")
+        _check(self.test_subset >= 0, f"--test-subset must be >= 0; got {self.test_subset}")
+        _check(self.max_image_pixels > 0, f"--max-image-pixels must be positive; got {self.max_image_pixels}")
         _check(
             self.image_size == 0 or self.image_size >= 16,
             f"--image-size must be at least 16 px; got {self.image_size}",
@@ -179,10 +189,16 @@ class RunConfig:
     nan_patience: int = 0  # non-finite losses tolerated (skipped) before the run stops
     overwrite: bool = False  # allow a non-empty run dir that is not being resumed
     tensorboard: bool = False
+    track: str = ""  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
+    engine: str = "auto"  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
+    report: bool = True  # write report.md and report.html at the end of the run
     progress: bool = True  # progress bars (img/s and ETA)
 
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
+        _choice(self.engine, ENGINES, "--engine")
+        _check(self.track == "" or self.track == "mlflow" or self.track.startswith("mlflow:"),
+               f"--track must be mlflow or mlflow:URI; got {self.track!r}")
         _check(self.feature_views >= 1, f"--feature-views must be >= 1; got {self.feature_views}")
         _check(self.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {self.ckpt_every_steps}")
         _check(self.nan_patience >= 0, f"--nan-patience must be >= 0; got {self.nan_patience}")
