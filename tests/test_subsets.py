@@ -1,0 +1,50 @@
+"""Nested stratified subsets: per-class counts, nesting across sizes, seeding, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferlab.data.subsets import nested_stratified_indices
+from transferlab.errors import UserError
+
+
+def _labels(n_classes: int = 5, per: int = 20, seed: int = 0) -> torch.Tensor:
+    labels = torch.arange(n_classes).repeat_interleave(per)
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+
+
+def test_counts_sorted_and_unique():
+    labels = _labels()
+    idx = nested_stratified_indices(labels, per_class=4, seed=1)
+    assert torch.equal(idx, torch.sort(idx).values)
+    assert len(set(idx.tolist())) == len(idx) == 20
+    assert torch.bincount(labels[idx], minlength=5).tolist() == [4] * 5
+
+
+def test_nested_across_sizes_and_differs_across_seeds():
+    labels = _labels()
+    small = set(nested_stratified_indices(labels, 4, seed=3).tolist())
+    big = set(nested_stratified_indices(labels, 16, seed=3).tolist())
+    assert small < big
+    other = set(nested_stratified_indices(labels, 4, seed=4).tolist())
+    assert other != small
+    again = nested_stratified_indices(labels, 4, seed=3)
+    assert set(again.tolist()) == small
+
+
+def test_all_images_of_the_smallest_class():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    idx = nested_stratified_indices(labels, per_class=2, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [2, 2, 2]
+
+
+def test_too_large_names_the_class_and_count():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    with pytest.raises(UserError, match=r"class 1, which has 2 training images"):
+        nested_stratified_indices(labels, per_class=3, seed=0)
+
+
+def test_non_positive_refused():
+    with pytest.raises(UserError, match="--per-class must be positive"):
+        nested_stratified_indices(_labels(), per_class=0, seed=0)
