@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transferlab.data.subsets import nested_stratified_indices
+from transferlab.data.cifar import Split
+from transferlab.data.subsets import nested_stratified_indices, select_per_class, subset_split
 from transferlab.errors import UserError
 
 
@@ -48,3 +49,16 @@ def test_too_large_names_the_class_and_count():
 def test_non_positive_refused():
     with pytest.raises(UserError, match="--per-class must be positive"):
         nested_stratified_indices(_labels(), per_class=0, seed=0)
+
+
+def test_split_and_feature_selection_pick_the_same_images():
+    labels = _labels()
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1)
+    images = images.expand(-1, 3, 2, 2).contiguous()
+    split = Split(images, labels)
+    sub = subset_split(split, per_class=3, seed=7)
+    assert len(split) == 100 and len(sub) == 15  # the original split is unchanged
+    feats = images[:, 0, 0, 0].float().unsqueeze(1)  # (N, 1): the image's own index
+    f, y = select_per_class(feats, labels, per_class=3, seed=7)
+    assert torch.equal(f[:, 0].to(torch.uint8), sub.images[:, 0, 0, 0])
+    assert torch.equal(y, sub.labels)

@@ -5,9 +5,15 @@ class takes the first ``k`` entries of each permutation. The permutation does no
 so the 4-per-class subset lies inside the 16-per-class subset for the same seed, and a study's
 curve over sizes reads as "add more images", not "draw a new sample" at each size.
 
+Two places apply it (experiment.py): the pixel path trains on ``subset_split(ds.train, ...)``,
+and the cached-feature path extracts the whole training split once and picks the rows with
+``select_per_class(features, labels, ...)``, so every size and seed reuses one cache entry.
+
 Usage:
     idx = nested_stratified_indices(ds.train.labels, per_class=16, seed=0)
     images, labels = ds.train.images[idx], ds.train.labels[idx]
+    train = subset_split(ds.train, per_class=16, seed=0)      # a new split; ds is not changed
+    feats, labels = select_per_class(feats, labels, per_class=16, seed=0)
 """
 
 from __future__ import annotations
@@ -50,3 +56,25 @@ def nested_stratified_indices(labels: torch.Tensor, per_class: int, seed: int) -
         perm = torch.randperm(len(members), generator=g)
         chosen.append(members[perm[:per_class]])
     return torch.sort(torch.cat(chosen)).values
+
+
+def subset_split(split, per_class: int, seed: int):
+    """A new split of ``per_class`` images per class (in-memory ``Split`` or ``FolderSplit``).
+
+    The given split is left unchanged, so one loaded dataset can serve every cell of a study.
+    """
+    idx = nested_stratified_indices(split.labels, per_class, seed)
+    if hasattr(split, "subset"):  # folder split: paths + labels
+        return split.subset(idx)
+    return type(split)(split.images[idx], split.labels[idx])
+
+
+def select_per_class(features: torch.Tensor, labels: torch.Tensor, per_class: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of cached training features (N, D) or (N, views, D) for the per-class subset.
+
+    Picks the same images as :func:`subset_split` on the split the features came from, because
+    both draw from the labels in their original order.
+    """
+    idx = nested_stratified_indices(labels.cpu(), per_class, seed).to(labels.device)
+    return features[idx], labels[idx]
