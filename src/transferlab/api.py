@@ -1,0 +1,603 @@
+"""The Python face of transferlab: train, compare and load runs from a script or a notebook.
+
+The keyword options are the CLI flags in snake_case (``--image-size`` -> ``image_size=``,
+``--no-channels-last`` -> ``no_channels_last=True``), read from ``transferlab.cli.FLAGS``, so
+the API and the CLI share one table, the config dataclasses and their defaults.
+``progress=False`` turns the progress bars off (``--no-progress``). Bad input raises
+:class:`transferlab.UserError` with the CLI's one-line message; nothing here calls ``sys.exit``
+or configures the root logger.
+
+Usage:
+    import transferlab as tl
+    run = tl.train(model="cnn", epochs=2, data_dir="../shared/datasets", train_subset=5000)
+    run.metrics.tail()                      # pandas DataFrame of metrics.csv
+    run.predict(["cat.jpg"], top_k=3)       # [{"image": "cat.jpg", "class": ..., "top": [...]}]
+    run.export("onnx")                      # -> Path of the checked model.onnx
+    old = tl.load_run("runs/cnn-20261128-120000")
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transferlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")  # what makes a folder a finished run
+# compare owns these choices itself (or names them differently): see cli.build_parser
+_COMPARE_SKIP = ("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir")
+_COMPARE_EXTRA = {
+    "run_dir": ("", str),
+    "backbone": ("resnet18", str),
+    "chase_max_epochs": (50, int),
+    "chase_patience": (5, int),
+    "with_cnn_best": (False, bool),
+}
+
+
+# ---------------------------------------------------------------- options -> Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One keyword option of the API: the CLI flag it mirrors and the config field it sets."""
+
+    keyword: str  # snake_case of the flag: "no_channels_last"
+    flag: str  # "--no-channels-last"
+    section: str  # "run"
+    field: str  # "channels_last"
+    kind: object  # int, float, str, "bool" or "nobool" (as in cli.FLAGS)
+
+
+def options(skip: Sequence[str] = ()) -> dict[str, Option]:
+    """The keyword options, built from ``transferlab.cli.FLAGS`` (the CLI's own table)."""
+    from transferlab.cli import FLAGS
+
+    out = {}
+    for flag, dest, kind, _ in FLAGS:
+        if flag in skip:
+            continue
+        section, field = dest.split(".")
+        keyword = flag[2:].replace("-", "_")
+        out[keyword] = Option(keyword, flag, section, field, kind)
+    return out
+
+
+def _check_type(opt: Option, value: Any) -> Any:
+    """The value as the config field wants it, or a UserError naming the keyword and the flag."""
+    kind = opt.kind
+    if kind in ("bool", "nobool"):
+        if isinstance(value, bool):
+            return value if kind == "bool" else not value
+        want = "True or False"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        want = "an int"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        want = "a number"
+    else:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        want = "a string"
+    raise UserError(f"{opt.keyword}= (CLI {opt.flag}) must be {want}; got {value!r}")
+
+
+def _unknown(bad: Sequence[str], valid: Sequence[str]) -> UserError:
+    return UserError(
+        f"unknown option(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(valid))}"
+    )
+
+
+def _overrides(kwargs: dict[str, Any], table: dict[str, Option]) -> dict[str, dict[str, Any]]:
+    """Nested {section: {field: value}} of the given options (None means "not given")."""
+    out: dict[str, dict[str, Any]] = {}
+    for keyword, value in kwargs.items():
+        if value is None:
+            continue
+        opt = table[keyword]
+        out.setdefault(opt.section, {})[opt.field] = _check_type(opt, value)
+    return out
+
+
+def build_config(
+    config=None,
+    preset: str | None = None,
+    progress: bool | None = None,
+    skip: Sequence[str] = (),
+    **kwargs,
+):
+    """A validated Config: defaults < ``config`` (Config, dict, YAML) or ``preset`` < options."""
+    from transferlab.config import Config, config_from_dict, config_to_dict, load_yaml, merge_dicts
+
+    table = options(skip)
+    bad = [k for k in kwargs if k not in table]
+    if bad:
+        raise _unknown(bad, [*table, "config", "preset", "progress"])
+    if config is not None and preset is not None:
+        raise UserError("pass config= or preset=, not both")
+    if isinstance(config, Config):
+        base = config_to_dict(config)
+    elif isinstance(config, dict):
+        base = config
+    elif isinstance(config, (str, os.PathLike)):
+        base = load_yaml(config)
+    elif config is None:
+        base = {}
+        if preset is not None:
+            from transferlab.cli import resolve_preset
+
+            base = load_yaml(resolve_preset(preset))
+    else:
+        raise UserError(
+            f"config= must be a Config, a dict or a YAML path; got {type(config).__name__}"
+        )
+    base = {
+        k: v for k, v in base.items() if k != "resolved"
+    }  # a run's config.yaml: the plan is derived
+    over = _overrides(kwargs, table)
+    if progress is not None:
+        if not isinstance(progress, bool):
+            raise UserError(
+                f"progress= (CLI --no-progress) must be True or False; got {progress!r}"
+            )
+        over.setdefault("run", {})["progress"] = progress
+    return config_from_dict(merge_dicts(base, over))
+
+
+# ---------------------------------------------------------------- Run
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); is the run finished?") from None
+
+
+class Run:
+    """A finished run directory, read from its files (config.yaml, summary.json, metrics.csv)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise UserError(f"{self.dir} is not a folder; pass a run dir such as runs/<name>")
+        for name in RUN_FILES:
+            if not (self.dir / name).is_file():
+                raise UserError(f"{self.dir} is not a finished run: {name} is missing")
+
+    def __repr__(self) -> str:
+        s = self.summary
+        test_acc = (s.get("test") or {}).get("acc")
+        return f"Run({str(self.dir)!r}, model={s.get('model')!r}, test_acc={test_acc})"
+
+    @property
+    def config(self) -> dict:
+        """config.yaml as a dict (with its ``resolved:`` plan where the run recorded one)."""
+        import yaml
+
+        try:
+            return yaml.safe_load((self.dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {self.dir / 'config.yaml'} ({e})") from None
+
+    @property
+    def summary(self) -> dict:
+        """summary.json as a dict."""
+        return _read_json(self.dir / "summary.json")
+
+    @property
+    def metrics(self):
+        """metrics.csv as a pandas DataFrame, one row per epoch."""
+        import pandas as pd
+
+        return pd.read_csv(self.dir / "metrics.csv")
+
+    def plot(self):
+        """The learning curves (loss, accuracy; train and val per epoch) as a matplotlib Figure."""
+        return plot_metrics(
+            self.metrics, title=f"{self.summary.get('model')} ({self.summary.get('mode')})"
+        )
+
+    def predict(
+        self, images, top_k: int = 5, device: str = "cpu", batch_size: int = 64
+    ) -> list[dict]:
+        """Top-k classes for image paths, PIL images or uint8/float tensors (CHW or NCHW).
+
+        One dict per image, in order: ``{"image", "class", "index", "probability", "top": [...]}``
+        (top-1 flattened, ``top`` the k best as ``{"class", "index", "probability"}``), or
+        ``{"image", "error"}`` for an image that cannot be read. Same model, preprocessing and
+        probabilities as ``transferlab predict``.
+        """
+        return predict_images(self.dir, images, top_k=top_k, device=device, batch_size=batch_size)
+
+    def export(
+        self, format: str, path: str | os.PathLike | None = None, tolerance: float = 1e-4
+    ) -> Path:
+        """Export to ``onnx`` or ``torchscript``, checked against PyTorch; returns the file."""
+        from transferlab.export import export_run
+
+        out, check = export_run(self.dir, format, Path(path) if path else None, tolerance)
+        if not check.ok:
+            raise UserError(
+                f"export check failed: max abs diff {check.max_abs_diff:.3g} > {check.tolerance:g}"
+            )
+        return out
+
+    def report(self) -> tuple[Path, Path]:
+        """Write (or rewrite) report.md and report.html; returns both paths."""
+        from transferlab.report.run_report import write_run_report
+
+        return write_run_report(self.dir)
+
+    def explain(
+        self, images, out_dir: str | os.PathLike | None = None, device: str = "cpu"
+    ) -> list[Path]:
+        """Grad-CAM overlays for paths, PIL images or tensors; needs ``transferlab[explain]``."""
+        from transferlab.explain import explain_images
+
+        return explain_images(
+            self.dir, images, Path(out_dir) if out_dir else self.dir / "explain", device=device
+        )
+
+    def _repr_html_(self) -> str:
+        return run_card_html(self)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """A finished run dir as a :class:`Run`; a UserError names the missing file otherwise."""
+    return Run(path)
+
+
+def plot_metrics(df, title: str = ""):
+    """Loss and accuracy panels from a metrics DataFrame (no pyplot state: a plain Figure)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        ax.plot(df["epoch"], df[f"train_{metric}"], "o-", label="train")
+        ax.plot(df["epoch"], df[f"val_{metric}"], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_loss.set_title("Loss")
+    ax_acc.set_title("Accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def run_card_html(run: Run) -> str:
+    """A compact HTML card: model, mode, accuracies, epochs, time, and the curves thumbnail."""
+    s = run.summary
+    fit = s.get("fit_state") or {}
+    t = (s.get("time_s") or {}).get("total")
+    params = s.get("params") or {}
+    rows = [
+        ("test acc", _pct((s.get("test") or {}).get("acc"))),
+        ("best val acc", _pct(fit.get("best_val_acc", (s.get("val") or {}).get("acc")))),
+        (
+            "epochs",
+            f"{s.get('epochs_run')} (best {s.get('best_epoch')}, "
+            f"{s.get('stop_reason') or 'budget'})",
+        ),
+        (
+            "parameters",
+            f"{params.get('total', 0):,} ({params.get('trainable', 0):,} trainable)",
+        ),
+        ("image size, precision", f"{s.get('image_size')} px, {s.get('precision')}"),
+        ("time", "-" if t is None else f"{t:.1f} s"),
+    ]
+    table = "".join(
+        f"<tr><td style='padding:1px 10px 1px 0;color:#57606a'>{html.escape(k)}</td>"
+        f"<td style='padding:1px 0'><b>{html.escape(str(v))}</b></td></tr>"
+        for k, v in rows
+    )
+    curves = run.dir / "curves.png"
+    img = ""
+    if curves.is_file():
+        uri = base64.b64encode(curves.read_bytes()).decode("ascii")
+        img = f"<img style='max-width:420px;margin-left:14px' src='data:image/png;base64,{uri}'>"
+    model, mode = html.escape(str(s.get("model"))), html.escape(str(s.get("mode")))
+    title = f"{model} <span style='color:#57606a'>({mode})</span>"
+    return (
+        "<div style='border:1px solid #d0d7de;border-radius:6px;padding:8px 12px;"
+        "display:inline-block;"
+        "font-family:sans-serif;font-size:13px'>"
+        f"<div style='font-size:15px;margin-bottom:4px'>transferlab run: {title}</div>"
+        f"<div style='display:flex;align-items:flex-start'><table>{table}</table>{img}</div>"
+        f"<div style='color:#57606a;margin-top:4px'><code>{html.escape(str(run.dir))}</code>"
+        "</div></div>"
+    )
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _to_png_bytes(image) -> io.BytesIO:
+    """A PIL image or a uint8/float CHW tensor (or HWC array) as lossless PNG bytes."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        pil = image
+    else:
+        import torch
+
+        t = torch.as_tensor(image).detach().cpu()
+        if t.dim() != 3:
+            raise ValueError(f"expected one image (C, H, W); got shape {tuple(t.shape)}")
+        if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):  # HWC array
+            t = t.permute(2, 0, 1)
+        if t.is_floating_point():  # float in [0, 1], as torchvision's ToTensor gives
+            if t.min() < 0 or t.max() > 1:
+                raise ValueError("float images must be in [0, 1] (pixel / 255)")
+            t = (t * 255).round().to(torch.uint8)
+        elif t.dtype != torch.uint8:
+            raise ValueError(f"integer images must be uint8; got {t.dtype}")
+        arr = t.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
+def _image_list(images) -> list:
+    """Flatten a single image, an NCHW batch or a list into a list of images."""
+    import torch
+
+    if isinstance(images, (str, os.PathLike)):
+        return [images]
+    if isinstance(images, torch.Tensor) or type(images).__module__ == "numpy":
+        t = torch.as_tensor(images)
+        return list(t) if t.dim() == 4 else [t]
+    if not isinstance(images, (list, tuple)):
+        return [images]  # a PIL image
+    return list(images)
+
+
+def as_inputs(images) -> list[tuple[str, Any]]:
+    """(label, input) per image: paths stay paths (folders expand to their image files, as on the
+    CLI); PIL images and tensors become in-memory PNGs; an unusable object becomes its error text
+    (a ``str`` input), so one bad image gives one error entry and the others still run."""
+    from transferlab.predict import expand_inputs
+
+    out: list[tuple[str, Any]] = []
+    for i, item in enumerate(_image_list(images)):
+        if isinstance(item, (str, os.PathLike)):
+            out += [(str(p), p) for p in expand_inputs([os.fspath(item)])]
+            continue
+        try:
+            out.append((f"<image {i}>", _to_png_bytes(item)))
+        except Exception as e:  # a wrong shape, dtype or range
+            out.append((f"<image {i}>", f"{type(e).__name__}: {e}"))
+    if not out:
+        raise UserError("no images to predict: pass image files, folders, PIL images or tensors")
+    return out
+
+
+def predict_images(
+    run_dir: Path, images, top_k: int = 5, device: str = "cpu", batch_size: int = 64
+) -> list[dict]:
+    """See :meth:`Run.predict`."""
+    from transferlab.distributed import resolve_device
+    from transferlab.predict import load_run_model, predict_files
+
+    if not isinstance(top_k, int) or top_k < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError("top_k and batch_size must be ints >= 1")
+    dev = resolve_device(device)
+    rm = load_run_model(run_dir, dev)
+    items = as_inputs(images)
+    good = [x for _, x in items if not isinstance(x, str)]
+    rows = iter(predict_files(rm, good, top_k, batch_size, dev) if good else [])
+    index = {c: i for i, c in enumerate(rm.classes)}
+    out = []
+    for label, x in items:
+        row = {"error": x} if isinstance(x, str) else next(rows)
+        if "error" in row:
+            out.append({"image": label, "error": row["error"]})
+            continue
+        top = [
+            {"class": t["class"], "index": index[t["class"]], "probability": t["prob"]}
+            for t in row["top"]
+        ]
+        out.append({"image": label, **top[0], "top": top})
+    return out
+
+
+# ---------------------------------------------------------------- train / compare / study
+
+
+@contextmanager
+def _stop_flag():
+    """Ctrl-C (a notebook's interrupt) checkpoints and stops at the next step, as on the CLI.
+
+    Signal handlers can only be set from the main thread; elsewhere training runs without one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    from transferlab.cli import _StopFlag  # the CLI's handler; the lead may make it public
+
+    with _StopFlag() as stop:
+        yield stop
+
+
+def post_run(run_dir: Path, report: bool, track: str) -> None:
+    """After a finished run (rank 0): write the report if asked and missing, then log to MLflow.
+
+    The single place for the steps that follow a run, for the API and (once wired) the CLI.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if report and not (run_dir / "report.html").is_file():
+        from transferlab.report.run_report import write_run_report
+
+        write_run_report(run_dir)
+    if track:
+        from transferlab.report.mlflow_log import log_run
+
+        log_run(run_dir, track)
+
+
+def train(
+    config=None,
+    *,
+    preset: str | None = None,
+    resume: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    **options_,
+) -> Run:
+    """Train one model and return its :class:`Run`. Options are the ``transferlab train`` flags
+    in snake_case (``model="cnn"``, ``epochs=10``, ``data_dir=...``), or ``config=``
+    (a Config, a dict of sections, or a YAML path); options win over ``config``/``preset``.
+    ``resume=RUN_DIR`` continues a run (only ``device=`` and ``progress=`` may change).
+    """
+    from transferlab.experiment import run_experiment
+
+    if resume is not None:
+        cfg = _resume_config(resume, progress, options_, config, preset)
+    else:
+        cfg = build_config(config, preset=preset, progress=progress, **options_)
+    if cfg.run.track:
+        from transferlab.report.mlflow_log import check_tracking_available
+
+        check_tracking_available(cfg.run.track)
+    with _stop_flag() as stop:
+        summary = run_experiment(cfg, resume=resume is not None, stop_requested=stop)
+    run_dir = Path(summary["run_dir"])
+    post_run(run_dir, cfg.run.report, cfg.run.track)
+    return Run(run_dir)
+
+
+def _resume_config(resume, progress, given: dict, config, preset):
+    from transferlab.config import Config
+
+    extra = sorted(k for k, v in given.items() if v is not None and k != "device")
+    if extra or config is not None or preset is not None:
+        dropped = extra + [k for k, v in (("config", config), ("preset", preset)) if v is not None]
+        raise UserError(
+            f"resume= continues with the run's saved config; drop {', '.join(dropped)} "
+            "(only device= and progress= may change)"
+        )
+    cfg = Config()
+    cfg.run.run_dir = os.fspath(resume)
+    if given.get("device") is not None:
+        cfg.run.device = _check_type(options()["device"], given["device"])
+    if progress is not None:
+        cfg.run.progress = bool(progress)
+    return cfg
+
+
+class Comparison:
+    """A compare dir: the seed study's runs side by side (``.runs``, ``.table()``, ``.report``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        found = sorted(p.parent for p in self.dir.glob("*/summary.json"))
+        if not found:
+            raise UserError(f"{self.dir} holds no run dirs with summary.json: pass a compare dir")
+        self.runs = {p.name: Run(p) for p in found}
+
+    def table(self):
+        """One row per run: model, mode, epochs, best val acc, test acc, time (pandas)."""
+        import pandas as pd
+
+        rows = []
+        for name, run in self.runs.items():
+            s = run.summary
+            rows.append(
+                {
+                    "run": name,
+                    "model": s.get("model"),
+                    "mode": s.get("mode"),
+                    "epochs": s.get("epochs_run"),
+                    "best_val_acc": (s.get("fit_state") or {}).get("best_val_acc"),
+                    "test_acc": s["test"]["acc"],
+                    "time_s": s["time_s"]["total"],
+                }
+            )
+        return pd.DataFrame(rows).set_index("run")
+
+    @property
+    def report(self) -> Path:
+        """The compare report (report.md)."""
+        return self.dir / "report.md"
+
+    def _repr_html_(self) -> str:
+        where = html.escape(str(self.dir))
+        table = self.table().to_html()
+        return f"<div><b>transferlab comparison</b> <code>{where}</code>{table}</div>"
+
+
+def compare(
+    config=None, *, preset: str | None = None, progress: bool | None = None, **options_
+) -> Comparison:
+    """The seed study (``transferlab compare``): CNN, frozen backbone, CNN chasing it.
+
+    Options: the compare flags in snake_case, plus ``run_dir=``, ``backbone=``,
+    ``chase_max_epochs=``, ``chase_patience=``, ``with_cnn_best=``.
+    """
+    from types import SimpleNamespace
+
+    from transferlab.compare import run_compare
+
+    extra = {k: options_.pop(k) for k in list(options_) if k in _COMPARE_EXTRA}
+    bad = [k for k in options_ if k not in options(_COMPARE_SKIP)]
+    if bad:
+        raise _unknown(
+            bad, [*options(_COMPARE_SKIP), *_COMPARE_EXTRA, "config", "preset", "progress"]
+        )
+    cfg = build_config(config, preset=preset, progress=progress, skip=_COMPARE_SKIP, **options_)
+    args = {}
+    for key, (default, kind) in _COMPARE_EXTRA.items():
+        value = extra.get(key, default)
+        if key == "run_dir" and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{key}= must be {kind.__name__}; got {value!r}")
+        args[key] = value
+    if cfg.run.track:
+        from transferlab.report.mlflow_log import check_tracking_available
+
+        check_tracking_available(cfg.run.track)
+    with _stop_flag() as stop:
+        summaries = run_compare(cfg, SimpleNamespace(**args), stop_requested=stop)
+    run_dirs = [Path(s["run_dir"]) for s in summaries.values()]
+    for d in run_dirs:
+        post_run(d, cfg.run.report, cfg.run.track)
+    return Comparison(run_dirs[0].parent)
+
+
+def study(**options_) -> Any:
+    """``transferlab study`` from Python; available once ``transferlab.study.run_study`` exists."""
+    try:
+        from transferlab.study import run_study
+    except ImportError:
+        raise UserError(
+            "transferlab.study is not available in this version yet; "
+            "use train() per cell or `transferlab compare`"
+        ) from None
+    return run_study(**options_)

@@ -1,0 +1,210 @@
+"""The Python API: options from the CLI table, Run objects read from files, errors as UserError."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transferlab as tl
+from transferlab import api
+from transferlab.cli import FLAGS, main
+from transferlab.predict import load_run_model, predict_files
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_cifar):
+    """One tiny CNN run through the API (2 epochs, 300 train images, CPU)."""
+    out = tmp_path_factory.mktemp("api") / "cnn"
+    return api.train(
+        model="cnn",
+        epochs=2,
+        data_dir=str(tiny_cifar),
+        val_size=50,
+        batch_size=50,
+        run_dir=str(out),
+        progress=False,
+        device="cpu",
+        seed=1,
+    )
+
+
+def test_import_is_cheap_and_lazy():
+    code = (
+        "import sys, logging, transferlab as t; assert 'torch' not in sys.modules, 'torch';"
+        "assert not logging.getLogger().handlers;"
+        "assert t.load_run.__module__ == 'transferlab.api';"
+        "assert t.api.train.__module__ == 'transferlab.api';"
+        "assert issubclass(t.UserError, Exception)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_cli_flag_is_a_keyword():
+    table = api.options()
+    for flag, dest, _, _ in FLAGS:
+        keyword = flag[2:].replace("-", "_")
+        assert keyword in table and f"{table[keyword].section}.{table[keyword].field}" == dest
+    for name in ("model", "mode", "epochs", "data", "data_dir", "image_size", "no_channels_last"):
+        assert name in table
+
+
+def test_options_match_cli_config():
+    from transferlab.cli import build_parser, config_from_args
+
+    argv = [
+        "train",
+        "--model",
+        "resnet18",
+        "--epochs",
+        "3",
+        "--image-size",
+        "64",
+        "--no-channels-last",
+        "--flip",
+        "--lr",
+        "0.01",
+        "--data-dir",
+        "somewhere",
+    ]
+    cli_cfg = config_from_args(build_parser().parse_args(argv))
+    api_cfg = api.build_config(
+        model="resnet18",
+        epochs=3,
+        image_size=64,
+        no_channels_last=True,
+        flip=True,
+        lr=0.01,
+        data_dir="somewhere",
+    )
+    assert api_cfg == cli_cfg
+    assert api_cfg.run.channels_last is False and api_cfg.model.mode == "frozen"
+    assert api.build_config(progress=False).run.progress is False
+
+
+def test_unknown_keyword_lists_valid_ones():
+    with pytest.raises(tl.UserError, match=r"unknown option\(s\) epoch; valid: .*epochs"):
+        api.train(epoch=3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": "ten"}, r"epochs= \(CLI --epochs\) must be an int; got 'ten'"),
+        ({"epochs": 2.5}, "must be an int"),
+        ({"lr": "fast"}, "lr= .* must be a number"),
+        ({"flip": "yes"}, "flip= .* must be True or False"),
+        ({"model": 3}, "model= .* must be a string"),
+        ({"progress": 0}, "progress= .* must be True or False"),
+        ({"mode": "warm"}, "--mode must be one of"),  # the config's own check, as on the CLI
+    ],
+)
+def test_wrong_types_are_user_errors(kwargs, match):
+    with pytest.raises(tl.UserError, match=match):
+        api.train(**kwargs)
+
+
+def test_same_message_as_cli(capsys, tmp_path):
+    with pytest.raises(tl.UserError) as e:
+        api.train(
+            model="cnn",
+            data_dir=str(tmp_path / "none"),
+            run_dir=str(tmp_path / "r"),
+            progress=False,
+        )
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--run-dir",
+                str(tmp_path / "r2"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == f"transferlab: error: {e.value}"
+
+
+def test_load_run_names_the_missing_file(tmp_path, run):
+    with pytest.raises(tl.UserError, match="not a folder"):
+        tl.load_run(tmp_path / "nope")
+    (tmp_path / "config.yaml").write_text("data: {}\n")
+    with pytest.raises(tl.UserError, match="summary.json is missing"):
+        tl.load_run(tmp_path)
+
+
+def test_run_reads_its_files(run):
+    again = tl.load_run(run.dir)
+    assert again.summary == json.loads((run.dir / "summary.json").read_text())
+    assert again.config["model"]["name"] == "cnn" and again.config["optim"]["epochs"] == 2
+    df = again.metrics
+    assert list(df["epoch"]) == [1, 2] and {"train_loss", "val_acc", "lr", "train_img_s"} <= set(
+        df.columns
+    )
+    fig = again.plot()
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2
+    card = again._repr_html_()
+    assert (
+        "cnn" in card
+        and f"{100 * run.summary['test']['acc']:.2f}%" in card
+        and "data:image/png" in card
+    )
+
+
+def test_train_writes_the_report(run):
+    assert (run.dir / "report.html").is_file()  # run.report defaults to True
+    md, html = run.report()
+    assert md.name == "report.md" and html.is_file()
+
+
+def test_config_roundtrip_and_resume(run, tmp_path):
+    with pytest.raises(tl.UserError, match="drop epochs"):
+        api.train(resume=run.dir, epochs=3)
+    cfg = api.build_config(config=run.dir / "config.yaml", epochs=3)
+    assert cfg.optim.epochs == 3 and cfg.model.name == "cnn"
+
+
+def test_predict_matches_cli_and_reports_bad_images(run, tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    png = tmp_path / "a.png"
+    Image.fromarray(arr).save(png)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    results = run.predict(
+        [png, Image.fromarray(arr), chw, chw.float() / 255, bad, torch.zeros(2, 2)], top_k=3
+    )
+    assert len(results) == 6
+    rm = load_run_model(run.dir)
+    cli = predict_files(rm, [png], 3, 8, torch.device("cpu"))[0]["top"]
+    want = [(t["class"], t["prob"]) for t in cli]
+    for r in results[:4]:  # path, PIL, uint8 tensor, float tensor: the same pixels, the same answer
+        assert [(t["class"], t["probability"]) for t in r["top"]] == want
+        assert r["class"] == want[0][0] and rm.classes[r["index"]] == r["class"]
+    assert "error" in results[4] and results[4]["image"] == str(bad)
+    assert "error" in results[5] and "expected one image" in results[5]["error"]
+
+
+def test_export_returns_the_checked_file(run, tmp_path):
+    path = run.export("torchscript", tmp_path / "m.pt")
+    assert path.is_file() and (tmp_path / "m.pt.json").is_file()
+    with pytest.raises(tl.UserError, match="--format must be one of"):
+        run.export("tflite")
+
+
+def test_compare_rejects_train_only_options():
+    with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
+        api.compare(model="cnn")
+    with pytest.raises(tl.UserError, match="chase_patience= must be int"):
+        api.compare(chase_patience="5")
