@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from transferlab.plan import square_preprocessing
 from PIL import Image
 
 from transferlab.config import DataConfig
@@ -133,7 +135,7 @@ def test_load_image_resizes_shorter_side_and_centre_crops(tmp_path):
 def test_loader_batches_labels_and_augment(tmp_path):
     root = write_png_tree(tmp_path / "d", {"a": 7, "b": 6}, size=6)
     ds = load_folder_dataset(_cfg(root, val_frac=0.1, test_frac=0.1))
-    ds.set_image_size(8)
+    ds.set_preprocessing(square_preprocessing(8))
     seen = []
     aug = lambda x, g: torch.flip(x, dims=[3]) if g is not None else x  # noqa: E731
     loader = FolderLoader(ds.train, 4, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0)

@@ -246,7 +246,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     """Build a Config from a nested dict; unknown sections or keys are an error, not ignored."""
     if not isinstance(d, dict):
         raise UserError(f"config must be a mapping of sections {sorted(SECTIONS)}; got {type(d).__name__}")
-    unknown = set(d) - set(SECTIONS)
+    # ``resolved:`` is what a run decided (config.yaml's plan): output, re-resolved on a rerun
+    unknown = set(d) - set(SECTIONS) - {"resolved"}
     if unknown:
         raise UserError(f"unknown config section(s) {sorted(map(str, unknown))}; valid: {sorted(SECTIONS)}")
     parts = {}

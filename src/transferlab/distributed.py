@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,50 @@ def all_gather_tensor(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     out = [torch.zeros_like(padded) for _ in range(env.world_size)]
     dist.all_gather(out, padded)
     return [o[: int(s.item())] for o, s in zip(out, sizes, strict=True)]
+
+
+# Multiplier that spreads (seed + epoch) apart before adding the rank, so that rank r of epoch e
+# never shares an augmentation stream with rank r' of epoch e'.
+_RANK_STRIDE = 1_000_003
+
+
+def shard_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int,
+                drop_last: bool = False) -> torch.Tensor:
+    """This rank's sample indices for one epoch (int64, CPU): the one DDP shard order.
+
+    shuffle: one permutation seeded by ``seed + epoch`` (same on every rank), wrap-padded to a
+    multiple of ``world_size`` (or trimmed when ``drop_last``); rank r takes positions
+    r::world_size, so shards are equal and disjoint (as DistributedSampler), and the shards of a
+    global batch are the single-process batch. No shuffle (evaluation): r::world_size in order,
+    each sample exactly once across ranks (shard sizes may differ by one).
+    """
+    if not shuffle:
+        return torch.arange(rank, n, world_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+    total = per_rank * world_size
+    if total > n:  # wrap-pad with the permutation's start (repeat covers n < world_size)
+        order = order.repeat(math.ceil(total / n))
+    return order[:total][rank:total:world_size]
+
+
+def augment_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a rank's augmentation stream for one epoch (distinct per (seed + epoch, rank))."""
+    return (seed + epoch) * _RANK_STRIDE + rank
+
+
+def gather_in_sample_order(local: torch.Tensor, env: DistEnv,
+                           n_total: int | None = None) -> torch.Tensor:
+    """Reassemble per-rank rows (rank r holds samples r::world_size) into sample order, on the CPU.
+
+    The inverse of the evaluation shard order, shared by feature extraction and predictions.
+    """
+    parts = all_gather_tensor(local, env)
+    n_total = sum(p.shape[0] for p in parts) if n_total is None else n_total
+    full = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        full[r::env.world_size] = part.cpu()
+    return full
 
 
 def all_ranks_true(flag: bool, env: DistEnv) -> bool:

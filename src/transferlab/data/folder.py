@@ -13,15 +13,17 @@ drops such files with a warning that lists them and records their count in summa
 ``--on-bad-image error`` stops with a UserError that lists them. Hidden files (``.DS_Store``)
 are ignored. A class more than 10x larger than another gets a warning.
 
-Image size: loading needs no size. The run sets it with :meth:`FolderDataset.set_image_size`
+Image size: loading needs no size. The run sets the plan's eval transform (resize, centre crop
+by the weights' ``crop_pct``) with :meth:`FolderDataset.set_preprocessing`
 once the model is known (``--image-size``, else the model's own input size), and the loader's
-workers decode each image straight to that size: shorter side resized to S (PIL, bilinear with
-antialiasing), then a centre crop of S x S, returned as uint8 (3, S, S). Normalisation happens
-later, on the device. ``transferlab predict`` uses the same :func:`load_image`.
+workers decode each image straight to that size: shorter side resized to floor(S / crop_pct)
+(PIL, with the weights' interpolation), then a centre crop of S x S, returned as uint8
+(3, S, S), exactly as timm's ``create_transform`` / torchvision's weight transforms do.
+Normalisation happens later, on the device. ``transferlab predict`` uses the same :func:`load_image`.
 
 Usage:
     ds = load_folder_dataset(DataConfig(dataset="folder:/data/flowers"))
-    ds.set_image_size(224)
+    ds.set_preprocessing(plan.preprocessing)
     loader = folder_loader(ds.train, 64, True, torch.device("cpu"), seed=0, env=DistEnv())
     for x_uint8, y in loader:  # (64, 3, 224, 224) uint8, (64,) int64
         ...
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from transferlab.config import DataConfig
 from transferlab.data.cifar import ImageDataset
-from transferlab.distributed import DistEnv
+from transferlab.distributed import DistEnv, augment_seed, shard_order
 from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
 IMBALANCE_WARN_RATIO = 10.0  # max/min images per class above which we warn
-_RANK_STRIDE = 1_000_003  # as in TensorLoader: (seed + epoch) and rank never share a stream
 
 
 @dataclass
@@ -60,7 +61,7 @@ class FolderSplit:
 
     paths: list[str]
     labels: Tensor  # int64 (N,)
-    image_size: int = 0  # decode side in px; set by FolderDataset.set_image_size
+    preprocessing: object = None  # plan.Preprocessing: the decode transform, set by the plan
     num_workers: int = 2  # DataLoader decode processes (--num-workers)
 
     def __len__(self) -> int:
@@ -69,7 +70,8 @@ class FolderSplit:
     def subset(self, idx: Tensor) -> FolderSplit:
         """The samples at ``idx`` (for --train-subset)."""
         keep = idx.tolist()
-        return FolderSplit([self.paths[i] for i in keep], self.labels[idx].clone(), self.image_size, self.num_workers)
+        return FolderSplit([self.paths[i] for i in keep], self.labels[idx].clone(), self.preprocessing,
+                           self.num_workers)
 
 
 @dataclass
@@ -78,10 +80,10 @@ class FolderDataset(ImageDataset):
 
     info: dict = field(default_factory=dict)  # layout, class counts, bad images (-> summary.json)
 
-    def set_image_size(self, size: int) -> None:
-        """Decode every split at ``size`` x ``size`` px (the model's input size)."""
+    def set_preprocessing(self, pre) -> None:
+        """Decode every split with the plan's eval transform (``plan.Preprocessing``)."""
         for split in (self.train, self.val, self.test):
-            split.image_size = size
+            split.preprocessing = pre
 
     def write_manifest(self, path: Path) -> None:
         """Which file went into which split, with its label (reports read the test paths)."""
@@ -95,24 +97,25 @@ class FolderDataset(ImageDataset):
 # Decoding
 
 
-def load_image(path: str | Path, size: int) -> Tensor:
-    """Decode an image file to uint8 (3, size, size): RGB, shorter side to ``size``, centre crop.
+def load_image(path: str | Path, pre) -> Tensor:
+    """Decode an image file to uint8 (3, S, S) by the plan's eval transform.
+
+    ``pre`` is a ``plan.Preprocessing`` (shorter side to ``pre.resize``, centre crop
+    ``pre.crop``), or an int S for a plain "shorter side to S, centre crop" (report thumbnails).
 
     Raises OSError/ValueError (PIL's errors) for unreadable files; callers decide the policy.
     """
     from PIL import Image
 
+    from transferlab.data.preprocess import eval_transform
+    from transferlab.plan import square_preprocessing
+
+    if isinstance(pre, int):
+        pre = square_preprocessing(pre)
     with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
+        im.draft("RGB", (pre.resize, pre.resize))  # JPEG: decode at a reduced scale when enough
         im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return eval_transform(im, pre)
 
 
 def check_image(path: str) -> str:
@@ -274,10 +277,10 @@ def _class_counts(split: FolderSplit, classes: list[str]) -> dict[str, int]:
     return dict(zip(classes, counts, strict=True))
 
 
-def load_folder_dataset(d: DataConfig, image_size: int = 0) -> FolderDataset:
+def load_folder_dataset(d: DataConfig) -> FolderDataset:
     """Load ``d.dataset == 'folder:PATH'``: list, screen, split; nothing is kept in memory but paths.
 
-    ``image_size`` (optional) presets the decode size; runs set it later with ``set_image_size``.
+    Runs set the decode transform later with ``set_preprocessing``.
     """
     root = Path(d.dataset[len("folder:"):]).expanduser()
     layout = _detect_layout(root)
@@ -303,8 +306,6 @@ def load_folder_dataset(d: DataConfig, image_size: int = 0) -> FolderDataset:
              len(bad), "skipped" if bad else "")
     ds = FolderDataset(train=splits["train"], val=splits["val"], test=splits["test"], classes=classes,
                        md5=md5, split_seed=d.split_seed, source=str(root.resolve()), info=info)
-    if image_size:
-        ds.set_image_size(image_size)
     return ds
 
 
@@ -324,7 +325,7 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         path = self.split.paths[i]
         try:
-            x = load_image(path, self.split.image_size)
+            x = load_image(path, self.split.preprocessing)
         except Exception as e:  # a file that changed since load time
             raise UserError(f"cannot decode {path} ({type(e).__name__}: {e}); it passed the check at load "
                             "time, so it changed since: fix it and rerun") from None
@@ -332,19 +333,8 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def shard_indices(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """This rank's sample order, with TensorLoader's semantics.
-
-    shuffle: one permutation seeded by ``seed + epoch`` (same on every rank), wrap-padded to a
-    multiple of ``world_size``; rank r takes positions r::world_size (equal, disjoint shards, as
-    DistributedSampler). No shuffle (evaluation): indices r::world_size, each sample once overall.
-    """
-    if not shuffle:
-        return list(range(rank, n, world_size))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    total = math.ceil(n / world_size) * world_size
-    if total > n:
-        order = order.repeat(math.ceil(total / n))[:total]
-    return order[rank:total:world_size].tolist()
+    """This rank's sample order: the one DDP shard order (``distributed.shard_order``)."""
+    return shard_order(n, shuffle, seed, epoch, rank, world_size).tolist()
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -370,8 +360,9 @@ class FolderLoader:
     def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, device: torch.device,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, num_workers: int = 2):
-        if not split.image_size:
-            raise ValueError("FolderSplit.image_size is 0: call FolderDataset.set_image_size(size) first")
+        if split.preprocessing is None:
+            raise ValueError("FolderSplit.preprocessing is unset: call "
+                             "FolderDataset.set_preprocessing(plan.preprocessing) first")
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
         self.augment, self.num_workers = augment, num_workers
@@ -397,7 +388,7 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._generator is not None:
-            self._generator.manual_seed((self.seed + self.epoch) * _RANK_STRIDE + self.rank)
+            self._generator.manual_seed(augment_seed(self.seed, self.epoch, self.rank))
         # A fresh DataLoader per pass: its workers exit when the pass ends. (Persistent workers
         # would idle between passes, one set per loader, and forked workers of a later loader
         # would inherit a live iterator of an earlier one.)

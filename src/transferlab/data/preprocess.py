@@ -64,3 +64,18 @@ def to_float_normalized(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.to(dtype)
+
+
+def eval_transform(img, pre) -> Tensor:
+    """A PIL RGB image -> uint8 (3, crop, crop) by the weights' eval transform.
+
+    Shorter side to ``pre.resize`` px (PIL resampling with ``pre.interpolation``, as
+    torchvision's ``Resize`` and timm's ``create_transform`` do on PIL images), then a centre
+    crop of ``pre.crop`` px. The normalisation follows in batches (``to_float_normalized``).
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = TF.resize(img, pre.resize, interpolation=InterpolationMode(pre.interpolation))
+    img = TF.center_crop(img, pre.crop)
+    return TF.pil_to_tensor(img).contiguous()

@@ -43,11 +43,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from transferlab.distributed import augment_seed, shard_order
 
-# Multiplier that spreads (seed + epoch) apart before adding the rank, so that
-# rank r of epoch e never shares an augmentation stream with rank r' of epoch e'.
-_RANK_STRIDE = 1_000_003
+logger = logging.getLogger(__name__)
 
 
 class TensorLoader:
@@ -132,21 +130,13 @@ class TensorLoader:
 
     def _indices(self) -> Tensor:
         """This rank's sample indices for the current epoch, int64 (num_samples,) on the CPU."""
-        n, ws = self.images.shape[0], self.world_size
-        if not self.shuffle:
-            return torch.arange(self.rank, n, ws)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)  # same on every rank
-        order = torch.randperm(n, generator=g)
-        total = self.num_samples * ws
-        if total > n:  # wrap-pad with the permutation's start (repeat covers n < world_size)
-            order = order.repeat(math.ceil(total / n))
-        order = order[:total]  # also trims the tail when drop_last
-        return order[self.rank : total : ws]
+        return shard_order(self.images.shape[0], self.shuffle, self.seed, self.epoch, self.rank,
+                           self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self._indices().to(self.images.device)  # index where the data lives
         if self._generator is not None:
-            self._generator.manual_seed((self.seed + self.epoch) * _RANK_STRIDE + self.rank)
+            self._generator.manual_seed(augment_seed(self.seed, self.epoch, self.rank))
         bs = self.batch_size
         for b in range(len(self)):
             batch_idx = idx[b * bs : (b + 1) * bs]

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from transferlab.distributed import unwrap
 from transferlab.errors import UserError
-from transferlab.train.fit import FitState, Job, append_metrics, link_best, save_checkpoint
+from transferlab.metrics import append_metrics, epoch_row
+from transferlab.train.fit import FitState, Job, link_best, save_checkpoint
+from transferlab.train.loop import OptimParts
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +66,19 @@ def _split_tensors(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit_linear_probe(job: Job, state: FitState) -> FitState:
-    """Pick the L2 strength on validation accuracy, load the fitted weights into the head."""
-    if job.env.enabled:
-        raise UserError("--solver lbfgs is a single-process, full-batch fit; run it without torchrun")
+def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
+    """Pick the L2 strength on validation accuracy, load the fitted weights into the head.
+
+    ``opt`` is only saved in the checkpoint (the probe has no optimiser steps), so a probe run's
+    checkpoints have the same shape as any other run's.
+    """
     linear = _linear_layer(unwrap(job.model.head))
-    x, y = _split_tensors(job.train_loader)
-    xv, yv = job.val_loader.images.float(), job.val_loader.labels
+    x, y = _split_tensors(job.pipe.train_loader)
+    xv, yv = job.pipe.val_loader.images.float(), job.pipe.val_loader.labels
     mu, sigma = x.mean(0), x.std(0)
     sigma = sigma.clamp_min(1e-3 * sigma.mean().item() + 1e-8)  # near-constant features stay well-conditioned
     xs, xvs = (x - mu) / sigma, (xv - mu) / sigma
-    c = len(job.classes)
+    c = len(job.data.classes)
     t0 = time.perf_counter()
     trials, best, init = [], None, None
     for l2 in sorted(L2_GRID, reverse=True):  # strong to weak, warm-starting each fit
@@ -102,12 +106,11 @@ def fit_linear_probe(job: Job, state: FitState) -> FitState:
     state.epoch, state.best_epoch, state.best_val_acc = 1, 1, val_acc
     state.train_s += seconds
     state.stop_reason = f"L-BFGS probe, l2 {l2:g} chosen on validation"
-    job.extra["probe"] = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
-    if job.env.is_main:
-        append_metrics(job.run_dir / "metrics.csv", {
-            "epoch": 1, "train_loss": f"{train_loss:.6f}", "train_acc": f"{train_acc:.6f}",
-            "val_loss": f"{val_loss:.6f}", "val_acc": f"{val_acc:.6f}", "lr": f"{l2:g}",
-            "epoch_time_s": f"{seconds:.3f}", "train_img_s": f"{len(y) * len(trials) / max(seconds, 1e-9):.1f}"})
-        save_checkpoint(job, state, "last.pt")
-        link_best(job, state)
+    state.probe = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
+    if job.env.is_main:  # the row's lr column holds the chosen L2
+        append_metrics(job.run_dir / "metrics.csv", epoch_row(
+            1, (train_loss, train_acc), (val_loss, val_acc), l2, seconds,
+            len(y) * len(trials) / max(seconds, 1e-9)))
+        save_checkpoint(job, state, opt, "last.pt")
+        link_best(job, state, opt)
     return state

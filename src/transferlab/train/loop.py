@@ -6,7 +6,7 @@ parameter covers every path: pixels (``model(preprocess(augment(x)))``), and cac
 so every sample counts exactly once.
 
 Usage:
-    stats = train_one_epoch(forward, loader, opt, sched, scaler, ctx)
+    stats = train_one_epoch(forward, loader, OptimParts(opt, sched, scaler), ctx, StepGuard(ctx))
     val_loss, val_acc = evaluate(forward, val_loader, ctx)
 """
 
@@ -30,20 +30,31 @@ from transferlab.train.precision import autocast
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
     """What every step needs besides the data: device, precision, DDP, loss settings, guards."""
 
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     env: DistEnv
-    params: list[nn.Parameter]  # the trainable parameters (for clipping)
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     nan_patience: int = 0
     progress: bool = True
     stop_requested: Callable[[], bool] = field(default=lambda: False)
-    nan_count: int = 0
+
+
+@dataclass
+class OptimParts:
+    """The optimiser, its schedule and the loss scaler of the current phase."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
 @dataclass
@@ -70,29 +81,76 @@ class EpochStats:
         return self.count / max(self.seconds, 1e-9)
 
 
-def _agree(loss: torch.Tensor, ctx: StepContext) -> tuple[bool, bool]:
-    """(loss finite on every rank, stop requested on any rank), decided alike on every rank.
+_DIVERGED_HINT = ("the last good checkpoint is kept. Lower --lr, add --grad-clip, "
+                  "or use --precision fp32.")
 
-    Under DDP one all-reduce per step: a rank that skipped a step or stopped alone (a signal
-    seen by one process) would leave the others waiting in DDP's gradient all-reduce.
+
+class StepGuard:
+    """The one place for non-finite losses and stop requests, decided alike on every rank.
+
+    ``check(loss)`` returns (apply this step, stop now). Under DDP it costs one all-reduce per
+    step: a rank that skipped a step or stopped alone (a signal seen by one process) would leave
+    the others waiting in DDP's gradient all-reduce. On one GPU with ``--nan-patience 0`` nothing
+    is skipped, so finiteness is kept in a device-side flag (a host sync per step costs ~40% on
+    small models) and read by :meth:`raise_if_bad` before any checkpoint and at the epoch end,
+    so non-finite weights are never saved.
     """
-    stop = ctx.stop_requested()
-    if not ctx.env.enabled:
-        return bool(torch.isfinite(loss.detach()).item()), stop
-    flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
-                         torch.tensor(float(stop), device=loss.device)])
-    all_reduce_sum(flags, ctx.env)
-    finite, stops = flags.tolist()
-    return finite == ctx.env.world_size, stops > 0
+
+    def __init__(self, ctx: StepContext, nan_count: int = 0):
+        self.ctx = ctx
+        self.nan_count = nan_count  # non-finite steps skipped so far in the run
+        self.lazy = ctx.device.type == "cuda" and not ctx.env.enabled and ctx.nan_patience == 0
+        self._bad = torch.zeros((), dtype=torch.bool, device=ctx.device)
+
+    def check(self, loss: torch.Tensor, desc: str, step: int, steps: int) -> tuple[bool, bool]:
+        if self.lazy:
+            self._bad |= ~torch.isfinite(loss.detach())
+            return True, self.ctx.stop_requested()
+        finite, stop = self._agree(loss)
+        if not finite:
+            self.nan_count += 1
+            if self.nan_count > self.ctx.nan_patience:
+                raise TrainingStopped(
+                    f"{desc}: loss became {loss.item()} at step {step + 1} of {steps} "
+                    f"({self.nan_count} non-finite step(s), --nan-patience "
+                    f"{self.ctx.nan_patience}); {_DIVERGED_HINT}")
+            log.warning("non-finite loss at step %d skipped (%d so far)", step, self.nan_count)
+        return finite, stop
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        stop = self.ctx.stop_requested()
+        env = self.ctx.env
+        if not env.enabled:
+            return bool(torch.isfinite(loss.detach()).item()), stop
+        flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
+                             torch.tensor(float(stop), device=loss.device)])
+        all_reduce_sum(flags, env)
+        finite, stops = flags.tolist()
+        return finite == env.world_size, stops > 0
+
+    def raise_if_bad(self, desc: str, step: int) -> None:
+        if self.lazy and bool(self._bad.item()):
+            raise TrainingStopped(f"{desc}: the loss became non-finite before step {step} "
+                                  f"(checked lazily on the GPU); {_DIVERGED_HINT}")
+
+
+def _optimizer_step(loss: torch.Tensor, opt: OptimParts, grad_clip: float) -> None:
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    if grad_clip > 0:
+        opt.scaler.unscale_(opt.optimizer)
+        nn.utils.clip_grad_norm_(opt.params, grad_clip)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
 
 
 def train_one_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler,
+    opt: OptimParts,
     ctx: StepContext,
+    guard: StepGuard,
     stats: EpochStats | None = None,
     on_step: Callable[[EpochStats], None] | None = None,
     desc: str = "train",
@@ -110,11 +168,6 @@ def train_one_epoch(
     # totals, so the additions happen in the same order (same bits) as in an uninterrupted epoch.
     start = [stats.loss_sum, stats.correct, stats.count] if ctx.env.is_main else [0.0, 0.0, 0.0]
     sums = torch.tensor(start, dtype=torch.float64, device=ctx.device)
-    # On one GPU with --nan-patience 0 nothing is skipped, so the finiteness check need not sync
-    # the host every step (a sync per step costs ~40% on small models): a device-side flag is read
-    # before any checkpoint and at the epoch end, so non-finite weights are never saved.
-    lazy = ctx.device.type == "cuda" and not ctx.env.enabled and ctx.nan_patience == 0
-    bad = torch.zeros((), dtype=torch.bool, device=ctx.device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(progress(loader, desc, ctx.progress and ctx.env.is_main)):
         if i < skip:
@@ -122,63 +175,36 @@ def train_one_epoch(
         with autocast(ctx.precision, ctx.device):
             logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
-        if lazy:
-            bad |= ~torch.isfinite(loss.detach())
-            finite, stop = True, ctx.stop_requested()
-        else:
-            finite, stop = _agree(loss, ctx)
-        if not finite:
-            ctx.nan_count += 1
-            if ctx.nan_count > ctx.nan_patience:
-                raise TrainingStopped(
-                    f"{desc}: loss became {loss.item()} at step {stats.step + 1} of {len(loader)} "
-                    f"({ctx.nan_count} non-finite step(s), --nan-patience {ctx.nan_patience}); "
-                    "the last good checkpoint is kept. Lower --lr, add --grad-clip, or use --precision fp32."
-                )
-            log.warning("non-finite loss at step %d skipped (%d so far)", stats.step, ctx.nan_count)
-            optimizer.zero_grad(set_to_none=True)
-            stats.step += 1
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if ctx.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(ctx.params, ctx.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():  # no host->device copies here: they would sync every step
-            n = y.shape[0]
-            sums[0] += loss.detach().double() * n
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += n
+        apply, stop = guard.check(loss, desc, stats.step, len(loader))
         stats.step += 1
+        if not apply:
+            opt.optimizer.zero_grad(set_to_none=True)
+            continue
+        _optimizer_step(loss, opt, ctx.grad_clip)
+        with torch.no_grad():  # no host->device copies here: they would sync every step
+            sums[0] += loss.detach().double() * y.shape[0]
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += y.shape[0]
         if on_step is not None or stop:
-            _raise_if_bad(bad, desc, stats)
-            _fold(stats, sums, ctx.env, t0)
-            t0 = time.perf_counter()
+            guard.raise_if_bad(desc, stats.step)
+            t0 = _fold(stats, sums, ctx.env, t0)
             if on_step is not None:
                 on_step(stats)
             if stop:
                 stats.interrupted = True
                 return stats
-    _raise_if_bad(bad, desc, stats)
+    guard.raise_if_bad(desc, stats.step)
     _fold(stats, sums, ctx.env, t0)
     return stats
 
 
-def _raise_if_bad(bad: torch.Tensor, desc: str, stats: EpochStats) -> None:
-    if bool(bad.item()):
-        raise TrainingStopped(
-            f"{desc}: the loss became non-finite before step {stats.step} (checked lazily on the GPU); "
-            "the last good checkpoint is kept. Lower --lr, add --grad-clip, or use --precision fp32."
-        )
-
-
-def _fold(stats: EpochStats, sums: torch.Tensor, env: DistEnv, t0: float) -> None:
-    """Set the epoch totals from the running sums (all-reduced: every rank gets the global ones)."""
+def _fold(stats: EpochStats, sums: torch.Tensor, env: DistEnv, t0: float) -> float:
+    """Set the epoch totals from the running sums (all-reduced: every rank gets the global
+    ones); returns the new start time."""
     stats.loss_sum, stats.correct, stats.count = all_reduce_sum(sums.clone(), env).tolist()
-    stats.seconds += time.perf_counter() - t0
+    now = time.perf_counter()
+    stats.seconds += now - t0
+    return now
 
 
 @torch.inference_mode()

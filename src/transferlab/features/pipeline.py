@@ -1,0 +1,177 @@
+"""The frozen-feature pipeline: extract each split once (through the cache), then train the head.
+
+This module owns the cache key, the extraction of a split, the DDP rules for the cache and
+the loaders over cached tensors:
+- rank 0 looks the key up first (it deletes a corrupt entry); the others read only after it
+  found a good one, and use it only if every rank could (a cache dir not shared across nodes
+  makes every rank extract);
+- every rank extracts its shard with rank 0's backbone, rank 0 writes the entry.
+
+Usage:
+    choice = choose_extraction(cfg, model, size, env, root)     # before the plan
+    pipe = build_feature_pipeline(cfg, plan, model, ds, env, stop_requested)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from transferlab.config import Config
+from transferlab.data.augment import augment_batch
+from transferlab.data.cifar import ImageDataset
+from transferlab.data.pipeline import make_loader, prepare_fn
+from transferlab.data.tensor_loader import TensorLoader
+from transferlab.distributed import (
+    DistEnv,
+    all_ranks_true,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    wrap_ddp,
+)
+from transferlab.features import cache as fcache
+from transferlab.features.extract import choose_precision, extract_features
+from transferlab.models.classifier import Classifier
+from transferlab.pipeline import FeatureInfo, Pipeline, SplitFeatures
+from transferlab.plan import ExtractPlan, Plan
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = 1
+
+
+def choose_extraction(cfg: Config, model: Classifier, size: int, env: DistEnv,
+                      channels_last: bool) -> ExtractPlan:
+    """The extraction engine, precision and batch (rank 0 measures when asked for ``auto``)."""
+    root = fcache.cache_root(cfg.run.cache_dir)
+    precision = choose_precision(model.features, cfg.model.name, size, env.device, root,
+                                 cfg.run.precision, channels_last) if env.is_main else None
+    precision = broadcast_object(precision, env)
+    return ExtractPlan(engine="torch", precision=precision,
+                       batch_size=max(1, cfg.optim.eval_batch_size // env.world_size))
+
+
+def view_augment(cfg: Config) -> tuple[int, bool]:
+    """(crop padding, flip) of the cached training views: the user's --crop-padding/--flip when
+    given, else random crop with 4 px padding plus horizontal flip."""
+    if cfg.data.crop_padding or cfg.data.flip:
+        return cfg.data.crop_padding, cfg.data.flip
+    return 4, True
+
+
+def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: str) -> dict:
+    """Everything that changes one split's features."""
+    pp, views = plan.preprocessing, (cfg.run.feature_views if split == "train" else 1)
+    ext = plan.extract
+    key = {"backbone": cfg.model.name, "weights": whash, "image_size": plan.image_size,
+           "mean": list(pp.mean), "std": list(pp.std), "interpolation": pp.interpolation,
+           "precision": ext.precision, "data_md5": ds.md5, "data_source": ds.source,
+           "split": split, "split_seed": ds.split_seed, "val_size": cfg.data.val_size,
+           "train_subset": cfg.data.train_subset, "views": views,
+           "augment": list(view_augment(cfg)) if views > 1 else None,
+           "seed": cfg.run.seed if views > 1 else None, "version": KEY_VERSION}
+    if ext.engine != "torch":  # engines differ slightly in their features
+        key["engine"] = ext.engine
+    if not pp.on_device_resize:  # decoded images: the eval transform shapes the pixels
+        key["resize"], key["crop"] = pp.resize, pp.crop
+    if cfg.data.test_subset and split == "test":
+        key["test_subset"] = cfg.data.test_subset
+    return key
+
+
+def _lookup(root, key: str, env: DistEnv):
+    hit = fcache.load_entry(root, key) if env.is_main else None
+    if broadcast_object(hit is not None, env):
+        hit = hit or fcache.load_entry(root, key)
+        if not all_ranks_true(hit is not None, env):
+            log.warning("feature cache %s is not visible to every rank (share it across nodes); "
+                        "extracting", root)
+            hit = None
+    return hit
+
+
+def _view_aug(cfg: Config, views: int):
+    if views == 1:
+        return None
+    pad, flip = view_augment(cfg)  # augmented at the input resolution, before the resize
+    return lambda x, g: augment_batch(x, crop_padding=pad, flip=flip, cutout_size=0, generator=g)
+
+
+def split_features(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset, name: str,
+                   env: DistEnv, whash: str) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
+    """(features, labels) of one split, from the cache or freshly extracted (then stored)."""
+    split = getattr(ds, name)
+    root = fcache.cache_root(cfg.run.cache_dir)
+    views = cfg.run.feature_views if name == "train" else 1
+    key = fcache.cache_key(feature_key(cfg, plan, ds, name, whash))
+    hit = _lookup(root, key, env)
+    if hit:
+        log.info("feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, name,
+                 key)
+        return hit[0]["features"], hit[0]["labels"], SplitFeatures(True, key, None)
+    prepare, aug = prepare_fn(plan), _view_aug(cfg, views)
+    outs, speed = [], 0.0
+    for v in range(views):  # one augmentation stream per view
+        loader = make_loader(split, plan.extract.batch_size, False, env, cfg.run.seed * 1000 + v,
+                             aug)
+        desc = f"extract {name}" + (f" view {v + 1}" if views > 1 else "")
+        f, speed = extract_features(model.features, prepare, loader, env.device,
+                                    plan.extract.precision, env, len(split),
+                                    progress=cfg.run.progress, desc=desc)
+        outs.append(f)
+    feats = torch.stack(outs, 1) if views > 1 else outs[0]
+    labels = split.labels.clone()
+    if env.is_main:
+        meta = {"backbone": cfg.model.name, "split": name, "views": views,
+                "image_size": plan.image_size, "precision": plan.extract.precision,
+                "n": len(split)}
+        try:
+            fcache.save_entry(root, key, {"features": feats, "labels": labels}, meta)
+        except OSError as e:
+            log.warning("could not write feature cache %s (%s); continuing without caching", root,
+                        e.strerror or e)
+    barrier(env)
+    return feats, labels, SplitFeatures(False, key, round(speed, 1))
+
+
+def build_feature_pipeline(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
+                           env: DistEnv) -> Pipeline:
+    """Extract (or load) the three splits' features and build the head's loaders."""
+    broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one key
+    model.eval()
+    whash = fcache.weights_hash(model.backbone)
+    data, splits = {}, {}
+    t0 = time.perf_counter()
+    for name in ("train", "val", "test"):
+        f, y, meta = split_features(cfg, plan, model, ds, name, env, whash)
+        if name == "train" and cfg.data.per_class:  # the whole split is cached once; a study's
+            from transferlab.data.subsets import select_per_class  # sizes and seeds pick rows
+
+            f, y = select_per_class(f, y, cfg.data.per_class, cfg.data.subset_seed)
+        data[name] = (f.to(env.device), y.to(env.device))
+        splits[name] = meta
+    info = FeatureInfo(root=str(fcache.cache_root(cfg.run.cache_dir)),
+                       precision=plan.extract.precision, engine=plan.extract.engine,
+                       seconds=round(time.perf_counter() - t0, 2), splits=splits)
+
+    def pick_view(f, g):  # (B, K, D) -> (B, D): one random cached view per sample and epoch
+        idx = torch.randint(0, f.shape[1], (f.shape[0],), generator=g, device=f.device)
+        return f[torch.arange(f.shape[0], device=f.device), idx]
+
+    def loader(name: str, bs: int, shuffle: bool, augment=None) -> TensorLoader:
+        return TensorLoader(*data[name], bs, shuffle, device=env.device, seed=cfg.run.seed,
+                            rank=env.rank, world_size=env.world_size, augment=augment)
+
+    views = cfg.run.feature_views
+    return Pipeline(
+        train_loader=loader("train", plan.batch_per_rank, True, pick_view if views > 1 else None),
+        val_loader=loader("val", plan.eval_batch_per_rank, False),
+        test_loader=loader("test", plan.eval_batch_per_rank, False),
+        train_module=wrap_ddp(model.head, env),
+        eval_module=model.head,
+        prepare=lambda f: f,
+        features=info,
+    )

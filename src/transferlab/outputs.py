@@ -1,0 +1,155 @@
+"""The files of a run besides its checkpoints and metrics rows.
+
+At the start (:func:`write_run_header`): ``config.yaml`` (the config with its ``resolved:``
+plan), ``model_summary.txt`` (torchinfo) and, for folder data, ``data_manifest.json``. At the
+end (:func:`finish`): the best weights restored and evaluated, ``summary.json``,
+``test_predictions.npz``, ``curves.png``, the reports, and MLflow tracking when asked for.
+
+Usage:
+    write_run_header(job, ds)
+    summary = finish(job, state, t_start, setup_s, handle)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+
+import torch
+
+from transferlab import __version__
+from transferlab.distributed import broadcast_module, run_checked
+from transferlab.errors import TrainingStopped
+from transferlab.io import atomic_write_text
+from transferlab.models.classifier import count_params
+from transferlab.plan import save_resolved_config
+from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
+from transferlab.train.checkpoint import load_checkpoint
+from transferlab.train.fit import FitState, Job
+from transferlab.train.loop import evaluate
+from transferlab.train.predictions import collect_predictions, save_predictions
+
+log = logging.getLogger(__name__)
+
+
+def write_run_header(job: Job, ds) -> None:
+    """config.yaml, model_summary.txt and (folder data) data_manifest.json; rank 0 only."""
+    save_resolved_config(job.cfg, job.plan, job.run_dir / "config.yaml")
+    write_model_summary(job, job.run_dir / "model_summary.txt")
+    if hasattr(ds, "write_manifest"):
+        ds.write_manifest(job.run_dir / "data_manifest.json")
+
+
+def write_model_summary(job: Job, path) -> None:
+    """torchinfo summary (layers, output shapes, parameter counts) to ``path``."""
+    from torchinfo import summary
+
+    size, model = job.plan.image_size, job.model
+    batch = job.cfg.optim.batch_size if size <= 64 else 1  # the seed's CNN summary uses batch 200
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        text = str(summary(model, input_size=(batch, 3, size, size), depth=3, verbose=0,
+                           device=device, col_names=("output_size", "num_params", "trainable")))
+    finally:
+        model.train(was_training)
+    path.write_text(f"{job.cfg.model.name} ({job.cfg.model.mode})\n{text}\n")
+
+
+def _restore_best(job: Job) -> None:
+    best = job.run_dir / "best.pt"
+    if best.is_file() or not job.env.is_main:  # rank 0 reads; a bad file stops every rank
+        run_checked(lambda: job.model.load_state_dict(load_checkpoint(best)["model"]), job.env,
+                    main_only=True)
+    broadcast_module(job.model, job.env)  # every rank needs rank 0's best weights
+    job.model.eval()
+
+
+def _train_eval_loader(job: Job):
+    """The training split without shuffling or augmentation (for the final train loss/acc)."""
+    from transferlab.data.tensor_loader import TensorLoader
+
+    tl, env = job.pipe.train_loader, job.env
+    if isinstance(tl, TensorLoader):
+        return TensorLoader(tl.images, tl.labels, job.plan.eval_batch_per_rank, False,
+                            device=tl.device, rank=env.rank, world_size=env.world_size,
+                            augment=tl.augment if tl.images.dim() == 3 else None)
+    return tl.eval_view()
+
+
+def build_summary(job: Job, state: FitState, results: dict, times: dict) -> dict:
+    """summary.json's content."""
+    cfg, fc = job.cfg, job.pipe.features
+    return {
+        "model": cfg.model.name, "mode": cfg.model.mode, "run_dir": str(job.run_dir),
+        "weights": "n/a (scratch)" if cfg.model.mode == "scratch" else cfg.model.weights,
+        "params": count_params(job.model),
+        **results,
+        "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "stop_reason": state.stop_reason,
+        "time_s": times,
+        "data": {"md5": job.data.md5, "split_seed": job.data.split_seed,
+                 "source": job.data.source, "classes": len(job.data.classes),
+                 "folder": job.data.folder, "n": {"train": job.data.n_train},
+                 "per_class": cfg.data.per_class or None,
+                 "subset_seed": cfg.data.subset_seed if cfg.data.per_class else None},
+        "precision": job.plan.step_precision, "image_size": job.plan.image_size,
+        "plan": job.plan.to_dict(),
+        "feature_cache": _feature_summary(fc) if fc else None,
+        "probe": state.probe or None,
+        "seed": cfg.run.seed, "world_size": job.env.world_size,
+        "versions": {"transferlab": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "fit_state": asdict(state),
+    }
+
+
+def _feature_summary(fc) -> dict:
+    out = {"precision": fc.precision, "engine": fc.engine, "root": fc.root, "seconds": fc.seconds}
+    out.update({name: asdict(s) for name, s in fc.splits.items()})
+    return out
+
+
+def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> dict:
+    """Restore the best weights, evaluate train/val/test, write the end-of-run files."""
+    _restore_best(job)
+    t0 = time.perf_counter()
+    p = job.pipe
+    train = evaluate(p.eval_forward, _train_eval_loader(job), job.ctx, desc="train (best)")
+    val = evaluate(p.eval_forward, p.val_loader, job.ctx, desc="val (best)")
+    test_loss, test_acc, preds = collect_predictions(p.eval_forward, p.test_loader, job.ctx)
+    final_eval_s = time.perf_counter() - t0
+    results = {"train": {"loss": train[0], "acc": train[1]}, "val": {"loss": val[0], "acc": val[1]},
+               "test": {"loss": test_loss, "acc": test_acc}}
+    times = {"total": round(time.perf_counter() - t_start, 2), "train": round(state.train_s, 2),
+             "eval": round(state.eval_s + final_eval_s, 2), "setup": round(setup_s, 2)}
+    summary = build_summary(job, state, results, times)
+    if job.env.is_main:
+        _write_end_files(job, summary, preds)
+    return summary
+
+
+def _write_end_files(job: Job, summary: dict, preds: dict) -> None:
+    path = job.run_dir / "summary.json"
+    try:
+        atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+    except OSError as e:
+        raise TrainingStopped(f"could not write {path} ({e.strerror or e}); last.pt, best.pt and "
+                              "metrics.csv are intact") from None
+    save_predictions(job.run_dir / PREDICTIONS_FILE, preds, list(job.data.classes))
+    from transferlab.report.plots import plot_curves
+
+    cfg = job.cfg
+    plot_curves(job.run_dir / "metrics.csv", job.run_dir / "curves.png",
+                title=f"{cfg.model.name} ({cfg.model.mode})")
+    if cfg.run.report:
+        from transferlab.report.run_report import write_reports
+
+        write_reports(job.run_dir)
+    if cfg.run.track:
+        from transferlab.report.mlflow_log import log_run
+
+        log_run(job.run_dir, cfg.run.track)
