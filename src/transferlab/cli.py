@@ -18,7 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-from transferlab.errors import TrainingStopped, UserError
+from transferlab import __version__
+from transferlab.errors import NothingToDo, TrainingStopped, UserError, describe_failure
 
 log = logging.getLogger("transferlab")
 
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="transferlab", description="Transfer learning for image classification, measured: "
                      "how much does a pretrained network buy you over a CNN trained from scratch?")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a failure (also TRANSFERLAB_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("compare", help="the seed study: CNN vs frozen pretrained backbone, with report.md",
@@ -172,10 +176,16 @@ def resolve_preset(name: str) -> Path:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop checkpoints and exits cleanly at the next step."""
+    """Set by SIGINT/SIGTERM: the loop checkpoints and exits cleanly at the next step.
+
+    ``exit_code`` is the shell's convention for the signal received (128 + number: SIGINT 130,
+    SIGTERM 143); code that stops on the flag raises ``TrainingStopped(..., stop.exit_code)``.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signal_name = ""
+        self.exit_code = 128 + signal.SIGINT
 
     def __call__(self) -> bool:
         return self.requested
@@ -185,7 +195,10 @@ class _StopFlag:
             if self.requested:  # second signal: stop now
                 raise KeyboardInterrupt
             self.requested = True
-            log.warning("got %s: saving a checkpoint at the next step", signal.Signals(signum).name)
+            self.signal_name = signal.Signals(signum).name
+            self.exit_code = 128 + signum
+            log.warning("got %s: stopping at the next batch (a checkpoint is saved when training)",
+                        self.signal_name)
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
@@ -233,26 +246,42 @@ def cmd_compare(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    """``cache list`` / ``cache clear``: only entries we wrote (format tag) are ours to delete."""
     from transferlab.features import cache
 
     root = cache.cache_root(args.cache_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"cache dir {root} is a file, not a folder; pass --cache-dir with a folder")
+    entries = cache.list_entries(root) if root.is_dir() else []
+    ours = [e for e in entries if e.get("ours")]
+    foreign = [e for e in entries if not e.get("ours")]
+    out = sys.stdout
     if args.action == "clear":
-        files, freed = cache.clear_entries(root) if root.exists() else (0, 0)
-        sys.stdout.write(f"removed {files} file(s), {freed / 1e6:.1f} MB from {root}\n")
-        return 0
-    entries = cache.list_entries(root) if root.exists() else []
-    sys.stdout.write(f"feature cache: {root} ({len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB)\n")
-    for e in entries:
-        sys.stdout.write(f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  split={e.get('split', '?')}  "
-                         f"n={e.get('n', '?')}  views={e.get('views', '?')}  {e.get('image_size', '?')}px  {e.get('precision', '?')}\n")
+        files, freed = cache.clear_entries(root) if root.is_dir() else (0, 0)
+        out.write(f"removed {files} file(s), {freed / 1e6:.1f} MB from {root}\n")
+    else:
+        total = sum(e["bytes"] for e in ours) / 1e6
+        out.write(f"feature cache: {root} ({len(ours)} entries, {total:.1f} MB)\n")
+        for e in ours:
+            out.write(f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  "
+                      f"split={e.get('split', '?')}  n={e.get('n', '?')}  views={e.get('views', '?')}  "
+                      f"{e.get('image_size', '?')}px  {e.get('precision', '?')}\n")
+    if foreign:
+        out.write(f"not ours, left alone ({len(foreign)}): "
+                  + ", ".join(Path(e["path"]).name for e in foreign[:20])
+                  + (f", ... and {len(foreign) - 20} more" if len(foreign) > 20 else "") + "\n")
     return 0
 
 
 def cmd_models(args) -> int:
     from transferlab.models import registry
 
-    if args.timm:
-        for name in registry.timm_names(args.timm):
+    if args.timm is not None:
+        names = registry.timm_names(args.timm)
+        if not names:
+            hint = f" (patterns are globs: try '*{args.timm.strip('*')}*')" if "*" not in args.timm else ""
+            sys.stdout.write(f"no timm model matches {args.timm!r}{hint}\n")
+        for name in names:
             sys.stdout.write(f"timm:{name}\n")
         return 0
     sys.stdout.write("name                          offline weights\n")
@@ -267,46 +296,81 @@ def cmd_models(args) -> int:
     return 0
 
 
+DEBUG_ENV = "TRANSFERLAB_DEBUG"  # 1: show tracebacks, as --debug
+
+
 def _setup_logging(verbose: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    """INFO on rank 0 (WARNING on the others), DEBUG with -v; one stderr handler."""
+    rank = int(os.environ.get("RANK", "0") or 0)  # validated by check_dist_env before this
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for a run: third-party warnings (PIL, matplotlib glyphs, torch
+    deprecations) become one DEBUG log line (see them with -v), never raw text on stderr."""
+    text = (str(message).strip().splitlines() or [""])[0][:300]
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, text, filename, lineno)
+
+
+def _report_failure(e: BaseException, debug: bool) -> int:
+    """One line on stderr for ``e`` and its exit code (plus the traceback with --debug)."""
+    import traceback
+
+    from transferlab.distributed import describe_dist_error
+
+    if debug:
+        traceback.print_exception(e)
+    described = describe_failure(e)
+    message = describe_dist_error(e)
+    if message is not None:
+        code, line = 1, message
+    elif described is not None:
+        code, line = described
+    else:  # a bug: still one line; the traceback is one flag away
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        code, line = 1, (f"internal error ({type(e).__name__}: {first}); this is a bug in transferlab: "
+                         f"rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it")
+    label = "stopped" if isinstance(e, TrainingStopped) else "error"
+    sys.stderr.write(f"transferlab: {label}: {line}\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``transferlab`` command: parse, run, and map every failure to one line and a code.
+
+    Exit codes: 0 done (or nothing to do), 2 bad input or environment, 1 run-time failure (disk
+    full, out of memory) or an internal error, 130/143 stopped by SIGINT/SIGTERM.
+    """
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    _setup_logging(args.verbose)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     commands = {"train": cmd_train, "compare": cmd_compare, "cache": cmd_cache, "models": cmd_models}
-    from transferlab import tools
+    with warnings.catch_warnings():
+        warnings.showwarning = _log_warning  # restored on exit (in-process callers, tests)
+        try:
+            from transferlab import tools
+            from transferlab.validate import check_dist_env
 
-    commands.update(tools.COMMANDS)
-    try:
-        code = commands[args.command](args)
-        from transferlab.distributed import cleanup
+            check_dist_env(os.environ)
+            _setup_logging(args.verbose)
+            commands.update(tools.COMMANDS)
+            code = commands[args.command](args)
+            from transferlab.distributed import cleanup
 
-        cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
-        return code
-    except UserError as e:
-        sys.stderr.write(f"transferlab: error: {e}\n")
-        return 2
-    except TrainingStopped as e:
-        sys.stderr.write(f"transferlab: stopped: {e}\n")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("transferlab: interrupted\n")
-        return 130
-    except OSError as e:  # disk full, permissions, ... on a write without its own message
-        sys.stderr.write(f"transferlab: error: {e}\n")
-        return 1
-    except Exception as e:  # a collective failed: another rank died or the timeout passed
-        from transferlab.distributed import describe_dist_error
-
-        message = describe_dist_error(e)
-        if message is None:
-            raise
-        sys.stderr.write(f"transferlab: error: {message}\n")
-        return 1
+            cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
+            return code
+        except NothingToDo as e:
+            sys.stdout.write(f"transferlab: {e}\n")
+            return 0
+        except KeyboardInterrupt:
+            sys.stderr.write("transferlab: interrupted\n")
+            return 130
+        except Exception as e:  # every expected failure is one line; see errors.describe_failure
+            return _report_failure(e, debug)

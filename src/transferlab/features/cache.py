@@ -6,6 +6,13 @@ the data files' md5, the split, and the augmented-view settings. Files are writt
 full disk leaves no partial file. Each file carries a sha256 of its tensors; a truncated or
 garbled file is detected on load, deleted and rebuilt.
 
+Ownership: the cache dir may hold other files (a user's own safetensors models, say). Every
+entry we write carries ``format: transferlab-features/1`` in its safetensors metadata, and
+``cache clear`` deletes only entries that carry it (and entries of older versions, recognised by
+their 24-hex-digit key name plus a verified checksum); everything else is listed as "not ours"
+and left alone. Temp files are named ``.KEY.safetensors.transferlab-tmp-HOST-PID-XXXX`` and
+are swept only when stale (their process on this host is gone, or older than a day).
+
 Location: ``--cache-dir``, else ``$TRANSFERLAB_CACHE_DIR``, else ``~/.cache/transferlab/features``.
 
 Usage:
@@ -17,10 +24,15 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,18 +40,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from transferlab.train.checkpoint import atomic_write
+from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "TRANSFERLAB_CACHE_DIR"
 SUFFIX = ".safetensors"
+FORMAT_KEY, FORMAT_TAG = "format", "transferlab-features/1"  # in every entry's metadata
+TEMP_MARK = ".transferlab-tmp-"  # .KEY.safetensors.transferlab-tmp-HOST-PID-XXXX
+STALE_TEMP_S = 24 * 3600  # a temp file older than this is stale even if its process lives
+_LEGACY_KEY = re.compile(r"^[0-9a-f]{24}$")  # entries written before the format tag
 
 
 def cache_root(cache_dir: str) -> Path:
     """Resolve the cache folder (flag, then environment, then ~/.cache)."""
     root = cache_dir or os.environ.get(ENV_VAR) or str(Path.home() / ".cache" / "transferlab" / "features")
-    return Path(root).expanduser()
+    try:
+        return Path(root).expanduser()
+    except RuntimeError:  # "~nobody/x": no such user
+        raise UserError(f"cache dir {root}: no such user for '~'; write the full path (--cache-dir or "
+                        f"${ENV_VAR})") from None
 
 
 def cache_key(parts: dict) -> str:
@@ -76,10 +96,27 @@ def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], meta: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     info = {k: str(v) for k, v in meta.items()}
     info["sha256"] = _digest(tensors)
+    info[FORMAT_KEY] = FORMAT_TAG
     data = st_save(tensors, metadata=info)
     path = entry_path(root, key)
-    atomic_write(path, lambda f: f.write(data))
+    _write_atomic(path, data)
     return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file with our marker beside ``path``, fsync, rename; the temp never outlives a failure."""
+    prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_entry(root: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -106,25 +143,88 @@ def _read_meta(raw: bytes) -> dict:
     return header.get("__metadata__", {}) or {}
 
 
+def _meta_of(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 1 << 24:
+            raise ValueError("no safetensors header")
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a mapping")
+    return meta
+
+
+def is_ours(path: Path, meta: dict) -> bool:
+    """An entry we wrote: the format tag, or an older entry (key name + verified checksum)."""
+    if meta.get(FORMAT_KEY) == FORMAT_TAG:
+        return True
+    if not (_LEGACY_KEY.match(path.stem) and {"sha256", "backbone", "split"} <= set(meta)):
+        return False
+    try:
+        return _digest(st_load(path.read_bytes())) == meta["sha256"]
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def list_entries(root: Path) -> list[dict]:
-    """One dict per cache file: key, size in bytes, and its metadata (without verifying data)."""
+    """One dict per file in the cache dir: key, size in bytes, path, ``ours``, and its metadata.
+
+    ``ours`` is False for files we did not write (listed as "not ours", never deleted). Hidden
+    files (temp files) and the precision memo are not listed.
+    """
     out = []
-    for path in sorted(root.glob(f"*{SUFFIX}")):
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                meta = json.loads(f.read(n)).get("__metadata__", {}) if 0 < n < 1 << 24 else {}
-        except (OSError, ValueError):
-            meta = {"error": "unreadable"}
-        out.append({"key": path.stem, "bytes": path.stat().st_size, "path": str(path), **meta})
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.name == "precision.json":  # the extraction precision memo (features/extract.py)
+            continue
+        meta: dict = {}
+        if path.suffix == SUFFIX:
+            try:
+                meta = _meta_of(path)
+            except (OSError, ValueError):
+                meta = {"error": "unreadable"}
+        ours = path.suffix == SUFFIX and is_ours(path, meta)
+        info = {k: v for k, v in meta.items() if k not in ("key", "bytes", "path", "ours")}
+        out.append({**info, "key": path.stem, "bytes": path.stat().st_size, "path": str(path), "ours": ours})
     return out
 
 
+def _stale_temp(path: Path, now: float) -> bool:
+    """A temp file of ours whose writer is gone (same host, dead pid) or that is a day old."""
+    rest = path.name.split(TEMP_MARK, 1)[1]  # HOST-PID-XXXX (the host may contain '-')
+    host, _, tail = rest.rpartition("-")[0].rpartition("-")
+    pid = int(tail) if tail.isdigit() else -1
+    try:
+        age = now - path.stat().st_mtime
+    except OSError:
+        return False
+    if age > STALE_TEMP_S:
+        return True
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 def clear_entries(root: Path) -> tuple[int, int]:
-    """Delete every cache file (and stale temp files); returns (files, bytes) freed."""
+    """Delete our entries and our stale temp files; returns (files, bytes) freed.
+
+    Files that are not ours stay (see :func:`list_entries`); so do temp files being written.
+    """
     files = freed = 0
-    for path in list(root.glob(f"*{SUFFIX}")) + list(root.glob(".*.tmp")):
-        freed += path.stat().st_size
-        path.unlink(missing_ok=True)
+    now = time.time()
+    doomed = [Path(e["path"]) for e in list_entries(root) if e["ours"]]
+    doomed += [p for p in root.glob(f".*{TEMP_MARK}*") if p.is_file() and _stale_temp(p, now)]
+    for path in doomed:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
         files += 1
     return files, freed

@@ -1,0 +1,318 @@
+"""Issue 16's safety rules, one test (or a few) per rule: run-dir locks and undoable overwrites,
+owned outputs and cache entries, data roots, decoding, signals and the one-line error policy."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferlab import rundir
+from transferlab.errors import NothingToDo, RunFailure, TrainingStopped, UserError, describe_failure
+
+# ---------------------------------------------------------------------------------------------
+# 1. Validate before you destroy: --overwrite sets the old run aside until commit()
+
+
+def _old_run(run: Path) -> dict[str, bytes]:
+    run.mkdir(parents=True)
+    files = {"best.pt": b"best", "metrics.csv": b"epoch\n1\n", "summary.json": b"{}"}
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    os.link(run / "best.pt", run / "last.pt")
+    (run / "tb").mkdir()
+    (run / "tb" / "events").write_bytes(b"e")
+    return {**files, "last.pt": b"best", "tb/events": b"e"}
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != rundir.LOCK_NAME}
+
+
+def test_overwrite_rollback_restores_the_old_run_intact(tmp_path):
+    run = tmp_path / "precious"
+    before = _old_run(run)
+    h = rundir.prepare_run_dir(run, resume=False, overwrite=True)
+    assert _snapshot(run) == {}  # set aside, not deleted
+    (run / "config.yaml").write_text("new")  # the new run starts writing, then fails
+    h.rollback()
+    h.release()
+    assert _snapshot(run) == before
+    assert os.path.samefile(run / "best.pt", run / "last.pt")  # the hard link survived the move
+    assert not list(tmp_path.glob(".precious.old-*"))
+
+
+def test_overwrite_commit_deletes_the_old_run_only_then(tmp_path):
+    run = tmp_path / "precious"
+    _old_run(run)
+    with rundir.prepare_run_dir(run, resume=False, overwrite=True) as h:
+        (run / "last.pt").write_bytes(b"new")
+        assert len(list(tmp_path.glob(".precious.old-*"))) == 1
+        h.commit()
+        assert not list(tmp_path.glob(".precious.old-*"))
+    assert _snapshot(run) == {"last.pt": b"new"}
+
+
+def test_context_manager_rolls_back_on_error(tmp_path):
+    run = tmp_path / "precious"
+    before = _old_run(run)
+    with pytest.raises(UserError, match="typo"):
+        with rundir.prepare_run_dir(run, resume=False, overwrite=True):
+            (run / "data_manifest.json").write_text("{}")
+            raise UserError("--data folder:/typo: no such folder")
+    assert _snapshot(run) == before
+
+
+def test_not_empty_without_overwrite_is_refused_untouched(tmp_path):
+    run = tmp_path / "r"
+    before = _old_run(run)
+    with pytest.raises(UserError, match="not empty.*--overwrite"):
+        rundir.prepare_run_dir(run, resume=False, overwrite=False)
+    assert _snapshot(run) == before
+
+
+def test_failed_new_run_leaves_no_empty_run_dir(tmp_path):
+    run = tmp_path / "a" / "new"
+    h = rundir.prepare_run_dir(run, resume=False, overwrite=False)
+    (run / "config.yaml").write_text("x")
+    h.rollback()
+    h.release()
+    assert not run.exists()
+
+
+def test_user_made_empty_dir_is_kept_on_failure(tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    h = rundir.prepare_run_dir(run, resume=False, overwrite=False)
+    (run / "config.yaml").write_text("x")
+    h.rollback()
+    h.release()
+    assert run.is_dir() and _snapshot(run) == {}
+
+
+def test_stale_aside_is_reported_not_deleted(tmp_path, caplog):
+    run = tmp_path / "r"
+    _old_run(run)
+    stale = tmp_path / ".r.old-999999"
+    stale.mkdir()
+    (stale / "best.pt").write_bytes(b"older")
+    with rundir.prepare_run_dir(run, resume=False, overwrite=True) as h:
+        h.commit()
+    assert (stale / "best.pt").read_bytes() == b"older"
+    assert "killed" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One writer per run dir
+
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    run = tmp_path / "r"
+    first = rundir.prepare_run_dir(run, resume=False, overwrite=False)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=rf"in use by process {os.getpid()}"):
+        rundir.prepare_run_dir(run, resume=False, overwrite=True)
+    assert time.perf_counter() - t0 < 1.0
+    first.release()
+    rundir.prepare_run_dir(run, resume=False, overwrite=True).release()  # free again
+
+
+def test_lock_held_by_another_process(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    code = ("import sys, time; from pathlib import Path; from transferlab import rundir; "
+            "h = rundir.prepare_run_dir(Path(sys.argv[1]), False, False); print('locked', flush=True); "
+            "time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as e:
+            rundir.prepare_run_dir(run, resume=False, overwrite=True)
+        assert f"process {p.pid}" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        p.kill()
+        p.wait()
+    rundir.prepare_run_dir(run, resume=False, overwrite=True).release()  # the kernel dropped the lock
+
+
+def test_resume_takes_the_lock_too(tmp_path):
+    run = tmp_path / "r"
+    _old_run(run)
+    h = rundir.prepare_run_dir(run, resume=True, overwrite=False)
+    with pytest.raises(UserError, match="in use"):
+        rundir.prepare_run_dir(run, resume=True, overwrite=False)
+    h.release()
+
+
+def test_default_names_are_unique_in_the_same_second(tmp_path):
+    now = datetime(2026, 11, 29, 12, 0, 0)
+    dirs = [rundir.unique_run_dir(tmp_path, "timm:resnet/x", now) for _ in range(3)]
+    assert [d.name for d in dirs] == ["timm-resnet-x-20261129-120000", "timm-resnet-x-20261129-120000-2",
+                                      "timm-resnet-x-20261129-120000-3"]
+    h = rundir.prepare_run_dir(None, False, False, stem="cnn", runs_root=tmp_path / "runs")
+    assert h.created and h.run_dir.parent == tmp_path / "runs"
+    h.rollback()
+    h.release()
+    assert not h.run_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Resume means resume
+
+
+def _finished_run(run: Path, epochs: int = 2) -> None:
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"x")
+    time.sleep(0.01)
+    (run / "summary.json").write_text(json.dumps({"fit_state": {"epoch": epochs, "stop_reason": "epoch budget"}}))
+
+
+def test_resuming_a_finished_run_is_nothing_to_do(tmp_path):
+    run = tmp_path / "r"
+    _finished_run(run)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(NothingToDo, match=r"finished \(2 epochs.*--epochs N with N > 2"):
+        rundir.prepare_run_dir(run, resume=True, overwrite=False)
+    assert sorted(p.name for p in run.iterdir()) == before  # not even a lock file
+    rundir.prepare_run_dir(run, resume=True, overwrite=False, requested_epochs=5).release()  # extend
+
+
+def test_resume_empty_and_missing(tmp_path):
+    with pytest.raises(UserError, match="empty string"):
+        rundir.check_resume_arg("")
+    with pytest.raises(UserError, match="empty string"):
+        rundir.prepare_run_dir("", resume=True, overwrite=False)
+    with pytest.raises(UserError, match="not a folder"):
+        rundir.prepare_run_dir(tmp_path / "nope", resume=True, overwrite=False)
+
+
+def test_edited_config_is_detected_and_named(tmp_path):
+    import yaml
+
+    cfg = {"optim": {"lr": 0.001, "epochs": 2}, "run": {"seed": 0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    h = rundir.config_hash(tmp_path / "config.yaml")
+    rundir.check_config_unchanged(tmp_path, h, cfg)  # unchanged: fine
+    rundir.check_config_unchanged(tmp_path, None, cfg)  # an old checkpoint without a hash: no check
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**cfg, "optim": {"lr": 0.01, "epochs": 2}}))
+    with pytest.raises(UserError, match=r"edited since the run started \(optim.lr: 0.001 -> 0.01\)"):
+        rundir.check_config_unchanged(tmp_path, h, cfg)
+    (tmp_path / "config.yaml").write_text("[broken")
+    with pytest.raises(UserError, match="no longer a valid config"):
+        rundir.check_config_unchanged(tmp_path, h, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Data roots stay clean; 1. outputs
+
+
+def test_run_or_cache_dir_inside_the_data_root_is_refused_before_writing(tmp_path):
+    data = tmp_path / "flowers"
+    data.mkdir()
+    with pytest.raises(UserError, match="inside the data root"):
+        rundir.prepare_run_dir(data / "runs" / "x", False, False, data_root=data)
+    assert list(data.iterdir()) == []
+    with pytest.raises(UserError, match="inside the data root"):
+        rundir.refuse_inside(data, data, "cache dir")
+    rundir.refuse_inside(tmp_path / "flowers2", data, "cache dir")  # a name prefix is not inside
+    assert rundir.data_root("folder:" + str(data), "x") == data
+    assert rundir.data_root("cifar100", "d") == Path("d/cifar-100-python")
+
+
+def test_unknown_tilde_user_is_a_user_error():
+    with pytest.raises(UserError, match="no such user"):
+        rundir.expand_user("~no_such_user_xyz/cache", "--cache-dir")
+
+
+def test_output_guard(tmp_path):
+    run = tmp_path / "run"
+    _old_run(run)
+    for target in (run / "best.pt", run / "summary.json", run / "metrics.csv"):
+        with pytest.raises(UserError, match="run's own files"):
+            rundir.check_output_path(target, run, force=False)
+    os.link(run / "best.pt", tmp_path / "alias.pt")  # a hard link to a run file, elsewhere
+    with pytest.raises(UserError, match="run's own files"):
+        rundir.check_output_path(tmp_path / "alias.pt", run, force=False)
+    (tmp_path / "user.onnx").write_bytes(b"mine")
+    with pytest.raises(UserError, match="not written by this command.*--force"):
+        rundir.check_output_path(tmp_path / "user.onnx", run, force=False)
+    rundir.check_output_path(tmp_path / "user.onnx", run, force=False, is_ours=lambda p: True)
+    rundir.check_output_path(run / "best.pt", run, force=True)
+    rundir.check_output_path(tmp_path / "new.onnx", run, force=False)
+    with pytest.raises(UserError, match="is a folder"):
+        rundir.check_output_path(tmp_path, run, force=True)
+
+
+def test_write_via_temp_never_writes_through_a_hard_link(tmp_path):
+    a, b = tmp_path / "best.pt", tmp_path / "last.pt"
+    a.write_bytes(b"checkpoint")
+    os.link(a, b)
+    with rundir.write_via_temp(a) as tmp:
+        tmp.write_bytes(b"export")
+    assert a.read_bytes() == b"export" and b.read_bytes() == b"checkpoint"
+    with pytest.raises(RuntimeError), rundir.write_via_temp(tmp_path / "x") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp left
+
+
+def test_damaged_json_is_one_line(tmp_path):
+    for text in ("{", "[1, 2]", "\xff", ""):
+        (tmp_path / "summary.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(UserError) as e:
+            rundir.read_json_file(tmp_path / "summary.json", "summary")
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. One line, always: the failure policy
+
+
+@pytest.mark.parametrize("exc, code, text", [
+    (OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"), 1, "no space left.*runs/x/last.pt"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/out.onnx"), 1, "read-only.*/ro/out.onnx"),
+    (OSError(errno.EACCES, "Permission denied", "/root/x"), 2, "permission denied.*/root/x"),
+    (MemoryError(), 1, "out of memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried "
+                  "to allocate 1099511627776 bytes."), 1, "out of memory.*batch-size"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 1, "out of memory"),
+    (UserError("bad flag"), 2, "bad flag"),
+    (RunFailure("disk gone"), 1, "disk gone"),
+    (TrainingStopped("stopped", 143), 143, "stopped"),
+])
+def test_describe_failure(exc, code, text):
+    import re
+
+    got_code, line = describe_failure(exc)
+    assert got_code == code and re.search(text, line) and "\n" not in line
+
+
+def test_a_bug_is_not_described():
+    assert describe_failure(KeyError("x")) is None
+    assert describe_failure(RuntimeError("shape mismatch")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Stop when asked: the flag knows which signal
+
+
+def test_stop_flag_records_the_signal_and_exit_code():
+    from transferlab.cli import _StopFlag
+
+    with _StopFlag() as stop:
+        assert not stop() and stop.exit_code == 130
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() and stop.signal_name == "SIGTERM" and stop.exit_code == 143
+    with _StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and stop.exit_code == 130
