@@ -12,7 +12,100 @@ from __future__ import annotations
 
 from transferlab.config import Config
 from transferlab.distributed import DistEnv
+from transferlab.errors import UserError
 
 
 def check_before_data(cfg: Config, env: DistEnv) -> None:
     """All config-only checks, in one place."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges, paths and the torchrun environment (issue 16). ``check_dist_env`` runs in cli.main
+# before anything else; the others are called from check_before_data (and check_batch_size
+# once a folder data set's size is known).
+
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch takes more, but one range for every seed
+MAX_IMAGE_SIZE = 1024  # px; see check_ranges for why
+MAX_NUM_WORKERS = 64  # DataLoader processes: each holds a copy of the decode pipeline
+CIFAR_TRAIN_IMAGES = 50_000  # images in CIFAR-100's training file (train + val)
+_DIST_INTS = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, "LOCAL_WORLD_SIZE": 1, "GROUP_RANK": 0,
+              "NODE_RANK": 0, "MASTER_PORT": 1}
+
+
+def check_dist_env(environ) -> None:
+    """torchrun's variables, if set, are integers in range (RANK < WORLD_SIZE, a valid port)."""
+    values: dict[str, int] = {}
+    for name, low in _DIST_INTS.items():
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw.strip())
+        except ValueError:
+            values[name] = low - 1
+        if values[name] < low:
+            raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; it is set by "
+                            "torchrun: unset it, or start the job with torchrun --nproc-per-node N")
+    if values.get("MASTER_PORT", 1) > 65535:
+        raise UserError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a TCP port (1-65535)")
+    pairs = (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+    for rank, size in pairs:
+        if rank in values and size in values and values[rank] >= values[size]:
+            raise UserError(f"{rank}={values[rank]} must be below {size}={values[size]}; start the job with "
+                            "torchrun, or unset these variables")
+    if "MASTER_ADDR" in environ and not environ["MASTER_ADDR"].strip():
+        raise UserError("MASTER_ADDR is set but empty; unset it or give the rank-0 host name")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Seeds within 0..2**32-1, image size within reason, worker counts within reason."""
+    for flag, value in (("--seed", cfg.run.seed), ("--split-seed", cfg.data.split_seed),
+                        ("--subset-seed", cfg.data.subset_seed)):
+        if not 0 <= value <= SEED_MAX:
+            raise UserError(f"{flag} {value} is out of range; seeds are 0..{SEED_MAX} (2**32 - 1)")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size {cfg.data.image_size} is above {MAX_IMAGE_SIZE} px: pretrained backbones "
+                        "were trained at 224-384 px, and memory and time grow with the square of the side "
+                        f"({MAX_IMAGE_SIZE} px costs 21x 224 px per image); use {MAX_IMAGE_SIZE} or less")
+    if cfg.data.num_workers > MAX_NUM_WORKERS:
+        raise UserError(f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each worker is a "
+                        "process with its own memory: use about the number of CPU cores")
+    if cfg.data.dataset == "cifar100" and cfg.data.val_size >= CIFAR_TRAIN_IMAGES:
+        raise UserError(f"--val-size {cfg.data.val_size} leaves no CIFAR-100 training images (there are "
+                        f"{CIFAR_TRAIN_IMAGES}); use e.g. 5000")
+
+
+def expected_train_images(cfg: Config) -> int | None:
+    """Training images the run will see, when known before the data loads (CIFAR); else None."""
+    if cfg.data.dataset != "cifar100":
+        return None
+    n = CIFAR_TRAIN_IMAGES - cfg.data.val_size
+    if cfg.data.train_subset:
+        n = min(n, cfg.data.train_subset)
+    return n
+
+
+def check_batch_size(batch_size: int, n_train: int, world_size: int = 1) -> None:
+    """A global batch larger than the training set is a mistake (and may not fit in memory)."""
+    if batch_size > n_train:
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training images; use at most "
+                        f"{n_train} (or more data)")
+    if n_train < world_size:
+        raise UserError(f"{n_train} training images cannot be split over {world_size} processes")
+
+
+def check_paths(cfg: Config) -> None:
+    """``folder:`` has a path, ``~user`` resolves, and run/cache dirs stay out of the data root."""
+    from transferlab import rundir
+    from transferlab.features.cache import cache_root
+
+    if cfg.data.dataset.startswith("folder:") and not cfg.data.dataset[len("folder:"):].strip():
+        raise UserError("--data folder: needs a path, e.g. --data folder:/data/flowers")
+    root = rundir.data_root(cfg.data.dataset, cfg.data.data_dir)
+    run_dir = rundir.expand_user(cfg.run.run_dir or "runs", "--run-dir")
+    cache = cache_root(cfg.run.cache_dir)  # UserError for an unknown ~user
+    if root is None:
+        return
+    rundir.refuse_inside(run_dir, root, "run dir")
+    if cfg.model.mode == "frozen" and cfg.run.feature_cache:
+        rundir.refuse_inside(cache, root, "cache dir")
