@@ -3,6 +3,7 @@ the loader's batches and sharding, and a real 1-epoch CLI run on a tiny PNG fold
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,84 @@ def test_cli_trains_on_a_png_folder_and_records_bad_images(tmp_path):
     assert s["image_size"] == 32 and s["data"]["source"] == str(root.resolve())
     manifest = json.loads((run / "data_manifest.json").read_text())
     assert len(manifest["test"]["paths"]) == 6 and manifest["classes"] == ["blue", "green", "red"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: layouts without surprises, bad entries of every kind, bit depths, pixel limits
+
+
+def test_a_class_named_train_does_not_make_a_split_layout(tmp_path, caplog):
+    from transferlab.data.folder import detect_layout
+
+    root = write_png_tree(tmp_path / "d", {"apple": 5, "train": 5, "tulip": 5}, size=4)
+    with caplog.at_level(logging.INFO):
+        ds = load_folder_dataset(_cfg(root))
+    assert ds.info["layout"] == "tree" and ds.classes == ["apple", "train", "tulip"]
+    assert "beside other folders" in ds.info["layout_reason"] and "tree layout" in caplog.text
+    # only train/ and test/ on top, but train/ holds images: classes named train and test
+    write_png_tree(tmp_path / "e", {"train": 4, "test": 4}, size=4)
+    assert detect_layout(tmp_path / "e")[0] == "tree"
+    write_png_tree(tmp_path / "f" / "train", {"a": 4, "b": 4}, size=4)
+    assert detect_layout(tmp_path / "f") == ("splits", "only train folders, with class folders inside")
+
+
+def test_empty_folder_path_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="needs a path"):
+        load_folder_dataset(DataConfig(dataset="folder:", num_workers=0))
+    with pytest.raises(UserError, match="no such user"):
+        load_folder_dataset(DataConfig(dataset="folder:~no_such_user_xyz/d", num_workers=0))
+
+
+def test_broken_symlinks_and_fifos_are_counted_and_listed(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"cat": 6, "dog": 6}, size=4)
+    (root / "cat" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(root / "dog" / "pipe.png")  # reading it would block forever: must never be opened
+    ds = load_folder_dataset(_cfg(root))
+    reasons = {Path(p).name for p in ds.info["bad_image_paths"]}
+    assert ds.info["bad_images"] == 2 and reasons == {"gone.png", "pipe.png"}
+
+
+def test_fifo_and_device_are_refused_not_read(tmp_path):
+    from transferlab.data.folder import check_regular_file
+
+    os.mkfifo(tmp_path / "p.jpg")
+    with pytest.raises(ValueError, match="FIFO"):
+        load_image(tmp_path / "p.jpg", 8)
+    with pytest.raises(ValueError, match="device"):
+        check_regular_file("/dev/zero")
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0..65520
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")  # 16-bit grayscale PNG
+    x = load_image(tmp_path / "g16.png", 8)
+    expected = np.round(ramp16 / 257.0).astype(np.uint8)
+    assert np.abs(x[0].numpy().astype(int) - expected.astype(int)).max() <= 2  # resize rounding
+    assert x.max() > 200  # clipping would have made almost everything 255
+    f = (np.arange(64, dtype=np.float32).reshape(8, 8) / 63.0)
+    Image.fromarray(f, "F").save(tmp_path / "f.tif")
+    assert abs(int(load_image(tmp_path / "f.tif", 8)[0, 0, 0]) - 0) <= 2
+    Image.fromarray(f * 500, "F").save(tmp_path / "bad.tif")  # outside [0, 1]: no faithful mapping
+    with pytest.raises(ValueError, match="outside"):
+        load_image(tmp_path / "bad.tif", 8)
+
+
+def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, caplog, recwarn):
+    root = write_png_tree(tmp_path / "d", {"a": 5, "b": 5}, size=4)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / "a" / "big.png")
+    with caplog.at_level(logging.WARNING):
+        ds = load_folder_dataset(_cfg(root, max_image_pixels=1000))
+    assert ds.info["bad_images"] == 1 and "50x40 = 2,000 pixels is above --max-image-pixels 1,000" in caplog.text
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_an_image_corrupted_after_the_check_is_one_line(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"a": 6, "b": 6}, size=6)
+    ds = load_folder_dataset(_cfg(root, val_frac=0.2, test_frac=0.2))
+    ds.set_preprocessing(8)
+    Path(ds.train.paths[0]).write_bytes(b"garbage")
+    loader = FolderLoader(ds.train, 4, False, torch.device("cpu"), num_workers=1)
+    with pytest.raises(UserError) as e:
+        list(loader)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    assert ds.train.paths[0] in str(e.value)

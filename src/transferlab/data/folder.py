@@ -31,10 +31,13 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from transferlab.config import DataConfig
+from transferlab.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from transferlab.data.cifar import ImageDataset
 from transferlab.distributed import DistEnv, augment_seed, shard_order
 from transferlab.errors import UserError
@@ -63,6 +66,7 @@ class FolderSplit:
     labels: Tensor  # int64 (N,)
     preprocessing: object = None  # plan.Preprocessing: the decode transform, set by the plan
     num_workers: int = 2  # DataLoader decode processes (--num-workers)
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # --max-image-pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,7 +75,7 @@ class FolderSplit:
         """The samples at ``idx`` (for --train-subset)."""
         keep = idx.tolist()
         return FolderSplit([self.paths[i] for i in keep], self.labels[idx].clone(), self.preprocessing,
-                           self.num_workers)
+                           self.num_workers, self.max_pixels)
 
 
 @dataclass
@@ -97,56 +101,131 @@ class FolderDataset(ImageDataset):
 # Decoding
 
 
-def load_image(path: str | Path, pre) -> Tensor:
+def check_regular_file(path: str | Path) -> None:
+    """Raise ValueError unless ``path`` is a regular file (after symlinks); never opens it.
+
+    A FIFO would block the read forever and a device file could be endless, so both are refused
+    before ``open``; ``predict`` reports the error per file like any unreadable image.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        kind = "a broken symbolic link" if os.path.islink(path) else "missing"
+        raise ValueError(f"{kind}: no file at {path}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a file")
+        raise ValueError(f"{path} is {kind}, not a regular file; refusing to read it")
+
+
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int):
+    """Open images with PIL's own bomb check off: we apply ``max_pixels`` ourselves, with one line
+    of our own instead of PIL's DecompressionBombWarning/Error."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _open(path: str | Path, max_pixels: int):
+    """PIL image of ``path`` (header read only), refused when over ``max_pixels``."""
+    from PIL import Image
+
+    check_regular_file(path)
+    im = Image.open(path)
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ValueError(f"{w}x{h} = {w * h:,} pixels is above --max-image-pixels {max_pixels:,}")
+    return im
+
+
+def to_rgb8(im):
+    """A PIL image as 8-bit RGB, scaling high-bit-depth modes to 0..255 (not clipping them).
+
+    16-bit integer modes (``I;16*``, and ``I`` as PIL opens 16-bit PNGs) are divided by 257
+    (65535 -> 255); float images (``F``) must hold values in [0, 1] and are multiplied by 255.
+    Values outside those ranges cannot be mapped faithfully: ValueError (the file is skipped).
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if mode == "F":
+            finite = np.isfinite(arr).all()
+            if not finite or arr.min() < 0 or arr.max() > 1:
+                raise ValueError("float image with values outside [0, 1]: no faithful 8-bit mapping")
+            arr8 = np.round(arr * 255.0)
+        else:
+            if arr.min() < 0 or arr.max() > 65535:
+                raise ValueError(f"{mode} image with values outside 0..65535: no faithful 8-bit mapping")
+            arr8 = np.round(arr.astype(np.float64) / 257.0)
+        return Image.fromarray(arr8.astype(np.uint8), "L").convert("RGB")
+    if mode not in _CONVERTIBLE:
+        raise ValueError(f"image mode {mode} cannot be converted to RGB faithfully")
+    return im.convert("RGB")
+
+
+# PIL modes whose convert("RGB") is exact or the usual meaning (alpha dropped, palette applied)
+_CONVERTIBLE = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+
+
+def load_image(path: str | Path, pre, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
     """Decode an image file to uint8 (3, S, S) by the plan's eval transform.
 
     ``pre`` is a ``plan.Preprocessing`` (shorter side to ``pre.resize``, centre crop
     ``pre.crop``), or an int S for a plain "shorter side to S, centre crop" (report thumbnails).
+    Only regular files are opened (:func:`check_regular_file`); images over ``max_pixels`` and
+    modes :func:`to_rgb8` cannot convert raise ValueError.
 
     Raises OSError/ValueError (PIL's errors) for unreadable files; callers decide the policy.
     """
-    from PIL import Image
-
     from transferlab.data.preprocess import eval_transform
     from transferlab.plan import square_preprocessing
 
     if isinstance(pre, int):
         pre = square_preprocessing(pre)
-    with Image.open(path) as im:
+    with _pil_limit(max_pixels), _open(path, max_pixels) as im:
         im.draft("RGB", (pre.resize, pre.resize))  # JPEG: decode at a reduced scale when enough
-        im = im.convert("RGB")
-        return eval_transform(im, pre)
+        return eval_transform(to_rgb8(im), pre)
 
 
-def check_image(path: str) -> str:
-    """'' if ``path`` decodes as an image, else the reason it does not."""
-    from PIL import Image
-
+def check_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """'' if ``path`` decodes (and converts to 8-bit RGB) as an image, else the reason it does not."""
     try:
-        with Image.open(path) as im:
+        with _pil_limit(max_pixels), _open(path, max_pixels) as im:
             im.draft("RGB", (64, 64))  # a JPEG still decodes every block, just at low resolution
             im.load()
+            to_rgb8(im)
         return ""
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error...
         return f"{type(e).__name__}: {e}"
 
 
 class _CheckFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], max_pixels: int):
         self.paths = paths
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> str:
-        return check_image(self.paths[i])
+        return check_image(self.paths[i], self.max_pixels)
 
 
-def find_bad_images(paths: list[str], num_workers: int) -> dict[str, str]:
+def find_bad_images(paths: list[str], num_workers: int,
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, str]:
     """{path: reason} for every file that does not decode; checked in ``num_workers`` processes."""
     if not paths:
         return {}
-    dl = torch.utils.data.DataLoader(_CheckFiles(paths), batch_size=64, num_workers=num_workers,
+    dl = torch.utils.data.DataLoader(_CheckFiles(paths, max_pixels), batch_size=64, num_workers=num_workers,
                                      collate_fn=list)
     reasons = [r for batch in dl for r in batch]
     return {p: r for p, r in zip(paths, reasons, strict=True) if r}
@@ -160,10 +239,18 @@ def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
-    """{class name: sorted files} for the class sub-folders of ``split_dir`` (hidden ones skipped)."""
-    classes = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {c.name: sorted(f for f in c.rglob("*") if f.is_file() and not f.name.startswith(".")) for c in classes}
+    """{class name: sorted entries} for the class sub-folders of ``split_dir`` (hidden ones skipped).
+
+    Every non-folder entry is listed, broken symlinks and special files (FIFOs, devices)
+    included, so the screen counts and lists them as bad files instead of dropping them unseen.
+    """
+    return {c.name: sorted(f for f in c.rglob("*") if not f.name.startswith(".") and not f.is_dir())
+            for c in _visible_dirs(split_dir)}
 
 
 def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> list[list[int]]:
@@ -192,12 +279,28 @@ def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> 
     return [sorted(p) for p in parts]
 
 
-def _detect_layout(root: Path) -> str:
+def detect_layout(root: Path) -> tuple[str, str]:
+    """("splits" or "tree", the reason). Splits only when the tree really is one.
+
+    Class names can be split names (CIFAR-100 has a class ``train``), so a ``train/`` folder
+    alone does not make a split layout: every top-level folder must be train, val or test, and
+    ``train/`` must hold class folders and no image files of its own.
+    """
     if not root.is_dir():
-        raise UserError(f"--data folder:{root}: no such folder; expected PATH/<class>/*.jpg or PATH/train/<class>/")
-    if (root / "train").is_dir():
-        return "splits"
-    return "tree"
+        raise UserError(f"--data folder:{root}: no such folder; expected PATH/<class>/*.jpg or "
+                        "PATH/train/<class>/")
+    top = [p.name for p in _visible_dirs(root)]
+    if "train" not in top:
+        return "tree", "no train/ folder: each sub-folder is a class"
+    others = [n for n in top if n not in SPLITS]
+    if others:
+        return "tree", (f"train/ sits beside other folders ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), so it is a class")
+    train = root / "train"
+    direct = [f.name for f in train.iterdir() if not f.is_dir() and _is_image_name(f)]
+    if direct or not _visible_dirs(train):
+        return "tree", "train/ holds images itself (no class folders), so it is a class"
+    return "splits", f"only {'/'.join(n for n in SPLITS if n in top)} folders, with class folders inside"
 
 
 def _collect(root: Path, layout: str) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
@@ -219,13 +322,23 @@ def _collect(root: Path, layout: str) -> tuple[list[str], dict[str, dict[str, li
     return classes, found
 
 
-def _screen(found: dict, on_bad: str, num_workers: int) -> tuple[dict, dict[str, str]]:
+def _entry_problem(path: Path) -> str:
+    """Why a listed entry cannot be an image before opening it: a broken link, a FIFO, a name."""
+    try:
+        check_regular_file(path)
+    except ValueError as e:
+        return str(e).replace(f"{path} is ", "").replace(f": no file at {path}", "")
+    return "" if _is_image_name(path) else "not an image file extension"
+
+
+def _screen(found: dict, on_bad: str, num_workers: int,
+            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, dict[str, str]]:
     """Drop non-image and undecodable files (skip) or fail listing them (error)."""
     all_files = [str(f) for per_class in found.values() for files in per_class.values() for f in files]
-    bad = {f: "not an image file extension" for f in all_files if not _is_image_name(Path(f))}
+    bad = {f: why for f in all_files if (why := _entry_problem(Path(f)))}
     candidates = [f for f in all_files if f not in bad]
     log.info("checking %d image files (%d workers)", len(candidates), num_workers)
-    bad.update(find_bad_images(candidates, num_workers))
+    bad.update(find_bad_images(candidates, num_workers, max_pixels))
     if bad:
         listing = "; ".join(f"{p} ({r})" for p, r in sorted(bad.items())[:20])
         more = f"; ... and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -268,7 +381,8 @@ def _build_splits(root: Path, classes: list[str], kept: dict, d: DataConfig) -> 
             labels = [pool_labels[i] for i in carved[s]]
         if not paths:
             raise UserError(f"folder data {root}: the {s} split is empty; add images or raise --{s}-frac")
-        splits[s] = FolderSplit(paths, torch.tensor(labels, dtype=torch.int64), num_workers=d.num_workers)
+        splits[s] = FolderSplit(paths, torch.tensor(labels, dtype=torch.int64), num_workers=d.num_workers,
+                                max_pixels=d.max_image_pixels)
     return splits
 
 
@@ -277,15 +391,27 @@ def _class_counts(split: FolderSplit, classes: list[str]) -> dict[str, int]:
     return dict(zip(classes, counts, strict=True))
 
 
+def folder_root(dataset: str) -> Path:
+    """PATH of ``folder:PATH``; an empty PATH or an unknown ``~user`` is a UserError."""
+    raw = dataset[len("folder:"):]
+    if not raw.strip():
+        raise UserError("--data folder: needs a path, e.g. --data folder:/data/flowers")
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:
+        raise UserError(f"--data folder:{raw}: no such user for '~'; write the full path") from None
+
+
 def load_folder_dataset(d: DataConfig) -> FolderDataset:
     """Load ``d.dataset == 'folder:PATH'``: list, screen, split; nothing is kept in memory but paths.
 
     Runs set the decode transform later with ``set_preprocessing``.
     """
-    root = Path(d.dataset[len("folder:"):]).expanduser()
-    layout = _detect_layout(root)
+    root = folder_root(d.dataset)
+    layout, why = detect_layout(root)
+    log.info("folder data %s: %s layout (%s)", root, layout, why)
     classes, found = _collect(root, layout)
-    kept, bad = _screen(found, d.on_bad_image, d.num_workers)
+    kept, bad = _screen(found, d.on_bad_image, d.num_workers, d.max_image_pixels)
     splits = _build_splits(root, classes, kept, d)
     counts = {s: _class_counts(splits[s], classes) for s in SPLITS}
     total = {c: sum(counts[s][c] for s in SPLITS) for c in classes}
@@ -299,7 +425,7 @@ def load_folder_dataset(d: DataConfig) -> FolderDataset:
                     ratio, big, total[big], small, total[small])
     md5 = {"files": _md5_of_files([p for s in splits.values() for p in s.paths])}
     md5.update({s: _md5_of_files(splits[s].paths) for s in SPLITS})
-    info = {"layout": layout, "class_counts": counts, "imbalance_ratio": round(ratio, 2),
+    info = {"layout": layout, "layout_reason": why, "class_counts": counts, "imbalance_ratio": round(ratio, 2),
             "bad_images": len(bad), "bad_image_paths": sorted(bad)[:20], "on_bad_image": d.on_bad_image}
     log.info("folder data %s (%s layout): %d classes, %d/%d/%d train/val/test images, %d bad file(s) %s",
              root, layout, len(classes), len(splits["train"]), len(splits["val"]), len(splits["test"]),
@@ -313,6 +439,14 @@ def load_folder_dataset(d: DataConfig) -> FolderDataset:
 # Loading batches
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a worker returns for a file that no longer decodes: the main process raises."""
+
+    path: str
+    reason: str
+
+
 class _Decode(torch.utils.data.Dataset):
     """Decodes one file to uint8 (3, S, S) in a DataLoader worker."""
 
@@ -322,14 +456,18 @@ class _Decode(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor] | _Undecodable:
         path = self.split.paths[i]
         try:
-            x = load_image(path, self.split.preprocessing)
-        except Exception as e:  # a file that changed since load time
-            raise UserError(f"cannot decode {path} ({type(e).__name__}: {e}); it passed the check at load "
-                            "time, so it changed since: fix it and rerun") from None
+            x = load_image(path, self.split.preprocessing, self.split.max_pixels)
+        except Exception as e:  # a file that changed since load time; raised in the main process,
+            return _Undecodable(path, f"{type(e).__name__}: {e}")  # not wrapped in a worker traceback
         return x, self.split.labels[i]
+
+
+def _collate(items: list) -> tuple[Tensor, Tensor] | _Undecodable:
+    bad = next((it for it in items if isinstance(it, _Undecodable)), None)
+    return bad if bad is not None else torch.utils.data.default_collate(items)
 
 
 def shard_indices(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
@@ -395,8 +533,12 @@ class FolderLoader:
         loader = torch.utils.data.DataLoader(
             _Decode(self.split), batch_size=self.batch_size, sampler=_EpochSampler(self),
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.num_workers > 0 else None)
-        for x, y in loader:
+            prefetch_factor=4 if self.num_workers > 0 else None, collate_fn=_collate)
+        for batch in loader:
+            if isinstance(batch, _Undecodable):
+                raise UserError(f"cannot decode {batch.path} ({batch.reason}); it passed the check at load "
+                                "time, so it changed since: fix or remove it and rerun")
+            x, y = batch
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.augment is not None:
