@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
 from transferlab.predict import RunModel, load_run_model
+from transferlab.rundir import check_output_path, expand_user, write_via_temp
 
 log = logging.getLogger(__name__)
 
@@ -124,39 +125,78 @@ def check_export(wrapped: nn.Module, path: Path, fmt: str, size: int, tolerance:
     return ExportCheck(runtime, diff, tolerance, batch_sizes)
 
 
-def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: float = 1e-4) -> tuple[Path, ExportCheck]:
-    """Export ``run_dir``'s best model to ``fmt``, write the metadata JSON, and check it."""
+WRITER = "transferlab export"  # in every sidecar JSON: marks the output as ours to replace
+
+
+def _is_our_export(path: Path) -> bool:
+    """``path`` (a model or its sidecar) is an earlier export: its sidecar JSON says so."""
+    sidecar = path if path.name.endswith(".json") else path.with_name(path.name + ".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("writer") == WRITER
+                                       or (meta.get("format") in FORMATS and "check" in meta))
+
+
+def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> tuple[Path, Path]:
+    """(model path, sidecar path), refused when they would replace a file that is not ours."""
+    output = expand_user(output, "--output") if output else Path(run_dir) / FORMATS[fmt]
+    sidecar = output.with_name(output.name + ".json")
+    for path in (output, sidecar):
+        check_output_path(path, Path(run_dir), force, is_ours=_is_our_export)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {output.parent} ({e.strerror or e}); choose another --output") from None
+    return output, sidecar
+
+
+def _write_failure(e: OSError, path: Path) -> Exception:
+    """A one-line error naming the output (not our temp file): 2 for the path, 1 for the disk."""
+    code, line = describe_oserror(OSError(e.errno, e.strerror or str(e), str(path)))
+    return (UserError if code == EXIT_USER else RunFailure)(f"cannot write the export: {line}")
+
+
+def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: float = 1e-4,
+               force: bool = False) -> tuple[Path, ExportCheck]:
+    """Export ``run_dir``'s best model to ``fmt``, write the metadata JSON, and check it.
+
+    Both files are written to temp files and renamed over the targets, never through an
+    existing file (a hard link would carry the write into its twin). An output onto one of the
+    run's own files, or onto a file that no export wrote, is refused unless ``force``.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if tolerance < 0:
         raise UserError(f"--tolerance must be >= 0; got {tolerance}")
     rm: RunModel = load_run_model(run_dir, "cpu")
-    output = Path(output) if output else Path(run_dir) / FORMATS[fmt]
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {output.parent} ({e.strerror or e}); choose another --output") from None
+    output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
     meta = {"format": fmt, "model": rm.name, "run_dir": str(run_dir), "classes": rm.classes,
             "image_size": rm.image_size, "mean": list(rm.mean), "std": list(rm.std),
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 3, rm.image_size, rm.image_size],
                       "range": [0.0, 1.0], "layout": "RGB, NCHW; resize shorter side to image_size, centre crop"},
             "output": {"name": OUTPUT_NAME, "shape": ["N", len(rm.classes)], "meaning": "logits (softmax for probabilities)"}}
-    if fmt == "onnx":
-        export_onnx(wrapped, rm.image_size, output, meta)
-    else:
-        export_torchscript(wrapped, rm.image_size, output, meta)
-    check = check_export(wrapped, output, fmt, rm.image_size, tolerance)
-    meta["check"] = {"runtime": check.runtime, "max_abs_diff": check.max_abs_diff, "tolerance": tolerance,
-                     "ok": check.ok}
-    output.with_name(output.name + ".json").write_text(json.dumps(meta, indent=2))
+    meta["writer"] = WRITER
+    try:
+        with write_via_temp(output) as tmp:
+            writer = export_onnx if fmt == "onnx" else export_torchscript
+            writer(wrapped, rm.image_size, tmp, meta)
+            check = check_export(wrapped, tmp, fmt, rm.image_size, tolerance)
+        meta["check"] = {"runtime": check.runtime, "max_abs_diff": check.max_abs_diff,
+                         "tolerance": tolerance, "ok": check.ok}
+        with write_via_temp(sidecar) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
+    except OSError as e:
+        raise _write_failure(e, output) from None
     return output, check
 
 
 def cmd_export(args) -> int:
     """``transferlab export``: write the model, print the check; exit 1 if it fails the tolerance."""
-    path, check = export_run(Path(args.run_dir), args.format, Path(args.output) if args.output else None,
-                             args.tolerance)
+    path, check = export_run(Path(args.run_dir), args.format, args.output or None, args.tolerance,
+                             force=args.force)
     verdict = "OK" if check.ok else "FAILED"
     sys.stdout.write(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n"
                      f"check: {check.runtime} vs PyTorch on random inputs (batch {', '.join(map(str, check.batch_sizes))}): "
@@ -175,4 +215,7 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx or torchscript")
     p.add_argument("--output", default="", help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max abs logit difference allowed (default 1e-4)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output even if it is one of the run's files or not an earlier export")
