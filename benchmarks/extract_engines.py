@@ -1,0 +1,446 @@
+"""Frozen-backbone inference engines on this CPU, side by side (issue 13).
+
+Default mode (``engines``): lite0 (timm ``tf_efficientnet_lite0``) and ResNet-18 (torchvision,
+fc = Identity) at 224 px, random weights, random input, several batch sizes, in alternating rounds:
+torch fp32 (NCHW), torch bf16 + channels_last, torch.compile (bf16 + channels_last),
+onnxruntime CPU EP (fp32), OpenVINO fp32 and bf16, each sync (one call at a time) and async
+(AsyncInferQueue, PERFORMANCE_HINT=THROUGHPUT). For each: img/s (best and median of the rounds),
+the max abs feature difference against torch fp32, and MACs/image x img/s against the CPU's peak.
+Then, unless ``--no-accuracy``: real lite0 ImageNet weights (``transferlab.models``, offline) on a
+real CIFAR-100 subset: features per engine, an L-BFGS linear probe on each, and the test accuracy
+difference against the torch fp32 features.
+
+``--pipeline``: lite0 extraction through ``transferlab.features.extract`` (real weights, real CIFAR
+images at 32 px, resize + normalise to 224 included, loader batch 200) against the same engine's
+bare throughput on ready float batches, alternating, for torch bf16 and OpenVINO bf16 (and the
+``auto`` choice). ``--churn``: torch bf16 lite0 at batch 200 in two fresh processes, with and
+without ``reuse_freed_memory()``: img/s, user/system seconds and minor page faults.
+
+Usage (2 cores, shared; a few minutes each):
+    nice -n 5 python benchmarks/extract_engines.py                  # engines table + accuracy
+    nice -n 5 python benchmarks/extract_engines.py --pipeline       # extract path vs bare engine
+    python benchmarks/extract_engines.py --churn
+    python benchmarks/extract_engines.py --rounds 5 --n-batches 6 --probe-train 5000  # longer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferlab.features import cache as fcache
+from transferlab.features.engines import (
+    EngineChoice,
+    TorchEngine,
+    build_engine,
+    engine_installed,
+    resolve_engine,
+    reuse_freed_memory,
+)
+
+CIFAR_DIR = os.environ.get("TRANSFERLAB_CIFAR_DIR", "/work/shared/datasets")
+SIZE = 224
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: an engine (built once per model) and how it is driven."""
+
+    label: str
+    engine: str  # torch | openvino | onnxruntime
+    precision: str
+    mode: str  # sync: one call at a time; async: engine.map (OpenVINO: async infer requests)
+    compile: bool = False
+    channels_last: bool = False
+
+
+VARIANTS = (
+    Variant("torch fp32", "torch", "fp32", "sync"),
+    Variant("torch bf16+CL", "torch", "bf16", "sync", channels_last=True),
+    Variant("torch.compile bf16+CL", "torch", "bf16", "sync", compile=True, channels_last=True),
+    Variant("onnxruntime fp32", "onnxruntime", "fp32", "sync"),
+    Variant("openvino fp32 sync", "openvino", "fp32", "sync"),
+    Variant("openvino fp32 async", "openvino", "fp32", "async"),
+    Variant("openvino bf16 sync", "openvino", "bf16", "sync"),
+    Variant("openvino bf16 async", "openvino", "bf16", "async"),
+)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def random_model(name: str) -> nn.Module:
+    """lite0 (timm) or resnet18 (torchvision) with random weights and no classifier."""
+    if name == "lite0":
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Identity()
+    return net.eval()
+
+
+def macs_per_image(model: nn.Module) -> float:
+    """Multiply-accumulates of one 224 px forward (FlopCounterMode counts 2 flops per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, SIZE, SIZE))
+    return counter.get_total_flops() / 2
+
+
+def cpu_peak() -> dict:
+    """Peak MAC/s of this CPU from its clock and vector units (assumptions stated in 'basis')."""
+    info = Path("/proc/cpuinfo").read_text()
+    mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
+    model = next((line.split(":")[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "?")
+    cores = os.cpu_count() or 1
+    flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    amx = "amx_bf16" in flags
+    # fp32: 2 FMA pipes x 256-bit per core per cycle = 16 MACs (AMD Zen 4 runs AVX-512 on 256-bit
+    # halves; Intel SPR: 2 x 512-bit = 32). bf16: VDPBF16PS does 2 MACs per fp32 lane = 2x fp32;
+    # AMX (Intel only) would be 1024 bf16 MACs/cycle/core.
+    fp32_per_cycle = 16 if "AMD" in model or "EPYC" in model else 32
+    bf16_per_cycle = 1024 if amx else 2 * fp32_per_cycle
+    return {"model": model, "cores": cores, "ghz": mhz / 1000, "amx": amx,
+            "fp32_gmacs": cores * mhz / 1000 * fp32_per_cycle,
+            "bf16_gmacs": cores * mhz / 1000 * bf16_per_cycle,
+            "basis": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {fp32_per_cycle} "
+                     f"fp32 MACs/cycle (2 FMA x 256-bit) or {bf16_per_cycle} bf16 MACs/cycle "
+                     f"({'AMX' if amx else 'AVX512_BF16 VDPBF16PS, no AMX on this CPU'})"}
+
+
+def make_engine(v: Variant, model: nn.Module, root: Path, whash: str):
+    """Build the engine of a variant (conversions cached under ``root``)."""
+    choice = EngineChoice(v.engine, v.precision, 32)
+    if v.engine != "torch":
+        return build_engine(choice, model, SIZE, torch.device("cpu"), root, whash)
+    net = model
+    if v.channels_last:
+        net = model.to(memory_format=torch.channels_last)
+    if v.compile:
+        net = torch.compile(net)
+    return TorchEngine(net, choice, torch.device("cpu"), v.channels_last)
+
+
+def run_batches(engine, mode: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run a list of ready batches: one call at a time (sync) or through ``engine.map``."""
+    if mode == "sync":
+        return [engine(x) for x in xs]
+    return list(engine.map(iter(xs)))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- engines table
+
+
+def build_variants(model: nn.Module, root: Path, log) -> dict[str, object]:
+    """Every installed variant's engine for ``model`` (failures are reported and skipped)."""
+    whash = fcache.weights_hash(model)
+    engines = {}
+    for v in VARIANTS:
+        if not engine_installed(v.engine):
+            log(f"  skip {v.label}: not installed")
+            continue
+        t = time.perf_counter()
+        try:
+            engines[v.label] = make_engine(v, model, root, whash)
+            engines[v.label](torch.randn(2, 3, SIZE, SIZE))  # compile/warm-up outside the timing
+        except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
+            log(f"  skip {v.label}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        log(f"  built {v.label} in {time.perf_counter() - t:.1f}s")
+    return engines
+
+
+def table_for_model(name: str, args, root: Path, peak: dict, log) -> list[dict]:
+    """Alternating rounds over variants x batch sizes for one model; one row per pair."""
+    torch.manual_seed(0)
+    model = random_model(name)
+    macs = macs_per_image(model)
+    log(f"{name}: {macs / 1e9:.3f} GMACs/image at {SIZE}px")
+    ref_x = torch.randn(8, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        ref = model(ref_x).float()
+    engines = build_variants(model, root, log)
+    by_label = {v.label: v for v in VARIANTS}
+    diffs = {lab: (e(ref_x) - ref).abs().max().item() for lab, e in engines.items()}
+    speeds: dict[tuple[str, int], list[float]] = {}
+    for rnd in range(args.rounds):
+        for bs in args.batches:
+            xs = [torch.randn(bs, 3, SIZE, SIZE) for _ in range(args.n_batches)]
+            for lab, e in engines.items():
+                mode = by_label[lab].mode
+                run_batches(e, mode, xs[:1])  # warm this batch shape
+                dt = timed(lambda e=e, mode=mode, xs=xs: run_batches(e, mode, xs))
+                speeds.setdefault((lab, bs), []).append(bs * len(xs) / dt)
+        log(f"  round {rnd + 1}/{args.rounds} done")
+    rows = []
+    for (lab, bs), vals in speeds.items():
+        best = max(vals)
+        gmacs = macs * best / 1e9
+        key = "bf16_gmacs" if by_label[lab].precision == "bf16" else "fp32_gmacs"
+        rows.append({"model": name, "variant": lab, "batch": bs, "img_s_best": round(best, 1),
+                     "img_s_median": round(statistics.median(vals), 1),
+                     "max_abs_diff": diffs[lab], "ref_max_abs": ref.abs().max().item(),
+                     "gmacs_per_s": round(gmacs, 1),
+                     "pct_of_peak": round(100 * gmacs / peak[key], 1)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def real_lite0() -> nn.Module:
+    """lite0 with its ImageNet weights through transferlab.models (offline package)."""
+    from transferlab.config import ModelConfig
+    from transferlab.models.registry import build_model
+
+    cfg = ModelConfig(name="timm:tf_efficientnet_lite0", weights="imagenet")
+    return build_model(cfg, 100).eval()
+
+
+def cifar_subset(n_train: int, n_test: int):
+    """(train images, labels), (test images, labels): the first n of a fixed shuffle."""
+    from transferlab.data.cifar import load_cifar100
+
+    ds = load_cifar100(CIFAR_DIR, download=False, split_seed=0, val_size=5000)
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(ds.train), generator=g)[:n_train]
+    te = torch.randperm(len(ds.test), generator=g)[:n_test]
+    return (ds.train.images[tr], ds.train.labels[tr]), (ds.test.images[te], ds.test.labels[te])
+
+
+def probe_accuracy(f_tr, y_tr, f_te, y_te, l2: float = 1e-3) -> float:
+    """Test accuracy (%) of an L-BFGS softmax probe on standardised features."""
+    from transferlab.features.probe import lbfgs_logreg
+
+    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+    w, b = lbfgs_logreg((f_tr - mu) / sd, y_tr, 100, l2, max_iter=200)
+    pred = (((f_te - mu) / sd) @ w.T + b).argmax(1)
+    return 100.0 * (pred == y_te).float().mean().item()
+
+
+def accuracy_rows(args, root: Path, log) -> list[dict]:
+    """Per engine/precision: probe accuracy on real lite0 features vs torch fp32's."""
+    from transferlab.data.preprocess import to_float_normalized
+    from transferlab.distributed import DistEnv
+    from transferlab.features.extract import extract_with_engine
+
+    model = real_lite0()
+    pp = model.preprocess
+    (x_tr, y_tr), (x_te, y_te) = cifar_subset(args.probe_train, args.probe_test)
+    whash = fcache.weights_hash(model.backbone)
+    env = DistEnv()
+    prepare = lambda x: to_float_normalized(x, pp.mean, pp.std, SIZE, pp.interpolation)  # noqa: E731
+    feats = {}
+    for v in VARIANTS:
+        twin = v.compile or (v.mode == "sync" and v.engine == "openvino")
+        if twin or not engine_installed(v.engine):
+            continue  # compile and sync give the same numbers as their plain/async twins
+        e = make_engine(replace(v, compile=False), model.backbone, root, whash)
+        t = time.perf_counter()
+        out = [extract_with_engine(e, prepare, zip(x.split(200), y.split(200), strict=True), env,
+                                   len(y), progress=False)[0]
+               for x, y in ((x_tr, y_tr), (x_te, y_te))]
+        feats[v.label] = out
+        log(f"  features {v.label}: {time.perf_counter() - t:.1f}s")
+    ref_tr, ref_te = feats["torch fp32"]
+    acc_ref = probe_accuracy(ref_tr, y_tr, ref_te, y_te)
+    rows = []
+    for lab, (f_tr, f_te) in feats.items():
+        acc = acc_ref if lab == "torch fp32" else probe_accuracy(f_tr, y_tr, f_te, y_te)
+        rows.append({"variant": lab, "probe_acc": round(acc, 2),
+                     "acc_diff": round(acc - acc_ref, 2),
+                     "max_abs_diff_real": (f_te - ref_te).abs().max().item()})
+    log(f"  probe: {args.probe_train} train / {args.probe_test} test CIFAR-100 images, L2 1e-3")
+    return rows
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def pipeline_rows(args, root: Path, log) -> list[dict]:
+    """lite0 extraction through extract_with_engine vs the same engine bare, alternating."""
+    from transferlab.data.preprocess import to_float_normalized
+    from transferlab.data.tensor_loader import TensorLoader
+    from transferlab.distributed import DistEnv
+    from transferlab.features.extract import extract_with_engine
+
+    model = real_lite0()
+    pp = model.preprocess
+    (x_tr, y_tr), _ = cifar_subset(args.pipeline_n, 1)
+    whash = fcache.weights_hash(model.backbone)
+    env = DistEnv()
+    cpu = torch.device("cpu")
+    auto = resolve_engine("auto", model.backbone, "timm:tf_efficientnet_lite0", SIZE, cpu, root,
+                          "auto", True)
+    log(f"  auto choice: {auto}")
+    choices = {f"auto ({auto.name} {auto.precision} b{auto.batch_size})": auto,
+               "torch bf16 b32": EngineChoice("torch", "bf16", 32)}
+    if engine_installed("openvino"):
+        choices["openvino bf16 b16"] = EngineChoice("openvino", "bf16", 16)
+        choices["openvino bf16 b32"] = EngineChoice("openvino", "bf16", 32)
+    engines = {k: build_engine(c, model.backbone, SIZE, cpu, root, whash,
+                               channels_last=c.name == "torch") for k, c in choices.items()}
+    ready = {}  # the bare reference: prepared float batches, made outside the timing
+    for lab, e in engines.items():
+        b = e.choice.batch_size
+        xs = x_tr[: (args.pipeline_n // 4 // b) * b]
+        ready[lab] = [to_float_normalized(p, pp.mean, pp.std, SIZE, pp.interpolation)
+                      for p in xs.split(b)]
+    prepare = lambda x: to_float_normalized(x, pp.mean, pp.std, SIZE, pp.interpolation)  # noqa: E731
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        for lab, e in engines.items():
+            n_bare = sum(x.shape[0] for x in ready[lab])
+            dt = timed(lambda e=e, lab=lab: list(e.map(iter(ready[lab]))))
+            speeds.setdefault((lab, "bare"), []).append(n_bare / dt)
+            loader = TensorLoader(x_tr, y_tr, 200, False, device=cpu)
+            _, img_s = extract_with_engine(e, prepare, loader, env, len(y_tr), progress=False)
+            speeds.setdefault((lab, "extract"), []).append(img_s)
+        log(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(
+            f"{k[0]} {k[1]} {v[-1]:.0f}" for k, v in speeds.items()))
+    rows = []
+    for lab in engines:
+        bare, ext = speeds[(lab, "bare")], speeds[(lab, "extract")]
+        rows.append({"engine": lab, "bare_best": round(max(bare), 1),
+                     "extract_best": round(max(ext), 1),
+                     "bare_median": round(statistics.median(bare), 1),
+                     "extract_median": round(statistics.median(ext), 1),
+                     "ratio_median_of_rounds": round(statistics.median(
+                         [a / b for a, b in zip(ext, bare, strict=True)]), 3)})
+    best_bare = max(max(speeds[(lab, "bare")]) for lab in engines)
+    for r in rows:
+        r["extract_vs_best_bare"] = round(r["extract_best"] / best_bare, 3)
+    return rows
+
+
+# ----------------------------------------------------------------------------- churn
+
+
+def churn_child(fix: bool) -> dict:
+    """torch bf16 lite0 at batch 200 (the old extraction batch) in this fresh process."""
+    if fix:
+        reuse_freed_memory()
+    model = random_model("lite0").to(memory_format=torch.channels_last)
+    x = torch.randn(200, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(3):
+            model(x)
+        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return {"reuse_freed_memory": fix, "img_s": round(600 / dt, 1),
+            "user_s": round(r1.ru_utime - r0.ru_utime, 2),
+            "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
+            "minor_faults": r1.ru_minflt - r0.ru_minflt}
+
+
+def churn_rows(rounds: int) -> list[dict]:
+    rows = []
+    for _ in range(rounds):
+        for fix in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--churn-child", str(int(fix))],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="lite0,resnet18")
+    p.add_argument("--batches", default="16,32,64", help="batch sizes (images per call)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best and median)")
+    p.add_argument("--n-batches", type=int, default=3, help="batches per timing")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the real-weights probe")
+    p.add_argument("--probe-train", type=int, default=2000)
+    p.add_argument("--probe-test", type=int, default=1000)
+    p.add_argument("--pipeline", action="store_true", help="extract path vs bare engine (lite0)")
+    p.add_argument("--pipeline-n", type=int, default=3000, help="images per extraction")
+    p.add_argument("--churn", action="store_true", help="page-fault churn at batch 200")
+    p.add_argument("--churn-child", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default="", help="converted models (default: a temp dir)")
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.churn_child >= 0:
+        print(json.dumps(churn_child(bool(args.churn_child))))
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    reuse_freed_memory()  # every engine gets the allocator fix: the table compares engines
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    root = Path(args.cache_dir or tempfile.mkdtemp(prefix="engines-"))
+    peak = cpu_peak()
+    log(f"CPU: {peak['model']}; load average {os.getloadavg()[0]:.2f} (shared machine)\n"
+        f"peak: fp32 {peak['fp32_gmacs']:.0f} GMAC/s, bf16 {peak['bf16_gmacs']:.0f} GMAC/s "
+        f"({peak['basis']})")
+    results = {"cpu": peak, "torch_threads": torch.get_num_threads()}
+    if args.churn:
+        results["churn"] = churn_rows(args.rounds)
+        for r in results["churn"]:
+            log(json.dumps(r))
+    elif args.pipeline:
+        results["pipeline"] = pipeline_rows(args, root, log)
+        print_rows(results["pipeline"], log)
+    else:
+        results["engines"] = [r for m in args.models.split(",")
+                              for r in table_for_model(m, args, root, peak, log)]
+        print_rows(results["engines"], log)
+        if not args.no_accuracy:
+            results["accuracy"] = accuracy_rows(args, root, log)
+            print_rows(results["accuracy"], log)
+    log(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_rows(rows: list[dict], log) -> None:
+    """A markdown table of dict rows (same keys)."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    log("| " + " | ".join(keys) + " |")
+    log("|" + "---|" * len(keys))
+    for r in rows:
+        log("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
+                              for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

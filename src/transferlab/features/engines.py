@@ -1,0 +1,500 @@
+"""Inference engines for a frozen backbone: torch, OpenVINO or onnxruntime, chosen by measurement.
+
+An :class:`Engine` turns float NCHW batches (already resized and normalised) into float32
+``(N, D)`` features. ``engine(x)`` runs one batch; ``engine.map(batches)`` runs a stream of them
+in order and keeps the engine busy: OpenVINO keeps several asynchronous infer requests in flight
+(``AsyncInferQueue``, ``PERFORMANCE_HINT=THROUGHPUT``), so the caller's next batch is prepared
+while the previous ones run.
+
+``resolve_engine`` turns ``--engine auto|torch|openvino|onnxruntime`` into an :class:`EngineChoice`
+(engine, precision, extraction batch). ``auto`` times each available engine and precision on
+random input, then 2-3 batch sizes of the winner, and remembers the result in
+``cache_root/engines.json`` keyed by arch, size, device, the request and the library versions, so
+the choice (and so the feature cache key) stays stable between runs. OpenVINO and onnxruntime are
+optional extras: without them ``auto`` uses torch and says so; asking for one explicitly is a
+one-line :class:`UserError` naming the extra. On CUDA only torch runs.
+
+Converted models (OpenVINO IR, ONNX) are cached under ``cache_root/engines/`` in one safetensors
+file each (model bytes + metadata + sha256), keyed by the weights hash, the architecture, the
+size and the library versions; written atomically, checked on load, deleted and rebuilt when
+corrupt, exactly like the feature files (features/cache.py).
+
+On the CPU, ``reuse_freed_memory()`` stops glibc from returning freed activation buffers to the
+kernel: without it every batch maps fresh pages and half the extraction time went to page faults
+(issue 13: 4 min of system time next to 3m40s of user time at batch 200).
+
+Usage:
+    choice = resolve_engine("auto", model.backbone, "timm:tf_efficientnet_lite0", 224, device,
+                            root, precision_requested="auto", channels_last=True)
+    engine = build_engine(choice, model.backbone, 224, device, root, weights_hash(model.backbone))
+    for feats in engine.map(prepare(x) for x in batches):
+        ...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib
+import importlib.util
+import json
+import logging
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from transferlab.errors import UserError
+from transferlab.features import cache as fcache
+from transferlab.train.checkpoint import atomic_write
+from transferlab.train.precision import autocast, cpu_has_fast_bf16, resolve_precision
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+EXTRA = {"openvino": "openvino", "onnxruntime": "onnxruntime"}  # engine -> pyproject extra
+PROBE_BATCHES = (16, 32, 64)  # extraction batch candidates on the CPU (images per forward)
+GPU_BATCH = 256  # extraction batch on CUDA (not probed: large batches are fast there)
+FORMAT_VERSION = 1  # bump when the converted-model file layout changes
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+_ORT_PRECISIONS = ("fp32",)  # the CPU execution provider has no bf16 convolutions
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The resolved extraction engine: part of the feature cache key and the run plan."""
+
+    name: str  # torch | openvino | onnxruntime
+    precision: str  # fp32 | bf16 (fp16 on CUDA)
+    batch_size: int  # images per engine call
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine(Protocol):
+    """Float NCHW batches -> float32 (N, D) features on the CPU (torch: on the input's device)."""
+
+    choice: EngineChoice
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]: ...
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class TorchEngine:
+    """``features(x)`` under inference_mode and autocast; channels_last input when asked."""
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], choice: EngineChoice,
+                 device: torch.device, channels_last: bool = False):
+        self.features, self.choice, self.device = features, choice, device
+        self.channels_last = channels_last
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.choice.precision, self.device):
+            return self.features(x).float()
+
+    def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for x in batches:  # torch already spreads one forward over every core
+            yield self(x)
+
+
+class OpenVINOEngine:
+    """A compiled OpenVINO model; ``map`` keeps ``requests`` async infer requests in flight."""
+
+    def __init__(self, compiled, choice: EngineChoice):
+        self.compiled, self.choice = compiled, choice
+        self.requests = max(2, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._sync = compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._sync.infer({0: _as_numpy(x)}, share_inputs=True)
+        return torch.from_numpy(out[0].copy())
+
+    def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        import openvino as ov
+
+        queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        done: dict[int, torch.Tensor] = {}
+        inputs: dict[int, object] = {}  # keep shared input buffers alive until their request ends
+
+        def finished(request, tag: int) -> None:  # runs on an OpenVINO thread
+            done[tag] = torch.from_numpy(request.get_output_tensor(0).data.copy())
+            inputs.pop(tag, None)
+
+        queue.set_callback(finished)
+        submitted = emitted = 0
+        try:
+            for x in batches:
+                arr = _as_numpy(x)
+                inputs[submitted] = arr
+                queue.start_async({0: arr}, submitted, share_inputs=True)  # blocks while all busy
+                submitted += 1
+                while emitted in done:
+                    yield done.pop(emitted)
+                    emitted += 1
+            queue.wait_all()
+            while emitted < submitted:
+                yield done.pop(emitted)
+                emitted += 1
+        finally:
+            queue.wait_all()  # a stop or an error mid-stream leaves no request running
+
+
+class OnnxRuntimeEngine:
+    """An onnxruntime CPU session (it parallelises each call over the cores itself)."""
+
+    def __init__(self, session, choice: EngineChoice):
+        self.session, self.choice = session, choice
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: _as_numpy(x)})[0])
+
+    def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for x in batches:
+            yield self(x)
+
+
+def _as_numpy(x: torch.Tensor):
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def engine_installed(name: str) -> bool:
+    """True when the engine's Python package can be imported (torch always)."""
+    return name == "torch" or importlib.util.find_spec(name) is not None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of torch and the optional engines ("none" when not installed)."""
+    out = {"torch": torch.__version__}
+    for name in ("openvino", "onnxruntime"):
+        if not engine_installed(name):
+            out[name] = "none"
+            continue
+        mod = importlib.import_module(name)
+        out[name] = str(getattr(mod, "__version__", "unknown"))
+    return out
+
+
+def require_engine(name: str) -> None:
+    """UserError naming the extra when an explicitly requested engine is not installed."""
+    if name in EXTRA and not engine_installed(name):
+        raise UserError(f"--engine {name} needs the {EXTRA[name]} extra: "
+                        f"pip install 'transferlab[{EXTRA[name]}]' (or use --engine auto or torch)")
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in the process heap (glibc): no mmap/munmap + page faults per batch.
+
+    Frozen-backbone activations are tens of MB per layer, above glibc's mmap threshold, so each
+    one was mapped fresh and returned on free; measured on lite0 bf16 at 224 px: ~1.2M minor faults
+    and 2 s of system time per 400 images, ~1.8x slower (benchmarks/RESULTS.md, issue 13).
+    Process-wide and idempotent; returns False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    ok = mallopt(m_mmap_threshold, 1 << 30) == 1  # blocks up to 1 GiB come from the heap
+    return bool(mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok)  # and are never trimmed
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _converted_key(engine: str, backbone: nn.Module, size: int, weights_hash: str) -> dict:
+    return {"engine": engine, "weights": weights_hash, "size": size,
+            "arch": fcache.cache_key({"repr": repr(backbone)}),  # the activations, not just shapes
+            "versions": library_versions(), "format": FORMAT_VERSION}
+
+
+def _failed_op(err: BaseException) -> str:
+    ops = sorted(set(re.findall(r"\b(?:aten|prim|onnx)::\w+", str(err))))
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return ", ".join(ops) if ops else f"{type(err).__name__}: {first}"
+
+
+def _convert(engine: str, backbone: nn.Module, size: int) -> bytes:
+    """The converted model as bytes (OpenVINO: xml + bin in one blob; onnxruntime: ONNX)."""
+    example = torch.randn(1, 3, size, size)
+    was_training = backbone.training
+    root_level = logging.getLogger().level  # ov.convert_model sets the root logger to ERROR
+    backbone.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation warnings from the converters
+            if engine == "openvino":
+                return _convert_openvino(backbone, example)
+            return _convert_onnx(backbone, example)
+    finally:
+        backbone.train(was_training)
+        logging.getLogger().setLevel(root_level)
+
+
+def _convert_openvino(backbone: nn.Module, example: torch.Tensor) -> bytes:
+    import tempfile
+
+    import openvino as ov
+
+    with torch.no_grad():
+        model = ov.convert_model(backbone, example_input=example)
+    model.reshape([-1, *example.shape[1:]])  # dynamic batch, fixed C, H, W
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        x_bytes, b_bytes = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+    return len(x_bytes).to_bytes(8, "little") + x_bytes + b_bytes
+
+
+def _split_openvino(blob: bytes) -> tuple[bytes, bytes]:
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8:8 + n], blob[8 + n:]
+
+
+def _convert_onnx(backbone: nn.Module, example: torch.Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(backbone, (example,), buf, dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["features"],
+                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    return buf.getvalue()
+
+
+def converted_model(engine: str, backbone: nn.Module, size: int, cache_root: Path,
+                    weights_hash: str) -> bytes:
+    """The converted backbone, from the cache when a matching, intact file is there.
+
+    A file whose metadata does not match (other weights, size or library versions) is never
+    used; a corrupt one is deleted (by ``load_entry``) and rebuilt. Raises the converter's error.
+    """
+    parts = _converted_key(engine, backbone, size, weights_hash)
+    key = fcache.cache_key(parts)
+    root = Path(cache_root) / "engines"
+    hit = fcache.load_entry(root, key)
+    if hit is not None:
+        tensors, meta = hit
+        if meta.get("key_parts") == json.dumps(parts, sort_keys=True):
+            return tensors["model"].numpy().tobytes()
+        log.warning("converted model %s does not match this backbone; rebuilding it",
+                    fcache.entry_path(root, key))
+        fcache.entry_path(root, key).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    blob = _convert(engine, backbone, size)
+    log.info("converted the backbone for %s in %.1fs", engine, time.perf_counter() - t0)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    try:
+        fcache.save_entry(root, key, {"model": data},
+                          {"key_parts": json.dumps(parts, sort_keys=True), "engine": engine})
+    except OSError as e:
+        log.warning("could not cache the converted model in %s (%s); continuing", root, e)
+    return blob
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_engine(choice: EngineChoice, backbone: nn.Module, size: int, device: torch.device,
+                 cache_root: Path, weights_hash: str, channels_last: bool = False,
+                 fallback: bool = False) -> Engine:
+    """An engine for ``choice``. A failed conversion raises UserError, or with ``fallback``
+    (``--engine auto``) warns once naming the op and returns a torch engine; read
+    ``engine.choice`` for what was built (it belongs in the feature cache key)."""
+    if choice.name == "torch":
+        if device.type == "cpu":
+            reuse_freed_memory()
+        if channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        return TorchEngine(backbone, choice, device, channels_last)
+    require_engine(choice.name)
+    if device.type != "cpu":
+        raise UserError(f"--engine {choice.name} runs on the CPU only; use --engine torch or auto "
+                        f"with --device {device.type}")
+    reuse_freed_memory()  # the batches prepared in torch between inferences
+    try:
+        blob = converted_model(choice.name, backbone, size, cache_root, weights_hash)
+    except Exception as e:  # noqa: BLE001 - converters raise many types; all mean "cannot convert"
+        what = _failed_op(e)
+        if not fallback:
+            raise UserError(f"--engine {choice.name} cannot convert this backbone ({what}); "
+                            "use --engine torch") from None
+        log.warning("%s cannot convert this backbone (%s); extracting with torch instead",
+                    choice.name, what)
+        return build_engine(replace(choice, name="torch"), backbone, size, device, cache_root,
+                            weights_hash, channels_last)
+    return _load_converted(choice, blob)
+
+
+def _load_converted(choice: EngineChoice, blob: bytes) -> Engine:
+    if choice.name == "openvino":
+        import numpy as np
+        import openvino as ov
+
+        xml, weights = _split_openvino(blob)
+        core = ov.Core()
+        weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
+        model = core.read_model(model=xml.decode(), weights=weights_t)
+        compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
+            "PERFORMANCE_HINT": "THROUGHPUT"})
+        return OpenVINOEngine(compiled, choice)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    return OnnxRuntimeEngine(session, choice)
+
+
+def engine_backbone_forward(choice: EngineChoice, backbone: nn.Module, size: int, cache_root: Path,
+                            weights_hash: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable for predict: float NCHW batch (normalised, at ``size``) -> float32 features,
+    run in chunks of ``choice.batch_size`` on the chosen engine (CPU)."""
+    engine = build_engine(choice, backbone, size, torch.device("cpu"), cache_root, weights_hash,
+                          channels_last=choice.name == "torch")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        parts = list(engine.map(x.split(choice.batch_size)))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def _candidates(requested: str, precision_requested: str) -> list[tuple[str, str]]:
+    """(engine, precision) pairs to consider for ``requested`` on the CPU."""
+    cpu = torch.device("cpu")
+    if precision_requested == "auto":
+        precisions = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    else:
+        precisions = [resolve_precision(precision_requested, cpu)]
+    names = ["torch", "openvino", "onnxruntime"] if requested == "auto" else [requested]
+    out = []
+    for name in names:
+        if not engine_installed(name):
+            continue
+        ok = [p for p in precisions if name != "onnxruntime" or p in _ORT_PRECISIONS]
+        out += [(name, p) for p in ok]
+    if not out and requested == "onnxruntime":
+        raise UserError(f"--engine onnxruntime runs fp32 only on the CPU; use --precision fp32 "
+                        f"or auto (got {precision_requested})")
+    return out
+
+
+def _throughput(engine: Engine, size: int, batch: int, n_batches: int) -> float:
+    """img/s of ``engine.map`` over ``n_batches`` random batches (after one warm-up call)."""
+    x = torch.randn(batch, 3, size, size)
+    engine(x)  # warm-up: kernels and memory chosen on the first call
+    t0 = time.perf_counter()
+    for _ in engine.map(x for _ in range(n_batches)):
+        pass
+    return batch * n_batches / (time.perf_counter() - t0)
+
+
+def _memo_tag(arch: str, size: int, device: torch.device, requested: str, precision: str,
+              channels_last: bool) -> str:
+    versions = ",".join(f"{k} {v}" for k, v in sorted(library_versions().items()))
+    return (f"{arch}@{size}px/{device.type}/engine {requested}/precision {precision}/"
+            f"channels_last {channels_last}/{versions}")
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _memo_choice(known: dict, tag: str) -> EngineChoice | None:
+    entry = known.get(tag)
+    try:
+        choice = EngineChoice(str(entry["name"]), str(entry["precision"]), int(entry["batch_size"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+    if choice.name not in ENGINES[1:] or choice.batch_size < 1 or not engine_installed(choice.name):
+        return None
+    return choice
+
+
+def resolve_engine(requested: str, backbone: nn.Module, arch: str, size: int, device: torch.device,
+                   cache_root: Path, precision_requested: str, channels_last: bool) -> EngineChoice:
+    """Resolve ``--engine`` (and the extraction precision and batch) for one backbone.
+
+    CUDA: torch, at the resolved precision, batch 256. CPU: explicit engines must be installed
+    (else UserError naming the extra); ``auto`` measures every installed engine and precision,
+    then the winner's batch size, and remembers the choice in ``cache_root/engines.json``.
+    """
+    if requested not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}; got {requested!r}")
+    if device.type != "cpu":
+        if requested not in ("auto", "torch"):
+            raise UserError(f"--engine {requested} runs on the CPU only; use --engine torch or "
+                            f"auto with --device {device.type}")
+        return EngineChoice("torch", resolve_precision(precision_requested, device), GPU_BATCH)
+    require_engine(requested)
+    if requested == "auto" and not any(engine_installed(n) for n in EXTRA):
+        log.info("engine auto: openvino and onnxruntime are not installed, so extraction uses "
+                 "torch (pip install 'transferlab[openvino]' for a faster CPU engine)")
+    memo = Path(cache_root) / "engines.json"
+    tag = _memo_tag(arch, size, device, requested, precision_requested, channels_last)
+    known = _read_memo(memo)
+    remembered = _memo_choice(known, tag)
+    if remembered is not None:
+        log.info("extraction engine for %s: %s (remembered in %s)", arch, remembered, memo)
+        return remembered
+    choice = _probe(requested, backbone, size, device, cache_root, precision_requested,
+                    channels_last)
+    known[tag] = choice.to_dict()
+    try:
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, lambda f: f.write(json.dumps(known, indent=1).encode()))
+    except OSError as e:
+        log.warning("could not remember the engine choice in %s (%s)", memo, e)
+    return choice
+
+
+def _probe(requested: str, backbone: nn.Module, size: int, device: torch.device, cache_root: Path,
+           precision_requested: str, channels_last: bool) -> EngineChoice:
+    """Time each candidate at batch 32, then the winner at every PROBE_BATCHES size."""
+    whash = fcache.weights_hash(backbone)
+    timed: dict[tuple[str, str], float] = {}
+    engines: dict[tuple[str, str], Engine] = {}
+    for name, prec in _candidates(requested, precision_requested):
+        choice = EngineChoice(name, prec, 32)
+        engine = build_engine(choice, backbone, size, device, cache_root, whash, channels_last,
+                              fallback=requested == "auto")
+        if engine.choice.name != name:  # conversion failed under auto (warned): skip it
+            continue
+        engines[(name, prec)] = engine
+        timed[(name, prec)] = _throughput(engine, size, 32, 2)
+    best = max(timed, key=timed.get)
+    by_batch = {b: _throughput(engines[best], size, b, 2) for b in PROBE_BATCHES}
+    batch = max(by_batch, key=by_batch.get)
+    log.info("extraction engine probe at %dpx (img/s): %s; batches for %s %s: %s -> batch %d",
+             size, ", ".join(f"{n} {p} {v:.0f}" for (n, p), v in timed.items()), *best,
+             ", ".join(f"{b}: {v:.0f}" for b, v in by_batch.items()), batch)
+    return EngineChoice(best[0], best[1], batch)

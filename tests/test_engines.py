@@ -1,0 +1,218 @@
+"""Extraction engines: outputs match torch, the auto choice is remembered, missing extras and
+failed conversions are one-line errors, corrupt converted models are rebuilt, and extraction
+stops within one batch when asked. Tiny conv nets at 16-32 px, CPU, seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from transferlab.distributed import DistEnv
+from transferlab.errors import TrainingStopped, UserError
+from transferlab.features import cache as fcache
+from transferlab.features import engines
+from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
+from transferlab.features.extract import extract_features, extract_with_engine
+
+CPU = torch.device("cpu")
+SIZE = 16
+
+
+def tiny_backbone(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+class Histogram(nn.Module):
+    """A backbone OpenVINO cannot convert (no rule for aten::histc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.histc(self.conv(x), 4).expand(x.shape[0], 4)
+
+
+def _build(name: str, net: nn.Module, root, precision: str = "fp32", batch: int = 4):
+    return build_engine(EngineChoice(name, precision, batch), net, SIZE, CPU, root,
+                        fcache.weights_hash(net))
+
+
+@pytest.mark.parametrize("name", ["torch", "openvino", "onnxruntime"])
+def test_engine_matches_torch(name, tmp_path):
+    if name != "torch":
+        pytest.importorskip(name)
+    net = tiny_backbone()
+    x = torch.randn(10, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = net(x)
+    engine = _build(name, net, tmp_path)
+    one = engine(x)
+    streamed = torch.cat(list(engine.map(iter(x.split(4)))))  # 4 + 4 + 2: order kept
+    assert one.dtype == torch.float32 and one.shape == ref.shape
+    torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(streamed, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_openvino_bf16_is_close(tmp_path):
+    pytest.importorskip("openvino")
+    net = tiny_backbone()
+    x = torch.randn(6, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = net(x)
+    out = _build("openvino", net, tmp_path, precision="bf16")(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+def test_extract_with_engine_in_sample_order(tmp_path):
+    pytest.importorskip("openvino")
+    net = tiny_backbone()
+    images = torch.randint(0, 256, (11, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(11)
+
+    def prepare(x):
+        return nn.functional.interpolate(x.float() / 255, size=(SIZE, SIZE), mode="bilinear")
+
+    with torch.no_grad():
+        ref = net(prepare(images))
+    loader = list(zip(images.split(5), labels.split(5), strict=True))  # loader batches of 5
+    engine = _build("openvino", net, tmp_path, batch=3)  # re-cut into engine batches of 3
+    feats, img_s = extract_with_engine(engine, prepare, loader, DistEnv(), 11, progress=False)
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
+    assert img_s > 0
+    old, _ = extract_features(net, prepare, loader, CPU, "fp32", DistEnv(), 11, progress=False)
+    torch.testing.assert_close(old, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_choice_is_remembered(tmp_path, monkeypatch):
+    net = tiny_backbone()
+    args = ("auto", net, "tiny", SIZE, CPU, tmp_path, "fp32", False)
+    first = resolve_engine(*args)
+    assert first.name in ("torch", "openvino", "onnxruntime") and first.precision == "fp32"
+    assert first.batch_size in engines.PROBE_BATCHES
+    memo = json.loads((tmp_path / "engines.json").read_text())
+    assert list(memo.values()) == [first.to_dict()]
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again although the choice is remembered")
+
+    monkeypatch.setattr(engines, "_probe", no_probe)
+    assert resolve_engine(*args) == first
+    # another library version is another key: measured again, never reused
+    monkeypatch.setattr(engines, "library_versions", lambda: {"torch": "0.0-other"})
+    with pytest.raises(AssertionError, match="probed again"):
+        resolve_engine(*args)
+
+
+def test_missing_extra_is_one_line_user_error(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(engines, "engine_installed", lambda name: name == "torch")
+    net = tiny_backbone()
+    for name in ("openvino", "onnxruntime"):
+        with pytest.raises(UserError) as e:
+            resolve_engine(name, net, "tiny", SIZE, CPU, tmp_path, "fp32", False)
+        msg = str(e.value)
+        assert "\n" not in msg and f"pip install 'transferlab[{name}]'" in msg
+        assert msg.startswith(f"--engine {name} needs the {name} extra")
+    with caplog.at_level(logging.INFO, logger="transferlab.features.engines"):
+        choice = resolve_engine("auto", net, "tiny", SIZE, CPU, tmp_path, "fp32", False)
+    assert choice.name == "torch"
+    assert sum("not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_cuda_device_means_torch(tmp_path):
+    choice = resolve_engine("auto", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path,
+                            "bf16", True)
+    assert choice == EngineChoice("torch", "bf16", engines.GPU_BATCH)
+    with pytest.raises(UserError, match="CPU only"):
+        resolve_engine("openvino", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path,
+                       "bf16", True)
+
+
+def test_corrupt_converted_model_is_rebuilt(tmp_path, caplog):
+    pytest.importorskip("openvino")
+    net = tiny_backbone()
+    _build("openvino", net, tmp_path)
+    (path,) = (tmp_path / "engines").glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the model bytes
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        engine = _build("openvino", net, tmp_path)
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert fcache.load_entry(tmp_path / "engines", path.stem) is not None  # rebuilt, intact
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_converted_model_of_other_weights_is_never_used(tmp_path):
+    pytest.importorskip("openvino")
+    a, b = tiny_backbone(0), tiny_backbone(1)
+    _build("openvino", a, tmp_path)
+    # b's weights under a's hash would load a's model: the key includes the real weights hash
+    engine = _build("openvino", b, tmp_path)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), b(x), atol=1e-5, rtol=1e-4)
+    assert len(list((tmp_path / "engines").glob("*.safetensors"))) == 2
+
+
+def test_failed_conversion_explicit_error_auto_fallback(tmp_path, caplog):
+    pytest.importorskip("openvino")
+    net = Histogram().eval()
+    with pytest.raises(UserError, match=r"aten::histc.*--engine torch"):
+        _build("openvino", net, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        engine = build_engine(EngineChoice("openvino", "fp32", 4), net, SIZE, CPU, tmp_path,
+                              fcache.weights_hash(net), fallback=True)
+    assert engine.choice == EngineChoice("torch", "fp32", 4)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "aten::histc" in warned[0]
+
+
+class StopAfter:
+    """stop_requested that turns true after ``n`` polls, with the exit code the CLI should use."""
+
+    exit_code = 143
+
+    def __init__(self, n: int):
+        self.n, self.polls = n, 0
+
+    def __call__(self) -> bool:
+        self.polls += 1
+        return self.polls > self.n
+
+
+def test_stop_requested_within_one_batch():
+    net = tiny_backbone()
+    images = torch.randint(0, 256, (40, 3, SIZE, SIZE), dtype=torch.uint8)
+    loader = list(zip(images.split(8), torch.arange(40).split(8), strict=True))
+    prepared = []
+
+    def prepare(x):
+        prepared.append(x.shape[0])
+        return x.float() / 255
+
+    engine = engines.TorchEngine(net, EngineChoice("torch", "fp32", 4), CPU)
+    stop = StopAfter(3)
+    with pytest.raises(TrainingStopped) as e:
+        extract_with_engine(engine, prepare, loader, DistEnv(), 40, progress=False,
+                            desc="extract train", stop_requested=stop)
+    assert prepared == [4, 4, 4]  # stopped before the 4th engine batch (of 10)
+    assert e.value.exit_code == 143
+    assert "nothing of this split was cached" in str(e.value) and "Rerun" in str(e.value)
+    with pytest.raises(TrainingStopped) as e:
+        extract_with_engine(engine, prepare, loader, DistEnv(), 40, progress=False,
+                            stop_requested=lambda: True)
+    assert e.value.exit_code == 130
