@@ -216,3 +216,27 @@ def test_stop_requested_within_one_batch():
         extract_with_engine(engine, prepare, loader, DistEnv(), 40, progress=False,
                             stop_requested=lambda: True)
     assert e.value.exit_code == 130
+
+
+def test_export_openvino_ir_with_metadata_and_check(tmp_path):
+    pytest.importorskip("openvino")
+    from transferlab.export_openvino import export_openvino, read_ir_metadata
+
+    net = nn.Sequential(tiny_backbone(), nn.Linear(8, 5)).eval()
+    meta = {"classes": ["a", "b", "c", "d", "e"], "image_size": SIZE, "mean": [0.5, 0.5, 0.5]}
+    check = export_openvino(net, SIZE, tmp_path / "model.xml", meta, tolerance=1e-4)
+    assert check.ok and check.max_abs_diff < 1e-4 and check.runtime.startswith("openvino")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]
+    assert read_ir_metadata(tmp_path / "model.xml") == meta
+    with pytest.raises(UserError, match=r"\.xml"):
+        export_openvino(net, SIZE, tmp_path / "model.onnx", meta, tolerance=1e-4)
+
+
+def test_engine_backbone_forward_for_predict(tmp_path):
+    pytest.importorskip("openvino")
+    net = tiny_backbone()
+    fwd = engines.engine_backbone_forward(EngineChoice("openvino", "fp32", 4), net, SIZE, tmp_path,
+                                          fcache.weights_hash(net))
+    x = torch.randn(9, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(x), net(x), atol=1e-5, rtol=1e-4)
