@@ -316,3 +316,239 @@ def test_stop_flag_records_the_signal_and_exit_code():
     with _StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop() and stop.exit_code == 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI, on one tiny trained run (the lead's wiring of rundir.py in experiment.py)
+
+TINY = ["--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20", "--no-progress",
+        "--device", "cpu", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data dir, a finished run dir) from one tiny CNN run (60 train images, 4 classes)."""
+    from transferlab.cli import main
+    from transferlab.data.cifar import write_cifar_like
+
+    root = tmp_path_factory.mktemp("safety")
+    data = write_cifar_like(root / "data", n_train=60, n_test=20, n_classes=4)
+    run = root / "run"
+    assert main(["train", "--data-dir", str(data), "--run-dir", str(run), *TINY]) == 0
+    return data, run
+
+
+def _state(run: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.iterdir() if p.name != rundir.LOCK_NAME}
+
+
+@pytest.mark.parametrize("bad", [["--data", "folder:/no/such/typo"], ["--model", "resnet181"]])
+def test_overwrite_with_bad_input_keeps_the_old_run(trained, bad, capsys):
+    from transferlab.cli import main
+
+    data, run = trained
+    before = _state(run)
+    args = ["train", "--data-dir", str(data), "--run-dir", str(run), *TINY, "--overwrite", *bad]
+    assert main(args) == 2
+    assert _state(run) == before
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_second_writer_through_the_cli(trained, capsys):
+    from transferlab.cli import main
+
+    data, run = trained
+    before = _state(run)
+    held = rundir.RunLock.acquire(run / rundir.LOCK_NAME, "run dir")
+    try:
+        args = ["train", "--data-dir", str(data), "--run-dir", str(run), *TINY, "--overwrite"]
+        assert main(args) == 2
+        assert f"in use by process {os.getpid()}" in capsys.readouterr().err
+        assert _state(run) == before
+    finally:
+        held.release()
+
+
+@pytest.mark.xfail(reason="needs lead wiring: cmd_train must let --epochs through with --resume", strict=False)
+def test_resume_with_more_epochs_is_not_refused_as_a_flag(trained, capsys):
+    from transferlab.cli import main
+
+    _, run = trained
+    held = rundir.RunLock.acquire(run / rundir.LOCK_NAME, "run dir")
+    try:  # held, so the resume stops at the lock: what matters is that --epochs got that far
+        assert main(["train", "--resume", str(run), "--epochs", "5"]) == 2
+        assert "in use by process" in capsys.readouterr().err
+    finally:
+        held.release()
+
+
+@pytest.mark.xfail(reason="needs lead wiring: experiment._open_run passes the default --epochs (10) as "
+                   "requested_epochs; it must pass None unless --epochs was given", strict=False)
+def test_resume_of_a_finished_run_exits_0_untouched(trained, capsys):
+    from transferlab.cli import main
+
+    _, run = trained
+    before = _state(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "is finished" in capsys.readouterr().out
+    assert _state(run) == before
+
+
+def test_runs_and_report_on_damaged_files_are_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    from transferlab.cli import main
+
+    _, run = trained
+    for i, text in enumerate(["{", "[]", '{"model": 3, "epochs_run": "x", "test": [], "time_s": {"total": "?"}}']):
+        d = tmp_path / "runs" / f"r{i}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(text)
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    for name, text in (("summary.json", "{not json"), ("metrics.csv", "epoch,train_loss\n1,abc\n")):
+        shutil.copy(run / name, tmp_path / "saved")
+        (copy / name).write_text(text)
+        code = main(["report", str(copy)])
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2) and "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+        shutil.copy(tmp_path / "saved", copy / name)
+
+
+def test_compare_report_on_a_damaged_summary_is_one_line(trained, tmp_path):
+    import shutil
+
+    from transferlab.report.compare_report import write_compare_report
+
+    _, run = trained
+    shutil.copytree(run, tmp_path / "cnn")
+    (tmp_path / "cnn" / "summary.json").write_text('{"model": "cnn", "test": 3}')
+    with pytest.raises(UserError, match="damaged"):
+        write_compare_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the one-line policy: version, models, env, warnings, progress
+
+
+def test_version_models_and_torchrun_env(capsys, monkeypatch):
+    from transferlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "transferlab 0." in capsys.readouterr().out
+    assert main(["models", "--timm", "no_such_model_zz"]) == 0
+    assert "no timm model matches 'no_such_model_zz'" in capsys.readouterr().out
+    for name, value in (("RANK", "abc"), ("WORLD_SIZE", "0"), ("MASTER_PORT", "99999"), ("LOCAL_RANK", "-1")):
+        monkeypatch.setenv(name, value)
+        assert main(["models"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and len(err.strip().splitlines()) == 1
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["models"]) == 2 and "below WORLD_SIZE" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_and_bugs_are_one_line(monkeypatch, capsys):
+    from transferlab import cli
+
+    def boom(args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (KeyError" in err and "Traceback" not in err
+    assert cli.main(["--debug", "models"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("TRANSFERLAB_DEBUG", "1")
+    assert cli.main(["models"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_disk_full_and_oom_map_to_exit_1(monkeypatch, capsys):
+    from transferlab import cli
+
+    for exc in (OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
+                RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 10 GB")):
+        monkeypatch.setattr(cli, "cmd_models", lambda args, exc=exc: (_ for _ in ()).throw(exc))
+        assert cli.main(["models"]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("last.pt" in err or "out of memory" in err)
+
+
+def test_third_party_warnings_go_to_the_log(monkeypatch, capsys, caplog):
+    import logging
+    import warnings
+
+    from transferlab import cli
+
+    def warn(args):
+        warnings.warn("Glyph 8722 missing from current font.", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_models", warn)
+    with caplog.at_level(logging.DEBUG, logger="py.warnings"):
+        assert cli.main(["models"]) == 0
+    assert "Glyph 8722" not in capsys.readouterr().err
+    assert "Glyph 8722" in caplog.text
+
+
+def test_progress_without_a_terminal_writes_plain_lines(monkeypatch, caplog):
+    import logging
+
+    from transferlab import progress as prog
+
+    monkeypatch.setattr(prog, "PLAIN_EVERY_S", 0.0)
+    class Batches(list):
+        num_samples = 10
+
+    batches = Batches((torch.zeros(2), torch.zeros(2)) for _ in range(5))
+    with caplog.at_level(logging.INFO, logger="transferlab.progress"):
+        out = list(prog.progress(batches, "epoch 1", enabled=True, tty=False))
+    assert len(out) == 5
+    assert "\r" not in caplog.text and "epoch 1: 2/10 img" in caplog.text and "10 img in" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Delete only what you own: the feature cache
+
+
+def test_cache_clear_removes_only_our_entries(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from transferlab.cli import main
+    from transferlab.features import cache as fcache
+
+    ours = fcache.save_entry(tmp_path, "a" * 24, {"features": torch.ones(2, 3)}, {"split": "train"})
+    save_file({"w": torch.ones(2)}, str(tmp_path / "my_model.safetensors"))  # a user's own file
+    (tmp_path / "notes.txt").write_text("mine")
+    user_tmp = tmp_path / ".draft.tmp"  # a user's hidden temp file: not ours either
+    user_tmp.write_text("x")
+    live = tmp_path / f".{'b' * 24}.safetensors{fcache.TEMP_MARK}{__import__('socket').gethostname()}-{os.getpid()}-ab12"
+    live.write_text("being written")
+    dead = tmp_path / f".{'c' * 24}.safetensors{fcache.TEMP_MARK}{__import__('socket').gethostname()}-999999-cd34"
+    dead.write_text("left by a killed run")
+    assert main(["cache", "list", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 entries" in out and "not ours, left alone (2): my_model.safetensors, notes.txt" in out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 2 file(s)" in capsys.readouterr().out
+    assert not ours.exists() and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".draft.tmp", live.name, "my_model.safetensors",
+                                                                 "notes.txt"])
+
+
+def test_cache_entry_tag_and_unknown_user(tmp_path, monkeypatch):
+    from transferlab.features import cache as fcache
+
+    fcache.save_entry(tmp_path, "k", {"features": torch.ones(2, 3)}, {"split": "train"})
+    tensors, meta = fcache.load_entry(tmp_path, "k")
+    assert meta[fcache.FORMAT_KEY] == fcache.FORMAT_TAG
+    monkeypatch.setenv(fcache.ENV_VAR, "~no_such_user_xyz/c")
+    with pytest.raises(UserError, match="no such user"):
+        fcache.cache_root("")

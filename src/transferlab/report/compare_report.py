@@ -10,11 +10,14 @@ Usage:
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+from transferlab.errors import UserError
 from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves
+from transferlab.rundir import read_json_file
 
 TITLES = {
     "cnn": "CNN trained from scratch (seed recipe)",
@@ -32,13 +35,24 @@ def _kind(run_dir: Path) -> str:
 
 
 def load_runs(root: Path) -> dict[str, tuple[Path, dict]]:
-    """(run dir, summary) per experiment kind found under ``root``."""
+    """(run dir, summary) per experiment kind found under ``root``; a damaged one is a UserError."""
     runs = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         summary = sub / "summary.json"
         if summary.is_file():
-            runs[_kind(sub)] = (sub, json.loads(summary.read_text()))
+            runs[_kind(sub)] = (sub, read_json_file(summary, "summary"))
     return runs
+
+
+# what a summary.json or metrics.csv that parses but is not ours (or is truncated) raises
+_DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError, csv.Error)
+
+
+def _damaged(run_dir: Path, e: Exception) -> UserError:
+    """A summary.json that parses but lacks a field or has one of the wrong type."""
+    what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+    return UserError(f"{run_dir}: summary.json or metrics.csv is damaged or from another version ({what}); "
+                     "rerun that experiment or remove its folder from the compare dir")
 
 
 def _table(s: dict) -> str:
@@ -121,18 +135,22 @@ def write_compare_report(root: Path) -> Path:
     """Write ``root/report.md`` from the runs found under ``root``."""
     runs = load_runs(root)
     if not runs:
-        from transferlab.errors import UserError
-
         raise UserError(f"no finished runs (summary.json) under {root}")
     parts = ["# Transfer learning vs a CNN from scratch\n"]
     first = next(iter(runs.values()))[1]
-    data = first.get("data", {})
+    data = first.get("data") if isinstance(first.get("data"), dict) else {}
     parts.append(f"Data: `{data.get('source')}` ({data.get('classes')} classes), split seed {data.get('split_seed')}, "
                  f"md5 {json.dumps(data.get('md5', {}))}. Versions: {json.dumps(first.get('versions', {}))}.\n")
     for kind in ("cnn", "frozen", "chase", "cnn-best"):
         if kind in runs:
-            parts.append(_section(kind, runs[kind][0], runs[kind][1], root))
-    obs = observations(runs)
+            try:
+                parts.append(_section(kind, runs[kind][0], runs[kind][1], root))
+            except _DAMAGE as e:
+                raise _damaged(runs[kind][0], e) from None
+    try:
+        obs = observations(runs)
+    except _DAMAGE as e:
+        raise _damaged(root, e) from None
     if obs:
         parts.append("## Observations\n\n" + "\n".join(f"* {o}" for o in obs) + "\n")
     path = root / "report.md"

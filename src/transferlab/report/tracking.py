@@ -14,11 +14,11 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from transferlab.errors import UserError
+from transferlab.rundir import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install 'transferlab[tensorboard]'") from None
+        raise UserError("--tensorboard needs the tensorboard package: "
+                        "pip install 'transferlab[tensorboard]'") from None
     step = int(row["epoch"])
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
@@ -50,25 +51,48 @@ def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
         writer.close()
 
 
+def _num(v, kind=float):
+    """A number from a summary field, or None for anything else (a damaged or foreign file)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return kind(v)
+    except (ValueError, OverflowError):  # int(nan), int(inf)
+        return None
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) else "?"
+
+
+def _section(s: dict, key: str) -> dict:
+    v = s.get(key)
+    return v if isinstance(v, dict) else {}
+
+
 def find_runs(root: Path) -> list[dict]:
-    """One dict per finished run under ``root`` (any depth): what ``transferlab runs`` lists."""
+    """One dict per finished run under ``root`` (any depth): what ``transferlab runs`` lists.
+
+    A damaged summary.json (not JSON, not an object, fields of the wrong type) is skipped with a
+    one-line warning, or listed with "?" and "-" for the fields it lacks: never a traceback.
+    """
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass the folder that holds your run dirs (default runs/)")
     out = []
     for path in sorted(root.rglob("summary.json")):
         try:
-            s = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("skipping unreadable %s (%s)", path, e)
+            s = read_json_file(path, "summary")
+        except UserError as e:
+            log.warning("skipping %s", e)
             continue
         out.append({
             "run_dir": str(path.parent),
-            "model": s.get("model", "?"),
-            "mode": s.get("mode", "?"),
-            "epochs": s.get("epochs_run"),
-            "best_val_acc": (s.get("fit_state") or {}).get("best_val_acc"),
-            "test_acc": (s.get("test") or {}).get("acc"),
-            "time_s": (s.get("time_s") or {}).get("total"),
+            "model": _text(s.get("model")),
+            "mode": _text(s.get("mode")),
+            "epochs": _num(s.get("epochs_run"), int),
+            "best_val_acc": _num(_section(s, "fit_state").get("best_val_acc")),
+            "test_acc": _num(_section(s, "test").get("acc")),
+            "time_s": _num(_section(s, "time_s").get("total")),
         })
     return out
 
@@ -79,8 +103,10 @@ def format_runs(rows: list[dict]) -> str:
         return "-" if v is None else format(v, spec)
 
     width = max([len(r["run_dir"]) for r in rows] + [7])
-    lines = [f"{'run dir':{width}}  {'model':28} {'mode':9} {'epochs':>6} {'best val':>8} {'test acc':>8} {'time s':>8}"]
+    lines = [f"{'run dir':{width}}  {'model':28} {'mode':9} {'epochs':>6} {'best val':>8} {'test acc':>8} "
+             f"{'time s':>8}"]
     for r in rows:
         lines.append(f"{r['run_dir']:{width}}  {r['model']:28} {r['mode']:9} {fmt(r['epochs'], 'd'):>6} "
-                     f"{fmt(r['best_val_acc'], '.4f'):>8} {fmt(r['test_acc'], '.4f'):>8} {fmt(r['time_s'], '.1f'):>8}")
+                     f"{fmt(r['best_val_acc'], '.4f'):>8} {fmt(r['test_acc'], '.4f'):>8} "
+                     f"{fmt(r['time_s'], '.1f'):>8}")
     return "\n".join(lines) + "\n"
