@@ -552,3 +552,16 @@ def test_cache_entry_tag_and_unknown_user(tmp_path, monkeypatch):
     monkeypatch.setenv(fcache.ENV_VAR, "~no_such_user_xyz/c")
     with pytest.raises(UserError, match="no such user"):
         fcache.cache_root("")
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="holds no transferlab run"):
+        rundir.prepare_run_dir(home, resume=False, overwrite=True)
+    assert (home / "thesis.tex").read_text() == "years of work"
+    _old_run(tmp_path / "r")
+    (tmp_path / "r" / "cifar-100-python").mkdir()
+    with pytest.raises(UserError, match="would move your data"):
+        rundir.prepare_run_dir(tmp_path / "r", False, True, data_root=tmp_path / "r" / "cifar-100-python")

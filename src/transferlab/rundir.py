@@ -62,6 +62,8 @@ RUN_FILES = frozenset({
     "best.pt", "last.pt", "metrics.csv", "summary.json", "config.yaml", "model_summary.txt",
     "data_manifest.json", "test_predictions.npz", "curves.png", "report.md", "report.html", LOCK_NAME,
 })
+# a folder holding one of these is a run (of ours) that --overwrite may replace
+RUN_MARKERS = frozenset({"config.yaml", "last.pt", "best.pt", "summary.json", "metrics.csv"})
 ASIDE_INFIX = ".old-"  # .RUN.old-<pid>: an old run set aside by --overwrite
 TEMP_INFIX = ".transferlab-"  # .NAME.transferlab-<pid>.tmp: our temp files
 
@@ -292,6 +294,13 @@ def prepare_run_dir(run_dir: Path | str | None, resume: bool, overwrite: bool, *
         if names and not overwrite:
             raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it (the old run is "
                             f"kept until the new one has a checkpoint) or --resume {run_dir} to continue")
+        if names and not any(n in RUN_MARKERS for n in names):
+            raise UserError(f"run dir {run_dir} is not empty and holds no transferlab run (no "
+                            f"{', '.join(sorted(RUN_MARKERS))}); --overwrite only replaces runs: choose "
+                            "another --run-dir")
+        if names and data_root is not None and _inside(Path(data_root), run_dir):
+            raise UserError(f"run dir {run_dir} holds the data root {data_root}; --overwrite would move "
+                            "your data: choose another --run-dir")
         _probe_writable(run_dir)
         _warn_stale_asides(run_dir)
         if names:
