@@ -21,12 +21,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import logging
 import os
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -245,14 +245,26 @@ class Run:
         return write_run_report(self.dir)
 
     def explain(
-        self, images, out_dir: str | os.PathLike | None = None, device: str = "cpu"
+        self,
+        images,
+        out_dir: str | os.PathLike | None = None,
+        target: str | None = None,
+        device: str = "cpu",
     ) -> list[Path]:
-        """Grad-CAM overlays for paths, PIL images or tensors; needs ``transferlab[explain]``."""
+        """Grad-CAM overlays (``<name>_gradcam.png`` in ``out_dir``, default RUN_DIR/explain) for
+        paths, PIL images or tensors: the predicted class, and ``target`` when given. Needs
+        ``transferlab[explain]``; unusable images are skipped with a warning."""
         from transferlab.explain import explain_images
 
-        return explain_images(
-            self.dir, images, Path(out_dir) if out_dir else self.dir / "explain", device=device
-        )
+        out = Path(out_dir) if out_dir else self.dir / "explain"
+        with image_files(images) as items:
+            for label, x in items:
+                if isinstance(x, str):  # an object that is not an image: its error text
+                    log.warning("cannot use %s: %s", label, x)
+            good = [(label, x) for label, x in items if not isinstance(x, str)]
+            names = [x.stem for _, x in good]
+            return explain_images(self.dir, [x for _, x in good], out, target=target,
+                                  device=device, names=names)
 
     def _repr_html_(self) -> str:
         return run_card_html(self)
@@ -335,33 +347,28 @@ def run_card_html(run: Run) -> str:
 # ---------------------------------------------------------------- predict
 
 
-def _to_png_bytes(image) -> io.BytesIO:
-    """A PIL image or a uint8/float CHW tensor (or HWC array) as lossless PNG bytes."""
+def _to_pil(image):
+    """A PIL image, or a uint8/float CHW tensor (or HWC array) as a PIL image."""
     import numpy as np
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        pil = image
-    else:
-        import torch
+        return image
+    import torch
 
-        t = torch.as_tensor(image).detach().cpu()
-        if t.dim() != 3:
-            raise ValueError(f"expected one image (C, H, W); got shape {tuple(t.shape)}")
-        if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):  # HWC array
-            t = t.permute(2, 0, 1)
-        if t.is_floating_point():  # float in [0, 1], as torchvision's ToTensor gives
-            if t.min() < 0 or t.max() > 1:
-                raise ValueError("float images must be in [0, 1] (pixel / 255)")
-            t = (t * 255).round().to(torch.uint8)
-        elif t.dtype != torch.uint8:
-            raise ValueError(f"integer images must be uint8; got {t.dtype}")
-        arr = t.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    buf.seek(0)
-    return buf
+    t = torch.as_tensor(image).detach().cpu()
+    if t.dim() != 3:
+        raise ValueError(f"expected one image (C, H, W); got shape {tuple(t.shape)}")
+    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):  # HWC array
+        t = t.permute(2, 0, 1)
+    if t.is_floating_point():  # float in [0, 1], as torchvision's ToTensor gives
+        if t.min() < 0 or t.max() > 1:
+            raise ValueError("float images must be in [0, 1] (pixel / 255)")
+        t = (t * 255).round().to(torch.uint8)
+    elif t.dtype != torch.uint8:
+        raise ValueError(f"integer images must be uint8; got {t.dtype}")
+    arr = np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
 
 
 def _image_list(images) -> list:
@@ -378,24 +385,32 @@ def _image_list(images) -> list:
     return list(images)
 
 
-def as_inputs(images) -> list[tuple[str, Any]]:
-    """(label, input) per image: paths stay paths (folders expand to their image files, as on the
-    CLI); PIL images and tensors become in-memory PNGs; an unusable object becomes its error text
-    (a ``str`` input), so one bad image gives one error entry and the others still run."""
+@contextmanager
+def image_files(images) -> Iterator[list[tuple[str, Path | str]]]:
+    """(label, path or error text) per image, for predict and explain.
+
+    Paths stay paths (folders expand to their image files, as on the CLI). PIL images and tensors
+    are written as lossless PNGs into a temporary folder for the duration, so they take the very
+    decode path of a file; an object that is no image gets its error text instead of a path.
+    """
     from transferlab.predict import expand_inputs
 
-    out: list[tuple[str, Any]] = []
-    for i, item in enumerate(_image_list(images)):
-        if isinstance(item, (str, os.PathLike)):
-            out += [(str(p), p) for p in expand_inputs([os.fspath(item)])]
-            continue
-        try:
-            out.append((f"<image {i}>", _to_png_bytes(item)))
-        except Exception as e:  # a wrong shape, dtype or range
-            out.append((f"<image {i}>", f"{type(e).__name__}: {e}"))
-    if not out:
-        raise UserError("no images to predict: pass image files, folders, PIL images or tensors")
-    return out
+    with tempfile.TemporaryDirectory(prefix="transferlab-images-") as tmp:
+        out: list[tuple[str, Path | str]] = []
+        for i, item in enumerate(_image_list(images)):
+            if isinstance(item, (str, os.PathLike)):
+                out += [(str(p), Path(p)) for p in expand_inputs([os.fspath(item)])]
+                continue
+            label = f"<image {i}>"
+            try:
+                path = Path(tmp) / f"image_{i}.png"
+                _to_pil(item).save(path, format="PNG")
+                out.append((label, path))
+            except Exception as e:  # a wrong shape, dtype or range
+                out.append((label, f"{type(e).__name__}: {e}"))
+        if not out:
+            raise UserError("no images: pass image files, folders, PIL images or tensors")
+        yield out
 
 
 def predict_images(
@@ -409,9 +424,9 @@ def predict_images(
         raise UserError("top_k and batch_size must be ints >= 1")
     dev = resolve_device(device)
     rm = load_run_model(run_dir, dev)
-    items = as_inputs(images)
-    good = [x for _, x in items if not isinstance(x, str)]
-    rows = iter(predict_files(rm, good, top_k, batch_size, dev) if good else [])
+    with image_files(images) as items:
+        good = [x for _, x in items if not isinstance(x, str)]
+        rows = iter(predict_files(rm, good, top_k, batch_size, dev) if good else [])
     index = {c: i for i, c in enumerate(rm.classes)}
     out = []
     for label, x in items:

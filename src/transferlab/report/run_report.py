@@ -7,11 +7,12 @@ data_manifest.json (folder data) or the CIFAR-100 ``test`` file at the source re
 summary.json (read with the safe loader; its md5 is checked against the one recorded).
 
 Sections: results, learning curves, per-class accuracy (best and worst 10), most confused class
-pairs (not a C x C matrix), the most confident mistakes as an image grid, timing, data and
-reproducibility (seeds, versions, md5, config).
+pairs (not a C x C matrix), the most confident mistakes as an image grid, Grad-CAM overlays on
+those mistakes and on one correct example per most confused class (with ``transferlab[explain]``;
+the model is rebuilt from best.pt), timing, data and reproducibility (seeds, versions, md5, config).
 
 Usage:
-    write_run_report(Path("runs/lite0"))        # -> report.md, report.html (+ curves.png, misclassified.png)
+    write_run_report(Path("runs/lite0"))  # -> report.md, report.html, curves.png, misclassified.png
     write_reports(Path("runs/compare-2026"))    # run dir or compare dir, whichever it is
 """
 
@@ -35,7 +36,9 @@ TOP_N = 10  # rows in the best/worst class tables and the confused-pairs table
 GRID_N = 24  # misclassified images shown
 
 
-def per_class_accuracy(true: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def per_class_accuracy(
+    true: np.ndarray, pred: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(test images per class, accuracy per class); accuracy is NaN for a class with no images."""
     n = np.bincount(true, minlength=n_classes)
     correct = np.bincount(true[true == pred], minlength=n_classes)
@@ -43,18 +46,24 @@ def per_class_accuracy(true: np.ndarray, pred: np.ndarray, n_classes: int) -> tu
         return n, np.where(n > 0, correct / np.maximum(n, 1), np.nan)
 
 
-def confused_pairs(true: np.ndarray, pred: np.ndarray, n_classes: int, top: int = TOP_N) -> list[tuple[int, int, int]]:
+def confused_pairs(
+    true: np.ndarray, pred: np.ndarray, n_classes: int, top: int = TOP_N
+) -> list[tuple[int, int, int]]:
     """The ``top`` (true, predicted, count) off-diagonal pairs, most frequent first."""
     wrong = true != pred
     if not wrong.any():
         return []
     counts = np.bincount(true[wrong] * n_classes + pred[wrong], minlength=n_classes * n_classes)
     order = np.argsort(-counts, kind="stable")[:top]
-    return [(int(k // n_classes), int(k % n_classes), int(counts[k])) for k in order if counts[k] > 0]
+    return [
+        (int(k // n_classes), int(k % n_classes), int(counts[k])) for k in order if counts[k] > 0
+    ]
 
 
-def _test_images(run_dir: Path, summary: dict, indices: np.ndarray, size: int = 64) -> tuple[list, str]:
-    """uint8 (3, H, W) test images at ``indices`` and '' , or [] and the reason they are unavailable."""
+def _test_images(
+    run_dir: Path, summary: dict, indices: np.ndarray, size: int = 64
+) -> tuple[list, str]:
+    """uint8 (3, H, W) test images at ``indices`` and '', or [] and why they are unavailable."""
     manifest = run_dir / "data_manifest.json"
     if manifest.is_file():  # folder data: the test files by index
         from transferlab.data.folder import load_image
@@ -79,7 +88,11 @@ def _test_images(run_dir: Path, summary: dict, indices: np.ndarray, size: int = 
         return [], f"CIFAR-100 not readable at {source} ({e})"
     recorded = (data.get("md5") or {}).get("test")
     if recorded and ds.md5.get("test") != recorded:
-        return [], f"the CIFAR test file at {source} has md5 {ds.md5.get('test')}, the run recorded {recorded}"
+        return (
+            [],
+            f"the CIFAR test file at {source} has md5 {ds.md5.get('test')}, "
+            f"the run recorded {recorded}",
+        )
     return [ds.test.images[int(i)].numpy() for i in indices], ""
 
 
@@ -114,8 +127,11 @@ def _results_section(s: dict, preds: dict | None) -> list[str]:
     out = ["## Results", "", *rows, ""]
     if preds:
         top5 = (preds["top5"] == preds["true"][:, None]).any(1).mean()
-        out.append(f"Test top-{preds['top5'].shape[1]} accuracy: {top5:.4f} over {len(preds['true'])} images. "
-                   f"Best epoch {s['best_epoch']} of {s['epochs_run']} ({s['stop_reason']}).")
+        out.append(
+            f"Test top-{preds['top5'].shape[1]} accuracy: {top5:.4f} "
+            f"over {len(preds['true'])} images. "
+            f"Best epoch {s['best_epoch']} of {s['epochs_run']} ({s['stop_reason']})."
+        )
         out.append("")
     return out
 
@@ -128,18 +144,30 @@ def _class_sections(preds: dict, classes: list[str]) -> list[str]:
 
     def table(ids):
         return ["| class | test images | accuracy |", "|---|---|---|"] + [
-            f"| {classes[c]} | {n[c]} | {acc[c]:.3f} |" for c in ids]
+            f"| {classes[c]} | {n[c]} | {acc[c]:.3f} |" for c in ids
+        ]
 
     out = ["## Per-class accuracy", "", f"{len(present)} classes in the test split.", ""]
     if len(present) <= 2 * TOP_N:  # few classes: one table, best first
         out += ["### All classes", "", *table(order), ""]
     else:
-        out += [f"### Best {TOP_N}", "", *table(order[:TOP_N]), "",
-                f"### Worst {TOP_N}", "", *table(order[::-1][:TOP_N]), ""]
+        out += [
+            f"### Best {TOP_N}",
+            "",
+            *table(order[:TOP_N]),
+            "",
+            f"### Worst {TOP_N}",
+            "",
+            *table(order[::-1][:TOP_N]),
+            "",
+        ]
     pairs = confused_pairs(true, pred, len(classes))
     out += ["## Most confused class pairs", ""]
     if pairs:
-        out += ["| true class | predicted as | count | share of the true class |", "|---|---|---|---|"]
+        out += [
+            "| true class | predicted as | count | share of the true class |",
+            "|---|---|---|---|",
+        ]
         out += [f"| {classes[t]} | {classes[p]} | {c} | {c / n[t]:.1%} |" for t, p, c in pairs]
     else:
         out.append("No test image was misclassified.")
@@ -151,57 +179,126 @@ def _misclassified_section(run_dir: Path, s: dict, preds: dict, classes: list[st
     out = ["## Misclassified test images", ""]
     if len(wrong) == 0:
         return out + ["None.", ""]
-    pick = wrong[np.argsort(-preds["prob"][wrong], kind="stable")][:GRID_N]  # most confident mistakes
+    pick = wrong[np.argsort(-preds["prob"][wrong], kind="stable")][
+        :GRID_N
+    ]  # most confident mistakes
     images, why = _test_images(run_dir, s, preds["index"][pick])
     if not images:
         return out + [f"Images not shown: {why}.", ""]
-    captions = [f"true: {classes[preds['true'][i]]}\npred: {classes[preds['pred'][i]]} ({preds['prob'][i]:.2f})"
-                for i in pick]
+    captions = [
+        f"true: {classes[preds['true'][i]]}\n"
+        f"pred: {classes[preds['pred'][i]]} ({preds['prob'][i]:.2f})"
+        for i in pick
+    ]
     plot_grid(images, captions, run_dir / "misclassified.png")
-    return out + [f"The {len(pick)} most confident of {len(wrong)} mistakes (true label, predicted label and "
-                  "its probability).", "", "![misclassified test images](misclassified.png)", ""]
+    return out + [
+        f"The {len(pick)} most confident of {len(wrong)} mistakes (true label, predicted label and "
+        "its probability).",
+        "",
+        "![misclassified test images](misclassified.png)",
+        "",
+    ]
+
+
+def _gradcam_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) -> list[str]:
+    """Grad-CAM overlays on the most confident mistakes and on one correct example per most
+    confused class (explain.py), when the ``explain`` extra is installed."""
+    from transferlab import explain
+
+    head = ["## Why the model decides (Grad-CAM)", ""]
+    if not explain.available():
+        return head + [
+            "Not drawn: `pip install 'transferlab[explain]'`, then `transferlab report "
+            f"{run_dir}`.",
+            "",
+        ]
+    if not (run_dir / "best.pt").is_file():
+        return head + ["Not drawn: the run dir has no best.pt.", ""]
+    true, pred = preds["true"].astype(np.int64), preds["pred"].astype(np.int64)
+    pairs = confused_pairs(true, pred, len(classes))
+    try:
+        return explain.report_figures(
+            run_dir, preds, classes, pairs, lambda idx, size: _test_images(run_dir, s, idx, size)
+        )
+    except Exception as e:  # the overlays are an extra: the rest of the report still gets written
+        log.warning("Grad-CAM overlays for %s failed: %s: %s", run_dir, type(e).__name__, e)
+        return head + [
+            f"Not drawn: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}.",
+            "",
+        ]
 
 
 def _timing_section(s: dict, rows: list[dict]) -> list[str]:
     t = s["time_s"]
     other = t["total"] - t["train"] - t["eval"] - t["setup"]
-    out = ["## Timing", "", "| part | seconds |", "|---|---|",
-           f"| total | {t['total']:.1f} |", f"| setup (loaders, feature extraction) | {t['setup']:.1f} |",
-           f"| training | {t['train']:.1f} |", f"| evaluation | {t['eval']:.1f} |",
-           f"| other (data load, model build, files) | {other:.1f} |", ""]
+    out = [
+        "## Timing",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+        f"| total | {t['total']:.1f} |",
+        f"| setup (loaders, feature extraction) | {t['setup']:.1f} |",
+        f"| training | {t['train']:.1f} |",
+        f"| evaluation | {t['eval']:.1f} |",
+        f"| other (data load, model build, files) | {other:.1f} |",
+        "",
+    ]
     fc = s.get("feature_cache") or {}
     if fc:
         hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
-        out += [f"Feature cache: {fc.get('seconds', '?')} s ({'hit for ' + ', '.join(hits) if hits else 'extracted'}, "
-                f"precision {fc.get('precision', '?')}).", ""]
+        out += [
+            f"Feature cache: {fc.get('seconds', '?')} s "
+            f"({'hit for ' + ', '.join(hits) if hits else 'extracted'}, "
+            f"precision {fc.get('precision', '?')}).",
+            "",
+        ]
     if rows:
         ep = [r.get("epoch_time_s", 0.0) for r in rows]
         ips = [r.get("train_img_s", 0.0) for r in rows]
-        out += [f"Per epoch (metrics.csv): {np.mean(ep):.2f} s mean, training throughput {np.mean(ips):.0f} img/s mean.", ""]
+        out += [
+            f"Per epoch (metrics.csv): {np.mean(ep):.2f} s mean, "
+            f"training throughput {np.mean(ips):.0f} img/s mean.",
+            "",
+        ]
     return out
 
 
 def _data_section(run_dir: Path, s: dict) -> list[str]:
     d = s.get("data") or {}
-    out = ["## Data and reproducibility", "",
-           f"- Data: `{d.get('source')}`, {d.get('classes')} classes, split seed {d.get('split_seed')}",
-           f"- Data md5: `{json.dumps(d.get('md5', {}))}`",
-           f"- Seed {s.get('seed')}, image size {s.get('image_size')} px, precision {s.get('precision')}, "
-           f"world size {s.get('world_size')}",
-           f"- Versions: `{json.dumps(s.get('versions', {}))}`"]
+    out = [
+        "## Data and reproducibility",
+        "",
+        f"- Data: `{d.get('source')}`, {d.get('classes')} classes, "
+        f"split seed {d.get('split_seed')}",
+        f"- Data md5: `{json.dumps(d.get('md5', {}))}`",
+        f"- Seed {s.get('seed')}, image size {s.get('image_size')} px, "
+        f"precision {s.get('precision')}, "
+        f"world size {s.get('world_size')}",
+        f"- Versions: `{json.dumps(s.get('versions', {}))}`",
+    ]
     folder = d.get("folder") or {}
     if folder:
         counts = folder.get("class_counts", {})
         sizes = {k: sum(v.values()) for k, v in counts.items()}
-        out.append(f"- Folder layout `{folder.get('layout')}`: {sizes.get('train')}/{sizes.get('val')}/{sizes.get('test')} "
-                   f"train/val/test images, imbalance {folder.get('imbalance_ratio')}x, "
-                   f"{folder.get('bad_images', 0)} bad file(s) skipped")
+        out.append(
+            f"- Folder layout `{folder.get('layout')}`: "
+            f"{sizes.get('train')}/{sizes.get('val')}/{sizes.get('test')} "
+            f"train/val/test images, imbalance {folder.get('imbalance_ratio')}x, "
+            f"{folder.get('bad_images', 0)} bad file(s) skipped"
+        )
         if folder.get("bad_image_paths"):
             out.append("- Bad files: " + ", ".join(f"`{p}`" for p in folder["bad_image_paths"]))
     out.append("")
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
-        out += ["Resolved config (config.yaml):", "", "```yaml", cfg.read_text().rstrip(), "```", ""]
+        out += [
+            "Resolved config (config.yaml):",
+            "",
+            "```yaml",
+            cfg.read_text().rstrip(),
+            "```",
+            "",
+        ]
     return out
 
 
@@ -212,14 +309,21 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         raise UserError(f"{summary_path} not found: pass a finished run dir")
     s = json.loads(summary_path.read_text())
     rows = read_metrics(run_dir / "metrics.csv")
-    parts = [f"# {s['model']} ({s['mode']})", "", f"Run dir `{run_dir}`."
-             f" {s['params']['total']:,} parameters, {s['params']['trainable']:,} trainable.", ""]
+    parts = [
+        f"# {s['model']} ({s['mode']})",
+        "",
+        f"Run dir `{run_dir}`."
+        f" {s['params']['total']:,} parameters, {s['params']['trainable']:,} trainable.",
+        "",
+    ]
     preds = None
     if (run_dir / PREDICTIONS_FILE).is_file():
         preds = load_predictions(run_dir / PREDICTIONS_FILE)
     parts += _results_section(s, preds)
     parts += ["## Learning curves", ""]
-    if plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{s['model']} ({s['mode']})"):
+    if plot_curves(
+        run_dir / "metrics.csv", run_dir / "curves.png", title=f"{s['model']} ({s['mode']})"
+    ):
         parts += ["![loss and accuracy per epoch](curves.png)", ""]
     else:
         parts += ["No metrics.csv rows.", ""]
@@ -227,8 +331,12 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         classes = [str(c) for c in preds["classes"]]
         parts += _class_sections(preds, classes)
         parts += _misclassified_section(run_dir, s, preds, classes)
+        parts += _gradcam_section(run_dir, s, preds, classes)
     else:
-        parts += [f"No {PREDICTIONS_FILE} in the run dir (written by newer runs): no per-class results.", ""]
+        parts += [
+            f"No {PREDICTIONS_FILE} in the run dir (written by newer runs): no per-class results.",
+            "",
+        ]
     parts += _timing_section(s, rows)
     parts += _data_section(run_dir, s)
     md = run_dir / "report.md"
@@ -246,4 +354,7 @@ def write_reports(path: Path) -> list[Path]:
         md = write_compare_report(path)
         html = md.with_suffix(".html")
         return [md, html] if html.is_file() else [md, write_html(md)]
-    raise UserError(f"{path} holds no summary.json (nor sub-folders with one): pass a finished run dir or a compare dir")
+    raise UserError(
+        f"{path} holds no summary.json (nor sub-folders with one): "
+        "pass a finished run dir or a compare dir"
+    )
