@@ -16,6 +16,7 @@ import yaml
 
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.compare import experiment_configs
+from transferlab.config import CompareConfig
 from transferlab.data.cifar import write_cifar_like
 from transferlab.report.compare_report import observations, write_compare_report
 
@@ -93,7 +94,8 @@ def test_runs_have_the_expected_models_and_counts(compare_dir):
     chase_cfg = yaml.safe_load((compare_dir / "cnn-chase" / "config.yaml").read_text())
     assert chase_cfg["optim"]["target_val_acc"] == pytest.approx(target)
     assert chase_cfg["optim"]["patience"] == 5 and chase_cfg["optim"]["epochs"] == 2
-    assert chase_cfg["data"]["image_size"] == 0  # the cnn keeps its 32 px; --image-size is the backbone's
+    assert chase_cfg["data"]["image_size"] == 32  # the cnn keeps its 32 px; --image-size is the backbone's
+    assert chase_cfg["resolved"]["image_size"] == 32 and chase_cfg["run"]["precision"] == "fp32"
 
 
 def test_model_summaries(compare_dir):
@@ -145,9 +147,49 @@ def test_experiment_configs_share_everything_but_the_model(tmp_path):
     args = build_parser().parse_args(["compare", "--epochs", "3", "--image-size", "64", "--backbone", "timm:test_resnet",
                                       "--lr", "0.01"])
     base = config_from_args(args)
-    cfgs = experiment_configs(base, args, tmp_path, chase_target=0.25)
+    cfgs = experiment_configs(base, CompareConfig(backbone=args.backbone), tmp_path, chase_target=0.25)
     assert (cfgs["cnn"].model.name, cfgs["cnn"].model.mode, cfgs["cnn"].data.image_size) == ("cnn", "scratch", 0)
     assert (cfgs["frozen"].model.name, cfgs["frozen"].model.mode) == ("timm:test_resnet", "frozen")
     assert cfgs["frozen"].data.image_size == 64 and cfgs["frozen"].run.run_dir == str(tmp_path / "timm-test_resnet-frozen")
     assert (cfgs["chase"].optim.epochs, cfgs["chase"].optim.patience, cfgs["chase"].optim.target_val_acc) == (50, 5, 0.25)
     assert all(c.optim.lr == 0.01 for c in cfgs.values())
+
+
+def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
+    """The chase resumed from experiment 1's checkpoint equals a chase trained from scratch."""
+    from transferlab.compare import CONTINUED_FROM, chase_can_continue, continue_from
+    from transferlab.config import Config, DataConfig, OptimConfig, RunConfig
+    from transferlab.experiment import run_experiment
+
+    data = write_cifar_like(tmp_path / "data", n_train=120, n_test=30)
+
+    def cfg(name: str, epochs: int, patience: int = 0, target: float = 0.0) -> Config:
+        return Config(data=DataConfig(data_dir=str(data), val_size=30),
+                      optim=OptimConfig(epochs=epochs, batch_size=30, patience=patience,
+                                        target_val_acc=target),
+                      run=RunConfig(run_dir=str(tmp_path / name), precision="fp32", seed=4,
+                                    progress=False, report=False))
+
+    first = cfg("cnn", 2)
+    run_experiment(first)
+    chase = cfg("chase", 4, patience=5, target=0.99)
+    assert chase_can_continue(first, chase, tmp_path / "cnn")
+    reached = cfg("c2", 4, patience=5, target=1e-9)  # experiment 1 already reached this target
+    assert not chase_can_continue(first, reached, tmp_path / "cnn")
+    other_seed = cfg("c3", 4, patience=5, target=0.99)
+    other_seed.run.seed = 5  # an independent replicate is not the same computation
+    assert not chase_can_continue(first, other_seed, tmp_path / "cnn")
+    continue_from(tmp_path / "cnn", chase)
+    assert (tmp_path / "chase" / CONTINUED_FROM).is_file()
+    run_experiment(chase, resume=True)
+    fresh = cfg("fresh", 4, patience=5, target=0.99)
+    run_experiment(fresh)
+    numbers = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [[r[k] for k in numbers] for r in _rows(tmp_path / "chase")] == \
+        [[r[k] for k in numbers] for r in _rows(tmp_path / "fresh")]
+    assert len(_rows(tmp_path / "chase")) == 4
+
+
+def _rows(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

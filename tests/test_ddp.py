@@ -95,7 +95,7 @@ def _unit_checks(env: DistEnv) -> dict:
     n, classes = 7, 3
     y = torch.arange(n) % classes
     logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 0, 1, 1, 0]), classes).float()  # 5 of 7 right
-    ctx = StepContext(device=env.device, precision="fp32", env=env, params=[], progress=False)
+    ctx = StepContext(device=env.device, precision="fp32", env=env, progress=False)
     loader = TensorLoader(logits, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size)
     out["eval"] = evaluate(lambda f: f, loader, ctx)
     # Extraction: shards r::W reassembled in sample order.
@@ -236,11 +236,11 @@ def test_one_failed_rank_ends_the_torchrun_job(tmp_path):
 
 
 def test_batch_size_must_split_over_ranks():
-    from transferlab.experiment import _per_rank_batch
+    from transferlab.plan import per_rank
 
-    assert _per_rank_batch(20, DistEnv(rank=0, world_size=4)) == 5
+    assert per_rank(20, DistEnv(rank=0, world_size=4)) == 5
     with pytest.raises(UserError, match="divide evenly over 3"):
-        _per_rank_batch(20, DistEnv(rank=0, world_size=3))
+        per_rank(20, DistEnv(rank=0, world_size=3))
 
 
 if __name__ == "__main__":  # pragma: no cover - python tests/test_ddp.py

@@ -134,7 +134,7 @@ def test_best_is_a_hard_link_that_survives_the_next_last(tmp_path):
 
     job = SimpleNamespace(env=SimpleNamespace(is_main=True), run_dir=tmp_path)
     atomic_save({"epoch": 1}, tmp_path / "last.pt")
-    link_best(job, state=None)
+    link_best(job, state=None, opt=None)
     atomic_save({"epoch": 2}, tmp_path / "last.pt")  # the next epoch replaces last.pt, not best.pt
     assert torch.load(tmp_path / "best.pt", weights_only=True) == {"epoch": 1}
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 2}

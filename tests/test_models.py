@@ -13,7 +13,7 @@ import torchvision
 
 from transferlab.config import Config, ModelConfig, OptimConfig
 from transferlab.errors import UserError
-from transferlab.experiment import write_model_summary
+from transferlab.outputs import write_model_summary
 from transferlab.models.classifier import count_params
 from transferlab.models.registry import build_model, resolve_name
 

@@ -29,7 +29,7 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
 from transferlab.models.registry import build_model
 from transferlab.train.checkpoint import atomic_save, load_checkpoint
-from transferlab.train.loop import StepContext, evaluate, train_one_epoch
+from transferlab.train.loop import OptimParts, StepContext, StepGuard, evaluate, train_one_epoch
 from transferlab.train.optim import build_optimizer, build_scheduler
 from transferlab.train.precision import autocast, make_scaler, resolve_precision
 
@@ -158,10 +158,10 @@ def test_label_smoothing_is_used_in_training_not_in_evaluation():
     smooth = F.cross_entropy(layer(x), y, label_smoothing=0.2).item()
     assert smooth != pytest.approx(plain)
     opt = torch.optim.SGD(layer.parameters(), lr=0.0)  # lr 0: the loss reported is the loss computed
-    ctx = StepContext(device=CPU, precision="fp32", env=DistEnv(), params=list(layer.parameters()),
-                      label_smoothing=0.2, progress=False)
+    ctx = StepContext(device=CPU, precision="fp32", env=DistEnv(), label_smoothing=0.2, progress=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = train_one_epoch(layer, [(x, y)], opt, sched, make_scaler("fp32", CPU), ctx)
+    parts = OptimParts(opt, sched, make_scaler("fp32", CPU))
+    stats = train_one_epoch(layer, [(x, y)], parts, ctx, StepGuard(ctx))
     assert stats.loss == pytest.approx(smooth, rel=1e-6) and stats.count == 8
     val_loss, _ = evaluate(layer, [(x, y)], ctx)
     assert val_loss == pytest.approx(plain, rel=1e-6)
@@ -188,20 +188,21 @@ def test_bf16_run_end_to_end(data_dir, tmp_path):
 
 
 def test_channels_last_changes_layout_not_results():
-    from transferlab.experiment import _prepare_fn
+    from transferlab.data.preprocess import to_float_normalized
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="timm:test_resnet", weights="none", mode="finetune"), num_classes=10).eval()
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    nchw = model(_prepare_fn(model, 40, channels_last=False)(x))
-    xc = _prepare_fn(model, 40, channels_last=True)(x)
+    pp = model.preprocess
+    nchw = model(to_float_normalized(x, pp.mean, pp.std, 40, channels_last=False))
+    xc = to_float_normalized(x, pp.mean, pp.std, 40, channels_last=True)
     assert xc.shape == (4, 3, 40, 40) and xc.is_contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     assert torch.allclose(model(xc), nchw, atol=1e-4)
 
 
 def test_layout_rule_channels_last_for_the_cnn_on_the_cpu_only():
-    from transferlab.experiment import use_channels_last
+    from transferlab.plan import use_channels_last
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert use_channels_last(True, 32, cpu)  # measured ~1.5x on the CPU (benchmarks/channels_last.py)

@@ -19,75 +19,23 @@ import sys
 from pathlib import Path
 
 from transferlab import __version__
+from transferlab.config import CompareConfig, cli_options
+from transferlab.config import resolve_preset  # noqa: F401 - kept importable from here
 from transferlab.errors import NothingToDo, TrainingStopped, UserError, describe_failure
 
 log = logging.getLogger("transferlab")
 
-PRESET_DIR = Path(__file__).parent / "presets"
-
-# flag, config path, type, help. Types: int, float, str, "bool" (store_true), "nobool" (store_false).
+# Every config flag comes from the config dataclasses (field type, default and help in one place:
+# ``config.opt``). Each is (flag, "section.field", kind, help); kind is int, float, str, "bool"
+# (store_true) or "nobool" (--no-x sets the field False). Aliases follow their flag.
 FLAGS: list[tuple[str, str, object, str]] = [
-    ("--data", "data.dataset", str, "cifar100 (default) or folder:PATH (PATH/{train,val,test}/<class>/ or PATH/<class>/)"),
-    ("--data-dir", "data.data_dir", str, "parent folder of cifar-100-python/ (default: data)"),
-    ("--download", "data.download", "bool", "download CIFAR-100 with torchvision if the files are missing"),
-    ("--split-seed", "data.split_seed", int, "seed of the train/val split (default 0)"),
-    ("--val-size", "data.val_size", int, "CIFAR validation images held out of the 50,000 (default 5000)"),
-    ("--val-frac", "data.val_frac", float, "folder data without val/: stratified validation fraction (default 0.1)"),
-    ("--test-frac", "data.test_frac", float, "folder data without test/: stratified test fraction (default 0.1)"),
-    ("--train-subset", "data.train_subset", int, "train on a seeded subset of this many images (default: all)"),
-    ("--image-size", "data.image_size", int, "input side in px (default: the model's own, 32 for cnn, 224 pretrained)"),
-    ("--crop-padding", "data.crop_padding", int, "random crop with this padding in px (default 0 = off)"),
-    ("--flip", "data.flip", "bool", "random horizontal flips"),
-    ("--cutout", "data.cutout", int, "cutout square side in px (default 0 = off)"),
-    ("--per-class", "data.per_class", int, "train on a stratified subset of N images per class (default: all)"),
-    ("--subset-seed", "data.subset_seed", int, "seed of the --per-class draw (default 0)"),
-    ("--test-subset", "data.test_subset", int, "evaluate on a seeded subset of N test images (default: all)"),
-    ("--max-image-pixels", "data.max_image_pixels", int, "skip images with more pixels (default 89478485, PIL's)"),
-    ("--on-bad-image", "data.on_bad_image", str, "folder data: skip (default, warn and count) or error"),
-    ("--num-workers", "data.num_workers", int, "DataLoader workers for folder data (default 2)"),
-    ("--model", "model.name", str, "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)"),
-    ("--weights", "model.weights", str, "imagenet (default), none, or PATH to a local state dict"),
-    ("--mode", "model.mode", str, "frozen | finetune | gradual | scratch (default: scratch for cnn, frozen otherwise)"),
-    ("--head-hidden", "model.head_hidden", int, "hidden units of the head (default 256, the seed's; 0 = linear)"),
-    ("--head", "model.head", str, "mlp (default) or linear"),
-    ("--head-dropout", "model.head_dropout", float, "dropout in the head (default 0, as in the seed)"),
-    ("--drop-path", "model.drop_path", float, "stochastic depth rate of the backbone when it trains (default 0)"),
-    ("--solver", "model.solver", str, "sgd (default: the --optimizer) or lbfgs (linear probe on cached features)"),
-    ("--freeze-epochs", "model.freeze_epochs", int, "gradual: epochs frozen before unfreezing (default 1)"),
-    ("--backbone-lr-div", "model.backbone_lr_div", float, "finetune/gradual: backbone lr = lr / this (default 10)"),
-    ("--sync-bn", "model.sync_bn", "bool", "SyncBatchNorm under DDP"),
-    ("--optimizer", "optim.optimizer", str, "adam (default, the seed's) | adamw | sgd (Nesterov)"),
-    ("--lr", "optim.lr", float, "learning rate of the head / whole model (default 1e-3)"),
-    ("--weight-decay", "optim.weight_decay", float, "weight decay, never on norms and biases (default 0)"),
-    ("--momentum", "optim.momentum", float, "SGD momentum (default 0.9)"),
-    ("--schedule", "optim.schedule", str, "none (default) | cosine | onecycle"),
-    ("--warmup-epochs", "optim.warmup_epochs", float, "linear warm-up in epochs (default 0)"),
-    ("--label-smoothing", "optim.label_smoothing", float, "label smoothing (default 0)"),
-    ("--batch-size", "optim.batch_size", int, "global batch size, split across processes (default 200)"),
-    ("--eval-batch-size", "optim.eval_batch_size", int, "evaluation batch size (default 500)"),
-    ("--epochs", "optim.epochs", int, "epoch budget (default 10); --max-epochs is the same"),
-    ("--max-epochs", "optim.epochs", int, argparse.SUPPRESS),
-    ("--patience", "optim.patience", int, "early stop after N epochs without val-acc gain (default off)"),
-    ("--target-val-acc", "optim.target_val_acc", float, "stop once val accuracy reaches this (default off)"),
-    ("--grad-clip", "optim.grad_clip", float, "clip gradient norm (default off)"),
-    ("--run-dir", "run.run_dir", str, "run directory (default runs/<model>-<timestamp>)"),
-    ("--device", "run.device", str, "auto (default) | cpu | cuda | cuda:N"),
-    ("--seed", "run.seed", int, "seed for init, shuffling and augmentation (default 0)"),
-    ("--precision", "run.precision", str, "auto (default) | fp32 | bf16 | fp16"),
-    ("--no-channels-last", "run.channels_last", "nobool", "keep NCHW memory layout"),
-    ("--compile", "run.compile", "bool", "torch.compile the model"),
-    ("--no-feature-cache", "run.feature_cache", "nobool", "frozen mode: run the backbone live every epoch"),
-    ("--cache-dir", "run.cache_dir", str, "feature cache dir (default $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)"),
-    ("--feature-views", "run.feature_views", int, "cache K augmented views per training image (default 1)"),
-    ("--ckpt-every-steps", "run.ckpt_every_steps", int, "also checkpoint every N steps (default: per epoch)"),
-    ("--nan-patience", "run.nan_patience", int, "non-finite losses skipped before stopping (default 0)"),
-    ("--overwrite", "run.overwrite", "bool", "reuse a non-empty run dir"),
-    ("--tensorboard", "run.tensorboard", "bool", "write TensorBoard scalars to the run dir"),
-    ("--track", "run.track", str, "log the run to MLflow: mlflow or mlflow:URI (default URI ./mlruns)"),
-    ("--engine", "run.engine", str, "frozen-feature extraction engine: auto (default) | torch | openvino | onnxruntime"),
-    ("--no-report", "run.report", "nobool", "do not write report.md/report.html at the end of the run"),
-    ("--no-progress", "run.progress", "nobool", "no progress bars"),
+    (flag, o.path, o.kind, o.help if flag == o.flag else f"the same as {o.flag}")
+    for o in cli_options() for flag in (o.flag, *o.aliases)
 ]
+# train flags that compare sets itself (per experiment)
+COMPARE_SKIPS = ("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir")
+# what a --resume may change: where it runs, the bars, and a larger epoch budget
+RESUME_FLAGS = ("run.device", "run.progress", "optim.epochs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,17 +46,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    p.add_argument("--preset", help="preset name (cnn-best, ...) or path to a YAML config; flags win over it")
+    p.add_argument("--preset", help="preset name (cnn-best, ...) or path to a YAML config "
+                   "(a run's config.yaml reruns it); flags win over it")
     for flag, dest, kind, help_ in FLAGS:
         if flag in skip:
             continue
         dest_name = "cfg:" + dest
-        if kind == "bool":
-            p.add_argument(flag, dest=dest_name, action="store_const", const=True, default=None, help=help_)
-        elif kind == "nobool":
-            p.add_argument(flag, dest=dest_name, action="store_const", const=False, default=None, help=help_)
+        if kind in ("bool", "nobool"):
+            p.add_argument(flag, dest=dest_name, action="store_const", const=kind == "bool",
+                           default=None, help=help_)
         else:
-            p.add_argument(flag, dest=dest_name, type=kind, default=None, help=help_, metavar=flag[2:].upper().replace("-", "_"))
+            p.add_argument(flag, dest=dest_name, type=kind, default=None, help=help_,
+                           metavar=flag[2:].upper().replace("-", "_"))
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """Flags of a non-run dataclass (CompareConfig), with its defaults."""
+    from transferlab.config import field_options
+
+    for o in field_options(cls, ""):
+        if o.kind == "bool":
+            p.add_argument(o.flag, dest=o.path, action="store_true", help=o.help)
+        else:
+            p.add_argument(o.flag, dest=o.path, type=o.kind, help=o.help,
+                           default=cls.__dataclass_fields__[o.path].default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,16 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the seed study's three experiments and write report.md: (1) the CNN for "
                        "--epochs, (2) a frozen pretrained backbone for --epochs (through the feature cache), "
                        "(3) the CNN until it reaches (2)'s best val accuracy, with patience 5.")
-    _add_config_flags(p, skip=("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir"))
-    p.add_argument("--run-dir", default="", help="folder for the three runs and report.md (default runs/compare-<timestamp>)")
-    p.add_argument("--backbone", default="resnet18", help="pretrained backbone of experiment 2 (default resnet18)")
-    p.add_argument("--chase-max-epochs", type=int, default=50, help="epoch cap of experiment 3 (default 50)")
-    p.add_argument("--chase-patience", type=int, default=5, help="patience of experiment 3 (default 5, the seed's)")
-    p.add_argument("--with-cnn-best", action="store_true", help="also train the CNN with the cnn-best preset")
+    _add_config_flags(p, skip=COMPARE_SKIPS)
+    _add_dataclass_flags(p, CompareConfig)
 
     p = sub.add_parser("train", help="train one experiment", description="Train one model; writes a run dir.")
     _add_config_flags(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
+                   "(with --epochs N: extend it to N epochs)")
 
     p = sub.add_parser("cache", help="list or clear the feature cache")
     p.add_argument("action", choices=("list", "clear"))
@@ -148,31 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    """Defaults < preset < flags, validated into a Config."""
-    from transferlab.config import config_from_dict, load_yaml, merge_dicts
-
-    base: dict = {}
-    if getattr(args, "preset", None):
-        base = load_yaml(resolve_preset(args.preset))
+def config_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """{section: {field: value}} of the config flags the user gave (None = not given)."""
     overrides: dict = {}
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
-            section, field = key[4:].split(".")
-            overrides.setdefault(section, {})[field] = value
-    return config_from_dict(merge_dicts(base, overrides))
+            section, name = key[4:].split(".")
+            overrides.setdefault(section, {})[name] = value
+    return overrides
 
 
-def resolve_preset(name: str) -> Path:
-    """A preset name from the package's presets/ folder, or a YAML path."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    builtin = PRESET_DIR / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise UserError(f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file")
+def config_from_args(args: argparse.Namespace):
+    """Defaults < preset < flags, validated into a Config."""
+    from transferlab.config import config_from_layers
+
+    return config_from_layers(getattr(args, "preset", None), config_overrides(args))
 
 
 class _StopFlag:
@@ -213,35 +161,52 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def cmd_train(args) -> int:
+def _resume_config(args):
+    """The small config a resume starts from: the run dir, plus the flags a resume may change."""
     from transferlab.config import Config
+    from transferlab.rundir import check_resume_arg
+
+    run_dir = check_resume_arg(args.resume)
+    given = {"cfg:" + dest: flag for flag, dest, _, _ in reversed(FLAGS)}
+    refused = sorted({given[k] for k, v in vars(args).items()
+                      if k in given and v is not None and k[4:] not in RESUME_FLAGS})
+    if refused or args.preset:
+        raise UserError(f"--resume continues with the run's saved config; drop "
+                        f"{', '.join(refused) or '--preset'} (only --device, --no-progress and "
+                        "--epochs may change)")
+    cfg = Config()
+    cfg.run.run_dir = str(run_dir)
+    for section, values in config_overrides(args).items():
+        for name, value in values.items():
+            setattr(getattr(cfg, section), name, value)
+    return cfg, vars(args).get("cfg:optim.epochs")
+
+
+def cmd_train(args) -> int:
     from transferlab.experiment import run_experiment
 
     with _StopFlag() as stop:
-        if args.resume:
-            allowed = ("cfg:run.device", "cfg:run.progress")
-            given = {"cfg:" + dest: flag for flag, dest, _, _ in reversed(FLAGS)}
-            ignored = sorted({given[k] for k, v in vars(args).items() if k in given and v is not None and k not in allowed})
-            if ignored or args.preset:
-                raise UserError(f"--resume continues with the run's saved config; drop {', '.join(ignored) or '--preset'} "
-                                "(only --device and --no-progress may change)")
-            cfg = Config()
-            cfg.run.run_dir = args.resume
-            for key in allowed:
-                if vars(args).get(key) is not None:
-                    setattr(cfg.run, key.split(".")[1], vars(args)[key])
-            summary = run_experiment(cfg, resume=True, stop_requested=stop)
+        if args.resume is not None:
+            cfg, epochs = _resume_config(args)
+            summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
             summary = run_experiment(config_from_args(args), stop_requested=stop)
-    log.info("test loss %.4f, test acc %.4f; run dir %s", summary["test"]["loss"], summary["test"]["acc"], summary["run_dir"])
+    t = summary["time_s"]["total"]
+    sys.stdout.write(f"run dir:      {summary['run_dir']}\n"
+                     f"best val acc: {summary['val']['acc']:.4f} (epoch {summary['best_epoch']})\n"
+                     f"test acc:     {summary['test']['acc']:.4f}\n"
+                     f"time:         {t:.1f} s\n")
     return 0
 
 
 def cmd_compare(args) -> int:
+    import dataclasses
+
     from transferlab.compare import run_compare
 
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)}
     with _StopFlag() as stop:
-        run_compare(config_from_args(args), args, stop_requested=stop)
+        run_compare(config_from_args(args), CompareConfig(**fields), stop_requested=stop)
     return 0
 
 

@@ -34,6 +34,17 @@ ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
+def opt(default: Any, help: str, flag: str = "", aliases: tuple[str, ...] = (),
+        choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its command-line face: the one source of its default and help.
+
+    ``flag``: the CLI flag when it is not ``--<field-name>`` (``--no-x`` for a True default sets
+    it False); ``aliases``: more flags for the same field; ``choices``: listed in ``--help``.
+    """
+    meta = {"help": help, "flag": flag, "aliases": aliases, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise UserError(message)
@@ -47,24 +58,24 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
 class DataConfig:
     """Where the images come from and how they are split and augmented."""
 
-    dataset: str = "cifar100"  # "cifar100" or "folder:PATH"
-    data_dir: str = "data"  # parent of cifar-100-python/
-    download: bool = False  # fetch CIFAR-100 with torchvision's downloader if missing
-    split_seed: int = 0  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
-    val_size: int = 5000  # images held out of the 50,000 CIFAR training images
-    val_frac: float = 0.1  # folder datasets without val/: stratified fraction for validation
-    test_frac: float = 0.1  # folder datasets without test/: stratified fraction for test
-    train_subset: int = 0  # >0: use only this many training images (seeded), for quick studies
-    per_class: int = 0  # >0: stratified, nested subset of this many training images per class (study)
-    subset_seed: int = 0  # seeds the --per-class draw (a study's replicate seed)
-    test_subset: int = 0  # >0: evaluate on a seeded subset of this many test images (quick runs)
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # folder/predict: larger images are skipped
-    image_size: int = 0  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
-    crop_padding: int = 0  # random-crop padding in px (0 = off; the seed used no augmentation)
-    flip: bool = False  # random horizontal flip
-    cutout: int = 0  # cutout square side in px at the training resolution (0 = off)
-    on_bad_image: str = "skip"  # folder datasets: skip (warn and count) or error
-    num_workers: int = 2  # DataLoader workers for folder datasets (CIFAR needs none)
+    dataset: str = opt("cifar100", "cifar100, or folder:PATH (PATH/{train,val,test}/<class>/ or PATH/<class>/)", flag="--data")  # "cifar100" or "folder:PATH"
+    data_dir: str = opt("data", "parent folder of cifar-100-python/")  # parent of cifar-100-python/
+    download: bool = opt(False, "download CIFAR-100 with torchvision if the files are missing")  # fetch CIFAR-100 with torchvision's downloader if missing
+    split_seed: int = opt(0, "seed of the 45,000/5,000 train/val split")  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
+    val_size: int = opt(5000, "CIFAR validation images held out of the 50,000")  # images held out of the 50,000 CIFAR training images
+    val_frac: float = opt(0.1, "folder data without val/: stratified validation fraction")  # folder datasets without val/: stratified fraction for validation
+    test_frac: float = opt(0.1, "folder data without test/: stratified test fraction")  # folder datasets without test/: stratified fraction for test
+    train_subset: int = opt(0, "train on a seeded random subset of N images (0 = all)")  # >0: use only this many training images (seeded), for quick studies
+    per_class: int = opt(0, "train on a stratified, nested subset of N images per class (0 = all)")  # >0: stratified, nested subset of this many training images per class (study)
+    subset_seed: int = opt(0, "seed of the --per-class draw (a study's replicate)")  # seeds the --per-class draw (a study's replicate seed)
+    test_subset: int = opt(0, "evaluate on the first N test images, for quick runs (0 = all)")  # >0: evaluate on a seeded subset of this many test images (quick runs)
+    max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, "folder data and predict: skip images with more pixels (PIL's limit)")  # folder/predict: larger images are skipped
+    image_size: int = opt(0, "input side in px (0 = the model's own: 32 for cnn, the weights' size otherwise)")  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
+    crop_padding: int = opt(0, "random crop with this padding in px (0 = off; the seed used none)")  # random-crop padding in px (0 = off; the seed used no augmentation)
+    flip: bool = opt(False, "random horizontal flips")  # random horizontal flip
+    cutout: int = opt(0, "cutout square side in px at the training resolution (0 = off)")  # cutout square side in px at the training resolution (0 = off)
+    on_bad_image: str = opt("skip", "folder data: skip (warn and count) or error", choices=BAD_IMAGE_POLICIES)  # folder datasets: skip (warn and count) or error
+    num_workers: int = opt(2, "DataLoader workers for folder data (CIFAR needs none)")  # DataLoader workers for folder datasets (CIFAR needs none)
 
     def __post_init__(self) -> None:
         _check(
@@ -93,17 +104,17 @@ class DataConfig:
 class ModelConfig:
     """Which network, which weights, and what trains."""
 
-    name: str = "cnn"  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
-    weights: str = "imagenet"  # imagenet | none | PATH to a state dict (ignored by cnn)
-    mode: str = ""  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
-    head_hidden: int = 256  # hidden units of the head; 256 is the seed's, 0 = a linear head
-    head: str = "mlp"  # mlp (hidden layer per head_hidden) or linear
-    head_dropout: float = 0.0  # dropout in the head (0 = none, as in the seed)
-    drop_path: float = 0.0  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
-    solver: str = "sgd"  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
-    freeze_epochs: int = 1  # gradual: epochs with the backbone frozen before unfreezing
-    backbone_lr_div: float = 10.0  # finetune/gradual: backbone lr = head lr / this
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    name: str = opt("cnn", "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)", flag="--model")  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
+    weights: str = opt("imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)")  # imagenet | none | PATH to a state dict (ignored by cnn)
+    mode: str = opt("", "frozen | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)")  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
+    head_hidden: int = opt(256, "hidden units of the head (256 = the seed's; 0 = linear)")  # hidden units of the head; 256 is the seed's, 0 = a linear head
+    head: str = opt("mlp", "mlp (a hidden layer of --head-hidden units) or linear", choices=HEADS)  # mlp (hidden layer per head_hidden) or linear
+    head_dropout: float = opt(0.0, "dropout in the head (the seed used none)")  # dropout in the head (0 = none, as in the seed)
+    drop_path: float = opt(0.0, "stochastic depth rate of a backbone that trains (timm drop_path_rate)")  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
+    solver: str = opt("sgd", "sgd (the --optimizer) or lbfgs (full-batch linear probe on cached features)", choices=SOLVERS)  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
+    freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")  # gradual: epochs with the backbone frozen before unfreezing
+    backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")  # finetune/gradual: backbone lr = head lr / this
+    sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only)")  # convert BatchNorm to SyncBatchNorm under DDP
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "--model must not be empty")
@@ -142,19 +153,19 @@ class ModelConfig:
 class OptimConfig:
     """Optimiser, schedule, batch and stopping rules. Defaults follow the seed study."""
 
-    optimizer: str = "adam"  # adam (seed) | adamw | sgd (Nesterov momentum)
-    lr: float = 1e-3  # head lr (and the whole model's for scratch); seed: Adam 1e-3
-    weight_decay: float = 0.0  # never applied to norms and biases
-    momentum: float = 0.9  # sgd only
-    schedule: str = "none"  # none (seed) | cosine | onecycle
-    warmup_epochs: float = 0.0  # linear warm-up length in epochs (cosine)
-    label_smoothing: float = 0.0
-    batch_size: int = 200  # GLOBAL batch size (split across DDP ranks); seed: 200
-    eval_batch_size: int = 500
-    epochs: int = 10  # epoch budget (also --max-epochs); seed: 10
-    patience: int = 0  # stop after this many epochs without val-acc improvement (0 = off)
-    target_val_acc: float = 0.0  # stop once val acc reaches this (0 = off)
-    grad_clip: float = 0.0  # max grad norm (0 = off)
+    optimizer: str = opt("adam", "adam (the seed's) | adamw | sgd (Nesterov momentum)", choices=OPTIMIZERS)  # adam (seed) | adamw | sgd (Nesterov momentum)
+    lr: float = opt(1e-3, "learning rate of the head, or of the whole model from scratch (seed: Adam 1e-3)")  # head lr (and the whole model's for scratch); seed: Adam 1e-3
+    weight_decay: float = opt(0.0, "weight decay, never on norms and biases")  # never applied to norms and biases
+    momentum: float = opt(0.9, "SGD momentum")  # sgd only
+    schedule: str = opt("none", "none (the seed's) | cosine | onecycle", choices=SCHEDULES)  # none (seed) | cosine | onecycle
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs")  # linear warm-up length in epochs (cosine)
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss")
+    batch_size: int = opt(200, "global batch size, split across processes (the seed's 200)")  # GLOBAL batch size (split across DDP ranks); seed: 200
+    eval_batch_size: int = opt(500, "evaluation batch size")
+    epochs: int = opt(10, "epoch budget (the seed's 10)", aliases=("--max-epochs",))  # epoch budget (also --max-epochs); seed: 10
+    patience: int = opt(0, "early stop after N epochs without val-acc gain (0 = off)")  # stop after this many epochs without val-acc improvement (0 = off)
+    target_val_acc: float = opt(0.0, "stop once val accuracy reaches this (0 = off)")  # stop once val acc reaches this (0 = off)
+    grad_clip: float = opt(0.0, "clip the gradient norm (0 = off)")  # max grad norm (0 = off)
 
     def __post_init__(self) -> None:
         _choice(self.optimizer, OPTIMIZERS, "--optimizer")
@@ -176,23 +187,23 @@ class OptimConfig:
 class RunConfig:
     """Where and how the run executes: device, precision, caching, checkpoints, logging."""
 
-    run_dir: str = ""  # "" = runs/<model>-<timestamp>
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0  # seeds init, shuffling and augmentation
-    precision: str = "auto"  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model
-    feature_cache: bool = True  # frozen + no input randomness: extract features once
-    cache_dir: str = ""  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
-    feature_views: int = 1  # augmented views per training image in the feature cache
-    ckpt_every_steps: int = 0  # also checkpoint every N optimiser steps (0 = per epoch only)
-    nan_patience: int = 0  # non-finite losses tolerated (skipped) before the run stops
-    overwrite: bool = False  # allow a non-empty run dir that is not being resumed
-    tensorboard: bool = False
-    track: str = ""  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
-    engine: str = "auto"  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
-    report: bool = True  # write report.md and report.html at the end of the run
-    progress: bool = True  # progress bars (img/s and ETA)
+    run_dir: str = opt("", "run directory ('' = runs/<model>-<timestamp>)")  # "" = runs/<model>-<timestamp>
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")  # auto | cpu | cuda | cuda:N
+    seed: int = opt(0, "seed of init, shuffling and augmentation")  # seeds init, shuffling and augmentation
+    precision: str = opt("auto", "auto (bf16 on AMX/AVX512-BF16 CPUs and CUDA, fp16 on old GPUs) | fp32 | bf16 | fp16", choices=PRECISIONS)  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
+    channels_last: bool = opt(True, "channels_last memory layout", flag="--no-channels-last")
+    compile: bool = opt(False, "torch.compile the model")  # torch.compile the model
+    feature_cache: bool = opt(True, "frozen mode: extract features once and cache them", flag="--no-feature-cache")  # frozen + no input randomness: extract features once
+    cache_dir: str = opt("", "feature cache dir ('' = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)")  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
+    feature_views: int = opt(1, "cache K augmented views per training image")  # augmented views per training image in the feature cache
+    ckpt_every_steps: int = opt(0, "also checkpoint every N optimiser steps (0 = per epoch only)")  # also checkpoint every N optimiser steps (0 = per epoch only)
+    nan_patience: int = opt(0, "non-finite losses skipped before the run stops")  # non-finite losses tolerated (skipped) before the run stops
+    overwrite: bool = opt(False, "replace a non-empty run dir (the old run is kept until the new one has a checkpoint)")  # allow a non-empty run dir that is not being resumed
+    tensorboard: bool = opt(False, "write TensorBoard scalars to RUN_DIR/tb")
+    track: str = opt("", "log the run to MLflow: mlflow or mlflow:URI (URI default ./mlruns, offline)")  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
+    engine: str = opt("auto", "frozen-feature extraction engine: auto | torch | openvino | onnxruntime", choices=ENGINES)  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
+    report: bool = opt(True, "write report.md and report.html at the end of the run", flag="--no-report")  # write report.md and report.html at the end of the run
+    progress: bool = opt(True, "progress bars (img/s and ETA)", flag="--no-progress")  # progress bars (img/s and ETA)
 
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
@@ -235,6 +246,80 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line flag of a config field, derived from the field itself."""
+
+    flag: str
+    path: str  # "section.field"
+    kind: Any  # int | float | str | "bool" (store_true) | "nobool" (--no-x sets False)
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+def field_options(cls: type, section: str) -> list[Option]:
+    """The flags of a config dataclass's fields: name, type, default and help from one place."""
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        kind = {"int": int, "float": float, "str": str, "bool": "bool"}[str(f.type)]
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if kind == "bool" and f.default is True:
+            kind = "nobool"  # a True default is turned off by its --no-x flag
+        help_ = meta["help"]
+        if meta["choices"]:
+            help_ += f" [{' | '.join(meta['choices'])}]"
+        if kind not in ("bool", "nobool"):
+            help_ += f" (default: {f.default!r})" if f.default != "" else ""
+        path = f"{section}.{f.name}" if section else f.name
+        out.append(Option(flag, path, kind, help_, tuple(meta["aliases"])))
+    return out
+
+
+def cli_options() -> list[Option]:
+    """Every config flag of ``train`` (and, minus a few, ``compare``), in section order."""
+    return [o for name, cls in SECTIONS.items() for o in field_options(cls, name)]
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset name from the package's presets/ folder, or a YAML path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    builtin = PRESET_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise UserError(f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file")
+
+
+def config_from_layers(preset: str | None, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Defaults < preset < overrides ({section: {field: value}}), validated into a Config."""
+    base = load_yaml(resolve_preset(preset)) if preset else {}
+    return config_from_dict(merge_dicts(base, overrides))
+
+
+@dataclass
+class CompareConfig:
+    """``transferlab compare``: the seed study's experiments around one base config."""
+
+    backbone: str = opt("resnet18", "pretrained backbone of experiment 2")
+    chase_max_epochs: int = opt(50, "epoch cap of experiment 3 (the CNN chasing experiment 2)")
+    chase_patience: int = opt(5, "patience of experiment 3 (the seed's 5)")
+    with_cnn_best: bool = opt(False, "also train the CNN with the cnn-best preset")
+    independent_chase: bool = opt(False, "run experiment 3 from scratch with --chase-seed instead "
+                                  "of continuing experiment 1's checkpoint")
+    chase_seed: int = opt(1, "seed of an independent experiment 3 (--independent-chase)")
+    run_dir: str = opt("", "folder for the runs and report.md ('' = runs/compare-<timestamp>)")
+
+    def __post_init__(self) -> None:
+        _check(self.chase_max_epochs >= 1 and self.chase_patience >= 1,
+               "--chase-max-epochs and --chase-patience must be >= 1")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

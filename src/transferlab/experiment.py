@@ -39,7 +39,7 @@ from transferlab.validate import check_before_data
 log = logging.getLogger(__name__)
 
 
-def _open_run(cfg: Config, resume: bool, env: DistEnv):
+def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
     """Lock the run dir (rank 0) and read the checkpoint to resume: (config, checkpoint, handle).
 
     The handle undoes an ``--overwrite`` until :meth:`commit` (after the first checkpoint).
@@ -47,7 +47,7 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv):
     d = cfg.data
     handle = run_checked(lambda: prepare_run_dir(
         cfg.run.run_dir or None, resume, cfg.run.overwrite, data_root=data_root(d.dataset, d.data_dir),
-        stem=cfg.model.name, requested_epochs=cfg.optim.epochs if resume else None),
+        stem=cfg.model.name, requested_epochs=epochs),
         env, main_only=True)
     cfg.run.run_dir = broadcast_object(str(handle.run_dir) if env.is_main else None, env)
     run_dir = Path(cfg.run.run_dir)
@@ -62,7 +62,8 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv):
     except UserError as e:
         raise UserError(f"{run_dir / 'last.pt'} holds an invalid config: {e}") from None
     saved.run.device, saved.run.progress = cfg.run.device, cfg.run.progress
-    saved.optim.epochs = max(saved.optim.epochs, cfg.optim.epochs)  # --epochs N extends a run
+    if epochs is not None:  # --resume RUN --epochs N with a larger N extends a finished run
+        saved.optim.epochs = max(saved.optim.epochs, epochs)
     return saved, ckpt, handle
 
 
@@ -107,16 +108,18 @@ def _pipeline(cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv) ->
 
 
 def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | None = None,
-                   env: DistEnv | None = None, stop_requested=lambda: False) -> dict:
+                   env: DistEnv | None = None, stop_requested=lambda: False,
+                   resume_epochs: int | None = None) -> dict:
     """Run (or resume) one experiment; returns the summary written to summary.json.
 
+    ``resume_epochs``: a new epoch budget for a resumed run (``--resume RUN --epochs N``).
     A failure before the first checkpoint undoes the run dir (an ``--overwrite``'s old run is
     put back, a new empty dir removed); the run dir stays locked while the run goes on.
     """
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.run.device)
     check_before_data(cfg, env)
-    cfg, ckpt, handle = _open_run(cfg, resume, env)
+    cfg, ckpt, handle = _open_run(cfg, resume, env, resume_epochs if resume else None)
     try:
         return _run(cfg, ckpt, handle, dataset, env, stop_requested, t_start)
     except BaseException:

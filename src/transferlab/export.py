@@ -24,6 +24,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -175,8 +176,11 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: f
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
     meta = {"format": fmt, "model": rm.name, "run_dir": str(run_dir), "classes": rm.classes,
             "image_size": rm.image_size, "mean": list(rm.mean), "std": list(rm.std),
-            "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 3, rm.image_size, rm.image_size],
-                      "range": [0.0, 1.0], "layout": "RGB, NCHW; resize shorter side to image_size, centre crop"},
+            "preprocessing": dataclasses.asdict(rm.preprocessing),
+            "input": {"name": INPUT_NAME, "dtype": "float32",
+                      "shape": ["N", 3, rm.image_size, rm.image_size], "range": [0.0, 1.0],
+                      "layout": f"RGB, NCHW; resize shorter side to {rm.preprocessing.resize} px "
+                                f"({rm.interpolation}), centre crop {rm.image_size} px"},
             "output": {"name": OUTPUT_NAME, "shape": ["N", len(rm.classes)], "meaning": "logits (softmax for probabilities)"}}
     meta["writer"] = WRITER
     try:

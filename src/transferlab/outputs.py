@@ -38,17 +38,16 @@ log = logging.getLogger(__name__)
 def write_run_header(job: Job, ds) -> None:
     """config.yaml, model_summary.txt and (folder data) data_manifest.json; rank 0 only."""
     save_resolved_config(job.cfg, job.plan, job.run_dir / "config.yaml")
-    write_model_summary(job, job.run_dir / "model_summary.txt")
+    write_model_summary(job.model, job.cfg, job.plan.image_size, job.run_dir / "model_summary.txt")
     if hasattr(ds, "write_manifest"):
         ds.write_manifest(job.run_dir / "data_manifest.json")
 
 
-def write_model_summary(job: Job, path) -> None:
-    """torchinfo summary (layers, output shapes, parameter counts) to ``path``."""
+def write_model_summary(model, cfg, size: int, path) -> None:
+    """torchinfo summary (layers, output shapes, parameter counts) of ``model`` at ``size`` px."""
     from torchinfo import summary
 
-    size, model = job.plan.image_size, job.model
-    batch = job.cfg.optim.batch_size if size <= 64 else 1  # the seed's CNN summary uses batch 200
+    batch = cfg.optim.batch_size if size <= 64 else 1  # the seed's CNN summary uses batch 200
     device = next(model.parameters()).device
     was_training = model.training
     try:
@@ -56,7 +55,7 @@ def write_model_summary(job: Job, path) -> None:
                            device=device, col_names=("output_size", "num_params", "trainable")))
     finally:
         model.train(was_training)
-    path.write_text(f"{job.cfg.model.name} ({job.cfg.model.mode})\n{text}\n")
+    path.write_text(f"{cfg.model.name} ({cfg.model.mode})\n{text}\n")
 
 
 def _restore_best(job: Job) -> None:

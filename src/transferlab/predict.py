@@ -1,9 +1,10 @@
 """``transferlab predict``: a trained run's top-k classes for your image files.
 
-The model is rebuilt from the run's ``best.pt`` alone (config, class names, preprocessing and
-weights are all in the checkpoint). Each image goes through the preprocessing of the run: the
-same decode as folder datasets (RGB, shorter side resized to the run's image size, centre crop;
-``transferlab.data.folder.load_image``), then the weights' mean/std (``to_float_normalized``).
+The model is rebuilt from the run's ``best.pt`` alone (config, class names, the resolved plan and
+weights are all in the checkpoint). Each image goes through the plan's preprocessing, the
+weights' eval transform: the same decode as folder datasets (RGB, shorter side resized to
+floor(size / crop_pct), centre crop; ``transferlab.data.folder.load_image``), then the weights'
+mean/std (``to_float_normalized``).
 Images are decoded and classified in batches of ``--batch-size``.
 
 A file that cannot be read is reported (on stderr, or as an ``error`` line with ``--json``) and
@@ -33,6 +34,7 @@ from transferlab.distributed import resolve_device
 from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import build_model
+from transferlab.plan import Plan, Preprocessing
 from transferlab.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunModel:
-    """A trained model rebuilt from a run dir, with what its inputs need."""
+    """A trained model rebuilt from a run dir, with the run's resolved preprocessing."""
 
     model: Classifier
     classes: list[str]
-    image_size: int  # input side in px the run trained at
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
+    preprocessing: Preprocessing  # the plan's eval transform (resize, crop, mean, std)
     name: str  # --model of the run
+
+    @property
+    def image_size(self) -> int:  # input side in px the run trained at
+        return self.preprocessing.crop
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
+
+    @property
+    def interpolation(self) -> str:
+        return self.preprocessing.interpolation
 
 
 def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> RunModel:
@@ -57,22 +72,22 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     ckpt_path = run_dir / "best.pt"
     if not ckpt_path.is_file():
         raise UserError(f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>")
-    ck = load_checkpoint(ckpt_path, require=("model", "config", "classes", "preprocess"))
+    ck = load_checkpoint(ckpt_path, require=("model", "config", "classes", "plan"))
     try:
         cfg = config_from_dict(ck["config"])
+        plan = Plan.from_dict(ck["plan"])
         classes = [str(c) for c in ck["classes"]]
         model = build_model(dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes))
         model.load_state_dict(ck["model"])
-        pp = ck["preprocess"]
-        size = int((ck.get("extra") or {}).get("image_size") or cfg.data.image_size or pp["input_size"])
     except UserError as e:
         raise UserError(f"{ckpt_path} holds an invalid config: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # loadable, but not this kind of checkpoint
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{ckpt_path} is not a usable transferlab checkpoint ({type(e).__name__}: {first})") from None
     model.eval().to(device)
-    return RunModel(model, classes, size, tuple(pp["mean"]), tuple(pp["std"]), pp.get("interpolation", "bilinear"),
-                    cfg.model.name)
+    # decoded files always take the eval transform (resize, centre crop), even for a CIFAR run
+    pre = dataclasses.replace(plan.preprocessing, on_device_resize=False)
+    return RunModel(model, classes, pre, cfg.model.name)
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -104,7 +119,7 @@ def predict_files(rm: RunModel, files: list[Path], top_k: int, batch_size: int,
         rows = [{"file": str(f)} for f in chunk]
         for row, f in zip(rows, chunk, strict=True):
             try:
-                images.append(load_image(f, rm.image_size))
+                images.append(load_image(f, rm.preprocessing))
                 ok.append(row)
             except Exception as e:  # missing, unreadable, not an image: PIL/OS errors of many kinds
                 row["error"] = f"{type(e).__name__}: {e}"

@@ -17,6 +17,63 @@ from transferlab.errors import UserError
 
 def check_before_data(cfg: Config, env: DistEnv) -> None:
     """All config-only checks, in one place."""
+    check_model(cfg, env)
+    check_ranges(cfg)
+    check_paths(cfg)
+    check_extras(cfg)
+
+
+def check_model(cfg: Config, env: DistEnv) -> None:
+    """The model exists, takes the flags given, and the device can run what is asked."""
+    from transferlab.models.registry import resolve_name
+    from transferlab.train.precision import resolve_precision
+
+    source, arch = resolve_name(cfg.model.name)  # an unknown name lists the choices
+    resolve_precision(cfg.run.precision, env.device)  # fp16 on a CPU
+    if source == "cnn" and cfg.data.image_size not in (0, 32):
+        raise UserError(f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs "
+                        "(five 2x poolings to 1x1)")
+    if cfg.model.solver == "lbfgs" and env.enabled:
+        raise UserError("--solver lbfgs is a single-process, full-batch fit; run it without "
+                        "torchrun")
+    if cfg.model.sync_bn and env.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); "
+                        "drop --sync-bn")
+    if cfg.model.drop_path and source in ("timm", "torchvision"):
+        _check_drop_path(source, arch)
+
+
+def _check_drop_path(source: str, arch: str) -> None:
+    """Build the architecture on the meta device (no memory, no weights) to see that it takes
+    a stochastic-depth rate."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            if source == "timm":
+                import timm
+
+                timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=0.1)
+            else:
+                import torchvision
+
+                torchvision.models.get_model(arch, weights=None, stochastic_depth_prob=0.1)
+    except TypeError:
+        hint = "" if source == "timm" else (" (or pick efficientnet_*, convnext_*, swin_*, "
+                                             "maxvit_t, or a timm model)")
+        raise UserError(f"{source} {arch} has no stochastic depth; drop --drop-path{hint}") from None
+
+
+def check_extras(cfg: Config) -> None:
+    """Optional extras the config asks for are installed (one line naming the extra)."""
+    if cfg.run.track:
+        from transferlab.report.mlflow_log import check_tracking_available
+
+        check_tracking_available(cfg.run.track)
+    if cfg.run.engine not in ("auto", "torch"):
+        from transferlab.features.engines import require_engine
+
+        require_engine(cfg.run.engine)
 
 
 # ---------------------------------------------------------------------------------------------

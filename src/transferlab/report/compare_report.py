@@ -45,14 +45,24 @@ def load_runs(root: Path) -> dict[str, tuple[Path, dict]]:
 
 
 # what a summary.json or metrics.csv that parses but is not ours (or is truncated) raises
-_DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError, csv.Error)
+_DAMAGE = (
+    KeyError,
+    TypeError,
+    ValueError,
+    IndexError,
+    AttributeError,
+    ZeroDivisionError,
+    csv.Error,
+)
 
 
 def _damaged(run_dir: Path, e: Exception) -> UserError:
     """A summary.json that parses but lacks a field or has one of the wrong type."""
     what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-    return UserError(f"{run_dir}: summary.json or metrics.csv is damaged or from another version ({what}); "
-                     "rerun that experiment or remove its folder from the compare dir")
+    return UserError(
+        f"{run_dir}: summary.json or metrics.csv is damaged or from another version ({what}); "
+        "rerun that experiment or remove its folder from the compare dir"
+    )
 
 
 def _table(s: dict) -> str:
@@ -82,18 +92,27 @@ def _section(kind: str, run_dir: Path, s: dict, root: Path) -> str:
     cache_note = ""
     if fc:
         hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
-        cache_note = (f"- Feature cache: {'hit for ' + ', '.join(hits) if hits else 'extracted'} "
-                      f"({fc.get('seconds', '?')} s, precision {fc.get('precision', '?')})\n")
+        cache_note = (
+            f"- Feature cache: {'hit for ' + ', '.join(hits) if hits else 'extracted'} "
+            f"({fc.get('seconds', '?')} s, precision {fc.get('precision', '?')})\n"
+        )
+    feature_precision = f" (head; features {fc['precision']})" if fc.get("precision") else ""
+    if (run_dir / "continued_from.json").is_file():  # compare.CONTINUED_FROM
+        cache_note += ("- Continued from experiment 1's last checkpoint (exact resume): with the "
+                       "same seed its first epochs are experiment 1's, bit for bit, so they were "
+                       "not computed twice; the wall time counts only the epochs after them\n")
     curves = run_dir / "curves.png"
     if not curves.is_file():
         plot_curves(run_dir / "metrics.csv", curves, title=s["model"])
     return (
         f"## {TITLES.get(kind, kind)}\n\n"
-        f"- Model: `{s['model']}`, mode `{s['mode']}`, weights `{weights}`, image size {s.get('image_size')} px, "
-        f"precision {s.get('precision')}{' (head; features ' + fc['precision'] + ')' if fc.get('precision') else ''}\n"
-        f"- Parameters: {p['total']:,} total, {p['trainable']:,} trainable, {p['total'] - p['trainable']:,} frozen\n"
+        f"- Model: `{s['model']}`, mode `{s['mode']}`, weights `{weights}`, "
+        f"image size {s.get('image_size')} px, precision {s.get('precision')}{feature_precision}\n"
+        f"- Parameters: {p['total']:,} total, {p['trainable']:,} trainable, "
+        f"{p['total'] - p['trainable']:,} frozen\n"
         f"- Epochs run: {s['epochs_run']} (best epoch {s['best_epoch']}; {s['stop_reason']})\n"
-        f"- Wall time: {t['total']:.1f} s (train {t['train']:.1f} s, eval {t['eval']:.1f} s, setup {t['setup']:.1f} s)\n"
+        f"- Wall time: {t['total']:.1f} s (train {t['train']:.1f} s, eval {t['eval']:.1f} s, "
+        f"setup {t['setup']:.1f} s)\n"
         f"{cache_note}\n{_table(s)}\n\n![{kind} loss and accuracy]({curves.relative_to(root)})\n"
     )
 
@@ -106,28 +125,40 @@ def observations(runs: dict[str, tuple[Path, dict]]) -> list[str]:
         diff = f["test"]["acc"] - c["test"]["acc"]
         better = "higher" if diff > 0 else "lower"
         versus = f"{abs(diff) * 100:.1f} points {better} than" if diff else "the same as"
-        out.append(f"The frozen pretrained `{f['model']}` reached test accuracy {f['test']['acc']:.4f}, "
-                   f"{versus} the CNN's {c['test']['acc']:.4f}.")
+        out.append(
+            f"The frozen pretrained `{f['model']}` reached test accuracy {f['test']['acc']:.4f}, "
+            f"{versus} the CNN's {c['test']['acc']:.4f}."
+        )
         ratio = f["time_s"]["total"] / max(c["time_s"]["total"], 1e-9)
-        out.append(f"For the same epoch budget the pretrained model took {f['time_s']['total']:.1f} s against the "
-                   f"CNN's {c['time_s']['total']:.1f} s ({ratio:.2f}x).")
+        out.append(
+            f"For the same epoch budget the pretrained model took {f['time_s']['total']:.1f} s "
+            f"against the CNN's {c['time_s']['total']:.1f} s ({ratio:.2f}x)."
+        )
         gap_c = c["train"]["acc"] - c["val"]["acc"]
         gap_f = f["train"]["acc"] - f["val"]["acc"]
-        out.append(f"Train-minus-validation accuracy gap: CNN {gap_c * 100:.1f} points, pretrained {gap_f * 100:.1f} points.")
+        out.append(
+            f"Train-minus-validation accuracy gap: CNN {gap_c * 100:.1f} points, "
+            f"pretrained {gap_f * 100:.1f} points."
+        )
     if "chase" in runs and "frozen" in runs:
         ch, f = runs["chase"][1], runs["frozen"][1]
         target = f["fit_state"]["best_val_acc"]
         reached = ch["fit_state"]["best_val_acc"] >= target
+        plural = "s" if ch["epochs_run"] != 1 else ""
         out.append(
-            f"Trained towards the pretrained model's best validation accuracy ({target:.4f}), the CNN "
-            f"{'reached' if reached else 'did not reach'} it: it stopped after {ch['epochs_run']} epoch{'s' if ch['epochs_run'] != 1 else ''} "
-            f"({ch['stop_reason']}) with best validation accuracy {ch['fit_state']['best_val_acc']:.4f} "
-            f"and test accuracy {ch['test']['acc']:.4f}."
+            f"Trained towards the pretrained model's best validation accuracy ({target:.4f}), "
+            f"the CNN {'reached' if reached else 'did not reach'} it: it stopped after "
+            f"{ch['epochs_run']} epoch{plural} ({ch['stop_reason']}) with best validation "
+            f"accuracy {ch['fit_state']['best_val_acc']:.4f} and test accuracy "
+            f"{ch['test']['acc']:.4f}."
         )
     if "cnn-best" in runs and "cnn" in runs:
         b, c = runs["cnn-best"][1], runs["cnn"][1]
-        out.append(f"The same CNN architecture with the cnn-best recipe reached test accuracy {b['test']['acc']:.4f} "
-                   f"in {b['epochs_run']} epochs, against {c['test']['acc']:.4f} with the seed's recipe.")
+        out.append(
+            f"The same CNN architecture with the cnn-best recipe reached test accuracy "
+            f"{b['test']['acc']:.4f} in {b['epochs_run']} epochs, against {c['test']['acc']:.4f} "
+            "with the seed's recipe."
+        )
     return out
 
 
@@ -139,8 +170,11 @@ def write_compare_report(root: Path) -> Path:
     parts = ["# Transfer learning vs a CNN from scratch\n"]
     first = next(iter(runs.values()))[1]
     data = first.get("data") if isinstance(first.get("data"), dict) else {}
-    parts.append(f"Data: `{data.get('source')}` ({data.get('classes')} classes), split seed {data.get('split_seed')}, "
-                 f"md5 {json.dumps(data.get('md5', {}))}. Versions: {json.dumps(first.get('versions', {}))}.\n")
+    parts.append(
+        f"Data: `{data.get('source')}` ({data.get('classes')} classes), "
+        f"split seed {data.get('split_seed')}, md5 {json.dumps(data.get('md5', {}))}. "
+        f"Versions: {json.dumps(first.get('versions', {}))}.\n"
+    )
     for kind in ("cnn", "frozen", "chase", "cnn-best"):
         if kind in runs:
             try:

@@ -2,8 +2,9 @@
 
 A checkpoint holds everything a resume needs: the unwrapped model, optimiser, scheduler,
 scaler, epoch and step counters, RNG states, the resolved config, and the early-stopping state.
-Writes go to a temporary file in the same folder, are fsynced, then ``os.replace``d over the old
-file, so a crash or a full disk never leaves a half-written checkpoint where a good one was.
+Writes go through ``transferlab.io.atomic_save`` (temp file in the same folder, fsync,
+``os.replace``), so a crash or a full disk never leaves a half-written checkpoint where a good
+one was.
 Loads use ``weights_only=True``: a pickle payload is refused, never run.
 
 Usage:
@@ -13,54 +14,14 @@ Usage:
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
 from transferlab.errors import UserError
+from transferlab.io import atomic_save, atomic_write  # noqa: F401 - the writers' one home is io.py
 from transferlab.models.weights import safe_torch_load
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
 
 # What a resume reads from last.pt (``fit.checkpoint_state`` writes these and more).
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "fit_state", "rng", "config")

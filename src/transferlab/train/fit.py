@@ -30,8 +30,14 @@ from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
 from transferlab.train.checkpoint import rng_state, set_rng_state
-from transferlab.train.loop import EpochStats, OptimParts, StepContext, StepGuard, evaluate
-from transferlab.train.loop import train_one_epoch
+from transferlab.train.loop import (
+    EpochStats,
+    OptimParts,
+    StepContext,
+    StepGuard,
+    evaluate,
+    train_one_epoch,
+)
 from transferlab.train.optim import build_optimizer, build_scheduler
 from transferlab.train.precision import make_scaler
 
