@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from transferlab.plan import square_preprocessing
 from PIL import Image
 
 from transferlab.config import DataConfig
@@ -22,6 +20,7 @@ from transferlab.data.folder import (
     stratified_split,
 )
 from transferlab.errors import UserError
+from transferlab.plan import square_preprocessing
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
@@ -104,7 +103,9 @@ def test_bad_images_skipped_with_warning_and_count(tmp_path, caplog):
 def test_bad_images_error_policy_lists_paths(tmp_path):
     root = write_png_tree(tmp_path / "d", {"cat": 6, "dog": 6})
     _add_bad_files(root)
-    with pytest.raises(UserError, match=r"2 unreadable.*broken\.png.*notes\.txt.*--on-bad-image skip"):
+    with pytest.raises(
+        UserError, match=r"2 unreadable.*broken\.png.*notes\.txt.*--on-bad-image skip"
+    ):
         load_folder_dataset(_cfg(root, on_bad_image="error"))
 
 
@@ -139,7 +140,9 @@ def test_loader_batches_labels_and_augment(tmp_path):
     ds.set_preprocessing(square_preprocessing(8))
     seen = []
     aug = lambda x, g: torch.flip(x, dims=[3]) if g is not None else x  # noqa: E731
-    loader = FolderLoader(ds.train, 4, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0)
+    loader = FolderLoader(
+        ds.train, 4, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0
+    )
     loader.set_epoch(2)
     for x, y in loader:
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8) and y.dtype == torch.int64
@@ -156,7 +159,11 @@ def test_shard_indices_match_distributed_sampler_semantics():
     assert set(sum(shards, [])) == set(range(10))
     assert shards == [shard_indices(10, True, 0, 1, r, 3) for r in range(3)]
     assert shard_indices(10, True, 0, 2, 0, 3) != shards[0]  # new epoch, new order
-    assert [shard_indices(10, False, 0, 0, r, 3) for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [shard_indices(10, False, 0, 0, r, 3) for r in range(3)] == [
+        [0, 3, 6, 9],
+        [1, 4, 7],
+        [2, 5, 8],
+    ]
 
 
 def test_cli_trains_on_a_png_folder_and_records_bad_images(tmp_path):
@@ -165,9 +172,30 @@ def test_cli_trains_on_a_png_folder_and_records_bad_images(tmp_path):
     root = write_png_tree(tmp_path / "d", {"red": 12, "green": 12, "blue": 12})
     (root / "red" / "bad.jpg").write_bytes(b"nope")
     run = tmp_path / "run"
-    rc = main(["train", "--data", f"folder:{root}", "--model", "cnn", "--epochs", "1", "--batch-size", "8",
-               "--num-workers", "1", "--val-frac", "0.2", "--test-frac", "0.2", "--run-dir", str(run),
-               "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            f"folder:{root}",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "1",
+            "--val-frac",
+            "0.2",
+            "--test-frac",
+            "0.2",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     s = json.loads((run / "summary.json").read_text())
     assert s["data"]["folder"]["bad_images"] == 1
@@ -193,7 +221,10 @@ def test_a_class_named_train_does_not_make_a_split_layout(tmp_path, caplog):
     write_png_tree(tmp_path / "e", {"train": 4, "test": 4}, size=4)
     assert detect_layout(tmp_path / "e")[0] == "tree"
     write_png_tree(tmp_path / "f" / "train", {"a": 4, "b": 4}, size=4)
-    assert detect_layout(tmp_path / "f") == ("splits", "only train folders, with class folders inside")
+    assert detect_layout(tmp_path / "f") == (
+        "splits",
+        "only train folders, with class folders inside",
+    )
 
 
 def test_empty_folder_path_is_an_error(tmp_path):
@@ -223,13 +254,13 @@ def test_fifo_and_device_are_refused_not_read(tmp_path):
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
-    ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0..65520
+    ramp16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040  # 0..65520
     Image.fromarray(ramp16).save(tmp_path / "g16.png")  # 16-bit grayscale PNG
     x = load_image(tmp_path / "g16.png", 8)
     expected = np.round(ramp16 / 257.0).astype(np.uint8)
     assert np.abs(x[0].numpy().astype(int) - expected.astype(int)).max() <= 2  # resize rounding
     assert x.max() > 200  # clipping would have made almost everything 255
-    f = (np.arange(64, dtype=np.float32).reshape(8, 8) / 63.0)
+    f = np.arange(64, dtype=np.float32).reshape(8, 8) / 63.0
     Image.fromarray(f, "F").save(tmp_path / "f.tif")
     assert abs(int(load_image(tmp_path / "f.tif", 8)[0, 0, 0]) - 0) <= 2
     Image.fromarray(f * 500, "F").save(tmp_path / "bad.tif")  # outside [0, 1]: no faithful mapping
@@ -242,7 +273,10 @@ def test_images_over_the_pixel_limit_are_skipped_without_pil_warnings(tmp_path, 
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / "a" / "big.png")
     with caplog.at_level(logging.WARNING):
         ds = load_folder_dataset(_cfg(root, max_image_pixels=1000))
-    assert ds.info["bad_images"] == 1 and "50x40 = 2,000 pixels is above --max-image-pixels 1,000" in caplog.text
+    assert (
+        ds.info["bad_images"] == 1
+        and "50x40 = 2,000 pixels is above --max-image-pixels 1,000" in caplog.text
+    )
     assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
 
 

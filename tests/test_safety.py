@@ -35,8 +35,11 @@ def _old_run(run: Path) -> dict[str, bytes]:
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != rundir.LOCK_NAME}
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != rundir.LOCK_NAME
+    }
 
 
 def test_overwrite_rollback_restores_the_old_run_intact(tmp_path):
@@ -130,9 +133,11 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
 def test_lock_held_by_another_process(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    code = ("import sys, time; from pathlib import Path; from transferlab import rundir; "
-            "h = rundir.prepare_run_dir(Path(sys.argv[1]), False, False); print('locked', flush=True); "
-            "time.sleep(30)")
+    code = (
+        "import sys, time; from pathlib import Path; from transferlab import rundir; "
+        "h = rundir.prepare_run_dir(Path(sys.argv[1]), False, False); print('locked', flush=True); "
+        "time.sleep(30)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "locked"
@@ -142,7 +147,9 @@ def test_lock_held_by_another_process(tmp_path):
     finally:
         p.kill()
         p.wait()
-    rundir.prepare_run_dir(run, resume=False, overwrite=True).release()  # the kernel dropped the lock
+    rundir.prepare_run_dir(
+        run, resume=False, overwrite=True
+    ).release()  # the kernel dropped the lock
 
 
 def test_resume_takes_the_lock_too(tmp_path):
@@ -157,8 +164,11 @@ def test_resume_takes_the_lock_too(tmp_path):
 def test_default_names_are_unique_in_the_same_second(tmp_path):
     now = datetime(2026, 11, 29, 12, 0, 0)
     dirs = [rundir.unique_run_dir(tmp_path, "timm:resnet/x", now) for _ in range(3)]
-    assert [d.name for d in dirs] == ["timm-resnet-x-20261129-120000", "timm-resnet-x-20261129-120000-2",
-                                      "timm-resnet-x-20261129-120000-3"]
+    assert [d.name for d in dirs] == [
+        "timm-resnet-x-20261129-120000",
+        "timm-resnet-x-20261129-120000-2",
+        "timm-resnet-x-20261129-120000-3",
+    ]
     h = rundir.prepare_run_dir(None, False, False, stem="cnn", runs_root=tmp_path / "runs")
     assert h.created and h.run_dir.parent == tmp_path / "runs"
     h.rollback()
@@ -174,7 +184,9 @@ def _finished_run(run: Path, epochs: int = 2) -> None:
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"x")
     time.sleep(0.01)
-    (run / "summary.json").write_text(json.dumps({"fit_state": {"epoch": epochs, "stop_reason": "epoch budget"}}))
+    (run / "summary.json").write_text(
+        json.dumps({"fit_state": {"epoch": epochs, "stop_reason": "epoch budget"}})
+    )
 
 
 def test_resuming_a_finished_run_is_nothing_to_do(tmp_path):
@@ -184,7 +196,9 @@ def test_resuming_a_finished_run_is_nothing_to_do(tmp_path):
     with pytest.raises(NothingToDo, match=r"finished \(2 epochs.*--epochs N with N > 2"):
         rundir.prepare_run_dir(run, resume=True, overwrite=False)
     assert sorted(p.name for p in run.iterdir()) == before  # not even a lock file
-    rundir.prepare_run_dir(run, resume=True, overwrite=False, requested_epochs=5).release()  # extend
+    rundir.prepare_run_dir(
+        run, resume=True, overwrite=False, requested_epochs=5
+    ).release()  # extend
 
 
 def test_resume_empty_and_missing(tmp_path):
@@ -204,8 +218,12 @@ def test_edited_config_is_detected_and_named(tmp_path):
     h = rundir.config_hash(tmp_path / "config.yaml")
     rundir.check_config_unchanged(tmp_path, h, cfg)  # unchanged: fine
     rundir.check_config_unchanged(tmp_path, None, cfg)  # an old checkpoint without a hash: no check
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**cfg, "optim": {"lr": 0.01, "epochs": 2}}))
-    with pytest.raises(UserError, match=r"edited since the run started \(optim.lr: 0.001 -> 0.01\)"):
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "optim": {"lr": 0.01, "epochs": 2}})
+    )
+    with pytest.raises(
+        UserError, match=r"edited since the run started \(optim.lr: 0.001 -> 0.01\)"
+    ):
         rundir.check_config_unchanged(tmp_path, h, cfg)
     (tmp_path / "config.yaml").write_text("[broken")
     with pytest.raises(UserError, match="no longer a valid config"):
@@ -278,18 +296,40 @@ def test_damaged_json_is_one_line(tmp_path):
 # 8. One line, always: the failure policy
 
 
-@pytest.mark.parametrize("exc, code, text", [
-    (OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"), 1, "no space left.*runs/x/last.pt"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/out.onnx"), 1, "read-only.*/ro/out.onnx"),
-    (OSError(errno.EACCES, "Permission denied", "/root/x"), 2, "permission denied.*/root/x"),
-    (MemoryError(), 1, "out of memory"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried "
-                  "to allocate 1099511627776 bytes."), 1, "out of memory.*batch-size"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 1, "out of memory"),
-    (UserError("bad flag"), 2, "bad flag"),
-    (RunFailure("disk gone"), 1, "disk gone"),
-    (TrainingStopped("stopped", 143), 143, "stopped"),
-])
+@pytest.mark.parametrize(
+    "exc, code, text",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
+            1,
+            "no space left.*runs/x/last.pt",
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system", "/ro/out.onnx"),
+            1,
+            "read-only.*/ro/out.onnx",
+        ),
+        (OSError(errno.EACCES, "Permission denied", "/root/x"), 2, "permission denied.*/root/x"),
+        (MemoryError(), 1, "out of memory"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: "
+                "you tried "
+                "to allocate 1099511627776 bytes."
+            ),
+            1,
+            "out of memory.*batch-size",
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            1,
+            "out of memory",
+        ),
+        (UserError("bad flag"), 2, "bad flag"),
+        (RunFailure("disk gone"), 1, "disk gone"),
+        (TrainingStopped("stopped", 143), 143, "stopped"),
+    ],
+)
 def test_describe_failure(exc, code, text):
     import re
 
@@ -321,8 +361,20 @@ def test_stop_flag_records_the_signal_and_exit_code():
 # ---------------------------------------------------------------------------------------------
 # Through the CLI, on one tiny trained run (the lead's wiring of rundir.py in experiment.py)
 
-TINY = ["--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20", "--no-progress",
-        "--device", "cpu", "--no-report"]
+TINY = [
+    "--model",
+    "cnn",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "20",
+    "--val-size",
+    "20",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--no-report",
+]
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +391,11 @@ def trained(tmp_path_factory):
 
 
 def _state(run: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.iterdir() if p.name != rundir.LOCK_NAME}
+    return {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in run.iterdir()
+        if p.name != rundir.LOCK_NAME
+    }
 
 
 @pytest.mark.parametrize("bad", [["--data", "folder:/no/such/typo"], ["--model", "resnet181"]])
@@ -369,7 +425,6 @@ def test_second_writer_through_the_cli(trained, capsys):
         held.release()
 
 
-@pytest.mark.xfail(reason="needs lead wiring: cmd_train must let --epochs through with --resume", strict=False)
 def test_resume_with_more_epochs_is_not_refused_as_a_flag(trained, capsys):
     from transferlab.cli import main
 
@@ -382,8 +437,6 @@ def test_resume_with_more_epochs_is_not_refused_as_a_flag(trained, capsys):
         held.release()
 
 
-@pytest.mark.xfail(reason="needs lead wiring: experiment._open_run passes the default --epochs (10) as "
-                   "requested_epochs; it must pass None unless --epochs was given", strict=False)
 def test_resume_of_a_finished_run_exits_0_untouched(trained, capsys):
     from transferlab.cli import main
 
@@ -400,7 +453,9 @@ def test_runs_and_report_on_damaged_files_are_one_line(trained, tmp_path, capsys
     from transferlab.cli import main
 
     _, run = trained
-    for i, text in enumerate(["{", "[]", '{"model": 3, "epochs_run": "x", "test": [], "time_s": {"total": "?"}}']):
+    for i, text in enumerate(
+        ["{", "[]", '{"model": 3, "epochs_run": "x", "test": [], "time_s": {"total": "?"}}']
+    ):
         d = tmp_path / "runs" / f"r{i}"
         d.mkdir(parents=True)
         (d / "summary.json").write_text(text)
@@ -414,7 +469,9 @@ def test_runs_and_report_on_damaged_files_are_one_line(trained, tmp_path, capsys
         (copy / name).write_text(text)
         code = main(["report", str(copy)])
         err = capsys.readouterr().err
-        assert code in (0, 1, 2) and "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+        assert (
+            code in (0, 1, 2) and "Traceback" not in err and len(err.strip().splitlines()) <= 1
+        ), err
         shutil.copy(tmp_path / "saved", copy / name)
 
 
@@ -442,7 +499,12 @@ def test_version_models_and_torchrun_env(capsys, monkeypatch):
     assert e.value.code == 0 and "transferlab 0." in capsys.readouterr().out
     assert main(["models", "--timm", "no_such_model_zz"]) == 0
     assert "no timm model matches 'no_such_model_zz'" in capsys.readouterr().out
-    for name, value in (("RANK", "abc"), ("WORLD_SIZE", "0"), ("MASTER_PORT", "99999"), ("LOCAL_RANK", "-1")):
+    for name, value in (
+        ("RANK", "abc"),
+        ("WORLD_SIZE", "0"),
+        ("MASTER_PORT", "99999"),
+        ("LOCAL_RANK", "-1"),
+    ):
         monkeypatch.setenv(name, value)
         assert main(["models"]) == 2
         err = capsys.readouterr().err
@@ -473,8 +535,10 @@ def test_debug_shows_the_traceback_and_bugs_are_one_line(monkeypatch, capsys):
 def test_disk_full_and_oom_map_to_exit_1(monkeypatch, capsys):
     from transferlab import cli
 
-    for exc in (OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
-                RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 10 GB")):
+    for exc in (
+        OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 10 GB"),
+    ):
         monkeypatch.setattr(cli, "cmd_models", lambda args, exc=exc: (_ for _ in ()).throw(exc))
         assert cli.main(["models"]) == 1
         err = capsys.readouterr().err
@@ -504,6 +568,7 @@ def test_progress_without_a_terminal_writes_plain_lines(monkeypatch, caplog):
     from transferlab import progress as prog
 
     monkeypatch.setattr(prog, "PLAIN_EVERY_S", 0.0)
+
     class Batches(list):
         num_samples = 10
 
@@ -511,7 +576,11 @@ def test_progress_without_a_terminal_writes_plain_lines(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="transferlab.progress"):
         out = list(prog.progress(batches, "epoch 1", enabled=True, tty=False))
     assert len(out) == 5
-    assert "\r" not in caplog.text and "epoch 1: 2/10 img" in caplog.text and "10 img in" in caplog.text
+    assert (
+        "\r" not in caplog.text
+        and "epoch 1: 2/10 img" in caplog.text
+        and "10 img in" in caplog.text
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,19 +588,22 @@ def test_progress_without_a_terminal_writes_plain_lines(monkeypatch, caplog):
 
 
 def test_cache_clear_removes_only_our_entries(tmp_path, capsys):
+    import socket
+
     from safetensors.torch import save_file
 
     from transferlab.cli import main
     from transferlab.features import cache as fcache
 
+    host = socket.gethostname()
     ours = fcache.save_entry(tmp_path, "a" * 24, {"features": torch.ones(2, 3)}, {"split": "train"})
     save_file({"w": torch.ones(2)}, str(tmp_path / "my_model.safetensors"))  # a user's own file
     (tmp_path / "notes.txt").write_text("mine")
     user_tmp = tmp_path / ".draft.tmp"  # a user's hidden temp file: not ours either
     user_tmp.write_text("x")
-    live = tmp_path / f".{'b' * 24}.safetensors{fcache.TEMP_MARK}{__import__('socket').gethostname()}-{os.getpid()}-ab12"
+    live = tmp_path / f".{'b' * 24}.safetensors{fcache.TEMP_MARK}{host}-{os.getpid()}-ab12"
     live.write_text("being written")
-    dead = tmp_path / f".{'c' * 24}.safetensors{fcache.TEMP_MARK}{__import__('socket').gethostname()}-999999-cd34"
+    dead = tmp_path / f".{'c' * 24}.safetensors{fcache.TEMP_MARK}{host}-999999-cd34"
     dead.write_text("left by a killed run")
     assert main(["cache", "list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -539,8 +611,9 @@ def test_cache_clear_removes_only_our_entries(tmp_path, capsys):
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 2 file(s)" in capsys.readouterr().out
     assert not ours.exists() and not dead.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".draft.tmp", live.name, "my_model.safetensors",
-                                                                 "notes.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".draft.tmp", live.name, "my_model.safetensors", "notes.txt"]
+    )
 
 
 def test_cache_entry_tag_and_unknown_user(tmp_path, monkeypatch):
@@ -564,4 +637,6 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     _old_run(tmp_path / "r")
     (tmp_path / "r" / "cifar-100-python").mkdir()
     with pytest.raises(UserError, match="would move your data"):
-        rundir.prepare_run_dir(tmp_path / "r", False, True, data_root=tmp_path / "r" / "cifar-100-python")
+        rundir.prepare_run_dir(
+            tmp_path / "r", False, True, data_root=tmp_path / "r" / "cifar-100-python"
+        )

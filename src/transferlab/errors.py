@@ -15,7 +15,8 @@ command shares one policy instead of catching them one by one.
 
 Usage:
     raise UserError(f"data file not found: {path}. Pass --download to fetch CIFAR-100.")
-    code, line = describe_failure(OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"))
+    err = OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt")
+    code, line = describe_failure(err)
     # -> (1, "no space left on device writing runs/x/last.pt; free disk space ...")
 """
 
@@ -50,13 +51,21 @@ class TrainingStopped(Exception):
 # errno -> (exit code, what happened, what to do). Resource exhaustion and read-only file
 # systems are run-time failures (1); the rest are paths or permissions the user chose (2).
 _ERRNO: dict[int, tuple[int, str, str]] = {
-    errno.ENOSPC: (EXIT_FAILURE, "no space left on device", "free disk space and rerun (or --resume)"),
+    errno.ENOSPC: (
+        EXIT_FAILURE,
+        "no space left on device",
+        "free disk space and rerun (or --resume)",
+    ),
     errno.EDQUOT: (EXIT_FAILURE, "disk quota exceeded", "free space in your quota and rerun"),
     errno.EROFS: (EXIT_FAILURE, "read-only file system", "choose a writable location"),
     errno.EFBIG: (EXIT_FAILURE, "file too large for the file system", "choose another location"),
     errno.EIO: (EXIT_FAILURE, "input/output error", "check the disk"),
     errno.ENOMEM: (EXIT_FAILURE, "out of memory", "lower --batch-size or --num-workers"),
-    errno.EACCES: (EXIT_USER, "permission denied", "choose a path you may write, or fix its permissions"),
+    errno.EACCES: (
+        EXIT_USER,
+        "permission denied",
+        "choose a path you may write, or fix its permissions",
+    ),
     errno.EPERM: (EXIT_USER, "operation not permitted", "choose another path"),
     errno.ENOENT: (EXIT_USER, "no such file or folder", "check the path"),
     errno.ENOTDIR: (EXIT_USER, "a part of the path is a file, not a folder", "check the path"),
@@ -66,8 +75,14 @@ _ERRNO: dict[int, tuple[int, str, str]] = {
     errno.EEXIST: (EXIT_USER, "already exists", "choose another path"),
 }
 
-_OOM_MARKERS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
-                "failed to allocate", "DefaultCPUAllocator")
+_OOM_MARKERS = (
+    "out of memory",
+    "not enough memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "failed to allocate",
+    "DefaultCPUAllocator",
+)
 
 
 def _first_line(text: str, limit: int = 240) -> str:
@@ -78,7 +93,9 @@ def _first_line(text: str, limit: int = 240) -> str:
 def describe_oserror(e: OSError) -> tuple[int, str]:
     """(exit code, one line naming the file) for an ``OSError``."""
     where = " ".join(f"{p}" for p in (e.filename, e.filename2) if p is not None)
-    code, what, todo = _ERRNO.get(e.errno or -1, (EXIT_FAILURE, e.strerror or type(e).__name__, "check it"))
+    code, what, todo = _ERRNO.get(
+        e.errno or -1, (EXIT_FAILURE, e.strerror or type(e).__name__, "check it")
+    )
     target = f" ({where})" if where else ""
     return code, f"{what}{target}; {todo}"
 
@@ -110,8 +127,10 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         return e.exit_code, _first_line(str(e), 2000)
     if is_out_of_memory(e):
         detail = _first_line(str(e), 160)
-        return EXIT_FAILURE, (f"out of memory ({type(e).__name__}: {detail}); lower --batch-size, "
-                              "--eval-batch-size, --image-size or --num-workers")
+        return EXIT_FAILURE, (
+            f"out of memory ({type(e).__name__}: {detail}); lower --batch-size, "
+            "--eval-batch-size, --image-size or --num-workers"
+        )
     if isinstance(e, OSError) and e.errno is not None:
         return describe_oserror(e)
     return None

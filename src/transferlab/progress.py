@@ -50,8 +50,14 @@ def _total(loader: Iterable) -> int:
 def _bar(loader: Iterable, desc: str) -> Iterator:
     from tqdm.auto import tqdm
 
-    with tqdm(total=_total(loader), desc=desc, unit="img", unit_scale=True, leave=False,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=_total(loader),
+        desc=desc,
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
         for x, y in loader:
             yield x, y
             bar.update(int(y.shape[0]))
@@ -70,8 +76,17 @@ def _plain(loader: Iterable, desc: str, every_s: float) -> Iterator:
             last = now
             rate = done / max(now - t0, 1e-9)
             eta = (total - done) / max(rate, 1e-9)
-            log.info("%s: %d/%d img (%.0f%%), %.0f img/s, ETA %.0f s", desc, done, total,
-                     100 * done / max(total, 1), rate, eta)
+            log.info(
+                "%s: %d/%d img (%.0f%%), %.0f img/s, ETA %.0f s",
+                desc,
+                done,
+                total,
+                100 * done / max(total, 1),
+                rate,
+                eta,
+            )
     seconds = time.perf_counter() - t0
     if seconds >= every_s:  # short passes stay silent, as a bar with leave=False does
-        log.info("%s: %d img in %.0f s (%.0f img/s)", desc, done, seconds, done / max(seconds, 1e-9))
+        log.info(
+            "%s: %d img in %.0f s (%.0f img/s)", desc, done, seconds, done / max(seconds, 1e-9)
+        )

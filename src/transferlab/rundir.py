@@ -23,7 +23,8 @@ Rules (issue 16), one function each:
 * :func:`read_json_file`: a damaged summary.json is one line, not a traceback.
 
 Usage:
-    handle = prepare_run_dir(Path("runs/x"), resume=False, overwrite=True, data_root=Path("data/cifar-100-python"))
+    handle = prepare_run_dir(Path("runs/x"), resume=False, overwrite=True,
+                             data_root=Path("data/cifar-100-python"))
     try:
         ...                       # config, data, model, first checkpoint
         handle.commit()           # now the old run (moved aside) is deleted
@@ -58,10 +59,22 @@ LOCK_NAME = ".transferlab.lock"
 # files the tool itself keeps in a run dir that do not make it "non-empty"
 INTERNAL_NAMES = frozenset({LOCK_NAME, ".write-test"})
 # what a run writes (README "Run files"); an output path onto one of these is refused
-RUN_FILES = frozenset({
-    "best.pt", "last.pt", "metrics.csv", "summary.json", "config.yaml", "model_summary.txt",
-    "data_manifest.json", "test_predictions.npz", "curves.png", "report.md", "report.html", LOCK_NAME,
-})
+RUN_FILES = frozenset(
+    {
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "summary.json",
+        "config.yaml",
+        "model_summary.txt",
+        "data_manifest.json",
+        "test_predictions.npz",
+        "curves.png",
+        "report.md",
+        "report.html",
+        LOCK_NAME,
+    }
+)
 # a folder holding one of these is a run (of ours) that --overwrite may replace
 RUN_MARKERS = frozenset({"config.yaml", "last.pt", "best.pt", "summary.json", "metrics.csv"})
 ASIDE_INFIX = ".old-"  # .RUN.old-<pid>: an old run set aside by --overwrite
@@ -99,18 +112,26 @@ class RunLock:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise UserError(f"cannot write to {what} {path.parent} ({e.strerror or e}); "
-                                "choose another location") from None
+                raise UserError(
+                    f"cannot write to {what} {path.parent} ({e.strerror or e}); "
+                    "choose another location"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise UserError(f"{what} {path.parent} is in use by {holder} (lock {path}); wait for it "
-                                "to finish, or choose another --run-dir") from None
+                raise UserError(
+                    f"{what} {path.parent} is in use by {holder} (lock {path}); wait for it "
+                    "to finish, or choose another --run-dir"
+                ) from None
             except OSError as e:  # ENOLCK: a file system without locks (some NFS mounts)
-                log.warning("cannot lock %s (%s); make sure no other process writes %s",
-                            path, e.strerror or e, path.parent)
+                log.warning(
+                    "cannot lock %s (%s); make sure no other process writes %s",
+                    path,
+                    e.strerror or e,
+                    path.parent,
+                )
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
             except FileNotFoundError:
@@ -186,8 +207,11 @@ class RunDirHandle:
                 shutil.rmtree(self.aside)
                 log.info("--overwrite: removed the previous run's files (%d)", len(self.moved))
             except OSError as e:
-                log.warning("could not remove the previous run's files in %s (%s); delete it by hand",
-                            self.aside, e.strerror or e)
+                log.warning(
+                    "could not remove the previous run's files in %s (%s); delete it by hand",
+                    self.aside,
+                    e.strerror or e,
+                )
             self.aside = None
 
     def rollback(self) -> None:
@@ -203,15 +227,20 @@ class RunDirHandle:
                 for name in self.moved:
                     os.rename(self.aside / name, self.run_dir / name)
                 self.aside.rmdir()
-                log.warning("the new run failed before its first checkpoint: the previous run in %s is "
-                            "back as it was", self.run_dir)
+                log.warning(
+                    "the new run failed before its first checkpoint: the previous run in %s is "
+                    "back as it was",
+                    self.run_dir,
+                )
                 self.aside = None
             elif self.created and not self.keep:
                 (self.run_dir / LOCK_NAME).unlink(missing_ok=True)
                 self.run_dir.rmdir()  # a failed run leaves no empty run dir behind
         except OSError as e:
             where = f"; the previous run's files are in {self.aside}" if self.aside else ""
-            log.error("could not undo the failed run in %s (%s)%s", self.run_dir, e.strerror or e, where)
+            log.error(
+                "could not undo the failed run in %s (%s)%s", self.run_dir, e.strerror or e, where
+            )
 
     def release(self) -> None:
         """Release the lock (call last, after commit or rollback)."""
@@ -230,8 +259,12 @@ class RunDirHandle:
 
 def _warn_stale_asides(run_dir: Path) -> None:
     for p in sorted(run_dir.parent.glob(f".{run_dir.name}{ASIDE_INFIX}*")):
-        log.warning("found %s: the files of an earlier run set aside by an --overwrite that was killed; "
-                    "move them back into %s or delete the folder", p, run_dir)
+        log.warning(
+            "found %s: the files of an earlier run set aside by an --overwrite that was killed; "
+            "move them back into %s or delete the folder",
+            p,
+            run_dir,
+        )
 
 
 def _set_aside(run_dir: Path, names: list[str]) -> Path:
@@ -250,14 +283,23 @@ def _set_aside(run_dir: Path, names: list[str]) -> Path:
         for name in done:  # put back what already moved
             os.rename(aside / name, run_dir / name)
         aside.rmdir()
-        raise UserError(f"--overwrite: cannot move the old files of {run_dir} aside ({e.strerror or e}); "
-                        "nothing was changed") from None
+        raise UserError(
+            f"--overwrite: cannot move the old files of {run_dir} aside ({e.strerror or e}); "
+            "nothing was changed"
+        ) from None
     return aside
 
 
-def prepare_run_dir(run_dir: Path | str | None, resume: bool, overwrite: bool, *,
-                    data_root: Path | None = None, stem: str = "run", runs_root: Path = Path("runs"),
-                    requested_epochs: int | None = None) -> RunDirHandle:
+def prepare_run_dir(
+    run_dir: Path | str | None,
+    resume: bool,
+    overwrite: bool,
+    *,
+    data_root: Path | None = None,
+    stem: str = "run",
+    runs_root: Path = Path("runs"),
+    requested_epochs: int | None = None,
+) -> RunDirHandle:
     """Lock (and create) the run dir; with ``overwrite``, move the old run aside (undoable).
 
     ``run_dir`` None or "" claims a unique ``runs_root/<stem>-<time>``. Resume needs
@@ -286,33 +328,47 @@ def prepare_run_dir(run_dir: Path | str | None, resume: bool, overwrite: bool, *
     except FileExistsError:
         pass
     except OSError as e:
-        raise UserError(f"cannot create run dir {run_dir} ({e.strerror or e}); choose another --run-dir") from None
+        raise UserError(
+            f"cannot create run dir {run_dir} ({e.strerror or e}); choose another --run-dir"
+        ) from None
     handle = RunDirHandle(run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), created=created)
     try:
-        names = [p.name for p in _visible(run_dir)]
-        handle.keep = frozenset(names)  # until they are set aside below
-        if names and not overwrite:
-            raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it (the old run is "
-                            f"kept until the new one has a checkpoint) or --resume {run_dir} to continue")
-        if names and not any(n in RUN_MARKERS for n in names):
-            raise UserError(f"run dir {run_dir} is not empty and holds no transferlab run (no "
-                            f"{', '.join(sorted(RUN_MARKERS))}); --overwrite only replaces runs: choose "
-                            "another --run-dir")
-        if names and data_root is not None and _inside(Path(data_root), run_dir):
-            raise UserError(f"run dir {run_dir} holds the data root {data_root}; --overwrite would move "
-                            "your data: choose another --run-dir")
-        _probe_writable(run_dir)
-        _warn_stale_asides(run_dir)
-        if names:
-            handle.aside = _set_aside(run_dir, names)
-            handle.moved, handle.keep = names, frozenset()
-            log.info("--overwrite: the previous run's %d file(s) are set aside in %s until the new run has "
-                     "its first checkpoint", len(names), handle.aside)
+        _take_over(handle, overwrite, data_root)
     except BaseException:
         handle.rollback()
         handle.release()
         raise
     return handle
+
+
+def _take_over(handle: RunDirHandle, overwrite: bool, data_root: Path | None) -> None:
+    """Refuse a non-empty dir unless it is a run and ``overwrite``; then set the old run aside."""
+    run_dir = handle.run_dir
+    names = [p.name for p in _visible(run_dir)]
+    handle.keep = frozenset(names)  # until they are set aside below
+    if names and not overwrite:
+        raise UserError(
+            f"run dir {run_dir} is not empty; pass --overwrite to replace it (the old run is "
+            f"kept until the new one has a checkpoint) or --resume {run_dir} to continue"
+        )
+    if names and not any(n in RUN_MARKERS for n in names):
+        raise UserError(
+            f"run dir {run_dir} is not empty and holds no transferlab run (no "
+            f"{', '.join(sorted(RUN_MARKERS))}); --overwrite only replaces runs: choose "
+            "another --run-dir"
+        )
+    if names and data_root is not None and _inside(Path(data_root), run_dir):
+        raise UserError(
+            f"run dir {run_dir} holds the data root {data_root}; --overwrite would move "
+            "your data: choose another --run-dir"
+        )
+    _probe_writable(run_dir)
+    _warn_stale_asides(run_dir)
+    if names:
+        handle.aside = _set_aside(run_dir, names)
+        handle.moved, handle.keep = names, frozenset()
+        log.info("--overwrite: the previous run's %d file(s) are set aside in %s until the new "
+                 "run has its first checkpoint", len(names), handle.aside)
 
 
 def _probe_writable(run_dir: Path) -> None:
@@ -321,15 +377,19 @@ def _probe_writable(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to run dir {run_dir} ({e.strerror or e}); choose another --run-dir") from None
+        raise UserError(
+            f"cannot write to run dir {run_dir} ({e.strerror or e}); choose another --run-dir"
+        ) from None
 
 
 def _prepare_resume(run_dir: Path, requested_epochs: int | None) -> RunDirHandle:
     if not run_dir.is_dir():
         raise UserError(f"cannot resume: {run_dir} is not a folder; pass the run dir to continue")
     if not (run_dir / "last.pt").is_file():
-        raise UserError(f"cannot resume: {run_dir / 'last.pt'} does not exist (the run never wrote a "
-                        "checkpoint); start it again without --resume")
+        raise UserError(
+            f"cannot resume: {run_dir / 'last.pt'} does not exist (the run never wrote a "
+            "checkpoint); start it again without --resume"
+        )
     message = finished_message(run_dir, requested_epochs)
     if message:
         raise NothingToDo(message)
@@ -343,8 +403,10 @@ def _prepare_resume(run_dir: Path, requested_epochs: int | None) -> RunDirHandle
 def check_resume_arg(value: str | None) -> Path:
     """The run dir named by ``--resume``; an empty or blank value is an error."""
     if value is None or not str(value).strip():
-        raise UserError("--resume needs the run dir to continue, e.g. --resume runs/cnn-20261129-120000; "
-                        "got an empty string")
+        raise UserError(
+            "--resume needs the run dir to continue, e.g. --resume runs/cnn-20261129-120000; "
+            "got an empty string"
+        )
     return Path(value).expanduser()
 
 
@@ -366,8 +428,11 @@ def finished_message(run_dir: Path, requested_epochs: int | None = None) -> str:
     epochs = int(state.get("epoch") or 0)
     if requested_epochs is not None and requested_epochs > epochs:
         return ""
-    return (f"{run_dir} is finished ({epochs} epochs, {state['stop_reason']}); nothing to resume, files "
-            f"untouched. To train longer: transferlab train --resume {run_dir} --epochs N with N > {epochs}")
+    return (
+        f"{run_dir} is finished ({epochs} epochs, {state['stop_reason']}); nothing to resume, "
+        f"files untouched. To train longer: transferlab train --resume {run_dir} --epochs N "
+        f"with N > {epochs}"
+    )
 
 
 def config_hash(path: Path) -> str:
@@ -405,14 +470,22 @@ def check_config_unchanged(run_dir: Path, saved_hash: str | None, saved_config: 
     except (yaml.YAMLError, UnicodeDecodeError):
         now = None
     if not isinstance(now, dict):
-        raise UserError(f"{path} was edited since the run started and is no longer a valid config; restore it "
-                        "(the run resumes with its checkpoint's config), or start a new run")
+        raise UserError(
+            f"{path} was edited since the run started and is no longer a valid config; restore it "
+            "(the run resumes with its checkpoint's config), or start a new run"
+        )
     a, b = _flatten(saved_config), _flatten(now)
-    diffs = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs = [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
     what = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-    raise UserError(f"{path} was edited since the run started ({what or 'formatting only'}); a resume continues "
-                    "with the run's own config: undo the edit, or start a new run (--preset on the edited file)")
+    raise UserError(
+        f"{path} was edited since the run started ({what or 'formatting only'}); a resume "
+        "continues "
+        "with the run's own config: undo the edit, or start a new run (--preset on the edited file)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +493,9 @@ def check_config_unchanged(run_dir: Path, saved_hash: str | None, saved_config: 
 
 
 def data_root(dataset: str, data_dir: str) -> Path | None:
-    """The folder the data set is read from: ``folder:PATH`` -> PATH, CIFAR -> DATA_DIR/cifar-100-python."""
+    """The folder the data is read from: ``folder:PATH`` -> PATH, CIFAR -> DIR/cifar-100-python."""
     if dataset.startswith("folder:"):
-        path = dataset[len("folder:"):]
+        path = dataset[len("folder:") :]
         return expand_user(path, "--data folder:") if path.strip() else None
     return expand_user(data_dir, "--data-dir") / "cifar-100-python"
 
@@ -443,12 +516,15 @@ def _inside(path: Path, root: Path) -> bool:
 def refuse_inside(path: Path, root: Path, what: str) -> None:
     """UserError if ``path`` is (inside) the data root ``root``: it would be read as data."""
     if _inside(Path(path), Path(root)):
-        raise UserError(f"{what} {path} is inside the data root {root}: its files would be read as data "
-                        f"by later runs; choose a {what} outside {root}")
+        raise UserError(
+            f"{what} {path} is inside the data root {root}: its files would be read as data "
+            f"by later runs; choose a {what} outside {root}"
+        )
 
 
-def check_output_path(path: Path, run_dir: Path | None, force: bool,
-                      is_ours: Callable[[Path], bool] = lambda p: False) -> None:
+def check_output_path(
+    path: Path, run_dir: Path | None, force: bool, is_ours: Callable[[Path], bool] = lambda p: False
+) -> None:
     """Refuse to write ``path`` onto a run's own file or a file we did not create, unless ``force``.
 
     ``is_ours(path)`` says whether an existing ``path`` is an earlier output of the same command
@@ -460,11 +536,15 @@ def check_output_path(path: Path, run_dir: Path | None, force: bool,
     if force:
         return
     if run_dir is not None and _is_run_file(path, Path(run_dir)):
-        raise UserError(f"output {path} is one of the run's own files; choose another --output "
-                        "(or --force to replace it anyway)")
+        raise UserError(
+            f"output {path} is one of the run's own files; choose another --output "
+            "(or --force to replace it anyway)"
+        )
     if (path.exists() or path.is_symlink()) and not is_ours(path):
-        raise UserError(f"output {path} exists and was not written by this command; choose another --output "
-                        "or pass --force to replace it")
+        raise UserError(
+            f"output {path} exists and was not written by this command; choose another --output "
+            "or pass --force to replace it"
+        )
 
 
 def _is_run_file(path: Path, run_dir: Path) -> bool:
@@ -475,7 +555,9 @@ def _is_run_file(path: Path, run_dir: Path) -> bool:
         return True
     if not path.exists():
         return False
-    return any(c.exists() and os.path.samefile(c, path) for c in candidates)  # a hard or soft link to one
+    return any(
+        c.exists() and os.path.samefile(c, path) for c in candidates
+    )  # a hard or soft link to one
 
 
 @contextlib.contextmanager
@@ -496,7 +578,7 @@ def write_via_temp(path: Path) -> Iterator[Path]:
 
 
 def read_json_file(path: Path, what: str = "") -> dict:
-    """A JSON object from ``path``; a missing, damaged or non-object file is a one-line UserError."""
+    """A JSON object from ``path``; a missing, damaged or non-object file: a one-line UserError."""
     name = what or path.name
     try:
         data = json.loads(Path(path).read_text())
@@ -505,7 +587,9 @@ def read_json_file(path: Path, what: str = "") -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
     except ValueError as e:
-        raise UserError(f"{name} {path} is damaged (not valid JSON: {e}); rerun or restore it") from None
+        raise UserError(
+            f"{name} {path} is damaged (not valid JSON: {e}); rerun or restore it"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{name} {path} is damaged (holds a {type(data).__name__}, not an object)")
     return data

@@ -19,7 +19,8 @@ once the model is known (``--image-size``, else the model's own input size), and
 workers decode each image straight to that size: shorter side resized to floor(S / crop_pct)
 (PIL, with the weights' interpolation), then a centre crop of S x S, returned as uint8
 (3, S, S), exactly as timm's ``create_transform`` / torchvision's weight transforms do.
-Normalisation happens later, on the device. ``transferlab predict`` uses the same :func:`load_image`.
+Normalisation happens later, on the device. ``transferlab predict`` uses the same
+:func:`load_image`.
 
 Usage:
     ds = load_folder_dataset(DataConfig(dataset="folder:/data/flowers"))
@@ -53,7 +54,18 @@ from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
 SPLITS = ("train", "val", "test")
 IMBALANCE_WARN_RATIO = 10.0  # max/min images per class above which we warn
 
@@ -74,8 +86,13 @@ class FolderSplit:
     def subset(self, idx: Tensor) -> FolderSplit:
         """The samples at ``idx`` (for --train-subset)."""
         keep = idx.tolist()
-        return FolderSplit([self.paths[i] for i in keep], self.labels[idx].clone(), self.preprocessing,
-                           self.num_workers, self.max_pixels)
+        return FolderSplit(
+            [self.paths[i] for i in keep],
+            self.labels[idx].clone(),
+            self.preprocessing,
+            self.num_workers,
+            self.max_pixels,
+        )
 
 
 @dataclass
@@ -91,9 +108,14 @@ class FolderDataset(ImageDataset):
 
     def write_manifest(self, path: Path) -> None:
         """Which file went into which split, with its label (reports read the test paths)."""
-        out = {"root": self.source, "classes": self.classes,
-               **{name: {"paths": s.paths, "labels": s.labels.tolist()}
-                  for name, s in (("train", self.train), ("val", self.val), ("test", self.test))}}
+        out = {
+            "root": self.source,
+            "classes": self.classes,
+            **{
+                name: {"paths": s.paths, "labels": s.labels.tolist()}
+                for name, s in (("train", self.train), ("val", self.val), ("test", self.test))
+            },
+        }
         path.write_text(json.dumps(out))
 
 
@@ -113,8 +135,17 @@ def check_regular_file(path: str | Path) -> None:
         kind = "a broken symbolic link" if os.path.islink(path) else "missing"
         raise ValueError(f"{kind}: no file at {path}") from None
     if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a file")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device file"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a folder"
+            if stat.S_ISDIR(mode)
+            else "not a file"
+        )
         raise ValueError(f"{path} is {kind}, not a regular file; refusing to read it")
 
 
@@ -160,11 +191,15 @@ def to_rgb8(im):
         if mode == "F":
             finite = np.isfinite(arr).all()
             if not finite or arr.min() < 0 or arr.max() > 1:
-                raise ValueError("float image with values outside [0, 1]: no faithful 8-bit mapping")
+                raise ValueError(
+                    "float image with values outside [0, 1]: no faithful 8-bit mapping"
+                )
             arr8 = np.round(arr * 255.0)
         else:
             if arr.min() < 0 or arr.max() > 65535:
-                raise ValueError(f"{mode} image with values outside 0..65535: no faithful 8-bit mapping")
+                raise ValueError(
+                    f"{mode} image with values outside 0..65535: no faithful 8-bit mapping"
+                )
             arr8 = np.round(arr.astype(np.float64) / 257.0)
         return Image.fromarray(arr8.astype(np.uint8), "L").convert("RGB")
     if mode not in _CONVERTIBLE:
@@ -197,7 +232,7 @@ def load_image(path: str | Path, pre, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def check_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
-    """'' if ``path`` decodes (and converts to 8-bit RGB) as an image, else the reason it does not."""
+    """'' if ``path`` decodes (and converts to 8-bit RGB) as an image, else why it does not."""
     try:
         with _pil_limit(max_pixels), _open(path, max_pixels) as im:
             im.draft("RGB", (64, 64))  # a JPEG still decodes every block, just at low resolution
@@ -220,13 +255,15 @@ class _CheckFiles(torch.utils.data.Dataset):
         return check_image(self.paths[i], self.max_pixels)
 
 
-def find_bad_images(paths: list[str], num_workers: int,
-                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, str]:
+def find_bad_images(
+    paths: list[str], num_workers: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> dict[str, str]:
     """{path: reason} for every file that does not decode; checked in ``num_workers`` processes."""
     if not paths:
         return {}
-    dl = torch.utils.data.DataLoader(_CheckFiles(paths, max_pixels), batch_size=64, num_workers=num_workers,
-                                     collate_fn=list)
+    dl = torch.utils.data.DataLoader(
+        _CheckFiles(paths, max_pixels), batch_size=64, num_workers=num_workers, collate_fn=list
+    )
     reasons = [r for batch in dl for r in batch]
     return {p: r for p, r in zip(paths, reasons, strict=True) if r}
 
@@ -244,13 +281,15 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
-    """{class name: sorted entries} for the class sub-folders of ``split_dir`` (hidden ones skipped).
+    """{class name: sorted entries} for the class sub-folders of ``split_dir`` (hidden: skipped).
 
     Every non-folder entry is listed, broken symlinks and special files (FIFOs, devices)
     included, so the screen counts and lists them as bad files instead of dropping them unseen.
     """
-    return {c.name: sorted(f for f in c.rglob("*") if not f.name.startswith(".") and not f.is_dir())
-            for c in _visible_dirs(split_dir)}
+    return {
+        c.name: sorted(f for f in c.rglob("*") if not f.name.startswith(".") and not f.is_dir())
+        for c in _visible_dirs(split_dir)
+    }
 
 
 def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> list[list[int]]:
@@ -273,7 +312,7 @@ def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> 
             take = round(len(idx) * frac)
             if len(idx) >= 3 and frac > 0:
                 take = max(take, 1)
-            parts[k] += perm[start:start + take]
+            parts[k] += perm[start : start + take]
             start += take
         parts[-1] += perm[start:]
     return [sorted(p) for p in parts]
@@ -287,20 +326,27 @@ def detect_layout(root: Path) -> tuple[str, str]:
     ``train/`` must hold class folders and no image files of its own.
     """
     if not root.is_dir():
-        raise UserError(f"--data folder:{root}: no such folder; expected PATH/<class>/*.jpg or "
-                        "PATH/train/<class>/")
+        raise UserError(
+            f"--data folder:{root}: no such folder; expected PATH/<class>/*.jpg or "
+            "PATH/train/<class>/"
+        )
     top = [p.name for p in _visible_dirs(root)]
     if "train" not in top:
         return "tree", "no train/ folder: each sub-folder is a class"
     others = [n for n in top if n not in SPLITS]
     if others:
-        return "tree", (f"train/ sits beside other folders ({', '.join(others[:3])}"
-                        f"{', ...' if len(others) > 3 else ''}), so it is a class")
+        return "tree", (
+            f"train/ sits beside other folders ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), so it is a class"
+        )
     train = root / "train"
     direct = [f.name for f in train.iterdir() if not f.is_dir() and _is_image_name(f)]
     if direct or not _visible_dirs(train):
         return "tree", "train/ holds images itself (no class folders), so it is a class"
-    return "splits", f"only {'/'.join(n for n in SPLITS if n in top)} folders, with class folders inside"
+    return (
+        "splits",
+        f"only {'/'.join(n for n in SPLITS if n in top)} folders, with class folders inside",
+    )
 
 
 def _collect(root: Path, layout: str) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
@@ -314,11 +360,16 @@ def _collect(root: Path, layout: str) -> tuple[list[str], dict[str, dict[str, li
         for s, per_class in found.items():
             extra = sorted(set(per_class) - set(classes))
             if extra:
-                raise UserError(f"{root / s} has class folder(s) {extra} that {root / 'train'} lacks; "
-                                "every class needs training images")
+                raise UserError(
+                    f"{root / s} has class folder(s) {extra} that {root / 'train'} lacks; "
+                    "every class needs training images"
+                )
     if len(classes) < 2:
         where = root if layout == "tree" else root / "train"
-        raise UserError(f"{where} has {len(classes)} class folder(s); need at least 2 (one sub-folder per class)")
+        raise UserError(
+            f"{where} has {len(classes)} class folder(s); need at least 2 (one sub-folder per "
+            "class)"
+        )
     return classes, found
 
 
@@ -331,10 +382,13 @@ def _entry_problem(path: Path) -> str:
     return "" if _is_image_name(path) else "not an image file extension"
 
 
-def _screen(found: dict, on_bad: str, num_workers: int,
-            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, dict[str, str]]:
+def _screen(
+    found: dict, on_bad: str, num_workers: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[dict, dict[str, str]]:
     """Drop non-image and undecodable files (skip) or fail listing them (error)."""
-    all_files = [str(f) for per_class in found.values() for files in per_class.values() for f in files]
+    all_files = [
+        str(f) for per_class in found.values() for files in per_class.values() for f in files
+    ]
     bad = {f: why for f in all_files if (why := _entry_problem(Path(f)))}
     candidates = [f for f in all_files if f not in bad]
     log.info("checking %d image files (%d workers)", len(candidates), num_workers)
@@ -343,11 +397,15 @@ def _screen(found: dict, on_bad: str, num_workers: int,
         listing = "; ".join(f"{p} ({r})" for p, r in sorted(bad.items())[:20])
         more = f"; ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         if on_bad == "error":
-            raise UserError(f"{len(bad)} unreadable or non-image file(s): {listing}{more}. "
-                            "Remove or fix them, or pass --on-bad-image skip to leave them out")
+            raise UserError(
+                f"{len(bad)} unreadable or non-image file(s): {listing}{more}. "
+                "Remove or fix them, or pass --on-bad-image skip to leave them out"
+            )
         log.warning("skipping %d unreadable or non-image file(s): %s%s", len(bad), listing, more)
-    kept = {s: {c: [f for f in files if str(f) not in bad] for c, files in per_class.items()}
-            for s, per_class in found.items()}
+    kept = {
+        s: {c: [f for f in files if str(f) not in bad] for c, files in per_class.items()}
+        for s, per_class in found.items()
+    }
     return kept, bad
 
 
@@ -359,7 +417,9 @@ def _md5_of_files(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def _build_splits(root: Path, classes: list[str], kept: dict, d: DataConfig) -> dict[str, FolderSplit]:
+def _build_splits(
+    root: Path, classes: list[str], kept: dict, d: DataConfig
+) -> dict[str, FolderSplit]:
     index = {c: i for i, c in enumerate(classes)}
 
     def flat(per_class: dict[str, list[Path]]) -> tuple[list[str], list[int]]:
@@ -380,9 +440,15 @@ def _build_splits(root: Path, classes: list[str], kept: dict, d: DataConfig) -> 
             paths = [pool_paths[i] for i in carved[s]]
             labels = [pool_labels[i] for i in carved[s]]
         if not paths:
-            raise UserError(f"folder data {root}: the {s} split is empty; add images or raise --{s}-frac")
-        splits[s] = FolderSplit(paths, torch.tensor(labels, dtype=torch.int64), num_workers=d.num_workers,
-                                max_pixels=d.max_image_pixels)
+            raise UserError(
+                f"folder data {root}: the {s} split is empty; add images or raise --{s}-frac"
+            )
+        splits[s] = FolderSplit(
+            paths,
+            torch.tensor(labels, dtype=torch.int64),
+            num_workers=d.num_workers,
+            max_pixels=d.max_image_pixels,
+        )
     return splits
 
 
@@ -393,7 +459,7 @@ def _class_counts(split: FolderSplit, classes: list[str]) -> dict[str, int]:
 
 def folder_root(dataset: str) -> Path:
     """PATH of ``folder:PATH``; an empty PATH or an unknown ``~user`` is a UserError."""
-    raw = dataset[len("folder:"):]
+    raw = dataset[len("folder:") :]
     if not raw.strip():
         raise UserError("--data folder: needs a path, e.g. --data folder:/data/flowers")
     try:
@@ -403,7 +469,7 @@ def folder_root(dataset: str) -> Path:
 
 
 def load_folder_dataset(d: DataConfig) -> FolderDataset:
-    """Load ``d.dataset == 'folder:PATH'``: list, screen, split; nothing is kept in memory but paths.
+    """Load ``d.dataset == 'folder:PATH'``: list, screen, split; only paths are kept in memory.
 
     Runs set the decode transform later with ``set_preprocessing``.
     """
@@ -417,21 +483,54 @@ def load_folder_dataset(d: DataConfig) -> FolderDataset:
     total = {c: sum(counts[s][c] for s in SPLITS) for c in classes}
     empty = [c for c, n in counts["train"].items() if n == 0]
     if empty:
-        raise UserError(f"class(es) {empty} have no usable training images under {root}; add images or remove the folder(s)")
+        raise UserError(
+            f"class(es) {empty} have no usable training images under {root}; add images or remove "
+            "the folder(s)"
+        )
     ratio = max(total.values()) / max(min(total.values()), 1)
     if ratio > IMBALANCE_WARN_RATIO:
         big, small = max(total, key=total.get), min(total, key=total.get)
-        log.warning("class imbalance %.0fx: %r has %d images, %r has %d; consider rebalancing or --label-smoothing",
-                    ratio, big, total[big], small, total[small])
+        log.warning(
+            "class imbalance %.0fx: %r has %d images, %r has %d; consider rebalancing or "
+            "--label-smoothing",
+            ratio,
+            big,
+            total[big],
+            small,
+            total[small],
+        )
     md5 = {"files": _md5_of_files([p for s in splits.values() for p in s.paths])}
     md5.update({s: _md5_of_files(splits[s].paths) for s in SPLITS})
-    info = {"layout": layout, "layout_reason": why, "class_counts": counts, "imbalance_ratio": round(ratio, 2),
-            "bad_images": len(bad), "bad_image_paths": sorted(bad)[:20], "on_bad_image": d.on_bad_image}
-    log.info("folder data %s (%s layout): %d classes, %d/%d/%d train/val/test images, %d bad file(s) %s",
-             root, layout, len(classes), len(splits["train"]), len(splits["val"]), len(splits["test"]),
-             len(bad), "skipped" if bad else "")
-    ds = FolderDataset(train=splits["train"], val=splits["val"], test=splits["test"], classes=classes,
-                       md5=md5, split_seed=d.split_seed, source=str(root.resolve()), info=info)
+    info = {
+        "layout": layout,
+        "layout_reason": why,
+        "class_counts": counts,
+        "imbalance_ratio": round(ratio, 2),
+        "bad_images": len(bad),
+        "bad_image_paths": sorted(bad)[:20],
+        "on_bad_image": d.on_bad_image,
+    }
+    log.info(
+        "folder data %s (%s layout): %d classes, %d/%d/%d train/val/test images, %d bad file(s) %s",
+        root,
+        layout,
+        len(classes),
+        len(splits["train"]),
+        len(splits["val"]),
+        len(splits["test"]),
+        len(bad),
+        "skipped" if bad else "",
+    )
+    ds = FolderDataset(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        classes=classes,
+        md5=md5,
+        split_seed=d.split_seed,
+        source=str(root.resolve()),
+        info=info,
+    )
     return ds
 
 
@@ -461,7 +560,9 @@ class _Decode(torch.utils.data.Dataset):
         try:
             x = load_image(path, self.split.preprocessing, self.split.max_pixels)
         except Exception as e:  # a file that changed since load time; raised in the main process,
-            return _Undecodable(path, f"{type(e).__name__}: {e}")  # not wrapped in a worker traceback
+            return _Undecodable(
+                path, f"{type(e).__name__}: {e}"
+            )  # not wrapped in a worker traceback
         return x, self.split.labels[i]
 
 
@@ -470,7 +571,9 @@ def _collate(items: list) -> tuple[Tensor, Tensor] | _Undecodable:
     return bad if bad is not None else torch.utils.data.default_collate(items)
 
 
-def shard_indices(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+def shard_indices(
+    n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int
+) -> list[int]:
     """This rank's sample order: the one DDP shard order (``distributed.shard_order``)."""
     return shard_order(n, shuffle, seed, epoch, rank, world_size).tolist()
 
@@ -495,14 +598,30 @@ class FolderLoader:
     batch on the device, its generator seeded from ``(seed + epoch, rank)`` at each pass.
     """
 
-    def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, device: torch.device,
-                 seed: int = 0, rank: int = 0, world_size: int = 1,
-                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, num_workers: int = 2):
+    def __init__(
+        self,
+        split: FolderSplit,
+        batch_size: int,
+        shuffle: bool,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        num_workers: int = 2,
+    ):
         if split.preprocessing is None:
-            raise ValueError("FolderSplit.preprocessing is unset: call "
-                             "FolderDataset.set_preprocessing(plan.preprocessing) first")
+            raise ValueError(
+                "FolderSplit.preprocessing is unset: call "
+                "FolderDataset.set_preprocessing(plan.preprocessing) first"
+            )
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
-        self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
+        self.device, self.seed, self.rank, self.world_size = (
+            torch.device(device),
+            seed,
+            rank,
+            world_size,
+        )
         self.augment, self.num_workers = augment, num_workers
         self.labels = split.labels
         self.epoch = 0
@@ -514,7 +633,9 @@ class FolderLoader:
 
     def indices(self) -> list[int]:
         """This rank's sample indices for the current epoch."""
-        return shard_indices(len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size)
+        return shard_indices(
+            len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size
+        )
 
     @property
     def num_samples(self) -> int:
@@ -531,13 +652,20 @@ class FolderLoader:
         # would idle between passes, one set per loader, and forked workers of a later loader
         # would inherit a live iterator of an earlier one.)
         loader = torch.utils.data.DataLoader(
-            _Decode(self.split), batch_size=self.batch_size, sampler=_EpochSampler(self),
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.num_workers > 0 else None, collate_fn=_collate)
+            _Decode(self.split),
+            batch_size=self.batch_size,
+            sampler=_EpochSampler(self),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers > 0 else None,
+            collate_fn=_collate,
+        )
         for batch in loader:
             if isinstance(batch, _Undecodable):
-                raise UserError(f"cannot decode {batch.path} ({batch.reason}); it passed the check at load "
-                                "time, so it changed since: fix or remove it and rerun")
+                raise UserError(
+                    f"cannot decode {batch.path} ({batch.reason}); it passed the check at load "
+                    "time, so it changed since: fix or remove it and rerun"
+                )
             x, y = batch
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -547,12 +675,37 @@ class FolderLoader:
 
     def eval_view(self, batch_size: int | None = None) -> FolderLoader:
         """The same split in order, without augmentation, sharded r::world_size."""
-        return FolderLoader(self.split, batch_size or self.batch_size, False, self.device, self.seed,
-                            self.rank, self.world_size, None, self.num_workers)
+        return FolderLoader(
+            self.split,
+            batch_size or self.batch_size,
+            False,
+            self.device,
+            self.seed,
+            self.rank,
+            self.world_size,
+            None,
+            self.num_workers,
+        )
 
 
-def folder_loader(split: FolderSplit, batch_size: int, shuffle: bool, device: torch.device, seed: int,
-                  env: DistEnv, augment=None) -> FolderLoader:
+def folder_loader(
+    split: FolderSplit,
+    batch_size: int,
+    shuffle: bool,
+    device: torch.device,
+    seed: int,
+    env: DistEnv,
+    augment=None,
+) -> FolderLoader:
     """A :class:`FolderLoader` for this process's rank (what experiment.make_loader calls)."""
-    return FolderLoader(split, batch_size, shuffle, device, seed, env.rank, env.world_size, augment,
-                        split.num_workers)
+    return FolderLoader(
+        split,
+        batch_size,
+        shuffle,
+        device,
+        seed,
+        env.rank,
+        env.world_size,
+        augment,
+        split.num_workers,
+    )

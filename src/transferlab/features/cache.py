@@ -54,12 +54,18 @@ _LEGACY_KEY = re.compile(r"^[0-9a-f]{24}$")  # entries written before the format
 
 def cache_root(cache_dir: str) -> Path:
     """Resolve the cache folder (flag, then environment, then ~/.cache)."""
-    root = cache_dir or os.environ.get(ENV_VAR) or str(Path.home() / ".cache" / "transferlab" / "features")
+    root = (
+        cache_dir
+        or os.environ.get(ENV_VAR)
+        or str(Path.home() / ".cache" / "transferlab" / "features")
+    )
     try:
         return Path(root).expanduser()
     except RuntimeError:  # "~nobody/x": no such user
-        raise UserError(f"cache dir {root}: no such user for '~'; write the full path (--cache-dir or "
-                        f"${ENV_VAR})") from None
+        raise UserError(
+            f"cache dir {root}: no such user for '~'; write the full path (--cache-dir or "
+            f"${ENV_VAR})"
+        ) from None
 
 
 def cache_key(parts: dict) -> str:
@@ -69,12 +75,16 @@ def cache_key(parts: dict) -> str:
 
 
 def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, shapes, bytes), so new weights never reuse old features."""
+    """sha256 of a module's state (names, shapes, bytes): new weights never reuse old features."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            if t.numel()
+            else b""
+        )
     return h.hexdigest()[:24]
 
 
@@ -104,7 +114,7 @@ def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], meta: dic
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file with our marker beside ``path``, fsync, rename; the temp never outlives a failure."""
+    """Temp file with our marker beside ``path``, fsync, rename; no temp outlives a failure."""
     prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     try:
@@ -184,7 +194,15 @@ def list_entries(root: Path) -> list[dict]:
                 meta = {"error": "unreadable"}
         ours = path.suffix == SUFFIX and is_ours(path, meta)
         info = {k: v for k, v in meta.items() if k not in ("key", "bytes", "path", "ours")}
-        out.append({**info, "key": path.stem, "bytes": path.stat().st_size, "path": str(path), "ours": ours})
+        out.append(
+            {
+                **info,
+                "key": path.stem,
+                "bytes": path.stat().st_size,
+                "path": str(path),
+                "ours": ours,
+            }
+        )
     return out
 
 

@@ -39,8 +39,9 @@ def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: "
-                        "pip install 'transferlab[tensorboard]'") from None
+        raise UserError(
+            "--tensorboard needs the tensorboard package: pip install 'transferlab[tensorboard]'"
+        ) from None
     step = int(row["epoch"])
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
@@ -77,7 +78,9 @@ def find_runs(root: Path) -> list[dict]:
     one-line warning, or listed with "?" and "-" for the fields it lacks: never a traceback.
     """
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder; pass the folder that holds your run dirs (default runs/)")
+        raise UserError(
+            f"{root} is not a folder; pass the folder that holds your run dirs (default runs/)"
+        )
     out = []
     for path in sorted(root.rglob("summary.json")):
         try:
@@ -85,28 +88,36 @@ def find_runs(root: Path) -> list[dict]:
         except UserError as e:
             log.warning("skipping %s", e)
             continue
-        out.append({
-            "run_dir": str(path.parent),
-            "model": _text(s.get("model")),
-            "mode": _text(s.get("mode")),
-            "epochs": _num(s.get("epochs_run"), int),
-            "best_val_acc": _num(_section(s, "fit_state").get("best_val_acc")),
-            "test_acc": _num(_section(s, "test").get("acc")),
-            "time_s": _num(_section(s, "time_s").get("total")),
-        })
+        out.append(
+            {
+                "run_dir": str(path.parent),
+                "model": _text(s.get("model")),
+                "mode": _text(s.get("mode")),
+                "epochs": _num(s.get("epochs_run"), int),
+                "best_val_acc": _num(_section(s, "fit_state").get("best_val_acc")),
+                "test_acc": _num(_section(s, "test").get("acc")),
+                "time_s": _num(_section(s, "time_s").get("total")),
+            }
+        )
     return out
 
 
 def format_runs(rows: list[dict]) -> str:
     """The runs as an aligned text table."""
+
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
     width = max([len(r["run_dir"]) for r in rows] + [7])
-    lines = [f"{'run dir':{width}}  {'model':28} {'mode':9} {'epochs':>6} {'best val':>8} {'test acc':>8} "
-             f"{'time s':>8}"]
+    lines = [
+        f"{'run dir':{width}}  {'model':28} {'mode':9} {'epochs':>6} {'best val':>8} "
+        f"{'test acc':>8} "
+        f"{'time s':>8}"
+    ]
     for r in rows:
-        lines.append(f"{r['run_dir']:{width}}  {r['model']:28} {r['mode']:9} {fmt(r['epochs'], 'd'):>6} "
-                     f"{fmt(r['best_val_acc'], '.4f'):>8} {fmt(r['test_acc'], '.4f'):>8} "
-                     f"{fmt(r['time_s'], '.1f'):>8}")
+        lines.append(
+            f"{r['run_dir']:{width}}  {r['model']:28} {r['mode']:9} {fmt(r['epochs'], 'd'):>6} "
+            f"{fmt(r['best_val_acc'], '.4f'):>8} {fmt(r['test_acc'], '.4f'):>8} "
+            f"{fmt(r['time_s'], '.1f'):>8}"
+        )
     return "\n".join(lines) + "\n"
