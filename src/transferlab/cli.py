@@ -156,7 +156,7 @@ class _StopFlag:
         self.install()
         return self
 
-    def __exit__(self, *exc) -> None:  # an in-process caller (tests, notebooks) gets its handlers back
+    def __exit__(self, *exc) -> None:  # an in-process caller (tests, notebooks): handlers back
         for s, h in self._previous.items():
             signal.signal(s, h)
 
@@ -229,8 +229,9 @@ def cmd_cache(args) -> int:
         out.write(f"feature cache: {root} ({len(ours)} entries, {total:.1f} MB)\n")
         for e in ours:
             out.write(f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  "
-                      f"split={e.get('split', '?')}  n={e.get('n', '?')}  views={e.get('views', '?')}  "
-                      f"{e.get('image_size', '?')}px  {e.get('precision', '?')}\n")
+                      f"split={e.get('split', '?')}  n={e.get('n', '?')}  "
+                      f"views={e.get('views', '?')}  {e.get('image_size', '?')}px  "
+                      f"{e.get('precision', '?')}\n")
     if foreign:
         out.write(f"not ours, left alone ({len(foreign)}): "
                   + ", ".join(Path(e["path"]).name for e in foreign[:20])
@@ -244,7 +245,8 @@ def cmd_models(args) -> int:
     if args.timm is not None:
         names = registry.timm_names(args.timm)
         if not names:
-            hint = f" (patterns are globs: try '*{args.timm.strip('*')}*')" if "*" not in args.timm else ""
+            glob = f"*{args.timm.strip('*')}*"
+            hint = f" (patterns are globs: try '{glob}')" if "*" not in args.timm else ""
             sys.stdout.write(f"no timm model matches {args.timm!r}{hint}\n")
         for name in names:
             sys.stdout.write(f"timm:{name}\n")
@@ -276,7 +278,8 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     """``warnings.showwarning`` for a run: third-party warnings (PIL, matplotlib glyphs, torch
     deprecations) become one DEBUG log line (see them with -v), never raw text on stderr."""
     text = (str(message).strip().splitlines() or [""])[0][:300]
-    logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, text, filename, lineno)
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, text, filename,
+                                           lineno)
 
 
 def _report_failure(e: BaseException, debug: bool) -> int:
@@ -295,8 +298,9 @@ def _report_failure(e: BaseException, debug: bool) -> int:
         code, line = described
     else:  # a bug: still one line; the traceback is one flag away
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        code, line = 1, (f"internal error ({type(e).__name__}: {first}); this is a bug in transferlab: "
-                         f"rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it")
+        code, line = 1, (f"internal error ({type(e).__name__}: {first}); this is a bug in "
+                         f"transferlab: rerun with --debug (or {DEBUG_ENV}=1) for the traceback "
+                         "and report it")
     label = "stopped" if isinstance(e, TrainingStopped) else "error"
     sys.stderr.write(f"transferlab: {label}: {line}\n")
     return code
@@ -316,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    commands = {"train": cmd_train, "compare": cmd_compare, "cache": cmd_cache, "models": cmd_models}
+    commands = {"train": cmd_train, "compare": cmd_compare, "cache": cmd_cache,
+                "models": cmd_models}
     with warnings.catch_warnings():
         warnings.showwarning = _log_warning  # restored on exit (in-process callers, tests)
         try:
