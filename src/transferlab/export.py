@@ -80,9 +80,16 @@ def export_onnx(wrapped: nn.Module, size: int, path: Path, metadata: dict) -> No
     example = torch.rand(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-        torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
     m = onnx.load(str(path))
     for key, value in metadata.items():
         entry = m.metadata_props.add()
@@ -98,13 +105,22 @@ def export_torchscript(wrapped: nn.Module, size: int, path: Path, metadata: dict
         warnings.simplefilter("ignore")  # tracer warnings about python values in timm models
         traced = torch.jit.trace(wrapped, example, check_trace=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # torch.jit is deprecated in favour of torch.export
         torch.jit.save(traced, str(path), _extra_files={"meta.json": json.dumps(metadata)})
 
 
 @torch.inference_mode()
-def check_export(wrapped: nn.Module, path: Path, fmt: str, size: int, tolerance: float,
-                 batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> ExportCheck:
+def check_export(
+    wrapped: nn.Module,
+    path: Path,
+    fmt: str,
+    size: int,
+    tolerance: float,
+    batch_sizes: tuple[int, ...] = (1, 3),
+    seed: int = 0,
+) -> ExportCheck:
     """Max abs logit difference between the exported file and PyTorch on random [0, 1] inputs."""
     g = torch.Generator().manual_seed(seed)
     if fmt == "onnx":
@@ -136,8 +152,9 @@ def _is_our_export(path: Path) -> bool:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and (meta.get("writer") == WRITER
-                                       or (meta.get("format") in FORMATS and "check" in meta))
+    return isinstance(meta, dict) and (
+        meta.get("writer") == WRITER or (meta.get("format") in FORMATS and "check" in meta)
+    )
 
 
 def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> tuple[Path, Path]:
@@ -149,7 +166,9 @@ def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {output.parent} ({e.strerror or e}); choose another --output") from None
+        raise UserError(
+            f"cannot create {output.parent} ({e.strerror or e}); choose another --output"
+        ) from None
     return output, sidecar
 
 
@@ -159,8 +178,13 @@ def _write_failure(e: OSError, path: Path) -> Exception:
     return (UserError if code == EXIT_USER else RunFailure)(f"cannot write the export: {line}")
 
 
-def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: float = 1e-4,
-               force: bool = False) -> tuple[Path, ExportCheck]:
+def export_run(
+    run_dir: Path,
+    fmt: str,
+    output: Path | None = None,
+    tolerance: float = 1e-4,
+    force: bool = False,
+) -> tuple[Path, ExportCheck]:
     """Export ``run_dir``'s best model to ``fmt``, write the metadata JSON, and check it.
 
     Both files are written to temp files and renamed over the targets, never through an
@@ -174,22 +198,41 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: f
     rm: RunModel = load_run_model(run_dir, "cpu")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
-    meta = {"format": fmt, "model": rm.name, "run_dir": str(run_dir), "classes": rm.classes,
-            "image_size": rm.image_size, "mean": list(rm.mean), "std": list(rm.std),
-            "preprocessing": dataclasses.asdict(rm.preprocessing),
-            "input": {"name": INPUT_NAME, "dtype": "float32",
-                      "shape": ["N", 3, rm.image_size, rm.image_size], "range": [0.0, 1.0],
-                      "layout": f"RGB, NCHW; resize shorter side to {rm.preprocessing.resize} px "
-                                f"({rm.interpolation}), centre crop {rm.image_size} px"},
-            "output": {"name": OUTPUT_NAME, "shape": ["N", len(rm.classes)], "meaning": "logits (softmax for probabilities)"}}
+    meta = {
+        "format": fmt,
+        "model": rm.name,
+        "run_dir": str(run_dir),
+        "classes": rm.classes,
+        "image_size": rm.image_size,
+        "mean": list(rm.mean),
+        "std": list(rm.std),
+        "preprocessing": dataclasses.asdict(rm.preprocessing),
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["N", 3, rm.image_size, rm.image_size],
+            "range": [0.0, 1.0],
+            "layout": f"RGB, NCHW; resize shorter side to {rm.preprocessing.resize} px "
+            f"({rm.interpolation}), centre crop {rm.image_size} px",
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["N", len(rm.classes)],
+            "meaning": "logits (softmax for probabilities)",
+        },
+    }
     meta["writer"] = WRITER
     try:
         with write_via_temp(output) as tmp:
             writer = export_onnx if fmt == "onnx" else export_torchscript
             writer(wrapped, rm.image_size, tmp, meta)
             check = check_export(wrapped, tmp, fmt, rm.image_size, tolerance)
-        meta["check"] = {"runtime": check.runtime, "max_abs_diff": check.max_abs_diff,
-                         "tolerance": tolerance, "ok": check.ok}
+        meta["check"] = {
+            "runtime": check.runtime,
+            "max_abs_diff": check.max_abs_diff,
+            "tolerance": tolerance,
+            "ok": check.ok,
+        }
         with write_via_temp(sidecar) as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
     except OSError as e:
@@ -198,28 +241,49 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, tolerance: f
 
 
 def cmd_export(args) -> int:
-    """``transferlab export``: write the model, print the check; exit 1 if it fails the tolerance."""
-    path, check = export_run(Path(args.run_dir), args.format, args.output or None, args.tolerance,
-                             force=args.force)
+    """``transferlab export``: write the model, print the check; exit 1 if it fails tolerance."""
+    path, check = export_run(
+        Path(args.run_dir), args.format, args.output or None, args.tolerance, force=args.force
+    )
     verdict = "OK" if check.ok else "FAILED"
-    sys.stdout.write(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n"
-                     f"check: {check.runtime} vs PyTorch on random inputs (batch {', '.join(map(str, check.batch_sizes))}): "
-                     f"max abs diff {check.max_abs_diff:.3g} (tolerance {check.tolerance:g}) {verdict}\n")
+    sys.stdout.write(
+        f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n"
+        f"check: {check.runtime} vs PyTorch on random inputs "
+        f"(batch {', '.join(map(str, check.batch_sizes))}): "
+        f"max abs diff {check.max_abs_diff:.3g} (tolerance {check.tolerance:g}) {verdict}\n"
+    )
     if not check.ok:
-        sys.stderr.write(f"transferlab: export check failed: max abs diff {check.max_abs_diff:.3g} > {check.tolerance:g}\n")
+        sys.stderr.write(
+            f"transferlab: export check failed: max abs diff {check.max_abs_diff:.3g} > "
+            f"{check.tolerance:g}\n"
+        )
         return 1
     return 0
 
 
 def add_parser(sub) -> None:
     """Register ``export``."""
-    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked against PyTorch",
-                       description="Export RUN_DIR/best.pt (backbone + head, normalisation folded in; input float "
-                       "[0,1] NCHW at the run's image size; output logits) and check it against PyTorch.")
+    p = sub.add_parser(
+        "export",
+        help="export a run's model to ONNX or TorchScript, checked against PyTorch",
+        description="Export RUN_DIR/best.pt (backbone + head, normalisation folded in; input float "
+        "[0,1] NCHW at the run's image size; output logits) and check it against PyTorch.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx or torchscript")
-    p.add_argument("--output", default="", help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="max abs logit difference allowed (default 1e-4)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --output even if it is one of the run's files or not an earlier export")
+    p.add_argument(
+        "--output",
+        default="",
+        help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="max abs logit difference allowed (default 1e-4)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --output even if it is one of the run's files or not an earlier export",
+    )
