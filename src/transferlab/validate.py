@@ -101,15 +101,16 @@ def check_dist_env(environ) -> None:
         except ValueError:
             values[name] = low - 1
         if values[name] < low:
-            raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; it is set by "
-                            "torchrun: unset it, or start the job with torchrun --nproc-per-node N")
+            raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; "
+                            "it is set by torchrun: unset it, or start the job with torchrun "
+                            "--nproc-per-node N")
     if values.get("MASTER_PORT", 1) > 65535:
         raise UserError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a TCP port (1-65535)")
     pairs = (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
     for rank, size in pairs:
         if rank in values and size in values and values[rank] >= values[size]:
-            raise UserError(f"{rank}={values[rank]} must be below {size}={values[size]}; start the job with "
-                            "torchrun, or unset these variables")
+            raise UserError(f"{rank}={values[rank]} must be below {size}={values[size]}; start "
+                            "the job with torchrun, or unset these variables")
     if "MASTER_ADDR" in environ and not environ["MASTER_ADDR"].strip():
         raise UserError("MASTER_ADDR is set but empty; unset it or give the rank-0 host name")
 
@@ -121,15 +122,17 @@ def check_ranges(cfg: Config) -> None:
         if not 0 <= value <= SEED_MAX:
             raise UserError(f"{flag} {value} is out of range; seeds are 0..{SEED_MAX} (2**32 - 1)")
     if cfg.data.image_size > MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size {cfg.data.image_size} is above {MAX_IMAGE_SIZE} px: pretrained backbones "
-                        "were trained at 224-384 px, and memory and time grow with the square of the side "
-                        f"({MAX_IMAGE_SIZE} px costs 21x 224 px per image); use {MAX_IMAGE_SIZE} or less")
+        raise UserError(f"--image-size {cfg.data.image_size} is above {MAX_IMAGE_SIZE} px: "
+                        "pretrained backbones were trained at 224-384 px, and memory and time grow "
+                        f"with the square of the side ({MAX_IMAGE_SIZE} px costs 21x 224 px per "
+                        f"image); use {MAX_IMAGE_SIZE} or less")
     if cfg.data.num_workers > MAX_NUM_WORKERS:
-        raise UserError(f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each worker is a "
-                        "process with its own memory: use about the number of CPU cores")
+        raise UserError(f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each "
+                        "worker is a process with its own memory: use about the number of CPU "
+                        "cores")
     if cfg.data.dataset == "cifar100" and cfg.data.val_size >= CIFAR_TRAIN_IMAGES:
-        raise UserError(f"--val-size {cfg.data.val_size} leaves no CIFAR-100 training images (there are "
-                        f"{CIFAR_TRAIN_IMAGES}); use e.g. 5000")
+        raise UserError(f"--val-size {cfg.data.val_size} leaves no CIFAR-100 training images "
+                        f"(there are {CIFAR_TRAIN_IMAGES}); use e.g. 5000")
 
 
 def expected_train_images(cfg: Config) -> int | None:
@@ -145,8 +148,8 @@ def expected_train_images(cfg: Config) -> int | None:
 def check_batch_size(batch_size: int, n_train: int, world_size: int = 1) -> None:
     """A global batch larger than the training set is a mistake (and may not fit in memory)."""
     if batch_size > n_train:
-        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training images; use at most "
-                        f"{n_train} (or more data)")
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training "
+                        f"images; use at most {n_train} (or more data)")
     if n_train < world_size:
         raise UserError(f"{n_train} training images cannot be split over {world_size} processes")
 
