@@ -469,12 +469,14 @@ def run_one(ws: Workspace, d, capsys, caplog, monkeypatch) -> dict:
 # narrowly, tolerated (with a warning) in the default run, and fails under FUZZ_STRICT=1.
 # Remove an entry once its fix lands: the fuzzer then guards it.
 def _bad_device(r: dict) -> bool:
-    markers = ("Invalid device string", "device type at start of device string")
+    markers = ("Invalid device string", "device type at start of device string",
+               "Device string must not be empty")
     return r["argv"][:1] == ["predict"] and any(m in r["stderr"] for m in markers)
 
 
 def _damaged_report(r: dict) -> bool:
-    return r["argv"][:1] == ["report"] and "JSONDecodeError" in r["stderr"]
+    markers = ("JSONDecodeError", "ValueError: could not convert string to float")
+    return r["argv"][:1] == ["report"] and any(m in r["stderr"] for m in markers)
 
 
 def _resume_elsewhere(r: dict) -> bool:
@@ -486,8 +488,8 @@ def _resume_elsewhere(r: dict) -> bool:
 KNOWN = {
     "predict --device with an invalid string: torch's RuntimeError "
     "(distributed.resolve_device)": _bad_device,
-    "report on a damaged summary.json: JSONDecodeError "
-    "(report/run_report.write_run_report)": _damaged_report,
+    "report on a damaged summary.json or metrics.csv: JSONDecodeError/ValueError "
+    "(report/run_report.write_run_report, report/plots.read_metrics)": _damaged_report,
     "resume of a moved or copied run writes into the run dir saved in its config "
     "(experiment._open_run)": _resume_elsewhere,
 }

@@ -640,3 +640,29 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
         rundir.prepare_run_dir(
             tmp_path / "r", False, True, data_root=tmp_path / "r" / "cifar-100-python"
         )
+
+
+def test_config_ranges_before_data():
+    from transferlab.config import Config
+    from transferlab.validate import check_batch_size, check_ranges, expected_train_images
+
+    for section, field, value, match in (
+        ("run", "seed", 2**32, "seeds are 0..4294967295"),
+        ("data", "split_seed", -1, "out of range"),
+        ("data", "image_size", 2048, "above 1024 px: pretrained backbones"),
+        ("data", "crop_padding", 2**32, "larger than the 32 px input side"),
+        ("data", "cutout", 33, "larger than the 32 px input side"),
+        ("data", "num_workers", 10**6, "each worker is a process"),
+        ("data", "val_size", 50_000, "leaves no CIFAR-100 training images"),
+    ):
+        cfg = Config()
+        setattr(getattr(cfg, section), field, value)
+        with pytest.raises(UserError, match=match):
+            check_ranges(cfg)
+    check_ranges(Config())
+    cfg = Config()
+    cfg.data.train_subset = 300
+    assert expected_train_images(cfg) == 300
+    with pytest.raises(UserError, match="larger than the 300 training images"):
+        check_batch_size(500, 300)
+    check_batch_size(300, 300)

@@ -126,6 +126,11 @@ def check_ranges(cfg: Config) -> None:
                         "pretrained backbones were trained at 224-384 px, and memory and time grow "
                         f"with the square of the side ({MAX_IMAGE_SIZE} px costs 21x 224 px per "
                         f"image); use {MAX_IMAGE_SIZE} or less")
+    side = cfg.data.image_size or (32 if cfg.model.name == "cnn" else MAX_IMAGE_SIZE)
+    for flag, value in (("--crop-padding", cfg.data.crop_padding), ("--cutout", cfg.data.cutout)):
+        if value > side:
+            raise UserError(f"{flag} {value} is larger than the {side} px input side; use a few px "
+                            "(4 is usual at 32 px)")
     if cfg.data.num_workers > MAX_NUM_WORKERS:
         raise UserError(f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each "
                         "worker is a process with its own memory: use about the number of CPU "
