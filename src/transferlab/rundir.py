@@ -474,7 +474,9 @@ def check_config_unchanged(run_dir: Path, saved_hash: str | None, saved_config: 
             f"{path} was edited since the run started and is no longer a valid config; restore it "
             "(the run resumes with its checkpoint's config), or start a new run"
         )
-    a, b = _flatten(saved_config), _flatten(now)
+    # the config sections the checkpoint holds; config.yaml may carry more (a resolved: record)
+    a = _flatten(saved_config)
+    b = _flatten({k: v for k, v in now.items() if k in saved_config})
     diffs = [
         f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
         for k in sorted(set(a) | set(b))
@@ -482,9 +484,9 @@ def check_config_unchanged(run_dir: Path, saved_hash: str | None, saved_config: 
     ]
     what = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
     raise UserError(
-        f"{path} was edited since the run started ({what or 'formatting only'}); a resume "
-        "continues "
-        "with the run's own config: undo the edit, or start a new run (--preset on the edited file)"
+        f"{path} was edited since the run started ({what or 'formatting or a derived section'}); "
+        "a resume continues with the run's own config: undo the edit, or start a new run "
+        "(--preset on the edited file)"
     )
 
 
