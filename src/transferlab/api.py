@@ -242,7 +242,8 @@ class Run:
         """Write (or rewrite) report.md and report.html; returns both paths."""
         from transferlab.report.run_report import write_run_report
 
-        return write_run_report(self.dir)
+        with keep_matplotlib_backend():
+            return write_run_report(self.dir)
 
     def explain(
         self,
@@ -277,6 +278,7 @@ def load_run(path: str | os.PathLike) -> Run:
 
 def plot_metrics(df, title: str = ""):
     """Loss and accuracy panels from a metrics DataFrame (no pyplot state: a plain Figure)."""
+    import matplotlib.pyplot  # noqa: F401 - in IPython this hooks up the figure's inline display
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8))
@@ -460,6 +462,37 @@ def _stop_flag():
         yield stop
 
 
+@contextmanager
+def keep_matplotlib_backend():
+    """Give a notebook its plotting backend back after a run.
+
+    report/plots.py (learning curves, written by every run) calls ``matplotlib.use("Agg")``,
+    which would switch a notebook's inline backend off for the rest of the session.
+    """
+    import matplotlib
+
+    before = matplotlib.rcParams["backend"]  # the raw setting: reading it resolves nothing
+    try:
+        yield
+    finally:
+        if matplotlib.rcParams["backend"] != before:
+            matplotlib.use(before)
+            shell = _ipython()
+            if shell is not None and "inline" in str(before):
+                shell.enable_matplotlib("inline")  # `%matplotlib inline`: its display hooks again
+
+
+def _ipython():
+    """The running IPython shell (a notebook kernel), or None."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return None
+    from IPython import get_ipython
+
+    return get_ipython()
+
+
 def post_run(run_dir: Path, report: bool, track: str) -> None:
     """After a finished run (rank 0): write the report if asked and missing, then log to MLflow.
 
@@ -500,10 +533,10 @@ def train(
         from transferlab.report.mlflow_log import check_tracking_available
 
         check_tracking_available(cfg.run.track)
-    with _stop_flag() as stop:
+    with keep_matplotlib_backend(), _stop_flag() as stop:
         summary = run_experiment(cfg, resume=resume is not None, stop_requested=stop)
-    run_dir = Path(summary["run_dir"])
-    post_run(run_dir, cfg.run.report, cfg.run.track)
+        run_dir = Path(summary["run_dir"])
+        post_run(run_dir, cfg.run.report, cfg.run.track)
     return Run(run_dir)
 
 
@@ -598,11 +631,11 @@ def compare(
         from transferlab.report.mlflow_log import check_tracking_available
 
         check_tracking_available(cfg.run.track)
-    with _stop_flag() as stop:
+    with keep_matplotlib_backend(), _stop_flag() as stop:
         summaries = run_compare(cfg, SimpleNamespace(**args), stop_requested=stop)
-    run_dirs = [Path(s["run_dir"]) for s in summaries.values()]
-    for d in run_dirs:
-        post_run(d, cfg.run.report, cfg.run.track)
+        run_dirs = [Path(s["run_dir"]) for s in summaries.values()]
+        for d in run_dirs:
+            post_run(d, cfg.run.report, cfg.run.track)
     return Comparison(run_dirs[0].parent)
 
 

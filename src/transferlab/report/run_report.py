@@ -98,13 +98,12 @@ def _test_images(
 
 def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols: int = 6) -> Path:
     """A grid of images (uint8 (3, H, W)) with a caption above each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a plain Figure, not pyplot: no backend switch (a notebook keeps its inline plots), no state
+    from matplotlib.figure import Figure
 
     rows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.15), squeeze=False)
+    fig = Figure(figsize=(cols * 1.9, rows * 2.15))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, cap in zip(axes.flat, images, captions, strict=False):
@@ -112,7 +111,6 @@ def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols
         ax.set_title(cap, fontsize=7.5)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100, metadata={"Software": None})
-    plt.close(fig)
     return out_png
 
 
