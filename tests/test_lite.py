@@ -47,8 +47,9 @@ def test_matches_reference_implementation(name, size):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
     spec = LITE_VARIANTS[name]
     _needs(spec)
-    ref = ref_pkg.EfficientNet.from_pretrained(f"efficientnet-{spec.variant}",
-                                               weights_path=str(lite_weights_path(spec))).eval()
+    ref = ref_pkg.EfficientNet.from_pretrained(
+        f"efficientnet-{spec.variant}", weights_path=str(lite_weights_path(spec))
+    ).eval()
     model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
     load_lite_pretrained(model, spec)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

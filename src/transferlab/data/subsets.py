@@ -69,8 +69,9 @@ def subset_split(split, per_class: int, seed: int):
     return type(split)(split.images[idx], split.labels[idx])
 
 
-def select_per_class(features: torch.Tensor, labels: torch.Tensor, per_class: int,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_per_class(
+    features: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of cached training features (N, D) or (N, views, D) for the per-class subset.
 
     Picks the same images as :func:`subset_split` on the split the features came from, because

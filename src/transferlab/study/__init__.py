@@ -1,0 +1,14 @@
+"""Studies: arms x data sizes x seeds with their costs (``transferlab study``), and backbone ranking
+before training (``transferlab rank``).
+
+Usage:
+    from transferlab.study import is_study_dir, run_study, write_study_report
+    from transferlab.study.grid import make_grid
+
+    result = run_study(make_grid(["cnn:scratch"], "4,all", seeds=2), "/tmp/study")
+"""
+
+from transferlab.study.report import write_study_report
+from transferlab.study.runner import is_study_dir, run_study
+
+__all__ = ["is_study_dir", "run_study", "write_study_report"]

@@ -1,0 +1,280 @@
+"""A study's grid: arms x data sizes x seeds, parsed and checked before anything runs.
+
+An arm is ``MODEL:MODE[:PRESET]`` where MODEL is ``cnn``, a torchvision classifier name or
+``timm:NAME`` (``cnn:scratch``, ``cnn:scratch:cnn-best``, ``timm:tf_efficientnet_lite0:frozen``,
+``resnet18:finetune``). Sizes are images per class (``4,16,64,all``) or fractions of the smallest
+class (``0.01,0.1,all``). Seed ``s`` draws the nested subset (``data.subset_seed``) and seeds the
+run (``run.seed``).
+
+The training protocol (a fair budget for tiny subsets): a cell trains for at least
+``min_steps`` optimiser steps; its epoch count is raised to ``ceil(min_steps / steps per
+epoch)`` when the recipe's own epochs give fewer (a warm-up is stretched by the same factor), a
+raised cell without a schedule stops early after ``patience`` epochs without a validation gain
+(a OneCycle or cosine schedule runs to its end instead), and every cell is scored with its
+best-validation weights. Validation and test are the full fixed splits.
+
+Usage:
+    grid = make_grid(["cnn:scratch", "timm:tf_efficientnet_lite0:frozen"], "4,16,all", seeds=3,
+                     overrides={"data": {"data_dir": "../shared/datasets"}})
+    cells = plan_cells(grid, class_counts={0: 450, 1: 450})
+    cfg = cells[0].config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferlab.config import MODES, Config, ModelConfig, config_from_dict, load_yaml, merge_dicts
+from transferlab.errors import UserError
+
+ALL = "all"
+DEFAULT_MIN_STEPS = 300  # optimiser steps every cell gets at least (see the module docstring)
+DEFAULT_PATIENCE = 10  # epochs without a val gain before a raised cell stops
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model + training mode (+ preset): a line in the study's plots."""
+
+    spec: str  # as written on the command line, e.g. "timm:tf_efficientnet_lite0:frozen"
+    model: str  # config model.name: "cnn", "resnet18", "timm:tf_efficientnet_lite0"
+    mode: str  # scratch | frozen | finetune | gradual
+    preset: str = ""  # preset name or YAML path ("" = none)
+
+    @property
+    def key(self) -> str:
+        """File-name-safe form of the spec (a folder name)."""
+        return self.spec.replace(":", "-").replace("/", "-")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.mode != "scratch"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a study runs; saved as study.json and compared on resume."""
+
+    arms: tuple[Arm, ...]
+    sizes: tuple[str, ...]  # as given: "4", "0.1", "all"
+    seeds: int
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # flags for every cell
+    min_steps: int = DEFAULT_MIN_STEPS
+    patience: int = DEFAULT_PATIENCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arms": [a.spec for a in self.arms],
+            "sizes": list(self.sizes),
+            "seeds": self.seeds,
+            "overrides": self.overrides,
+            "min_steps": self.min_steps,
+            "patience": self.patience,
+        }
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One arm x one data size x one seed, with the config it runs."""
+
+    arm: Arm
+    per_class: int  # 0 = all training images
+    seed: int
+    run_dir: Path
+    config: Config
+    n_train: int  # training images this cell uses
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm.spec} @ {size_label(self.per_class)}/class, seed {self.seed}"
+
+
+def size_label(per_class: int) -> str:
+    return ALL if per_class == 0 else str(per_class)
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset name (cnn-best) or YAML path -> its file (UserError listing the choices)."""
+    try:  # config.py holds it since the redesign; cli.py before
+        from transferlab.config import resolve_preset as resolve
+    except ImportError:
+        from transferlab.cli import resolve_preset as resolve
+    return resolve(name)
+
+
+def parse_arm(text: str) -> Arm:
+    """``MODEL:MODE[:PRESET]`` -> Arm; unknown model, mode or preset -> UserError."""
+    from transferlab.models.registry import resolve_name
+
+    parts = text.strip().split(":")
+    model, rest = (
+        (f"timm:{parts[1]}", parts[2:])
+        if parts[0] == "timm" and len(parts) > 1
+        else (parts[0], parts[1:])
+    )
+    if not rest or rest[0] not in MODES or len(rest) > 2 or not model or model == "timm:":
+        raise UserError(
+            f"arm {text!r}: write MODEL:MODE[:PRESET] with MODE one of {', '.join(MODES)} "
+            "(e.g. cnn:scratch, cnn:scratch:cnn-best, timm:tf_efficientnet_lite0:frozen)"
+        )
+    resolve_name(model)  # unknown model -> UserError naming the choices
+    preset = rest[1] if len(rest) == 2 else ""
+    if preset:
+        resolve_preset(preset)
+    try:
+        ModelConfig(name=model, mode=rest[0])
+    except UserError as e:
+        raise UserError(f"arm {text!r}: {e}") from None
+    return Arm(spec=text.strip(), model=model, mode=rest[0], preset=preset)
+
+
+def parse_sizes(text: str) -> tuple[str, ...]:
+    """``"4,16,64,all"`` or fractions ``"0.01,0.1,all"`` -> the size strings, checked."""
+    sizes = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not sizes:
+        raise UserError("--per-class is empty; give sizes like 4,16,64,all")
+    for s in sizes:
+        if s == ALL:
+            continue
+        try:
+            value = float(s)
+        except ValueError:
+            raise UserError(
+                f"--per-class {s!r}: give a count (16), a fraction (0.1) or 'all'"
+            ) from None
+        if value <= 0 or (value >= 1 and not value.is_integer()) or (value < 1 and "." not in s):
+            raise UserError(
+                f"--per-class {s!r}: a count must be a positive integer, a fraction in (0, 1)"
+            )
+    return sizes
+
+
+def make_grid(
+    arms: list[str],
+    sizes: str,
+    seeds: int,
+    overrides: dict | None = None,
+    min_steps: int = DEFAULT_MIN_STEPS,
+    patience: int = DEFAULT_PATIENCE,
+) -> Grid:
+    """Parse and check everything that does not need the data."""
+    parsed = tuple(parse_arm(a) for a in arms if a.strip())
+    if not parsed:
+        raise UserError(
+            "the study has no arms; give --arms like cnn:scratch,timm:tf_efficientnet_lite0:frozen"
+        )
+    if len({a.spec for a in parsed}) != len(parsed):
+        raise UserError(f"--arms lists an arm twice: {', '.join(a.spec for a in parsed)}")
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1; got {seeds}")
+    if min_steps < 0 or patience < 1:
+        raise UserError(
+            f"--min-steps must be >= 0 and --patience-epochs >= 1; got {min_steps}, {patience}"
+        )
+    return Grid(parsed, parse_sizes(sizes), seeds, overrides or {}, min_steps, patience)
+
+
+def resolve_sizes(sizes: tuple[str, ...], class_counts: dict[int, int]) -> tuple[int, ...]:
+    """Size strings -> images per class (0 = all), ascending, deduplicated, checked vs the data."""
+    smallest_class = min(class_counts, key=lambda c: (class_counts[c], c))
+    smallest = class_counts[smallest_class]
+    out = set()
+    for s in sizes:
+        if s == ALL:
+            out.add(0)
+            continue
+        value = float(s)
+        k = int(value) if value >= 1 else max(1, int(value * smallest))
+        if k > smallest:
+            raise UserError(
+                f"--per-class {s} is larger than class {smallest_class}, which has {smallest} "
+                f"training images; use at most {smallest} (or 'all')"
+            )
+        out.add(k)
+    return tuple(sorted(out, key=lambda k: (k == 0, k)))
+
+
+def _arm_base(arm: Arm, grid: Grid) -> dict[str, Any]:
+    base = load_yaml(resolve_preset(arm.preset)) if arm.preset else {}
+    return merge_dicts(base, grid.overrides)
+
+
+def cell_config(
+    grid: Grid, arm: Arm, per_class: int, seed: int, run_dir: Path, n_train: int
+) -> Config:
+    """Preset < the study's flags < the cell's own fields, then the min-steps protocol."""
+    d = merge_dicts(
+        _arm_base(arm, grid),
+        {
+            "model": {"name": arm.model, "mode": arm.mode},
+            "data": {"per_class": per_class, "subset_seed": seed},
+            # no per-cell report.md/html (15-20 s a cell on this CPU): the study report covers the
+            # cells, and `transferlab report CELL_DIR` writes one on demand
+            "run": {"seed": seed, "run_dir": str(run_dir), "report": False},
+        },
+    )
+    cfg = config_from_dict(d)
+    return apply_protocol(cfg, n_train, grid.min_steps, grid.patience)
+
+
+def apply_protocol(cfg: Config, n_train: int, min_steps: int, patience: int) -> Config:
+    """Raise the epochs to give at least ``min_steps`` steps; early-stop raised unscheduled "
+    "cells."""
+    if cfg.model.solver == "lbfgs":
+        return cfg  # a full-batch probe has no steps to count
+    o = cfg.optim
+    steps_per_epoch = max(1, math.ceil(n_train / o.batch_size))
+    epochs = max(o.epochs, math.ceil(min_steps / steps_per_epoch))
+    if epochs == o.epochs:
+        return cfg
+    stretch = epochs / o.epochs
+    optim = dataclasses.replace(
+        o,
+        epochs=epochs,
+        warmup_epochs=o.warmup_epochs * stretch,
+        patience=o.patience or (patience if o.schedule == "none" else 0),
+    )
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def plan_cells(grid: Grid, class_counts: dict[int, int], study_dir: Path) -> list[Cell]:
+    """Every cell, seed by seed, then arm by arm, then sizes ascending.
+
+    Seed-major order: a study stopped early holds whole curves (every arm and size) for its first
+    seeds. A frozen backbone's first cell (seed 0, its smallest size) extracts each split once
+    into the feature cache; every later cell of that backbone reads the cache.
+    """
+    sizes = resolve_sizes(grid.sizes, class_counts)
+    n_all = sum(class_counts.values())
+    cells = []
+    for seed in range(grid.seeds):
+        for arm in grid.arms:
+            for k in sizes:
+                n = k * len(class_counts) if k else n_all
+                run_dir = study_dir / arm.key / f"pc{size_label(k)}-s{seed}"
+                cells.append(
+                    Cell(arm, k, seed, run_dir, cell_config(grid, arm, k, seed, run_dir, n), n)
+                )
+    if not cells:
+        raise UserError("the study grid is empty; give --arms, --per-class and --seeds")
+    return cells
+
+
+def data_fields(cfg: Config) -> tuple:
+    """The config fields that decide which dataset load_data returns."""
+    d = cfg.data
+    return (
+        d.dataset,
+        d.data_dir,
+        d.download,
+        d.split_seed,
+        d.val_size,
+        d.val_frac,
+        d.test_frac,
+        d.train_subset,
+        d.test_subset,
+    )

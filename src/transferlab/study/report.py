@@ -1,0 +1,502 @@
+"""The study report: report.md and a self-contained report.html, built from the cells that exist.
+
+It reads only the study's files (study.json, cells.json, costs.json and each cell's run dir),
+rewrites study.csv, and holds:
+
+- a data-efficiency plot: test accuracy against images per class (log axis), one line per arm,
+  mean and 95% interval (Student t) over seeds;
+- a gain table per pretrained arm against each scratch arm: paired by seed (the same subset),
+  the mean difference in points with its 95% interval, at every size;
+- the size where the scratch arm catches up (its mean reaches the pretrained arm's), or "never
+  within the grid";
+- accuracy against cost (wall time to the result, extraction included once; forward MACs per
+  image) with the Pareto front marked;
+- a verdict computed from the numbers.
+
+Usage:
+    write_study_report(Path("/tmp/study"))   # -> report.md, report.html, study.csv, *.png
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, stdev
+
+log = logging.getLogger(__name__)
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+EFFICIENCY_PNG = "data_efficiency.png"
+COST_PNG = "accuracy_vs_cost.png"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One arm at one size: mean and 95% half-interval over the seeds that finished."""
+
+    arm: str
+    per_class: str  # "4" ... or "all"
+    x: float  # images per class (the full per-class mean for "all")
+    mean: float
+    half: float  # 95% half-width (0 with one seed)
+    n: int
+    cost_s: float  # mean time to this result here, the arm's cold extraction included once
+    macs: float
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) with Student's t; half-width 0 for a single value."""
+    m = mean(values)
+    if len(values) < 2:
+        return m, 0.0
+    from scipy.stats import t
+
+    return m, float(t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
+
+
+def read_rows(study_dir: Path) -> list[dict]:
+    """Rows of study.csv, rebuilt from the run dirs first when the study's cells are known."""
+    from transferlab.study.runner import CSV_FILE, cell_row, study_cells, write_study_csv
+
+    _, cells, costs = study_cells(study_dir)
+    if cells:
+        write_study_csv(study_dir, [cell_row(c, costs) for c in cells])
+    path = study_dir / CSV_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def points(rows: list[dict]) -> list[Point]:
+    """Aggregate the ok rows over seeds into one Point per (arm, size)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    extract = {}  # arm -> its cold extraction seconds (the largest over its cells)
+    for r in ok:
+        if r.get("cache") == "miss":
+            extract[r["arm"]] = max(extract.get(r["arm"], 0.0), _f(r["extract_s"]) or 0.0)
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in ok):
+        for size in dict.fromkeys(r["per_class"] for r in ok if r["arm"] == arm):
+            rs = [r for r in ok if r["arm"] == arm and r["per_class"] == size]
+            m, h = t_interval([float(r["test_acc"]) for r in rs])
+            own = [(_f(r["wall_s"]) or 0.0) - (_f(r["extract_s"]) or 0.0) for r in rs]
+            classes = max(1, round(int(rs[0]["n_train"]) / int(size))) if size != "all" else None
+            x = float(size) if size != "all" else int(rs[0]["n_train"]) / _n_classes(rows, classes)
+            out.append(
+                Point(
+                    arm,
+                    size,
+                    x,
+                    m,
+                    h,
+                    len(rs),
+                    mean(own) + extract.get(arm, 0.0),
+                    _f(rs[0]["macs"]) or float("nan"),
+                )
+            )
+    return out
+
+
+def _n_classes(rows: list[dict], fallback: int | None) -> int:
+    for r in rows:
+        if r["per_class"] != "all":
+            return max(1, round(int(r["n_train"]) / int(r["per_class"])))
+    return fallback or 1
+
+
+def paired_gain(
+    rows: list[dict], arm: str, base: str, size: str
+) -> tuple[float, float, int] | None:
+    """(mean, 95% half-width, seeds) of arm minus base in points, paired by seed; None if no "
+    "pair."""
+    acc = {
+        (r["arm"], r["seed"]): float(r["test_acc"])
+        for r in rows
+        if r["status"] == "ok" and r["per_class"] == size and r["arm"] in (arm, base)
+    }
+    diffs = [
+        100 * (acc[(arm, s)] - acc[(base, s)]) for (a, s) in acc if a == arm and (base, s) in acc
+    ]
+    if not diffs:
+        return None
+    m, h = t_interval(diffs)
+    return m, h, len(diffs)
+
+
+def pareto(pts: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (cost, accuracy) that no other point beats on both (lower cost, higher "
+    "acc)."""
+    front = []
+    for i, (c, a) in enumerate(pts):
+        if not any(
+            (c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(pts) if j != i
+        ):
+            front.append(i)
+    return front
+
+
+def plot_efficiency(pts: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arm in dict.fromkeys(p.arm for p in pts):
+        ps = sorted((p for p in pts if p.arm == arm), key=lambda p: p.x)
+        xs, ms = [p.x for p in ps], [100 * p.mean for p in ps]
+        lo, hi = [100 * (p.mean - p.half) for p in ps], [100 * (p.mean + p.half) for p in ps]
+        (line,) = ax.plot(xs, ms, marker="o", label=arm)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class (log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Data efficiency: mean and 95% interval over seeds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(pts: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    largest = {}
+    for p in pts:
+        if p.arm not in largest or p.x > largest[p.arm].x:
+            largest[p.arm] = p
+    panels = (
+        (
+            axes[0],
+            pts,
+            lambda p: p.cost_s,
+            "wall time to the result here (s, log)",
+            "every arm x size",
+        ),
+        (
+            axes[1],
+            list(largest.values()),
+            lambda p: p.macs,
+            "forward MACs per image (log)",
+            "each arm at its largest size",
+        ),
+    )
+    for ax, ps, cost, xlabel, title in panels:
+        ps = [p for p in ps if cost(p) and math.isfinite(cost(p))]
+        front = set(pareto([(cost(p), p.mean) for p in ps]))
+        for i, p in enumerate(ps):
+            ax.scatter(
+                cost(p),
+                100 * p.mean,
+                s=60 if i in front else 25,
+                edgecolors="black" if i in front else "none",
+                zorder=3,
+            )
+            ax.annotate(
+                f"{_short(p.arm)} {p.per_class}",
+                (cost(p), 100 * p.mean),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        fx = sorted((cost(ps[i]), 100 * ps[i].mean) for i in front)
+        if fx:
+            ax.step(
+                [c for c, _ in fx],
+                [a for _, a in fx],
+                where="post",
+                color="black",
+                lw=1,
+                label="Pareto front",
+            )
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(arm: str) -> str:
+    return (
+        arm.replace("timm:tf_efficientnet_", "")
+        .replace(":frozen", " frozen")
+        .replace(":scratch", "")
+    )
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def catch_up(pts: list[Point], arm: str, base: str) -> str:
+    """The first size where ``base``'s mean reaches ``arm``'s, or "never within the grid"."""
+    mine = {p.per_class: p for p in pts if p.arm == arm}
+    theirs = sorted((p for p in pts if p.arm == base and p.per_class in mine), key=lambda p: p.x)
+    for p in theirs:
+        if p.mean >= mine[p.per_class].mean:
+            return f"at {p.per_class} images per class"
+    if not theirs:
+        return "no common size"
+    last = theirs[-1]
+    return (
+        f"never within the grid (at {last.per_class} per class it is still "
+        f"{100 * (mine[last.per_class].mean - last.mean):.1f} points behind)"
+    )
+
+
+def verdict(rows: list[dict], pts: list[Point]) -> str:
+    """A plain sentence from the numbers: best pretrained vs best scratch at the smallest and "
+    "largest size."""
+    arms = {r["arm"]: r["mode"] for r in rows}
+    scratch = [a for a in arms if arms[a] == "scratch"]
+    pre = [a for a in arms if arms[a] != "scratch"]
+    if not scratch or not pre or not pts:
+        return "No verdict: the study needs a finished scratch arm and a finished pretrained arm."
+    sizes = sorted(
+        {p.per_class for p in pts}, key=lambda s: (s == "all", float(s) if s != "all" else 0)
+    )
+    by = {(p.arm, p.per_class): p for p in pts}
+    parts = []
+    for size in (sizes[0], sizes[-1]) if len(sizes) > 1 else (sizes[0],):
+        cand_pre = [by[(a, size)] for a in pre if (a, size) in by]
+        cand_scr = [by[(a, size)] for a in scratch if (a, size) in by]
+        if not cand_pre or not cand_scr:
+            continue
+        bp, bs = max(cand_pre, key=lambda p: p.mean), max(cand_scr, key=lambda p: p.mean)
+        g = paired_gain(rows, bp.arm, bs.arm, size)
+        gain = f"{g[0]:+.1f} ± {g[1]:.1f}" if g else f"{100 * (bp.mean - bs.mean):+.1f}"
+        label = f"{size} images per class" if size != "all" else f"all {bp.x:.0f} images per class"
+        parts.append(
+            f"with {label}, {bp.arm} reaches {100 * bp.mean:.1f}% against {100 * bs.mean:.1f}% "
+            "for the best "
+            f"scratch arm ({bs.arm}): {gain} points, and costs {_dur(bp.cost_s)} here against "
+            f"{_dur(bs.cost_s)}"
+        )
+    if not parts:
+        return "No verdict: no size has both a finished scratch arm and a finished pretrained arm."
+    best_pre = max(pre, key=lambda a: max((p.mean for p in pts if p.arm == a), default=0))
+    best_scr = max(scratch, key=lambda a: max((p.mean for p in pts if p.arm == a), default=0))
+    text = "; ".join(parts)
+    return (
+        f"{text[0].upper()}{text[1:]}. The scratch arm {best_scr} catches up with {best_pre} "
+        f"{catch_up(pts, best_pre, best_scr)}."
+    )
+
+
+def _means_table(pts: list[Point]) -> list[str]:
+    sizes = sorted(
+        {p.per_class for p in pts}, key=lambda s: (s == "all", float(s) if s != "all" else 0)
+    )
+    lines = [
+        "| arm | " + " | ".join(f"{s}/class" for s in sizes) + " |",
+        "|---" * (len(sizes) + 1) + "|",
+    ]
+    by = {(p.arm, p.per_class): p for p in pts}
+    for arm in dict.fromkeys(p.arm for p in pts):
+        cells = []
+        for s in sizes:
+            p = by.get((arm, s))
+            cells.append("" if p is None else f"{100 * p.mean:.1f} ± {100 * p.half:.1f} (n={p.n})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gain_tables(rows: list[dict], pts: list[Point]) -> list[str]:
+    arms = {r["arm"]: r["mode"] for r in rows}
+    scratch = [a for a in arms if arms[a] == "scratch"]
+    pre = [a for a in arms if arms[a] != "scratch"]
+    sizes = sorted(
+        {p.per_class for p in pts}, key=lambda s: (s == "all", float(s) if s != "all" else 0)
+    )
+    out = []
+    for base in scratch:
+        out += [
+            f"Against **{base}** (points of test accuracy, pretrained minus scratch, paired by "
+            "seed, "
+            "mean ± 95% interval):",
+            "",
+            "| pretrained arm | "
+            + " | ".join(f"{s}/class" for s in sizes)
+            + " | scratch catches up |",
+            "|---" * (len(sizes) + 2) + "|",
+        ]
+        for arm in pre:
+            cells = []
+            for s in sizes:
+                g = paired_gain(rows, arm, base, s)
+                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+            out.append(f"| {arm} | " + " | ".join(cells) + f" | {catch_up(pts, arm, base)} |")
+        out.append("")
+    return out
+
+
+def _cost_table(rows: list[dict], pts: list[Point]) -> list[str]:
+    out = [
+        "| arm | MACs/image | params (total) | inference img/s here | cold extraction | "
+        "mean cell time (excl. extraction) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm and r["status"] == "ok"]
+        ext = max((_f(r["extract_s"]) or 0.0 for r in rs if r.get("cache") == "miss"), default=0.0)
+        own = [(_f(r["wall_s"]) or 0) - (_f(r["extract_s"]) or 0) for r in rs]
+        macs = _f(rs[0]["macs"]) if rs else None
+        out.append(
+            f"| {arm} | {macs / 1e6:.0f} M | {rs[0]['params_total'] if rs else ''} | "
+            f"{rs[0]['infer_img_s'] if rs else ''} | {_dur(ext) if ext else '-'} | "
+            f"{_dur(mean(own)) if own else '-'} |"
+            if macs
+            else f"| {arm} | | | | | |"
+        )
+    return out
+
+
+def _protocol(study_dir: Path) -> list[str]:
+    import json
+
+    grid = json.loads((study_dir / "study.json").read_text())["grid"]
+    data = (grid.get("overrides") or {}).get("data") or {}
+    val = data.get("val_size", 5000)
+    return [
+        f"Grid: arms {', '.join(grid['arms'])}; sizes {', '.join(grid['sizes'])} images per class; "
+        f"{grid['seeds']} seed(s). Seed s draws the nested stratified subset (the 4-per-class "
+        "subset lies "
+        "inside the 16-per-class one) and seeds the run.",
+        "",
+        f"Protocol: every cell trains for at least {grid['min_steps']} optimiser steps (the "
+        "recipe's epochs "
+        "are raised for small subsets, a warm-up stretched with them); a raised cell without a "
+        "schedule stops "
+        f"early after {grid['patience']} epochs without a validation gain; every cell is scored "
+        "on test with "
+        "its best-validation weights.",
+        "",
+        f"Validation is the full validation split ({val:,} images for CIFAR-100) and test the "
+        "full test split, "
+        "the same for every cell; only the training images shrink.",
+    ]
+
+
+def write_study_report(study_dir: str | Path) -> Path:
+    """Write report.md and report.html (images inlined) for the study in ``study_dir``."""
+    from transferlab.errors import UserError
+    from transferlab.study.runner import is_study_dir
+
+    study_dir = Path(study_dir)
+    if not is_study_dir(study_dir):
+        raise UserError(
+            f"{study_dir} is not a study dir (no study.json); run `transferlab study` first"
+        )
+    rows = read_rows(study_dir)
+    pts = points(rows)
+    if pts:
+        plot_efficiency(pts, study_dir / EFFICIENCY_PNG)
+        plot_cost(pts, study_dir / COST_PNG)
+    status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pending")}
+    md = [
+        f"# Study: {study_dir.name}",
+        "",
+        f"Cells: {status['ok']} finished, {status['failed']} failed, "
+        f"{status['pending']} not run (of {len(rows)}).",
+        "",
+        "## Verdict",
+        "",
+        verdict(rows, pts),
+        "",
+        "## Setup",
+        "",
+        *_protocol(study_dir),
+        "",
+        "## Data efficiency",
+        "",
+    ]
+    if pts:
+        md += [
+            f"![data efficiency]({EFFICIENCY_PNG})",
+            "",
+            "Test accuracy (%), mean ± 95% interval over seeds:",
+            "",
+            *_means_table(pts),
+            "",
+            "## What pretraining buys",
+            "",
+            *_gain_tables(rows, pts),
+            "## Accuracy against cost",
+            "",
+            f"![accuracy vs cost]({COST_PNG})",
+            "",
+            "Time to a result = the cell's own time plus its backbone's cold feature extraction, "
+            "counted once "
+            "(frozen cells after the first read the cache). Pareto front: no other point is both "
+            "cheaper and "
+            "more accurate.",
+            "",
+            *_cost_table(rows, pts),
+            "",
+        ]
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        md += (
+            ["## Failed cells", ""]
+            + [
+                f"- {r['arm']} @ {r['per_class']}/class, seed {r['seed']}: {r['message']}"
+                for r in failed
+            ]
+            + [""]
+        )
+    md += [
+        "Every cell's numbers: `study.csv`; every cell is a run dir (`transferlab report "
+        "CELL_DIR`).",
+        "",
+    ]
+    path = study_dir / REPORT_MD
+    path.write_text("\n".join(md))
+    write_html(path, f"Study {study_dir.name}")
+    log.info("wrote %s and %s", path, study_dir / REPORT_HTML)
+    return path
+
+
+def write_html(md_path: Path, title: str) -> Path:
+    """report.md -> report.html with markdown-it-py; images inlined as data URIs."""
+    import html as htmllib
+
+    from markdown_it import MarkdownIt
+
+    from transferlab.report.html import CSS, data_uri
+
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(md_path.read_text())
+    for tok in tokens:
+        for child in tok.children or []:
+            if child.type == "image":
+                uri = data_uri(md_path.parent / str(child.attrGet("src")))
+                if uri is not None:
+                    child.attrSet("src", uri)
+    body = md.renderer.render(tokens, md.options, {})
+    out = md_path.with_suffix(".html")
+    out.write_text(
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{htmllib.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>\n{body}</body></html>\n"
+    )
+    return out

@@ -1,0 +1,453 @@
+"""Run a study: every cell of the grid as an ordinary run directory, resumable, with study.csv.
+
+Layout of a study directory::
+
+    STUDY/study.json                      the grid (compared on every later start)
+    STUDY/costs.json                      per arm: forward MACs/image, parameters, inference img/s
+    STUDY/<arm key>/pc<size>-s<seed>/     one run dir per cell (config.yaml, summary.json, ...)
+    STUDY/study.csv                       one row per cell, rebuilt from the run dirs
+
+A cell is done when its ``summary.json`` exists and its ``config.yaml`` matches the cell's config:
+a restarted study reruns nothing finished, resumes a cell that has ``last.pt`` through
+``run_experiment(..., resume=True)``, and starts the others. A cell that fails (a NaN, a bad
+input) is recorded as failed with its message (``failed.json`` in its dir); the study goes on.
+
+Usage:
+    result = run_study(grid, Path("/tmp/study"))
+    result.failed                          # cells that failed, with their messages
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferlab.config import SECTIONS, Config, config_to_dict
+from transferlab.data.subsets import subset_split
+from transferlab.errors import TrainingStopped, UserError
+from transferlab.study.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.json"
+CSV_FILE = "study.csv"
+COSTS_FILE = "costs.json"
+CELLS_FILE = (
+    "cells.json"  # the data's class counts and the planned cells (for report without the data)
+)
+FAILED_FILE = "failed.json"
+CSV_COLUMNS = (
+    "arm",
+    "model",
+    "mode",
+    "preset",
+    "per_class",
+    "n_train",
+    "seed",
+    "status",
+    "message",
+    "test_acc",
+    "val_acc",
+    "best_epoch",
+    "epochs",
+    "wall_s",
+    "extract_s",
+    "cache",
+    "train_s",
+    "eval_s",
+    "params_trainable",
+    "params_total",
+    "macs",
+    "infer_img_s",
+    "run_dir",
+)
+# config fields that do not change a cell's result: a resumed study may differ in them
+_IGNORED = {
+    ("run", "overwrite"),
+    ("run", "progress"),
+    ("run", "device"),
+    ("run", "cache_dir"),
+    ("run", "run_dir"),
+}
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What ``run_study`` did: rows of study.csv, cells run now, cells that failed."""
+
+    rows: list[dict[str, Any]]
+    ran: list[str]
+    skipped: list[str]
+    failed: list[tuple[str, str]]  # (cell name, message)
+    seconds: float
+
+
+def is_study_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a study (its study.json)."""
+    return (Path(path) / STUDY_FILE).is_file()
+
+
+def _comparable(d: dict[str, Any], auto_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sections of a config dict without the fields that do not change results. Fields that
+    ``auto_from`` (the wanted config) leaves to the run ("auto", image size 0) are dropped too: a
+    run's config.yaml holds what they resolved to (plan.resolved_config_dict)."""
+    ref = auto_from or {}
+
+    def left_to_run(s: str, k: str) -> bool:
+        want = (ref.get(s) or {}).get(k)
+        return want == "auto" or ((s, k) == ("data", "image_size") and want == 0)
+
+    return {
+        s: {
+            k: v
+            for k, v in (d.get(s) or {}).items()
+            if (s, k) not in _IGNORED and not left_to_run(s, k)
+        }
+        for s in SECTIONS
+    }
+
+
+def _grid_comparable(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    out["overrides"] = _comparable(d.get("overrides") or {})
+    return out
+
+
+def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
+    """Create the study dir and write study.json; a different grid there needs --overwrite."""
+    path = study_dir / STUDY_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())["grid"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(
+                f"{path} is unreadable ({e}); pass --overwrite to start the study again"
+            ) from None
+        if _grid_comparable(saved) != _grid_comparable(grid.to_dict()) and not overwrite:
+            raise UserError(
+                f"{study_dir} holds a different study grid (see {path}); use another --run-dir or "
+                "pass --overwrite to rerun the cells whose config changed"
+            )
+    elif study_dir.exists() and any(study_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"{study_dir} is not empty and is not a study; choose another --run-dir or pass "
+            "--overwrite"
+        )
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"grid": grid.to_dict(), "version": 1}, indent=2))
+    except OSError as e:
+        raise UserError(
+            f"cannot write the study dir {study_dir} ({e.strerror or e}); choose another --run-dir"
+        ) from None
+
+
+def load_study_data(grid: Grid):
+    """(dataset, class counts): the data every cell shares, loaded once."""
+    from transferlab.data.load import load_data
+    from transferlab.data.subsets import class_counts
+    from transferlab.study.grid import _arm_base
+
+    cfgs = []
+    for arm in grid.arms:
+        from transferlab.config import config_from_dict, merge_dicts
+
+        cfgs.append(
+            config_from_dict(
+                merge_dicts(_arm_base(arm, grid), {"model": {"name": arm.model, "mode": arm.mode}})
+            )
+        )
+    if len({data_fields(c) for c in cfgs}) > 1:
+        raise UserError(
+            "the arms' presets load different data (dataset, split or subset); a study "
+            "compares arms on one dataset: give those flags to the study instead"
+        )
+    ds = load_data(
+        dataclasses.replace(cfgs[0], data=dataclasses.replace(cfgs[0].data, per_class=0))
+    )
+    return ds, class_counts(ds.train.labels)
+
+
+def saved_config_matches(run_dir: Path, cfg: Config) -> bool:
+    """True when ``run_dir/config.yaml`` holds ``cfg`` (up to fields that do not change results)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    want = config_to_dict(cfg)
+    return isinstance(saved, dict) and _comparable(saved, want) == _comparable(want, want)
+
+
+def cell_state(cell: Cell) -> str:
+    """done | resume | new: what a (re)started study does with this cell."""
+    d = cell.run_dir
+    if (d / "summary.json").is_file() and saved_config_matches(d, cell.config):
+        return "done"
+    if (d / "last.pt").is_file() and saved_config_matches(d, cell.config):
+        return "resume"
+    return "new"
+
+
+def _run_cell(cell: Cell, ds, stop_requested: Callable[[], bool], progress: bool) -> dict:
+    from transferlab.experiment import run_experiment
+    from transferlab.plan import uses_feature_cache
+
+    state = cell_state(cell)
+    (cell.run_dir / FAILED_FILE).unlink(missing_ok=True)
+    cfg = dataclasses.replace(
+        cell.config,
+        run=dataclasses.replace(
+            cell.config.run,
+            overwrite=cell.run_dir.exists() and any(cell.run_dir.iterdir()),
+            progress=progress,
+        ),
+    )
+    if cell.per_class and not uses_feature_cache(cfg):
+        # pixels: this cell's subset (load_data applies it, but the study loads the data once);
+        # cached features pick their rows from the whole split inside the pipeline
+        ds = copy.copy(ds)
+        ds.train = subset_split(ds.train, cell.per_class, cell.seed)
+    if state == "resume":
+        log.info("resuming %s from %s", cell.name, cell.run_dir / "last.pt")
+        return run_experiment(cfg, resume=True, dataset=ds, stop_requested=stop_requested)
+    return run_experiment(cfg, dataset=ds, stop_requested=stop_requested)
+
+
+def _check_subset(cell: Cell, summary: dict) -> None:
+    n = ((summary.get("data") or {}).get("n") or {}).get("train")
+    if cell.per_class and n is not None and n != cell.n_train:
+        raise UserError(
+            f"the run trained on {n} images, not {cell.n_train} ({cell.per_class} per class): "
+            "run_experiment did not apply data.per_class"
+        )
+
+
+def run_cells(
+    cells: list[Cell], ds, stop_requested: Callable[[], bool] = lambda: False, progress: bool = True
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Run every cell that is not done; returns (ran, skipped, failed)."""
+    ran, skipped, failed = [], [], []
+    for i, cell in enumerate(cells):
+        if cell_state(cell) == "done":
+            skipped.append(cell.name)
+            continue
+        log.info("cell %d/%d: %s", i + 1, len(cells), cell.name)
+        t0 = time.perf_counter()
+        try:
+            summary = _run_cell(cell, ds, stop_requested, progress)
+            _check_subset(cell, summary)
+        except (TrainingStopped, UserError, Exception) as e:  # noqa: BLE001 - a cell's failure ends only the cell
+            if stop_requested():
+                raise
+            message = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+            log.warning("cell %s failed: %s", cell.name, message)
+            _write_failed(cell, message)
+            failed.append((cell.name, message))
+            continue
+        ran.append(cell.name)
+        log.info(
+            "cell %s: test acc %.4f in %.0f s",
+            cell.name,
+            summary["test"]["acc"],
+            time.perf_counter() - t0,
+        )
+    return ran, skipped, failed
+
+
+def _write_failed(cell: Cell, message: str) -> None:
+    try:
+        cell.run_dir.mkdir(parents=True, exist_ok=True)
+        (cell.run_dir / FAILED_FILE).write_text(
+            json.dumps({"message": message, "config": config_to_dict(cell.config)}, indent=2)
+        )
+    except OSError as e:
+        log.warning("could not record the failure of %s (%s)", cell.name, e)
+
+
+def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
+    """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
+    from transferlab.models.registry import build_model
+    from transferlab.study.costs import model_cost
+    from transferlab.train.precision import resolve_precision
+
+    path = study_dir / COSTS_FILE
+    costs = json.loads(path.read_text()) if path.is_file() else {}
+    for cell in cells:
+        if cell.arm.spec in costs:
+            continue
+        cfg = cell.config
+        try:  # the architecture's cost does not depend on its weights: no download for this
+            model = build_model(
+                dataclasses.replace(cfg.model, weights="none"), num_classes=n_classes
+            )
+            size = cfg.data.image_size or model.preprocess.input_size
+            precision = resolve_precision(cfg.run.precision, next(model.parameters()).device)
+            costs[cell.arm.spec] = model_cost(model, size, precision=precision).to_dict()
+        except Exception as e:  # noqa: BLE001 - a bad arm fails in its cells, with its own message
+            log.warning(
+                "could not measure the cost of %s (%s: %s)", cell.arm.spec, type(e).__name__, e
+            )
+            costs[cell.arm.spec] = {}
+            continue
+        log.info(
+            "%s: %.3g MACs/image, %d params, %.1f img/s (%s)",
+            cell.arm.spec,
+            costs[cell.arm.spec]["macs"],
+            costs[cell.arm.spec]["params_total"],
+            costs[cell.arm.spec]["img_s"],
+            precision,
+        )
+        path.write_text(json.dumps(costs, indent=2))
+    return costs
+
+
+def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
+    """The study.csv row of one cell, read from its run dir."""
+    arm: Arm = cell.arm
+    cost = costs.get(arm.spec, {})
+    row: dict[str, Any] = {
+        "arm": arm.spec,
+        "model": arm.model,
+        "mode": arm.mode,
+        "preset": arm.preset,
+        "per_class": size_label(cell.per_class),
+        "n_train": cell.n_train,
+        "seed": cell.seed,
+        "status": "pending",
+        "message": "",
+        "macs": cost.get("macs", ""),
+        "infer_img_s": cost.get("img_s", ""),
+        "run_dir": str(cell.run_dir),
+    }
+    if cell_state(cell) == "done":
+        s = json.loads((cell.run_dir / "summary.json").read_text())
+        fc = s.get("feature_cache") or {}
+        hit = [
+            fc.get(k, {}).get("hit")
+            for k in ("train", "val", "test")
+            if isinstance(fc.get(k), dict)
+        ]
+        t = s.get("time_s") or {}
+        row.update(
+            status="ok",
+            test_acc=s["test"]["acc"],
+            val_acc=s["val"]["acc"],
+            best_epoch=s.get("best_epoch"),
+            epochs=s.get("epochs_run"),
+            wall_s=t.get("total"),
+            train_s=t.get("train"),
+            eval_s=t.get("eval"),
+            extract_s=fc.get("seconds", ""),
+            cache=("hit" if all(hit) else "miss") if hit else "",
+            params_trainable=s["params"]["trainable"],
+            params_total=s["params"]["total"],
+        )
+        try:
+            _check_subset(cell, s)
+        except UserError as e:
+            row.update(status="failed", message=str(e))
+    elif (cell.run_dir / FAILED_FILE).is_file():
+        try:
+            row.update(
+                status="failed",
+                message=json.loads((cell.run_dir / FAILED_FILE).read_text())["message"],
+            )
+        except (OSError, ValueError, KeyError):
+            row.update(status="failed", message="failed.json unreadable")
+    return row
+
+
+def write_study_csv(study_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """study.csv with one row per cell (written whole, atomically)."""
+    from transferlab.train.checkpoint import atomic_write
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = study_dir / CSV_FILE
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    return path
+
+
+def run_study(
+    grid: Grid,
+    study_dir: str | Path,
+    overwrite: bool = False,  # noqa: PLR0913
+    stop_requested: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+    write_report: bool = True,
+) -> StudyResult:
+    """Run (or resume) every cell of ``grid`` in ``study_dir``; write study.csv and the report.
+
+    Bad input (unknown arm, a size above the smallest class, a different grid in the dir)
+    raises UserError before any cell runs. Failed cells are listed in the result.
+    """
+    t0 = time.perf_counter()
+    study_dir = Path(study_dir)
+    ds, counts = load_study_data(grid)
+    cells = plan_cells(grid, counts, study_dir)  # size checks: before the dir is touched
+    prepare_study_dir(study_dir, grid, overwrite)
+    (study_dir / CELLS_FILE).write_text(
+        json.dumps(
+            {
+                "class_counts": counts,
+                "cells": [
+                    {
+                        "arm": c.arm.spec,
+                        "per_class": c.per_class,
+                        "seed": c.seed,
+                        "run_dir": str(c.run_dir),
+                    }
+                    for c in cells
+                ],
+            }
+        )
+    )
+    costs = arm_costs(study_dir, cells, len(ds.classes))
+    try:
+        ran, skipped, failed = run_cells(cells, ds, stop_requested, progress)
+    finally:
+        rows = [cell_row(c, costs) for c in cells]
+        write_study_csv(study_dir, rows)
+    if write_report:
+        from transferlab.study.report import write_study_report
+
+        write_study_report(study_dir)
+    return StudyResult(rows, ran, skipped, failed, time.perf_counter() - t0)
+
+
+def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
+    """The grid, cells and costs of an existing study (no data load: sizes from the run dirs)."""
+    from transferlab.study.grid import make_grid
+
+    saved = json.loads((study_dir / STUDY_FILE).read_text())["grid"]
+    grid = make_grid(
+        saved["arms"],
+        ",".join(saved["sizes"]),
+        saved["seeds"],
+        saved.get("overrides") or {},
+        saved.get("min_steps", 0),
+        saved.get("patience", 1),
+    )
+    cells_path = study_dir / CELLS_FILE
+    costs = (
+        json.loads((study_dir / COSTS_FILE).read_text())
+        if (study_dir / COSTS_FILE).is_file()
+        else {}
+    )
+    if not cells_path.is_file():
+        return grid, [], costs
+    counts = {int(k): v for k, v in json.loads(cells_path.read_text())["class_counts"].items()}
+    return grid, plan_cells(grid, counts, study_dir), costs
