@@ -208,3 +208,13 @@ def test_compare_rejects_train_only_options():
         api.compare(model="cnn")
     with pytest.raises(tl.UserError, match="chase_patience= must be int"):
         api.compare(chase_patience="5")
+
+
+def test_study_runs_cells_and_reads_the_csv(tiny_cifar, tmp_path):
+    pytest.importorskip("transferlab.study.runner")
+    with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
+        api.study("cnn:scratch", model="cnn", run_dir=tmp_path / "s0")
+    s = api.study("cnn:scratch", per_class="1", seeds=1, run_dir=tmp_path / "s", min_steps=1,
+                  data_dir=str(tiny_cifar), val_size=50, epochs=1, progress=False, device="cpu")
+    df = s.table()
+    assert len(df) == 1 and not s.failed and "transferlab study" in s._repr_html_()

@@ -24,6 +24,7 @@ _LAZY = {
     "load_run": "transferlab.api",
     "Run": "transferlab.api",
     "Comparison": "transferlab.api",
+    "Study": "transferlab.api",
     "UserError": "transferlab.errors",
     "TrainingStopped": "transferlab.errors",
 }

@@ -639,13 +639,77 @@ def compare(
     return Comparison(run_dirs[0].parent)
 
 
-def study(**options_) -> Any:
-    """``transferlab study`` from Python; available once ``transferlab.study.run_study`` exists."""
+class Study:
+    """A study dir (``transferlab study``): ``.table()`` is study.csv, one row per cell."""
+
+    def __init__(self, path: str | os.PathLike, failed: Sequence[tuple[str, str]] = ()):
+        self.dir = Path(path)
+        if not (self.dir / "study.csv").is_file():
+            raise UserError(f"{self.dir} is not a study: study.csv is missing")
+        self.failed = list(failed)  # (cell, message) of the cells that failed in this call
+
+    def table(self):
+        """study.csv as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_csv(self.dir / "study.csv")
+
+    @property
+    def report(self) -> Path:
+        """The study report (report.html)."""
+        return self.dir / "report.html"
+
+    def _repr_html_(self) -> str:
+        where = html.escape(str(self.dir))
+        failed = f", {len(self.failed)} failed cell(s)" if self.failed else ""
+        return (f"<div><b>transferlab study</b> <code>{where}</code>{failed}"
+                f"{self.table().to_html(max_rows=30)}</div>")
+
+
+def study(
+    arms: str | Sequence[str],
+    per_class: str | Sequence[str | int] = "all",
+    seeds: int = 1,
+    *,
+    run_dir: str | os.PathLike,
+    overwrite: bool = False,
+    min_steps: int | None = None,
+    patience_epochs: int | None = None,
+    progress: bool | None = None,
+    **options_,
+) -> Study:
+    """``transferlab study``: every arm x images per class x seed as a run dir in ``run_dir``.
+
+    ``arms``: ``"cnn:scratch,timm:tf_efficientnet_lite0:frozen"`` or a list; ``per_class``:
+    ``"4,16,all"`` or a list. Other options are the study's flags in snake_case, applied to
+    every cell. A study dir that is run again reruns no finished cell. Failed cells are logged
+    and listed in ``Study.failed``.
+    """
     try:
         from transferlab.study import run_study
+        from transferlab.study.cli import _STUDY_SKIP  # the flags a study sets per cell
+        from transferlab.study.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE, make_grid
     except ImportError:
-        raise UserError(
-            "transferlab.study is not available in this version yet; "
-            "use train() per cell or `transferlab compare`"
-        ) from None
-    return run_study(**options_)
+        raise UserError("transferlab.study is not available in this version") from None
+    table = options(_STUDY_SKIP)
+    bad = [k for k in options_ if k not in table]
+    if bad:
+        extra = ["arms", "per_class", "seeds", "run_dir", "overwrite", "min_steps",
+                 "patience_epochs", "progress"]
+        raise _unknown(bad, [*table, *extra])
+    over = _overrides(options_, table)
+    if progress is not None:
+        if not isinstance(progress, bool):
+            raise UserError(f"progress= must be True or False; got {progress!r}")
+        over.setdefault("run", {})["progress"] = progress
+    arm_list = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
+    sizes = per_class if isinstance(per_class, str) else ",".join(str(x) for x in per_class)
+    grid = make_grid(arm_list, sizes, seeds, over,
+                     DEFAULT_MIN_STEPS if min_steps is None else min_steps,
+                     DEFAULT_PATIENCE if patience_epochs is None else patience_epochs)
+    with keep_matplotlib_backend(), _stop_flag() as stop:
+        result = run_study(grid, Path(run_dir), overwrite=overwrite, stop_requested=stop,
+                           progress=over.get("run", {}).get("progress", True))
+    for name, message in result.failed:
+        log.warning("study %s: failed cell %s: %s", run_dir, name, message)
+    return Study(run_dir, result.failed)
