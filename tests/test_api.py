@@ -167,9 +167,17 @@ def test_train_writes_the_report(run):
     assert md.name == "report.md" and html.is_file()
 
 
+def test_resume_extends_the_budget(tiny_cifar, tmp_path):
+    first = api.train(model="cnn", epochs=1, data_dir=str(tiny_cifar), val_size=50, no_report=True,
+                      run_dir=str(tmp_path / "r"), progress=False, device="cpu")
+    assert list(first.metrics["epoch"]) == [1]
+    again = api.train(resume=first.dir, epochs=2, progress=False)
+    assert again.dir == first.dir and list(again.metrics["epoch"]) == [1, 2]
+
+
 def test_config_roundtrip_and_resume(run, tmp_path):
-    with pytest.raises(tl.UserError, match="drop epochs"):
-        api.train(resume=run.dir, epochs=3)
+    with pytest.raises(tl.UserError, match="drop lr"):
+        api.train(resume=run.dir, lr=0.1, epochs=3)
     cfg = api.build_config(config=run.dir / "config.yaml", epochs=3)
     assert cfg.optim.epochs == 3 and cfg.model.name == "cnn"
 
@@ -206,7 +214,7 @@ def test_export_returns_the_checked_file(run, tmp_path):
 def test_compare_rejects_train_only_options():
     with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
         api.compare(model="cnn")
-    with pytest.raises(tl.UserError, match="chase_patience= must be int"):
+    with pytest.raises(tl.UserError, match=r"chase_patience= \(CLI --chase-patience\) must be"):
         api.compare(chase_patience="5")
 
 

@@ -36,17 +36,6 @@ from transferlab.errors import UserError
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")  # what makes a folder a finished run
-# compare owns these choices itself (or names them differently): see cli.build_parser
-_COMPARE_SKIP = ("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir")
-_COMPARE_EXTRA = {
-    "run_dir": ("", str),
-    "backbone": ("resnet18", str),
-    "chase_max_epochs": (50, int),
-    "chase_patience": (5, int),
-    "with_cnn_best": (False, bool),
-}
-
-
 # ---------------------------------------------------------------- options -> Config
 
 
@@ -521,12 +510,14 @@ def train(
     """Train one model and return its :class:`Run`. Options are the ``transferlab train`` flags
     in snake_case (``model="cnn"``, ``epochs=10``, ``data_dir=...``), or ``config=``
     (a Config, a dict of sections, or a YAML path); options win over ``config``/``preset``.
-    ``resume=RUN_DIR`` continues a run (only ``device=`` and ``progress=`` may change).
+    ``resume=RUN_DIR`` continues a run; only ``device=``, ``progress=`` and ``epochs=`` (a
+    larger budget) may change, as with ``--resume``.
     """
     from transferlab.experiment import run_experiment
 
+    epochs = None
     if resume is not None:
-        cfg = _resume_config(resume, progress, options_, config, preset)
+        cfg, epochs = _resume_config(resume, progress, options_, config, preset)
     else:
         cfg = build_config(config, preset=preset, progress=progress, **options_)
     if cfg.run.track:
@@ -534,29 +525,37 @@ def train(
 
         check_tracking_available(cfg.run.track)
     with keep_matplotlib_backend(), _stop_flag() as stop:
-        summary = run_experiment(cfg, resume=resume is not None, stop_requested=stop)
+        if resume is not None:
+            summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
+        else:
+            summary = run_experiment(cfg, stop_requested=stop)
         run_dir = Path(summary["run_dir"])
         post_run(run_dir, cfg.run.report, cfg.run.track)
     return Run(run_dir)
 
 
 def _resume_config(resume, progress, given: dict, config, preset):
+    """(config that names the run dir and the allowed changes, the new epoch budget or None)."""
+    from transferlab.cli import RESUME_FLAGS
     from transferlab.config import Config
 
-    extra = sorted(k for k, v in given.items() if v is not None and k != "device")
-    if extra or config is not None or preset is not None:
-        dropped = extra + [k for k, v in (("config", config), ("preset", preset)) if v is not None]
-        raise UserError(
-            f"resume= continues with the run's saved config; drop {', '.join(dropped)} "
-            "(only device= and progress= may change)"
-        )
+    table = options()
+    refused = sorted(k for k, v in given.items() if v is not None and (
+        k not in table or f"{table[k].section}.{table[k].field}" not in RESUME_FLAGS))
+    refused += [k for k, v in (("config", config), ("preset", preset)) if v is not None]
+    if refused:
+        raise UserError(f"resume= continues with the run's saved config; drop {', '.join(refused)} "
+                        "(only device=, progress= and epochs= may change)")
     cfg = Config()
     cfg.run.run_dir = os.fspath(resume)
-    if given.get("device") is not None:
-        cfg.run.device = _check_type(options()["device"], given["device"])
+    for section, values in _overrides(given, table).items():
+        for name, value in values.items():
+            setattr(getattr(cfg, section), name, value)
     if progress is not None:
-        cfg.run.progress = bool(progress)
-    return cfg
+        if not isinstance(progress, bool):
+            raise UserError(f"progress= must be True or False; got {progress!r}")
+        cfg.run.progress = progress
+    return cfg, cfg.optim.epochs if given.get("epochs") is not None else None
 
 
 class Comparison:
@@ -605,34 +604,31 @@ def compare(
 ) -> Comparison:
     """The seed study (``transferlab compare``): CNN, frozen backbone, CNN chasing it.
 
-    Options: the compare flags in snake_case, plus ``run_dir=``, ``backbone=``,
-    ``chase_max_epochs=``, ``chase_patience=``, ``with_cnn_best=``.
+    Options: the compare flags in snake_case: the shared ones of ``train`` (``data_dir=``,
+    ``epochs=``, ...) and the fields of ``config.CompareConfig`` (``run_dir=``, ``backbone=``,
+    ``chase_max_epochs=``, ``chase_patience=``, ``with_cnn_best=``, ...).
     """
-    from types import SimpleNamespace
-
+    from transferlab.cli import COMPARE_SKIPS
     from transferlab.compare import run_compare
+    from transferlab.config import CompareConfig
 
-    extra = {k: options_.pop(k) for k in list(options_) if k in _COMPARE_EXTRA}
-    bad = [k for k in options_ if k not in options(_COMPARE_SKIP)]
+    kinds = {"int": int, "float": float, "str": str, "bool": "bool"}
+    fields = {f.name: f for f in dataclasses.fields(CompareConfig)}
+    extra = {k: options_.pop(k) for k in list(options_) if k in fields}
+    table = options(COMPARE_SKIPS)
+    bad = [k for k in options_ if k not in table]
     if bad:
-        raise _unknown(
-            bad, [*options(_COMPARE_SKIP), *_COMPARE_EXTRA, "config", "preset", "progress"]
-        )
-    cfg = build_config(config, preset=preset, progress=progress, skip=_COMPARE_SKIP, **options_)
-    args = {}
-    for key, (default, kind) in _COMPARE_EXTRA.items():
-        value = extra.get(key, default)
-        if key == "run_dir" and isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"{key}= must be {kind.__name__}; got {value!r}")
-        args[key] = value
+        raise _unknown(bad, [*table, *fields, "config", "preset", "progress"])
+    cfg = build_config(config, preset=preset, progress=progress, skip=COMPARE_SKIPS, **options_)
+    cc = CompareConfig(**{
+        k: _check_type(Option(k, "--" + k.replace("_", "-"), "", k, kinds[str(fields[k].type)]), v)
+        for k, v in extra.items()})
     if cfg.run.track:
         from transferlab.report.mlflow_log import check_tracking_available
 
         check_tracking_available(cfg.run.track)
     with keep_matplotlib_backend(), _stop_flag() as stop:
-        summaries = run_compare(cfg, SimpleNamespace(**args), stop_requested=stop)
+        summaries = run_compare(cfg, cc, stop_requested=stop)
         run_dirs = [Path(s["run_dir"]) for s in summaries.values()]
         for d in run_dirs:
             post_run(d, cfg.run.report, cfg.run.track)
