@@ -235,14 +235,17 @@ def cifar_subset(n_train: int, n_test: int):
     return (ds.train.images[tr], ds.train.labels[tr]), (ds.test.images[te], ds.test.labels[te])
 
 
-def probe_accuracy(f_tr, y_tr, f_te, y_te, l2: float = 1e-3) -> float:
-    """Test accuracy (%) of an L-BFGS softmax probe on standardised features."""
+def fit_probe(f_tr, y_tr, l2: float = 1e-3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An L-BFGS softmax probe on standardised features; returns features -> predicted class."""
     from transferlab.features.probe import lbfgs_logreg
 
     mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
     w, b = lbfgs_logreg((f_tr - mu) / sd, y_tr, 100, l2, max_iter=200)
-    pred = (((f_te - mu) / sd) @ w.T + b).argmax(1)
-    return 100.0 * (pred == y_te).float().mean().item()
+    return lambda f: (((f - mu) / sd) @ w.T + b).argmax(1)
+
+
+def pct(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100.0 * (a == b).float().mean().item()
 
 
 def accuracy_rows(args, root: Path, log) -> list[dict]:
@@ -270,12 +273,16 @@ def accuracy_rows(args, root: Path, log) -> list[dict]:
         feats[v.label] = out
         log(f"  features {v.label}: {time.perf_counter() - t:.1f}s")
     ref_tr, ref_te = feats["torch fp32"]
-    acc_ref = probe_accuracy(ref_tr, y_tr, ref_te, y_te)
+    ref_probe = fit_probe(ref_tr, y_tr)
+    ref_pred = ref_probe(ref_te)
+    acc_ref = pct(ref_pred, y_te)
     rows = []
     for lab, (f_tr, f_te) in feats.items():
-        acc = acc_ref if lab == "torch fp32" else probe_accuracy(f_tr, y_tr, f_te, y_te)
+        acc = acc_ref if lab == "torch fp32" else pct(fit_probe(f_tr, y_tr)(f_te), y_te)
         rows.append({"variant": lab, "probe_acc": round(acc, 2),
                      "acc_diff": round(acc - acc_ref, 2),
+                     # predict's case: the head trained on torch fp32 features, run on these
+                     "top1_agree_torch_head": round(pct(ref_probe(f_te), ref_pred), 2),
                      "max_abs_diff_real": (f_te - ref_te).abs().max().item()})
     log(f"  probe: {args.probe_train} train / {args.probe_test} test CIFAR-100 images, L2 1e-3")
     return rows

@@ -240,3 +240,19 @@ def test_engine_backbone_forward_for_predict(tmp_path):
     x = torch.randn(9, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(fwd(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_export_openvino(tiny_cifar, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    from transferlab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(tiny_cifar), "--run-dir", str(run), "--model", "cnn",
+                 "--epochs", "1", "--no-progress", "--device", "cpu", "--val-size", "50",
+                 "--batch-size", "50"]) == 0
+    assert main(["export", str(run), "--format", "openvino"]) == 0
+    assert "OK" in capsys.readouterr().out
+    meta = json.loads((run / "model.xml.json").read_text())
+    assert meta["format"] == "openvino" and meta["check"]["ok"]
+    assert meta["check"]["runtime"].startswith("openvino")
+    assert (run / "model.bin").stat().st_size > 0

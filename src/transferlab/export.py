@@ -41,7 +41,7 @@ from transferlab.rundir import check_output_path, expand_user, write_via_temp
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "openvino": "model.xml"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 17
 
@@ -223,10 +223,15 @@ def export_run(
     }
     meta["writer"] = WRITER
     try:
-        with write_via_temp(output) as tmp:
-            writer = export_onnx if fmt == "onnx" else export_torchscript
-            writer(wrapped, rm.image_size, tmp, meta)
-            check = check_export(wrapped, tmp, fmt, rm.image_size, tolerance)
+        if fmt == "openvino":  # xml + bin, each written atomically: see export_openvino.py
+            from transferlab.export_openvino import export_openvino
+
+            check = export_openvino(wrapped, rm.image_size, output, meta, tolerance)
+        else:
+            with write_via_temp(output) as tmp:
+                writer = export_onnx if fmt == "onnx" else export_torchscript
+                writer(wrapped, rm.image_size, tmp, meta)
+                check = check_export(wrapped, tmp, fmt, rm.image_size, tolerance)
         meta["check"] = {
             "runtime": check.runtime,
             "max_abs_diff": check.max_abs_diff,
@@ -270,7 +275,12 @@ def add_parser(sub) -> None:
         "[0,1] NCHW at the run's image size; output logits) and check it against PyTorch.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
-    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx or torchscript")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=tuple(FORMATS),
+        help="onnx, torchscript or openvino (IR: .xml + .bin)",
+    )
     p.add_argument(
         "--output",
         default="",
