@@ -146,30 +146,68 @@ def _timed_speed(model, plan, batch: int = 16) -> float:
     return inference_img_s(model.backbone, plan.image_size, batch, precision=plan.extract.precision)
 
 
-def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
-    """Score and cost one candidate (see the module docstring)."""
-    from transferlab.data.subsets import subset_split
+@dataclass(frozen=True)
+class Setup:
+    """A candidate ready to extract: its config, model, the run's plan and the weights' hash."""
+
+    cfg: Any
+    model: Any
+    plan: Any
+    whash: str
+
+
+def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
+    """Config, model and plan of a frozen run of ``cand`` (the plan is the experiment's own)."""
     from transferlab.experiment import _plan
     from transferlab.features import cache as fcache
+    from transferlab.models.registry import build_model
+
+    cfg = candidate_config(cand, overrides)
+    model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device).eval()
+    plan = _plan(cfg, model, ds, env, None)  # size, preprocessing, extraction precision
+    if plan.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Setup(cfg, model, plan, fcache.weights_hash(model.backbone))
+
+
+def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
+    """(features, labels, img/s or None) of the stratified subsample, through the cache.
+
+    When the whole training split is cached (a study or a run extracted it), its rows are picked
+    (the same images ``subset_split`` draws); else the subsample is extracted and cached under its
+    own split name (``train-pc20-s0``), never under the whole split's key.
+    """
+    from transferlab.data.subsets import select_per_class, subset_split
+    from transferlab.features import cache as fcache
+    from transferlab.features.pipeline import feature_key, split_features
+
+    root = fcache.cache_root(st.cfg.run.cache_dir)
+    key = fcache.cache_key(feature_key(st.cfg, st.plan, ds, "train", st.whash))
+    hit = fcache.load_entry(root, key)
+    if hit is not None and hit[0]["features"].dim() == 2:
+        log.info("%s: subsample picked from the cached training split", st.cfg.model.name)
+        x, y = select_per_class(hit[0]["features"], hit[0]["labels"], per_class, seed)
+        return x, y, None
+    sub = copy.copy(ds)
+    name = f"train-pc{per_class}-s{seed}"
+    setattr(sub, name, subset_split(ds.train, per_class, seed))
+    x, y, meta = split_features(st.cfg, st.plan, st.model, sub, name, env, st.whash)
+    return x, y, meta.img_s
+
+
+def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
+    """Score and cost one candidate (see the module docstring)."""
     from transferlab.features.logme import logme
     from transferlab.features.pipeline import split_features
-    from transferlab.models.registry import build_model
     from transferlab.study.costs import forward_macs
 
     t0 = time.perf_counter()
-    cfg = candidate_config(cand, overrides)
-    model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device).eval()
-    plan = _plan(cfg, model, ds, env, None)  # the run's own plan: size, preprocessing, precision
-    if plan.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    whash = fcache.weights_hash(model.backbone)
-    sub = copy.copy(ds)  # the subsample gets its own split name, so its own cache key
-    name = f"train-pc{per_class}-s{seed}"
-    setattr(sub, name, subset_split(ds.train, per_class, seed))
-    x, y, meta = split_features(cfg, plan, model, sub, name, env, whash)
-    xv, yv, _ = split_features(cfg, plan, model, ds, "val", env, whash)
+    st = candidate_setup(cand, ds, overrides, env)
+    model, plan = st.model, st.plan
+    x, y, img_s = subsample_features(st, ds, per_class, seed, env)
+    xv, yv, _ = split_features(st.cfg, plan, model, ds, "val", env, st.whash)
     speed, source = (
-        (meta.img_s, "extraction") if meta.img_s else (_timed_speed(model, plan), "timed batch")
+        (img_s, "extraction") if img_s else (_timed_speed(model, plan), "timed batch")
     )
     score = logme(x.float(), y)
     acc, l2 = probe_accuracy(x, y, xv, yv, len(ds.classes))
