@@ -102,8 +102,10 @@ def test_missing_package_message(monkeypatch):
         load_lite0_pretrained(_timm(num_classes=0))
 
 
-def test_preprocess_metadata():
-    assert LITE0_PREPROCESS["mean"] == (0.5, 0.5, 0.5)
-    assert LITE0_PREPROCESS["std"] == (0.5, 0.5, 0.5)
-    assert LITE0_PREPROCESS["input_size"] == 224
-    assert LITE0_PREPROCESS["interpolation"] == "bilinear"
+def test_preprocess_metadata_matches_timms_pretrained_config():
+    """Our lite0 normalisation and size agree with timm's own record for these weights (an
+    independent source: tf_efficientnet_lite0's pretrained_cfg)."""
+    cfg = _timm(num_classes=0).pretrained_cfg
+    assert tuple(LITE0_PREPROCESS["mean"]) == pytest.approx(tuple(cfg["mean"]))
+    assert tuple(LITE0_PREPROCESS["std"]) == pytest.approx(tuple(cfg["std"]))
+    assert LITE0_PREPROCESS["input_size"] == cfg["input_size"][-1]

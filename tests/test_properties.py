@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transferlab.config import SECTIONS, config_from_dict, load_yaml
+from transferlab.config import SECTIONS, _coerce, config_from_dict, config_to_dict, load_yaml
 from transferlab.data.cifar import safe_unpickle
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
@@ -49,9 +49,17 @@ def test_random_configs_give_a_config_or_a_user_error(d):
 @given(st.fixed_dictionaries({}, optional={name: sections for name in SECTIONS}))
 def test_random_known_sections_give_a_config_or_a_user_error(d):
     try:
-        config_from_dict(d)
-    except UserError:
-        pass
+        cfg = config_from_dict(d)
+    except UserError as e:  # one line that names what was wrong
+        assert "\n" not in str(e) and str(e)
+        return
+    # a valid config survives its own round trip and holds the values it was given
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    for section, values in d.items():
+        fields = SECTIONS[section].__dataclass_fields__
+        for key, value in (values or {}).items():
+            if key != "mode":  # "" resolves to the model's default mode
+                assert getattr(getattr(cfg, section), key) == _coerce(value, fields[key])
 
 
 def _tmp_file(data: bytes, suffix: str = "") -> Path:
@@ -139,8 +147,12 @@ def test_load_yaml_random_bytes(data):
         path.unlink()
 
 
-@pytest.mark.parametrize("text", ["optim:\n  lr: 1e-3\n", "run: {seed: 3}\n", ""])
-def test_good_yaml_still_loads(tmp_path, text):
+@pytest.mark.parametrize("text, field, value", [("optim:\n  lr: 1e-3\n", "optim.lr", 1e-3),
+                                               ("run: {seed: 3}\n", "run.seed", 3),
+                                               ("", "optim.epochs", 10)])
+def test_good_yaml_still_loads(tmp_path, text, field, value):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    config_from_dict(load_yaml(path))
+    cfg = config_from_dict(load_yaml(path))
+    section, key = field.split(".")
+    assert getattr(getattr(cfg, section), key) == value

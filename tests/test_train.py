@@ -173,12 +173,19 @@ def test_label_smoothing_is_used_in_training_not_in_evaluation():
 def test_precision_resolution():
     assert resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
-    assert resolve_precision("auto", CPU) in ("fp32", "bf16")
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
     with autocast("bf16", CPU):
         assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.bfloat16
     assert not make_scaler("bf16", CPU).is_enabled()
+
+
+@pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, fast_bf16, expected):
+    import transferlab.train.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert precision.resolve_precision("auto", CPU) == expected
 
 
 def test_bf16_run_end_to_end(data_dir, tmp_path):

@@ -62,6 +62,7 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
     except UserError as e:
         raise UserError(f"{run_dir / 'last.pt'} holds an invalid config: {e}") from None
     saved.run.device, saved.run.progress = cfg.run.device, cfg.run.progress
+    saved.run.run_dir = str(run_dir)  # the dir being resumed (a copied run writes to itself)
     if epochs is not None:  # --resume RUN --epochs N with a larger N extends a finished run
         saved.optim.epochs = max(saved.optim.epochs, epochs)
     return saved, ckpt, handle

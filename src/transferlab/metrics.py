@@ -23,7 +23,8 @@ COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epo
            "train_img_s"]
 # metrics.csv column -> TensorBoard tag
 SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train",
-           "val_acc": "acc/val", "lr": "lr", "train_img_s": "throughput/train_img_s"}
+           "val_acc": "acc/val", "lr": "lr", "train_img_s": "img_per_s/train",
+           "epoch_time_s": "epoch_time_s"}
 
 
 def epoch_row(epoch: int, train: tuple[float, float], val: tuple[float, float], lr: float,
