@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from transferlab.data.cifar import write_cifar_like
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
+
+
+def write_png_tree(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0) -> Path:
+    """PATH/<class>/<i>.png, each class a noisy solid colour (learnable in one epoch)."""
+    rng = np.random.default_rng(seed)
+    for k, (cls, n) in enumerate(counts.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            px = np.clip(np.array(COLOURS[k % 4]) + rng.normal(0, 20, (size, size + 2, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.csv, as strings (exactly as written)."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="session")

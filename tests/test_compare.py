@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import metrics_rows
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.compare import experiment_configs
 from transferlab.config import CompareConfig
@@ -185,11 +186,7 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     fresh = cfg("fresh", 4, patience=5, target=0.99)
     run_experiment(fresh)
     numbers = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-    assert [[r[k] for k in numbers] for r in _rows(tmp_path / "chase")] == \
-        [[r[k] for k in numbers] for r in _rows(tmp_path / "fresh")]
-    assert len(_rows(tmp_path / "chase")) == 4
+    assert [[r[k] for k in numbers] for r in metrics_rows(tmp_path / "chase")] == \
+        [[r[k] for k in numbers] for r in metrics_rows(tmp_path / "fresh")]
+    assert len(metrics_rows(tmp_path / "chase")) == 4
 
-
-def _rows(run_dir) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))

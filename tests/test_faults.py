@@ -8,7 +8,6 @@ uninterrupted ones bit for bit (as printed in metrics.csv and summary.json).
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import metrics_rows
 from transferlab.cli import main
 from transferlab.features import cache as fcache
 
@@ -56,11 +56,6 @@ def assert_one_line_error(err: str, *needles: str) -> None:
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def exact_metrics(run_dir: Path) -> list[list[str]]:

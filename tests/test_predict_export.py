@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from test_folder import write_png_tree
+from conftest import write_png_tree
 from transferlab.cli import main
 from transferlab.predict import load_run_model
 

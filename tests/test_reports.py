@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_folder import write_png_tree
+from conftest import write_png_tree
 from transferlab.cli import main
 from transferlab.report.html import markdown_to_html
 from transferlab.report.run_report import confused_pairs, per_class_accuracy

@@ -10,7 +10,6 @@ ResNet-18's own counts are checked in test_models.py and test_compare.py.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import signal
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import metrics_rows
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.config import ModelConfig, OptimConfig
 from transferlab.data.cifar import write_cifar_like
@@ -76,11 +76,6 @@ def _backbone(state: dict) -> dict:
 
 def _groups(ckpt: dict) -> dict[str, dict]:
     return {g["name"]: g for g in ckpt["optimizer"]["param_groups"]}
-
-
-def _metrics(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------- optimisers and schedules
@@ -408,7 +403,7 @@ def test_gradual_resume_matches_an_uninterrupted_run(
     def numbers(rows):
         return [{k: r[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")} for r in rows]
 
-    assert numbers(_metrics(run / "metrics.csv")) == numbers(_metrics(ref / "metrics.csv"))
+    assert numbers(metrics_rows(run)) == numbers(metrics_rows(ref))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     for split in ("train", "val", "test"):
         assert sb[split] == sa[split]
@@ -417,7 +412,7 @@ def test_gradual_resume_matches_an_uninterrupted_run(
 
 def test_gradual_unfreezes_after_freeze_epochs(gradual_reference, resnet_weights):
     _, state = resnet_weights
-    rows = _metrics(gradual_reference / "metrics.csv")
+    rows = metrics_rows(gradual_reference)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     ckpt = load_checkpoint(gradual_reference / "last.pt")
     assert ckpt["fit_state"]["phase"] == "unfrozen"
