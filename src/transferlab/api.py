@@ -482,23 +482,6 @@ def _ipython():
     return get_ipython()
 
 
-def post_run(run_dir: Path, report: bool, track: str) -> None:
-    """After a finished run (rank 0): write the report if asked and missing, then log to MLflow.
-
-    The single place for the steps that follow a run, for the API and (once wired) the CLI.
-    """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if report and not (run_dir / "report.html").is_file():
-        from transferlab.report.run_report import write_run_report
-
-        write_run_report(run_dir)
-    if track:
-        from transferlab.report.mlflow_log import log_run
-
-        log_run(run_dir, track)
-
-
 def train(
     config=None,
     *,
@@ -520,18 +503,12 @@ def train(
         cfg, epochs = _resume_config(resume, progress, options_, config, preset)
     else:
         cfg = build_config(config, preset=preset, progress=progress, **options_)
-    if cfg.run.track:
-        from transferlab.report.mlflow_log import check_tracking_available
-
-        check_tracking_available(cfg.run.track)
     with keep_matplotlib_backend(), _stop_flag() as stop:
         if resume is not None:
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
             summary = run_experiment(cfg, stop_requested=stop)
-        run_dir = Path(summary["run_dir"])
-        post_run(run_dir, cfg.run.report, cfg.run.track)
-    return Run(run_dir)
+    return Run(summary["run_dir"])  # the run wrote its report and tracking itself (outputs.py)
 
 
 def _resume_config(resume, progress, given: dict, config, preset):
@@ -623,16 +600,9 @@ def compare(
     cc = CompareConfig(**{
         k: _check_type(Option(k, "--" + k.replace("_", "-"), "", k, kinds[str(fields[k].type)]), v)
         for k, v in extra.items()})
-    if cfg.run.track:
-        from transferlab.report.mlflow_log import check_tracking_available
-
-        check_tracking_available(cfg.run.track)
     with keep_matplotlib_backend(), _stop_flag() as stop:
         summaries = run_compare(cfg, cc, stop_requested=stop)
-        run_dirs = [Path(s["run_dir"]) for s in summaries.values()]
-        for d in run_dirs:
-            post_run(d, cfg.run.report, cfg.run.track)
-    return Comparison(run_dirs[0].parent)
+    return Comparison(Path(next(iter(summaries.values()))["run_dir"]).parent)
 
 
 class Study:
