@@ -84,7 +84,7 @@ def points(rows: list[dict]) -> list[Point]:
     ok = [r for r in rows if r["status"] == "ok"]
     extract = {}  # arm -> its cold extraction seconds (the largest over its cells)
     for r in ok:
-        if r.get("cache") == "miss":
+        if r.get("cache") in ("miss", "partial"):
             extract[r["arm"]] = max(extract.get(r["arm"], 0.0), _f(r["extract_s"]) or 0.0)
     out = []
     for arm in dict.fromkeys(r["arm"] for r in ok):
@@ -285,7 +285,7 @@ def verdict(rows: list[dict], pts: list[Point]) -> str:
             continue
         bp, bs = max(cand_pre, key=lambda p: p.mean), max(cand_scr, key=lambda p: p.mean)
         g = paired_gain(rows, bp.arm, bs.arm, size)
-        gain = f"{g[0]:+.1f} ± {g[1]:.1f}" if g else f"{100 * (bp.mean - bs.mean):+.1f}"
+        gain = _pm(g[0], g[1], g[2]) if g else f"{100 * (bp.mean - bs.mean):+.1f}"
         label = f"{size} images per class" if size != "all" else f"all {bp.x:.0f} images per class"
         parts.append(
             f"with {label}, {bp.arm} reaches {100 * bp.mean:.1f}% against {100 * bs.mean:.1f}% "
@@ -298,10 +298,23 @@ def verdict(rows: list[dict], pts: list[Point]) -> str:
     best_pre = max(pre, key=lambda a: max((p.mean for p in pts if p.arm == a), default=0))
     best_scr = max(scratch, key=lambda a: max((p.mean for p in pts if p.arm == a), default=0))
     text = "; ".join(parts)
-    return (
-        f"{text[0].upper()}{text[1:]}. The scratch arm {best_scr} catches up with {best_pre} "
-        f"{catch_up(pts, best_pre, best_scr)}."
-    )
+    caught = catch_up(pts, best_pre, best_scr)
+    if caught.startswith("never"):
+        rest = caught[len("never within the grid") :]
+        end = f"{best_scr} does not catch up with {best_pre} within the grid{rest}"
+    else:
+        end = f"{best_scr} catches up with {best_pre} {caught}"
+    return f"{text[0].upper()}{text[1:]}. The scratch arm {end}."
+
+
+def _pm(m: float, half: float, n: int, sign: bool = True) -> str:
+    """ "+25.0 ± 1.2" over n >= 2 seeds, "+25.0 (1 seed)" otherwise."""
+    v = f"{m:+.1f}" if sign else f"{m:.1f}"
+    return f"{v} ± {half:.1f}" if n >= 2 else f"{v} (1 seed)"
+
+
+def _size_head(s: str) -> str:
+    return "all" if s == "all" else f"{s}/class"
 
 
 def _means_table(pts: list[Point]) -> list[str]:
@@ -309,7 +322,7 @@ def _means_table(pts: list[Point]) -> list[str]:
         {p.per_class for p in pts}, key=lambda s: (s == "all", float(s) if s != "all" else 0)
     )
     lines = [
-        "| arm | " + " | ".join(f"{s}/class" for s in sizes) + " |",
+        "| arm | " + " | ".join(_size_head(s) for s in sizes) + " |",
         "|---" * (len(sizes) + 1) + "|",
     ]
     by = {(p.arm, p.per_class): p for p in pts}
@@ -317,7 +330,7 @@ def _means_table(pts: list[Point]) -> list[str]:
         cells = []
         for s in sizes:
             p = by.get((arm, s))
-            cells.append("" if p is None else f"{100 * p.mean:.1f} ± {100 * p.half:.1f} (n={p.n})")
+            cells.append("" if p is None else _pm(100 * p.mean, 100 * p.half, p.n, sign=False))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -337,7 +350,7 @@ def _gain_tables(rows: list[dict], pts: list[Point]) -> list[str]:
             "mean ± 95% interval):",
             "",
             "| pretrained arm | "
-            + " | ".join(f"{s}/class" for s in sizes)
+            + " | ".join(_size_head(s) for s in sizes)
             + " | scratch catches up |",
             "|---" * (len(sizes) + 2) + "|",
         ]
@@ -345,29 +358,34 @@ def _gain_tables(rows: list[dict], pts: list[Point]) -> list[str]:
             cells = []
             for s in sizes:
                 g = paired_gain(rows, arm, base, s)
-                cells.append("" if g is None else f"{g[0]:+.1f} ± {g[1]:.1f}")
+                cells.append("" if g is None else _pm(*g))
             out.append(f"| {arm} | " + " | ".join(cells) + f" | {catch_up(pts, arm, base)} |")
         out.append("")
     return out
 
 
-def _cost_table(rows: list[dict], pts: list[Point]) -> list[str]:
+def _cost_table(rows: list[dict]) -> list[str]:
     out = [
-        "| arm | MACs/image | params (total) | inference img/s here | cold extraction | "
-        "mean cell time (excl. extraction) |",
-        "|---|---|---|---|---|---|",
+        "| arm | MACs/image | params (total) | inference img/s here | extraction img/s | "
+        "cold extraction | mean cell time (excl. extraction) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm and r["status"] == "ok"]
-        ext = max((_f(r["extract_s"]) or 0.0 for r in rs if r.get("cache") == "miss"), default=0.0)
+        if not rs or _f(rs[0]["macs"]) is None:
+            out.append(f"| {arm} | | | | | | |")
+            continue
+        cold = [r for r in rs if r.get("cache") in ("miss", "partial")]
+        ext = max((_f(r["extract_s"]) or 0.0 for r in cold), default=0.0)
+        partial = any(r.get("cache") == "partial" for r in cold)
+        speeds = [_f(r.get("extract_img_s")) for r in cold if _f(r.get("extract_img_s"))]
         own = [(_f(r["wall_s"]) or 0) - (_f(r["extract_s"]) or 0) for r in rs]
-        macs = _f(rs[0]["macs"]) if rs else None
+        note = " (some splits were cached before)" if partial else ""
+        ext_text = "-" if not ext else _dur(ext) + note
         out.append(
-            f"| {arm} | {macs / 1e6:.0f} M | {rs[0]['params_total'] if rs else ''} | "
-            f"{rs[0]['infer_img_s'] if rs else ''} | {_dur(ext) if ext else '-'} | "
-            f"{_dur(mean(own)) if own else '-'} |"
-            if macs
-            else f"| {arm} | | | | | |"
+            f"| {arm} | {_f(rs[0]['macs']) / 1e6:.0f} M | {rs[0]['params_total']} | "
+            f"{rs[0]['infer_img_s']} | {f'{mean(speeds):.1f}' if speeds else '-'} | {ext_text} | "
+            f"{_dur(mean(own))} |"
         )
     return out
 
@@ -452,7 +470,7 @@ def write_study_report(study_dir: str | Path) -> Path:
             "cheaper and "
             "more accurate.",
             "",
-            *_cost_table(rows, pts),
+            *_cost_table(rows),
             "",
         ]
     failed = [r for r in rows if r["status"] == "failed"]

@@ -64,6 +64,7 @@ CSV_COLUMNS = (
     "wall_s",
     "extract_s",
     "cache",
+    "extract_img_s",
     "train_s",
     "eval_s",
     "params_trainable",
@@ -312,6 +313,19 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
     return costs
 
 
+def _cache_status(hits: list) -> str:
+    """hit (every split read from the cache), miss (every split extracted), partial, or ""."""
+    if not hits:
+        return ""
+    return "hit" if all(hits) else ("miss" if not any(hits) else "partial")
+
+
+def _mean_speed(fc: dict) -> float | str:
+    speeds = [v["img_s"] for k, v in fc.items() if k in ("train", "val", "test")
+              and isinstance(v, dict) and v.get("img_s")]
+    return round(sum(speeds) / len(speeds), 1) if speeds else ""
+
+
 def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
     """The study.csv row of one cell, read from its run dir."""
     arm: Arm = cell.arm
@@ -349,7 +363,8 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
             train_s=t.get("train"),
             eval_s=t.get("eval"),
             extract_s=fc.get("seconds", ""),
-            cache=("hit" if all(hit) else "miss") if hit else "",
+            cache=_cache_status(hit),
+            extract_img_s=_mean_speed(fc),
             params_trainable=s["params"]["trainable"],
             params_total=s["params"]["total"],
         )
