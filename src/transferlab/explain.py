@@ -195,7 +195,7 @@ def explain_images(
     written, used = [], set()
     for image, name in zip(images, names, strict=True):
         try:
-            x = load_image(image, rm.image_size)
+            x = load_image(image, rm.preprocessing)  # the eval transform predict uses
         except Exception as e:  # missing, unreadable, not an image
             log.warning("cannot read %s: %s: %s", name, type(e).__name__, e)
             continue
