@@ -96,13 +96,14 @@ def model_channels_last(cfg: Config, size: int, env: DistEnv) -> bool:
     return use_channels_last(cfg.run.channels_last, size, env.device)
 
 
-def _pipeline(cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv) -> Pipeline:
+def _pipeline(cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv,
+              stop_requested) -> Pipeline:
     if hasattr(ds, "set_preprocessing"):  # folder data: workers decode by the eval transform
         ds.set_preprocessing(plan.preprocessing)
     if plan.path == "features":
         from transferlab.features.pipeline import build_feature_pipeline
 
-        return build_feature_pipeline(cfg, plan, model, ds, env)
+        return build_feature_pipeline(cfg, plan, model, ds, env, stop_requested)
     from transferlab.data.pipeline import build_pixel_pipeline
 
     return build_pixel_pipeline(cfg, plan, model, ds, env)
@@ -143,7 +144,7 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     t_setup = time.perf_counter()
-    pipe = _pipeline(cfg, plan, model, ds, env)
+    pipe = _pipeline(cfg, plan, model, ds, env, stop_requested)
     setup_s = time.perf_counter() - t_setup
     ctx = StepContext(device=env.device, precision=plan.step_precision, env=env,
                       label_smoothing=cfg.optim.label_smoothing, grad_clip=cfg.optim.grad_clip,

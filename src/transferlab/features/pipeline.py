@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,8 +33,10 @@ from transferlab.distributed import (
     broadcast_object,
     wrap_ddp,
 )
+from transferlab.errors import UserError
 from transferlab.features import cache as fcache
-from transferlab.features.extract import choose_precision, extract_features
+from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
+from transferlab.features.extract import extract_with_engine
 from transferlab.models.classifier import Classifier
 from transferlab.pipeline import FeatureInfo, Pipeline, SplitFeatures
 from transferlab.plan import ExtractPlan, Plan
@@ -45,13 +48,36 @@ KEY_VERSION = 1
 
 def choose_extraction(cfg: Config, model: Classifier, size: int, env: DistEnv,
                       channels_last: bool) -> ExtractPlan:
-    """The extraction engine, precision and batch (rank 0 measures when asked for ``auto``)."""
-    root = fcache.cache_root(cfg.run.cache_dir)
-    precision = choose_precision(model.features, cfg.model.name, size, env.device, root,
-                                 cfg.run.precision, channels_last) if env.is_main else None
-    precision = broadcast_object(precision, env)
-    return ExtractPlan(engine="torch", precision=precision,
-                       batch_size=max(1, cfg.optim.eval_batch_size // env.world_size))
+    """The extraction engine, precision and batch: rank 0 measures them (``--engine auto``,
+    ``--precision auto``) once per backbone, size, device and library versions, remembers the
+    choice in the cache dir (so cache keys stay stable), and every rank uses its choice."""
+    choice = None
+    if env.is_main:
+        root = fcache.cache_root(cfg.run.cache_dir)
+        choice = resolve_engine(cfg.run.engine, model.backbone, cfg.model.name, size, env.device,
+                                root, cfg.run.precision, channels_last)
+    choice = broadcast_object(choice, env)
+    return ExtractPlan(engine=choice.name, precision=choice.precision, batch_size=choice.batch_size)
+
+
+class _Engines:
+    """Builds the plan's engine on the first cache miss (a warm cache needs none)."""
+
+    def __init__(self, cfg: Config, plan: Plan, model: Classifier, env: DistEnv, whash: str):
+        self.cfg, self.plan, self.model, self.env, self.whash = cfg, plan, model, env, whash
+        self.engine = None
+
+    def get(self):
+        if self.engine is None:
+            ext, cfg = self.plan.extract, self.cfg
+            self.engine = build_engine(
+                EngineChoice(ext.engine, ext.precision, ext.batch_size), self.model.backbone,
+                self.plan.image_size, self.env.device, fcache.cache_root(cfg.run.cache_dir),
+                self.whash, self.plan.channels_last, fallback=cfg.run.engine == "auto")
+            if self.engine.choice.name != ext.engine:  # the plan (and cache key) said otherwise
+                raise UserError(f"the {ext.engine} engine could not be built for this backbone "
+                                "now; rerun with --engine torch")
+        return self.engine
 
 
 def view_augment(cfg: Config) -> tuple[int, bool]:
@@ -100,13 +126,14 @@ def _view_aug(cfg: Config, views: int):
     return lambda x, g: augment_batch(x, crop_padding=pad, flip=flip, cutout_size=0, generator=g)
 
 
-def split_features(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset, name: str,
-                   env: DistEnv, whash: str) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
+def split_features(cfg: Config, plan: Plan, ds: ImageDataset, name: str, env: DistEnv,
+                   engines: _Engines, stop_requested: Callable[[], bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
     """(features, labels) of one split, from the cache or freshly extracted (then stored)."""
     split = getattr(ds, name)
     root = fcache.cache_root(cfg.run.cache_dir)
     views = cfg.run.feature_views if name == "train" else 1
-    key = fcache.cache_key(feature_key(cfg, plan, ds, name, whash))
+    key = fcache.cache_key(feature_key(cfg, plan, ds, name, engines.whash))
     hit = _lookup(root, key, env)
     if hit:
         log.info("feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, name,
@@ -115,12 +142,11 @@ def split_features(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
     prepare, aug = prepare_fn(plan), _view_aug(cfg, views)
     outs, speed = [], 0.0
     for v in range(views):  # one augmentation stream per view
-        loader = make_loader(split, plan.extract.batch_size, False, env, cfg.run.seed * 1000 + v,
+        loader = make_loader(split, plan.eval_batch_per_rank, False, env, cfg.run.seed * 1000 + v,
                              aug)
         desc = f"extract {name}" + (f" view {v + 1}" if views > 1 else "")
-        f, speed = extract_features(model.features, prepare, loader, env.device,
-                                    plan.extract.precision, env, len(split),
-                                    progress=cfg.run.progress, desc=desc)
+        f, speed = extract_with_engine(engines.get(), prepare, loader, env, len(split),
+                                       cfg.run.progress, desc, stop_requested)
         outs.append(f)
     feats = torch.stack(outs, 1) if views > 1 else outs[0]
     labels = split.labels.clone()
@@ -138,15 +164,20 @@ def split_features(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
 
 
 def build_feature_pipeline(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
-                           env: DistEnv) -> Pipeline:
-    """Extract (or load) the three splits' features and build the head's loaders."""
+                           env: DistEnv, stop_requested: Callable[[], bool] = lambda: False
+                           ) -> Pipeline:
+    """Extract (or load) the three splits' features and build the head's loaders.
+
+    ``stop_requested`` (SIGINT/SIGTERM) is honoured within one batch of an extraction; the
+    split being extracted is not cached, the ones before it are.
+    """
     broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one key
     model.eval()
-    whash = fcache.weights_hash(model.backbone)
+    engines = _Engines(cfg, plan, model, env, fcache.weights_hash(model.backbone))
     data, splits = {}, {}
     t0 = time.perf_counter()
     for name in ("train", "val", "test"):
-        f, y, meta = split_features(cfg, plan, model, ds, name, env, whash)
+        f, y, meta = split_features(cfg, plan, ds, name, env, engines, stop_requested)
         if name == "train" and cfg.data.per_class:  # the whole split is cached once; a study's
             from transferlab.data.subsets import select_per_class  # sizes and seeds pick rows
 
