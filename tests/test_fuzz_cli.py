@@ -405,6 +405,7 @@ def run_one(ws: Workspace, d, capsys, caplog, monkeypatch) -> dict:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ws.root)  # default run dirs (runs/...) and ./mlruns land in the workspace
     before = ws.snapshot()
     capsys.readouterr()
     caplog.clear()
