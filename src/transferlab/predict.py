@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 import logging
 import sys
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ class RunModel:
     classes: list[str]
     preprocessing: Preprocessing  # the plan's eval transform (resize, crop, mean, std)
     name: str  # --model of the run
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits; None = the model
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.forward or self.model)(x)
 
     @property
     def image_size(self) -> int:  # input side in px the run trained at
@@ -87,7 +92,24 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     model.eval().to(device)
     # decoded files always take the eval transform (resize, centre crop), even for a CIFAR run
     pre = dataclasses.replace(plan.preprocessing, on_device_resize=False)
-    return RunModel(model, classes, pre, cfg.model.name)
+    forward = _engine_forward(model, plan, torch.device(device), cfg.run.cache_dir)
+    return RunModel(model, classes, pre, cfg.model.name, forward)
+
+
+def _engine_forward(model: Classifier, plan: Plan, device: torch.device, cache_dir: str):
+    """On the CPU, a frozen-feature run's backbone runs on the engine (and precision) that
+    extracted its training features, so predictions see the features the head was trained on."""
+    ext = plan.extract
+    if ext is None or device.type != "cpu":
+        return None
+    from transferlab.features import cache as fcache
+    from transferlab.features.engines import EngineChoice, engine_backbone_forward
+
+    features = engine_backbone_forward(EngineChoice(ext.engine, ext.precision, ext.batch_size),
+                                       model.backbone, plan.image_size,
+                                       fcache.cache_root(cache_dir),
+                                       fcache.weights_hash(model.backbone))
+    return lambda x: model.head(features(x))
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -125,7 +147,7 @@ def predict_files(rm: RunModel, files: list[Path], top_k: int, batch_size: int,
                 row["error"] = f"{type(e).__name__}: {e}"
         if images:
             x = to_float_normalized(torch.stack(images).to(device), rm.mean, rm.std, None, rm.interpolation)
-            probs = rm.model(x).float().softmax(1)
+            probs = rm.logits(x).float().softmax(1)
             top_p, top_i = probs.topk(k, dim=1)
             for row, ps, ids in zip(ok, top_p.tolist(), top_i.tolist(), strict=True):
                 row["top"] = [{"class": rm.classes[i], "prob": round(p, 6)} for p, i in zip(ps, ids, strict=True)]
