@@ -30,7 +30,6 @@ def main() -> None:
 
     from transferlab.data.load import load_data
     from transferlab.distributed import init_distributed
-    from transferlab.features.pipeline import split_features
     from transferlab.study.rank import (
         candidate_config,
         candidate_setup,
@@ -38,6 +37,7 @@ def main() -> None:
         parse_candidates,
         probe_accuracy,
         rank_candidates,
+        split_of,
     )
 
     p = argparse.ArgumentParser()
@@ -65,8 +65,8 @@ def main() -> None:
     for c in cands:
         t1 = time.perf_counter()
         st = candidate_setup(c, ds, overrides, env)
-        x, y, _ = split_features(st.cfg, st.plan, st.model, ds, "train", env, st.whash)
-        xv, yv, _ = split_features(st.cfg, st.plan, st.model, ds, "val", env, st.whash)
+        x, y, _ = split_of(st, ds, "train", env)
+        xv, yv, _ = split_of(st, ds, "val", env)
         acc, l2 = probe_accuracy(x, y, xv, yv, len(ds.classes))
         full[c.label] = {
             "val_acc": round(acc, 4),

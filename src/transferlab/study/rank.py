@@ -170,6 +170,19 @@ def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
     return Setup(cfg, model, plan, fcache.weights_hash(model.backbone))
 
 
+def split_of(st: Setup, ds, name: str, env):
+    """(features, labels, SplitFeatures) of split ``name`` of ``ds``, exactly as a run gets them
+    (features.pipeline.split_features: the cache, the plan's engine and precision)."""
+    import inspect
+
+    from transferlab.features import pipeline as fp
+
+    if "engines" in inspect.signature(fp.split_features).parameters:  # the engines redesign
+        engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash)
+        return fp.split_features(st.cfg, st.plan, ds, name, env, engines, lambda: False)
+    return fp.split_features(st.cfg, st.plan, st.model, ds, name, env, st.whash)
+
+
 def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     """(features, labels, img/s or None) of the stratified subsample, through the cache.
 
@@ -179,7 +192,7 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     """
     from transferlab.data.subsets import select_per_class, subset_split
     from transferlab.features import cache as fcache
-    from transferlab.features.pipeline import feature_key, split_features
+    from transferlab.features.pipeline import feature_key
 
     root = fcache.cache_root(st.cfg.run.cache_dir)
     key = fcache.cache_key(feature_key(st.cfg, st.plan, ds, "train", st.whash))
@@ -191,24 +204,21 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     sub = copy.copy(ds)
     name = f"train-pc{per_class}-s{seed}"
     setattr(sub, name, subset_split(ds.train, per_class, seed))
-    x, y, meta = split_features(st.cfg, st.plan, st.model, sub, name, env, st.whash)
+    x, y, meta = split_of(st, sub, name, env)
     return x, y, meta.img_s
 
 
 def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
     """Score and cost one candidate (see the module docstring)."""
     from transferlab.features.logme import logme
-    from transferlab.features.pipeline import split_features
     from transferlab.study.costs import forward_macs
 
     t0 = time.perf_counter()
     st = candidate_setup(cand, ds, overrides, env)
     model, plan = st.model, st.plan
     x, y, img_s = subsample_features(st, ds, per_class, seed, env)
-    xv, yv, _ = split_features(st.cfg, plan, model, ds, "val", env, st.whash)
-    speed, source = (
-        (img_s, "extraction") if img_s else (_timed_speed(model, plan), "timed batch")
-    )
+    xv, yv, _ = split_of(st, ds, "val", env)
+    speed, source = (img_s, "extraction") if img_s else (_timed_speed(model, plan), "timed batch")
     score = logme(x.float(), y)
     acc, l2 = probe_accuracy(x, y, xv, yv, len(ds.classes))
     n_all = len(ds.train) + len(ds.val) + len(ds.test)
