@@ -57,12 +57,16 @@ def _variant(base: Config, root: Path, dir_name: str, name: str, mode: str) -> C
     return config_from_dict(d)
 
 
-def experiment_configs(base: Config, cc: CompareConfig, root: Path,
-                       chase_target: float | None = None) -> dict[str, Config]:
+def experiment_configs(
+    base: Config, cc: CompareConfig, root: Path, chase_target: float | None = None
+) -> dict[str, Config]:
     """The configs of the compare experiments (chase needs experiment 2's best val acc)."""
-    out = {"cnn": _variant(base, root, "cnn", "cnn", "scratch"),
-           "frozen": _variant(base, root, f"{cc.backbone.replace(':', '-')}-frozen", cc.backbone,
-                              "frozen")}
+    out = {
+        "cnn": _variant(base, root, "cnn", "cnn", "scratch"),
+        "frozen": _variant(
+            base, root, f"{cc.backbone.replace(':', '-')}-frozen", cc.backbone, "frozen"
+        ),
+    }
     if chase_target is not None:
         c = _variant(base, root, "cnn-chase", "cnn", "scratch")
         c.optim.epochs = cc.chase_max_epochs
@@ -109,8 +113,9 @@ def continue_from(first_dir: Path, chase: Config) -> None:
         ck = load_checkpoint(first_dir / name, require=RESUME_KEYS)
         plan = Plan.from_dict(ck["plan"])
         text = resolved_config_text(chase, plan)
-        ck["config"] = {k: v for k, v in resolved_config_dict(chase, plan).items()
-                        if k != "resolved"}
+        ck["config"] = {
+            k: v for k, v in resolved_config_dict(chase, plan).items() if k != "resolved"
+        }
         ck["config_hash"] = hashlib.sha256(text.encode()).hexdigest()
         ck["fit_state"]["stop_reason"] = ""
         atomic_save(ck, dst / name)
@@ -139,7 +144,9 @@ def _prepare_root(base: Config, cc: CompareConfig) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {root} ({e.strerror or e}); choose another --run-dir") from None
+        raise UserError(
+            f"cannot create {root} ({e.strerror or e}); choose another --run-dir"
+        ) from None
     return root
 
 
@@ -156,22 +163,28 @@ def run_compare(base: Config, cc: CompareConfig, stop_requested=lambda: False) -
     cfgs = experiment_configs(base, cc, root)
     for key in ("cnn", "frozen"):
         log.info("compare: experiment %s -> %s", key, cfgs[key].run.run_dir)
-        summaries[key] = run_experiment(cfgs[key], dataset=data, env=env,
-                                        stop_requested=stop_requested)
+        summaries[key] = run_experiment(
+            cfgs[key], dataset=data, env=env, stop_requested=stop_requested
+        )
     target = summaries["frozen"]["fit_state"]["best_val_acc"]
     chase = experiment_configs(base, cc, root, chase_target=target)["chase"]
     first = Path(cfgs["cnn"].run.run_dir)
     resume = env.is_main and not env.enabled and chase_can_continue(cfgs["cnn"], chase, first)
     if resume:
-        log.info("compare: experiment chase continues experiment 1's checkpoint (its first %d "
-                 "epochs are the same computation)", len(_val_accs(first)))
+        log.info(
+            "compare: experiment chase continues experiment 1's checkpoint (its first %d "
+            "epochs are the same computation)",
+            len(_val_accs(first)),
+        )
         continue_from(first, chase)
     log.info("compare: experiment chase (target val acc %.4f) -> %s", target, chase.run.run_dir)
-    summaries["chase"] = run_experiment(chase, resume=resume, dataset=data, env=env,
-                                        stop_requested=stop_requested)
+    summaries["chase"] = run_experiment(
+        chase, resume=resume, dataset=data, env=env, stop_requested=stop_requested
+    )
     if cc.with_cnn_best:
-        summaries["cnn_best"] = run_experiment(_cnn_best(base, root), dataset=data, env=env,
-                                               stop_requested=stop_requested)
+        summaries["cnn_best"] = run_experiment(
+            _cnn_best(base, root), dataset=data, env=env, stop_requested=stop_requested
+        )
     if env.is_main:
         path = write_compare_report(root)
         log.info("compare report: %s", path)

@@ -34,8 +34,13 @@ ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-def opt(default: Any, help: str, flag: str = "", aliases: tuple[str, ...] = (),
-        choices: tuple[str, ...] = ()) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    flag: str = "",
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] = (),
+) -> Any:
     """A config field with its command-line face: the one source of its default and help.
 
     ``flag``: the CLI flag when it is not ``--<field-name>`` (``--no-x`` for a True default sets
@@ -58,24 +63,59 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
 class DataConfig:
     """Where the images come from and how they are split and augmented."""
 
-    dataset: str = opt("cifar100", "cifar100, or folder:PATH (PATH/{train,val,test}/<class>/ or PATH/<class>/)", flag="--data")  # "cifar100" or "folder:PATH"
+    dataset: str = opt(
+        "cifar100",
+        "cifar100, or folder:PATH (PATH/{train,val,test}/<class>/ or PATH/<class>/)",
+        flag="--data",
+    )  # "cifar100" or "folder:PATH"
     data_dir: str = opt("data", "parent folder of cifar-100-python/")  # parent of cifar-100-python/
-    download: bool = opt(False, "download CIFAR-100 with torchvision if the files are missing")  # fetch CIFAR-100 with torchvision's downloader if missing
-    split_seed: int = opt(0, "seed of the 45,000/5,000 train/val split")  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
-    val_size: int = opt(5000, "CIFAR validation images held out of the 50,000")  # images held out of the 50,000 CIFAR training images
-    val_frac: float = opt(0.1, "folder data without val/: stratified validation fraction")  # folder datasets without val/: stratified fraction for validation
-    test_frac: float = opt(0.1, "folder data without test/: stratified test fraction")  # folder datasets without test/: stratified fraction for test
-    train_subset: int = opt(0, "train on a seeded random subset of N images (0 = all)")  # >0: use only this many training images (seeded), for quick studies
-    per_class: int = opt(0, "train on a stratified, nested subset of N images per class (0 = all)")  # >0: stratified, nested subset of this many training images per class (study)
-    subset_seed: int = opt(0, "seed of the --per-class draw (a study's replicate)")  # seeds the --per-class draw (a study's replicate seed)
-    test_subset: int = opt(0, "evaluate on the first N test images, for quick runs (0 = all)")  # >0: evaluate on a seeded subset of this many test images (quick runs)
-    max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, "folder data and predict: skip images with more pixels (PIL's limit)")  # folder/predict: larger images are skipped
-    image_size: int = opt(0, "input side in px (0 = the model's own: 32 for cnn, the weights' size otherwise)")  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
-    crop_padding: int = opt(0, "random crop with this padding in px (0 = off; the seed used none)")  # random-crop padding in px (0 = off; the seed used no augmentation)
+    download: bool = opt(
+        False, "download CIFAR-100 with torchvision if the files are missing"
+    )  # fetch CIFAR-100 with torchvision's downloader if missing
+    split_seed: int = opt(
+        0, "seed of the 45,000/5,000 train/val split"
+    )  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
+    val_size: int = opt(
+        5000, "CIFAR validation images held out of the 50,000"
+    )  # images held out of the 50,000 CIFAR training images
+    val_frac: float = opt(
+        0.1, "folder data without val/: stratified validation fraction"
+    )  # folder datasets without val/: stratified fraction for validation
+    test_frac: float = opt(
+        0.1, "folder data without test/: stratified test fraction"
+    )  # folder datasets without test/: stratified fraction for test
+    train_subset: int = opt(
+        0, "train on a seeded random subset of N images (0 = all)"
+    )  # >0: use only this many training images (seeded), for quick studies
+    per_class: int = opt(
+        0, "train on a stratified, nested subset of N images per class (0 = all)"
+    )  # >0: stratified, nested subset of this many training images per class (study)
+    subset_seed: int = opt(
+        0, "seed of the --per-class draw (a study's replicate)"
+    )  # seeds the --per-class draw (a study's replicate seed)
+    test_subset: int = opt(
+        0, "evaluate on the first N test images, for quick runs (0 = all)"
+    )  # >0: evaluate on a seeded subset of this many test images (quick runs)
+    max_image_pixels: int = opt(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "folder data and predict: skip images with more pixels (PIL's limit)",
+    )  # folder/predict: larger images are skipped
+    image_size: int = opt(
+        0, "input side in px (0 = the model's own: 32 for cnn, the weights' size otherwise)"
+    )  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
+    crop_padding: int = opt(
+        0, "random crop with this padding in px (0 = off; the seed used none)"
+    )  # random-crop padding in px (0 = off; the seed used no augmentation)
     flip: bool = opt(False, "random horizontal flips")  # random horizontal flip
-    cutout: int = opt(0, "cutout square side in px at the training resolution (0 = off)")  # cutout square side in px at the training resolution (0 = off)
-    on_bad_image: str = opt("skip", "folder data: skip (warn and count) or error", choices=BAD_IMAGE_POLICIES)  # folder datasets: skip (warn and count) or error
-    num_workers: int = opt(2, "DataLoader workers for folder data (CIFAR needs none)")  # DataLoader workers for folder datasets (CIFAR needs none)
+    cutout: int = opt(
+        0, "cutout square side in px at the training resolution (0 = off)"
+    )  # cutout square side in px at the training resolution (0 = off)
+    on_bad_image: str = opt(
+        "skip", "folder data: skip (warn and count) or error", choices=BAD_IMAGE_POLICIES
+    )  # folder datasets: skip (warn and count) or error
+    num_workers: int = opt(
+        2, "DataLoader workers for folder data (CIFAR needs none)"
+    )  # DataLoader workers for folder datasets (CIFAR needs none)
 
     def __post_init__(self) -> None:
         _check(
@@ -89,7 +129,10 @@ class DataConfig:
         _check(self.train_subset >= 0, f"--train-subset must be >= 0; got {self.train_subset}")
         _check(self.per_class >= 0, f"--per-class must be >= 0; got {self.per_class}")
         _check(self.test_subset >= 0, f"--test-subset must be >= 0; got {self.test_subset}")
-        _check(self.max_image_pixels > 0, f"--max-image-pixels must be positive; got {self.max_image_pixels}")
+        _check(
+            self.max_image_pixels > 0,
+            f"--max-image-pixels must be positive; got {self.max_image_pixels}",
+        )
         _check(
             self.image_size == 0 or self.image_size >= 16,
             f"--image-size must be at least 16 px; got {self.image_size}",
@@ -104,17 +147,43 @@ class DataConfig:
 class ModelConfig:
     """Which network, which weights, and what trains."""
 
-    name: str = opt("cnn", "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)", flag="--model")  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
-    weights: str = opt("imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)")  # imagenet | none | PATH to a state dict (ignored by cnn)
-    mode: str = opt("", "frozen | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)")  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
-    head_hidden: int = opt(256, "hidden units of the head (256 = the seed's; 0 = linear)")  # hidden units of the head; 256 is the seed's, 0 = a linear head
-    head: str = opt("mlp", "mlp (a hidden layer of --head-hidden units) or linear", choices=HEADS)  # mlp (hidden layer per head_hidden) or linear
-    head_dropout: float = opt(0.0, "dropout in the head (the seed used none)")  # dropout in the head (0 = none, as in the seed)
-    drop_path: float = opt(0.0, "stochastic depth rate of a backbone that trains (timm drop_path_rate)")  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
-    solver: str = opt("sgd", "sgd (the --optimizer) or lbfgs (full-batch linear probe on cached features)", choices=SOLVERS)  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
-    freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")  # gradual: epochs with the backbone frozen before unfreezing
-    backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")  # finetune/gradual: backbone lr = head lr / this
-    sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only)")  # convert BatchNorm to SyncBatchNorm under DDP
+    name: str = opt(
+        "cnn",
+        "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)",
+        flag="--model",
+    )  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
+    weights: str = opt(
+        "imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)"
+    )  # imagenet | none | PATH to a state dict (ignored by cnn)
+    mode: str = opt(
+        "", "frozen | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)"
+    )  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
+    head_hidden: int = opt(
+        256, "hidden units of the head (256 = the seed's; 0 = linear)"
+    )  # hidden units of the head; 256 is the seed's, 0 = a linear head
+    head: str = opt(
+        "mlp", "mlp (a hidden layer of --head-hidden units) or linear", choices=HEADS
+    )  # mlp (hidden layer per head_hidden) or linear
+    head_dropout: float = opt(
+        0.0, "dropout in the head (the seed used none)"
+    )  # dropout in the head (0 = none, as in the seed)
+    drop_path: float = opt(
+        0.0, "stochastic depth rate of a backbone that trains (timm drop_path_rate)"
+    )  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
+    solver: str = opt(
+        "sgd",
+        "sgd (the --optimizer) or lbfgs (full-batch linear probe on cached features)",
+        choices=SOLVERS,
+    )  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
+    freeze_epochs: int = opt(
+        1, "gradual: epochs with the backbone frozen before unfreezing"
+    )  # gradual: epochs with the backbone frozen before unfreezing
+    backbone_lr_div: float = opt(
+        10.0, "finetune/gradual: backbone lr = lr / this"
+    )  # finetune/gradual: backbone lr = head lr / this
+    sync_bn: bool = opt(
+        False, "SyncBatchNorm under DDP (CUDA only)"
+    )  # convert BatchNorm to SyncBatchNorm under DDP
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "--model must not be empty")
@@ -123,14 +192,25 @@ class ModelConfig:
         _choice(self.mode, MODES, "--mode")
         _choice(self.head, HEADS, "--head")
         _choice(self.solver, SOLVERS, "--solver")
-        _check(0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1); got {self.head_dropout}")
+        _check(
+            0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1); got {self.head_dropout}"
+        )
         _check(self.head_hidden >= 0, f"--head-hidden must be >= 0; got {self.head_hidden}")
         _check(0 <= self.drop_path < 1, f"--drop-path must be in [0, 1); got {self.drop_path}")
-        _check(not (self.drop_path and self.name == "cnn"), "--drop-path needs residual blocks; the cnn has none")
-        _check(not (self.drop_path and self.mode == "frozen"),
-               "--drop-path regularises a backbone that trains; use it with --mode finetune, gradual or scratch")
+        _check(
+            not (self.drop_path and self.name == "cnn"),
+            "--drop-path needs residual blocks; the cnn has none",
+        )
+        _check(
+            not (self.drop_path and self.mode == "frozen"),
+            "--drop-path regularises a backbone that trains; use it with --mode finetune, "
+            "gradual or scratch",
+        )
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
-        _check(self.backbone_lr_div > 0, f"--backbone-lr-div must be positive; got {self.backbone_lr_div}")
+        _check(
+            self.backbone_lr_div > 0,
+            f"--backbone-lr-div must be positive; got {self.backbone_lr_div}",
+        )
         _check(
             not (self.name == "cnn" and self.weights not in ("imagenet", "none")),
             "the cnn trains from scratch; --weights applies to pretrained backbones",
@@ -153,18 +233,36 @@ class ModelConfig:
 class OptimConfig:
     """Optimiser, schedule, batch and stopping rules. Defaults follow the seed study."""
 
-    optimizer: str = opt("adam", "adam (the seed's) | adamw | sgd (Nesterov momentum)", choices=OPTIMIZERS)  # adam (seed) | adamw | sgd (Nesterov momentum)
-    lr: float = opt(1e-3, "learning rate of the head, or of the whole model from scratch (seed: Adam 1e-3)")  # head lr (and the whole model's for scratch); seed: Adam 1e-3
-    weight_decay: float = opt(0.0, "weight decay, never on norms and biases")  # never applied to norms and biases
+    optimizer: str = opt(
+        "adam", "adam (the seed's) | adamw | sgd (Nesterov momentum)", choices=OPTIMIZERS
+    )  # adam (seed) | adamw | sgd (Nesterov momentum)
+    lr: float = opt(
+        1e-3, "learning rate of the head, or of the whole model from scratch (seed: Adam 1e-3)"
+    )  # head lr (and the whole model's for scratch); seed: Adam 1e-3
+    weight_decay: float = opt(
+        0.0, "weight decay, never on norms and biases"
+    )  # never applied to norms and biases
     momentum: float = opt(0.9, "SGD momentum")  # sgd only
-    schedule: str = opt("none", "none (the seed's) | cosine | onecycle", choices=SCHEDULES)  # none (seed) | cosine | onecycle
-    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs")  # linear warm-up length in epochs (cosine)
+    schedule: str = opt(
+        "none", "none (the seed's) | cosine | onecycle", choices=SCHEDULES
+    )  # none (seed) | cosine | onecycle
+    warmup_epochs: float = opt(
+        0.0, "linear warm-up length in epochs"
+    )  # linear warm-up length in epochs (cosine)
     label_smoothing: float = opt(0.0, "label smoothing of the training loss")
-    batch_size: int = opt(200, "global batch size, split across processes (the seed's 200)")  # GLOBAL batch size (split across DDP ranks); seed: 200
+    batch_size: int = opt(
+        200, "global batch size, split across processes (the seed's 200)"
+    )  # GLOBAL batch size (split across DDP ranks); seed: 200
     eval_batch_size: int = opt(500, "evaluation batch size")
-    epochs: int = opt(10, "epoch budget (the seed's 10)", aliases=("--max-epochs",))  # epoch budget (also --max-epochs); seed: 10
-    patience: int = opt(0, "early stop after N epochs without val-acc gain (0 = off)")  # stop after this many epochs without val-acc improvement (0 = off)
-    target_val_acc: float = opt(0.0, "stop once val accuracy reaches this (0 = off)")  # stop once val acc reaches this (0 = off)
+    epochs: int = opt(
+        10, "epoch budget (the seed's 10)", aliases=("--max-epochs",)
+    )  # epoch budget (also --max-epochs); seed: 10
+    patience: int = opt(
+        0, "early stop after N epochs without val-acc gain (0 = off)"
+    )  # stop after this many epochs without val-acc improvement (0 = off)
+    target_val_acc: float = opt(
+        0.0, "stop once val accuracy reaches this (0 = off)"
+    )  # stop once val acc reaches this (0 = off)
     grad_clip: float = opt(0.0, "clip the gradient norm (0 = off)")  # max grad norm (0 = off)
 
     def __post_init__(self) -> None:
@@ -174,12 +272,23 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")
         _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0; got {self.warmup_epochs}")
-        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
+        _check(
+            0 <= self.label_smoothing < 1,
+            f"--label-smoothing must be in [0, 1); got {self.label_smoothing}",
+        )
         _check(self.batch_size > 0, f"--batch-size must be positive; got {self.batch_size}")
-        _check(self.eval_batch_size > 0, f"--eval-batch-size must be positive; got {self.eval_batch_size}")
+        _check(
+            self.eval_batch_size > 0,
+            f"--eval-batch-size must be positive; got {self.eval_batch_size}",
+        )
         _check(self.epochs > 0, f"--epochs must be positive; got {self.epochs}")
-        _check(self.patience >= 0, f"--patience must be >= 1 (or 0 to disable); got {self.patience}")
-        _check(0 <= self.target_val_acc <= 1, f"--target-val-acc must be in [0, 1]; got {self.target_val_acc}")
+        _check(
+            self.patience >= 0, f"--patience must be >= 1 (or 0 to disable); got {self.patience}"
+        )
+        _check(
+            0 <= self.target_val_acc <= 1,
+            f"--target-val-acc must be in [0, 1]; got {self.target_val_acc}",
+        )
         _check(self.grad_clip >= 0, f"--grad-clip must be >= 0; got {self.grad_clip}")
 
 
@@ -187,31 +296,67 @@ class OptimConfig:
 class RunConfig:
     """Where and how the run executes: device, precision, caching, checkpoints, logging."""
 
-    run_dir: str = opt("", "run directory ('' = runs/<model>-<timestamp>)")  # "" = runs/<model>-<timestamp>
+    run_dir: str = opt(
+        "", "run directory ('' = runs/<model>-<timestamp>)"
+    )  # "" = runs/<model>-<timestamp>
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")  # auto | cpu | cuda | cuda:N
-    seed: int = opt(0, "seed of init, shuffling and augmentation")  # seeds init, shuffling and augmentation
-    precision: str = opt("auto", "auto (bf16 on AMX/AVX512-BF16 CPUs and CUDA, fp16 on old GPUs) | fp32 | bf16 | fp16", choices=PRECISIONS)  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
+    seed: int = opt(
+        0, "seed of init, shuffling and augmentation"
+    )  # seeds init, shuffling and augmentation
+    precision: str = opt(
+        "auto",
+        "auto (bf16 on AMX/AVX512-BF16 CPUs and CUDA, fp16 on old GPUs) | fp32 | bf16 | fp16",
+        choices=PRECISIONS,
+    )  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
     channels_last: bool = opt(True, "channels_last memory layout", flag="--no-channels-last")
     compile: bool = opt(False, "torch.compile the model")  # torch.compile the model
-    feature_cache: bool = opt(True, "frozen mode: extract features once and cache them", flag="--no-feature-cache")  # frozen + no input randomness: extract features once
-    cache_dir: str = opt("", "feature cache dir ('' = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)")  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
-    feature_views: int = opt(1, "cache K augmented views per training image")  # augmented views per training image in the feature cache
-    ckpt_every_steps: int = opt(0, "also checkpoint every N optimiser steps (0 = per epoch only)")  # also checkpoint every N optimiser steps (0 = per epoch only)
-    nan_patience: int = opt(0, "non-finite losses skipped before the run stops")  # non-finite losses tolerated (skipped) before the run stops
-    overwrite: bool = opt(False, "replace a non-empty run dir (the old run is kept until the new one has a checkpoint)")  # allow a non-empty run dir that is not being resumed
+    feature_cache: bool = opt(
+        True, "frozen mode: extract features once and cache them", flag="--no-feature-cache"
+    )  # frozen + no input randomness: extract features once
+    cache_dir: str = opt(
+        "", "feature cache dir ('' = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)"
+    )  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
+    feature_views: int = opt(
+        1, "cache K augmented views per training image"
+    )  # augmented views per training image in the feature cache
+    ckpt_every_steps: int = opt(
+        0, "also checkpoint every N optimiser steps (0 = per epoch only)"
+    )  # also checkpoint every N optimiser steps (0 = per epoch only)
+    nan_patience: int = opt(
+        0, "non-finite losses skipped before the run stops"
+    )  # non-finite losses tolerated (skipped) before the run stops
+    overwrite: bool = opt(
+        False,
+        "replace a non-empty run dir (the old run is kept until the new one has a checkpoint)",
+    )  # allow a non-empty run dir that is not being resumed
     tensorboard: bool = opt(False, "write TensorBoard scalars to RUN_DIR/tb")
-    track: str = opt("", "log the run to MLflow: mlflow or mlflow:URI (URI default ./mlruns, offline)")  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
-    engine: str = opt("auto", "frozen-feature extraction engine: auto | torch | openvino | onnxruntime", choices=ENGINES)  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
-    report: bool = opt(True, "write report.md and report.html at the end of the run", flag="--no-report")  # write report.md and report.html at the end of the run
-    progress: bool = opt(True, "progress bars (img/s and ETA)", flag="--no-progress")  # progress bars (img/s and ETA)
+    track: str = opt(
+        "", "log the run to MLflow: mlflow or mlflow:URI (URI default ./mlruns, offline)"
+    )  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
+    engine: str = opt(
+        "auto",
+        "frozen-feature extraction engine: auto | torch | openvino | onnxruntime",
+        choices=ENGINES,
+    )  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
+    report: bool = opt(
+        True, "write report.md and report.html at the end of the run", flag="--no-report"
+    )  # write report.md and report.html at the end of the run
+    progress: bool = opt(
+        True, "progress bars (img/s and ETA)", flag="--no-progress"
+    )  # progress bars (img/s and ETA)
 
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
         _choice(self.engine, ENGINES, "--engine")
-        _check(self.track == "" or self.track == "mlflow" or self.track.startswith("mlflow:"),
-               f"--track must be mlflow or mlflow:URI; got {self.track!r}")
+        _check(
+            self.track == "" or self.track == "mlflow" or self.track.startswith("mlflow:"),
+            f"--track must be mlflow or mlflow:URI; got {self.track!r}",
+        )
         _check(self.feature_views >= 1, f"--feature-views must be >= 1; got {self.feature_views}")
-        _check(self.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {self.ckpt_every_steps}")
+        _check(
+            self.ckpt_every_steps >= 0,
+            f"--ckpt-every-steps must be >= 0; got {self.ckpt_every_steps}",
+        )
         _check(self.nan_patience >= 0, f"--nan-patience must be >= 0; got {self.nan_patience}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -241,7 +386,8 @@ class Config:
         if self.model.mode == "gradual":
             _check(
                 self.model.freeze_epochs < self.optim.epochs,
-                f"--freeze-epochs ({self.model.freeze_epochs}) must be below --epochs ({self.optim.epochs})",
+                f"--freeze-epochs ({self.model.freeze_epochs}) must be below "
+                f"--epochs ({self.optim.epochs})",
             )
 
 
@@ -295,7 +441,9 @@ def resolve_preset(name: str) -> Path:
     if builtin.is_file():
         return builtin
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise UserError(f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file")
+    raise UserError(
+        f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file"
+    )
 
 
 def config_from_layers(preset: str | None, overrides: dict[str, dict[str, Any]]) -> Config:
@@ -312,14 +460,19 @@ class CompareConfig:
     chase_max_epochs: int = opt(50, "epoch cap of experiment 3 (the CNN chasing experiment 2)")
     chase_patience: int = opt(5, "patience of experiment 3 (the seed's 5)")
     with_cnn_best: bool = opt(False, "also train the CNN with the cnn-best preset")
-    independent_chase: bool = opt(False, "run experiment 3 from scratch with --chase-seed instead "
-                                  "of continuing experiment 1's checkpoint")
+    independent_chase: bool = opt(
+        False,
+        "run experiment 3 from scratch with --chase-seed instead "
+        "of continuing experiment 1's checkpoint",
+    )
     chase_seed: int = opt(1, "seed of an independent experiment 3 (--independent-chase)")
     run_dir: str = opt("", "folder for the runs and report.md ('' = runs/compare-<timestamp>)")
 
     def __post_init__(self) -> None:
-        _check(self.chase_max_epochs >= 1 and self.chase_patience >= 1,
-               "--chase-max-epochs and --chase-patience must be >= 1")
+        _check(
+            self.chase_max_epochs >= 1 and self.chase_patience >= 1,
+            "--chase-max-epochs and --chase-patience must be >= 1",
+        )
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -330,11 +483,15 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Build a Config from a nested dict; unknown sections or keys are an error, not ignored."""
     if not isinstance(d, dict):
-        raise UserError(f"config must be a mapping of sections {sorted(SECTIONS)}; got {type(d).__name__}")
+        raise UserError(
+            f"config must be a mapping of sections {sorted(SECTIONS)}; got {type(d).__name__}"
+        )
     # ``resolved:`` is what a run decided (config.yaml's plan): output, re-resolved on a rerun
     unknown = set(d) - set(SECTIONS) - {"resolved"}
     if unknown:
-        raise UserError(f"unknown config section(s) {sorted(map(str, unknown))}; valid: {sorted(SECTIONS)}")
+        raise UserError(
+            f"unknown config section(s) {sorted(map(str, unknown))}; valid: {sorted(SECTIONS)}"
+        )
     parts = {}
     for name, cls in SECTIONS.items():
         section = d.get(name) or {}
@@ -343,7 +500,10 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         valid = {f.name: f for f in dataclasses.fields(cls)}
         bad = set(section) - set(valid)
         if bad:
-            raise UserError(f"unknown key(s) {sorted(map(str, bad))} in config section {name!r}; valid: {sorted(valid)}")
+            raise UserError(
+                f"unknown key(s) {sorted(map(str, bad))} in config section {name!r}; "
+                f"valid: {sorted(valid)}"
+            )
         parts[name] = cls(**{k: _coerce(v, valid[k]) for k, v in section.items()})
     return Config(**parts)
 
@@ -351,7 +511,9 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
     """Coerce YAML scalars to the field's type (YAML reads 1e-3 as a string)."""
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
-    if kind is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))):
+    if kind is None or (
+        isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    ):
         out = value
     else:
         try:
@@ -359,15 +521,22 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
                 if isinstance(value, str) and value.lower() in ("true", "false"):
                     return value.lower() == "true"
                 raise ValueError
-            if kind in (int, float) and isinstance(value, bool):  # `epochs: true` is a mistake, not 1
+            if kind in (int, float) and isinstance(
+                value, bool
+            ):  # `epochs: true` is a mistake, not 1
                 raise ValueError
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             out = kind(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), float(10**400)
-            raise UserError(f"config key {f.name!r} must be {kind.__name__}; got {value!r}") from None
+            raise UserError(
+                f"config key {f.name!r} must be {kind.__name__}; got {value!r}"
+            ) from None
     if kind is float and not math.isfinite(out):
-        raise UserError(f"config key {f.name!r} (--{f.name.replace('_', '-')}) must be a finite number; got {value!r}")
+        raise UserError(
+            f"config key {f.name!r} (--{f.name.replace('_', '-')}) must be a finite number; "
+            f"got {value!r}"
+        )
     return out
 
 

@@ -9,7 +9,8 @@ Usage:
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
-# ImageNet statistics (torchvision IMAGENET1K_V1 transforms; the seed's "Transfer Learning Network").
+# ImageNet statistics (torchvision IMAGENET1K_V1 transforms; the seed's "Transfer Learning
+# Network").
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

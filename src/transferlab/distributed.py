@@ -66,14 +66,20 @@ class DistEnv:
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> cuda:<local_rank> if available else cpu; validates explicit choices."""
     if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+            raise UserError(
+                f"--device {device} asked for, but no CUDA GPU is available; use --device cpu"
+            )
         if device == "cuda":
             if local_rank >= torch.cuda.device_count():
-                raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                "start at most that many processes per node (--nproc-per-node)")
+                raise UserError(
+                    f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                    "start at most that many processes per node (--nproc-per-node)"
+                )
             return torch.device(f"cuda:{local_rank}")
     return torch.device(device)
 
@@ -88,7 +94,9 @@ def dist_timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise UserError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds; e.g. {TIMEOUT_ENV}=600")
+        raise UserError(
+            f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds; e.g. {TIMEOUT_ENV}=600"
+        )
     return value
 
 
@@ -106,8 +114,10 @@ def init_distributed(device: str, timeout_s: float | None = None) -> DistEnv:
     if world <= 1:
         return DistEnv(device=resolve_device(device))
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        raise UserError("WORLD_SIZE is set but RANK/MASTER_ADDR are not; start the job with torchrun "
-                        "(torchrun --nproc-per-node N -m transferlab ...) or unset WORLD_SIZE")
+        raise UserError(
+            "WORLD_SIZE is set but RANK/MASTER_ADDR are not; start the job with torchrun "
+            "(torchrun --nproc-per-node N -m transferlab ...) or unset WORLD_SIZE"
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
@@ -117,9 +127,13 @@ def init_distributed(device: str, timeout_s: float | None = None) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-    log.info("DDP rank %d/%d on %s (%s, collective timeout %.0f s)", rank, world, dev, backend, timeout)
+    log.info(
+        "DDP rank %d/%d on %s (%s, collective timeout %.0f s)", rank, world, dev, backend, timeout
+    )
     if os.environ.get(FAIL_RANK_ENV, "") == str(rank):
-        raise RuntimeError(f"rank {rank}: failure injected by {FAIL_RANK_ENV}={rank} (testing teardown)")
+        raise RuntimeError(
+            f"rank {rank}: failure injected by {FAIL_RANK_ENV}={rank} (testing teardown)"
+        )
     return env
 
 
@@ -150,8 +164,10 @@ def wrap_ddp(model: nn.Module, env: DistEnv, sync_bn: bool = False) -> nn.Module
         return model
     if sync_bn:
         if env.device.type != "cuda":  # DDP refuses SyncBatchNorm on CPU modules
-            raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm is GPU-only); drop --sync-bn "
-                            "on CPU, where each process normalises with its own share of the batch")
+            raise UserError(
+                "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm is GPU-only); drop --sync-bn "
+                "on CPU, where each process normalises with its own share of the batch"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -235,8 +251,15 @@ def all_gather_tensor(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
 _RANK_STRIDE = 1_000_003
 
 
-def shard_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int,
-                drop_last: bool = False) -> torch.Tensor:
+def shard_order(
+    n: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool = False,
+) -> torch.Tensor:
     """This rank's sample indices for one epoch (int64, CPU): the one DDP shard order.
 
     shuffle: one permutation seeded by ``seed + epoch`` (same on every rank), wrap-padded to a
@@ -260,8 +283,9 @@ def augment_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed + epoch) * _RANK_STRIDE + rank
 
 
-def gather_in_sample_order(local: torch.Tensor, env: DistEnv,
-                           n_total: int | None = None) -> torch.Tensor:
+def gather_in_sample_order(
+    local: torch.Tensor, env: DistEnv, n_total: int | None = None
+) -> torch.Tensor:
     """Reassemble per-rank rows (rank r holds samples r::world_size) into sample order, on the CPU.
 
     The inverse of the evaluation shard order, shared by feature extraction and predictions.
@@ -270,7 +294,7 @@ def gather_in_sample_order(local: torch.Tensor, env: DistEnv,
     n_total = sum(p.shape[0] for p in parts) if n_total is None else n_total
     full = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
     for r, part in enumerate(parts):
-        full[r::env.world_size] = part.cpu()
+        full[r :: env.world_size] = part.cpu()
     return full
 
 
@@ -284,7 +308,8 @@ def all_ranks_true(flag: bool, env: DistEnv) -> bool:
 
 
 def run_checked(fn: Callable[[], T], env: DistEnv, main_only: bool = False) -> T | None:
-    """Call ``fn`` (on rank 0 only if ``main_only``); a user-facing error on any rank is raised on all.
+    """Call ``fn`` (on rank 0 only if ``main_only``); a user-facing error on any rank is raised
+    on all.
 
     Rank 0 checking the run dir, or one node missing the data, would otherwise leave the other
     ranks waiting in their next collective until the timeout. Also acts as a barrier.
@@ -318,15 +343,31 @@ def describe_dist_error(e: BaseException) -> str | None:
         return None  # a single process: no peers to lose
     dist_errors = tuple(c for c in (getattr(dist, "DistError", None),) if c is not None)
     text = str(e)
-    markers = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
-               "Socket Timeout", "NCCL", "gloo", "ProcessGroup", "Broken pipe")
-    if not (isinstance(e, dist_errors) or (isinstance(e, RuntimeError) and any(m in text for m in markers))):
+    markers = (
+        "Connection closed by peer",
+        "Connection reset by peer",
+        "timed out",
+        "Timed out",
+        "Socket Timeout",
+        "NCCL",
+        "gloo",
+        "ProcessGroup",
+        "Broken pipe",
+    )
+    if not (
+        isinstance(e, dist_errors)
+        or (isinstance(e, RuntimeError) and any(m in text for m in markers))
+    ):
         return None
     first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
-    return (f"lost contact with the other processes of this distributed job ({type(e).__name__}: {first}). "
-            "Another rank failed (see its error above) or did not answer within the collective timeout "
-            f"(${TIMEOUT_ENV}, default {DEFAULT_TIMEOUT_S:.0f} s); fix that rank's problem and restart, "
-            "or resume with --resume RUN_DIR")
+    return (
+        "lost contact with the other processes of this distributed job "
+        f"({type(e).__name__}: {first}). "
+        "Another rank failed (see its error above) or did not answer within the collective timeout "
+        f"(${TIMEOUT_ENV}, default {DEFAULT_TIMEOUT_S:.0f} s); fix that rank's problem and "
+        "restart, "
+        "or resume with --resume RUN_DIR"
+    )
 
 
 def barrier(env: DistEnv) -> None:

@@ -29,7 +29,7 @@ from transferlab.errors import UserError
 from transferlab.models.registry import build_model
 from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import Pipeline
-from transferlab.plan import Plan, resolve_plan, uses_feature_cache
+from transferlab.plan import Plan, resolve_plan, saved_plan, use_channels_last, uses_feature_cache
 from transferlab.rundir import check_config_unchanged, data_root, prepare_run_dir
 from transferlab.train.checkpoint import RESUME_KEYS, load_checkpoint
 from transferlab.train.fit import DataInfo, Job, fit, save_checkpoint, start_state
@@ -45,10 +45,18 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
     The handle undoes an ``--overwrite`` until :meth:`commit` (after the first checkpoint).
     """
     d = cfg.data
-    handle = run_checked(lambda: prepare_run_dir(
-        cfg.run.run_dir or None, resume, cfg.run.overwrite, data_root=data_root(d.dataset, d.data_dir),
-        stem=cfg.model.name, requested_epochs=epochs),
-        env, main_only=True)
+    handle = run_checked(
+        lambda: prepare_run_dir(
+            cfg.run.run_dir or None,
+            resume,
+            cfg.run.overwrite,
+            data_root=data_root(d.dataset, d.data_dir),
+            stem=cfg.model.name,
+            requested_epochs=epochs,
+        ),
+        env,
+        main_only=True,
+    )
     cfg.run.run_dir = broadcast_object(str(handle.run_dir) if env.is_main else None, env)
     run_dir = Path(cfg.run.run_dir)
     if not resume:
@@ -71,33 +79,21 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
 def _plan(cfg: Config, model, ds: ImageDataset, env: DistEnv, ckpt: dict | None) -> Plan:
     """The run's plan: read back on resume, else resolved once (rank 0) and broadcast."""
     if ckpt is not None:
-        plan = Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else None
-        if plan is None:
-            raise UserError("this checkpoint has no resolved plan (an older transferlab made it); "
-                            "start a new run")
-        if plan.world_size != env.world_size:
-            raise UserError(f"the run was trained with {plan.world_size} process(es); resume it "
-                            f"with the same number (now {env.world_size})")
-        return plan
-    in_memory = hasattr(ds.train, "images")
+        return saved_plan(ckpt, env)
     extract = None
-    if uses_feature_cache(cfg):
+    if uses_feature_cache(cfg):  # the engine, precision and batch are measured first
         from transferlab.features.pipeline import choose_extraction
 
         size = cfg.data.image_size or model.preprocess.input_size
-        extract = choose_extraction(cfg, model, size, env, model_channels_last(cfg, size, env))
-    plan = resolve_plan(cfg, model, env, pixels_in_memory=in_memory, extract=extract)
-    return broadcast_object(plan, env)
+        layout = use_channels_last(cfg.run.channels_last, size, env.device)
+        extract = choose_extraction(cfg, model, size, env, layout)
+    in_memory = hasattr(ds.train, "images")
+    return broadcast_object(resolve_plan(cfg, model, env, in_memory, extract), env)
 
 
-def model_channels_last(cfg: Config, size: int, env: DistEnv) -> bool:
-    from transferlab.plan import use_channels_last
-
-    return use_channels_last(cfg.run.channels_last, size, env.device)
-
-
-def _pipeline(cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv,
-              stop_requested) -> Pipeline:
+def _pipeline(
+    cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv, stop_requested
+) -> Pipeline:
     if hasattr(ds, "set_preprocessing"):  # folder data: workers decode by the eval transform
         ds.set_preprocessing(plan.preprocessing)
     if plan.path == "features":
@@ -109,9 +105,14 @@ def _pipeline(cfg: Config, plan: Plan, model, ds: ImageDataset, env: DistEnv,
     return build_pixel_pipeline(cfg, plan, model, ds, env)
 
 
-def run_experiment(cfg: Config, resume: bool = False, dataset: ImageDataset | None = None,
-                   env: DistEnv | None = None, stop_requested=lambda: False,
-                   resume_epochs: int | None = None) -> dict:
+def run_experiment(
+    cfg: Config,
+    resume: bool = False,
+    dataset: ImageDataset | None = None,
+    env: DistEnv | None = None,
+    stop_requested=lambda: False,
+    resume_epochs: int | None = None,
+) -> dict:
     """Run (or resume) one experiment; returns the summary written to summary.json.
 
     ``resume_epochs``: a new epoch budget for a resumed run (``--resume RUN --epochs N``).
@@ -146,14 +147,26 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
     t_setup = time.perf_counter()
     pipe = _pipeline(cfg, plan, model, ds, env, stop_requested)
     setup_s = time.perf_counter() - t_setup
-    ctx = StepContext(device=env.device, precision=plan.step_precision, env=env,
-                      label_smoothing=cfg.optim.label_smoothing, grad_clip=cfg.optim.grad_clip,
-                      nan_patience=cfg.run.nan_patience, progress=cfg.run.progress,
-                      stop_requested=stop_requested)
+    ctx = StepContext(
+        device=env.device,
+        precision=plan.step_precision,
+        env=env,
+        label_smoothing=cfg.optim.label_smoothing,
+        grad_clip=cfg.optim.grad_clip,
+        nan_patience=cfg.run.nan_patience,
+        progress=cfg.run.progress,
+        stop_requested=stop_requested,
+    )
     labels = getattr(pipe.train_loader, "labels", None)  # cached features: the picked rows
     n_train = len(labels) if labels is not None else len(ds.train)
-    data = DataInfo(classes=tuple(ds.classes), md5=ds.md5, split_seed=ds.split_seed,
-                    source=ds.source, folder=getattr(ds, "info", None), n_train=n_train)
+    data = DataInfo(
+        classes=tuple(ds.classes),
+        md5=ds.md5,
+        split_seed=ds.split_seed,
+        source=ds.source,
+        folder=getattr(ds, "info", None),
+        n_train=n_train,
+    )
     job = Job(cfg, plan, model, pipe, ctx, env, Path(cfg.run.run_dir), data)
     state, opt = start_state(job, ckpt)
     if ckpt is None:

@@ -90,14 +90,35 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         """Rebuild a saved plan; a missing or foreign one is a UserError."""
         try:
-            pre = Preprocessing(**{**d["preprocessing"],
-                                   "mean": tuple(d["preprocessing"]["mean"]),
-                                   "std": tuple(d["preprocessing"]["std"])})
+            pre = Preprocessing(
+                **{
+                    **d["preprocessing"],
+                    "mean": tuple(d["preprocessing"]["mean"]),
+                    "std": tuple(d["preprocessing"]["std"]),
+                }
+            )
             ext = ExtractPlan(**d["extract"]) if d.get("extract") else None
             return cls(**{**d, "preprocessing": pre, "extract": ext})
         except (KeyError, TypeError) as e:
-            raise UserError(f"the saved run plan is incomplete ({type(e).__name__}: {e}); it was made "
-                            "by another version of transferlab: retrain the run") from None
+            raise UserError(
+                f"the saved run plan is incomplete ({type(e).__name__}: {e}); it was made "
+                "by another version of transferlab: retrain the run"
+            ) from None
+
+
+def saved_plan(ckpt: dict, env: DistEnv) -> Plan:
+    """The plan a checkpoint was trained with (resume never re-derives it)."""
+    if "plan" not in ckpt:
+        raise UserError(
+            "this checkpoint has no resolved plan (an older transferlab made it); start a new run"
+        )
+    plan = Plan.from_dict(ckpt["plan"])
+    if plan.world_size != env.world_size:
+        raise UserError(
+            f"the run was trained with {plan.world_size} process(es); resume it with the same "
+            f"number (now {env.world_size})"
+        )
+    return plan
 
 
 def uses_feature_cache(cfg: Config) -> bool:
@@ -140,31 +161,51 @@ def weights_crop_pct(model_name: str, weights: str, backbone: torch.nn.Module) -
     return float(tf.crop_size[0]) / float(tf.resize_size[0])
 
 
-def make_preprocessing(model: Classifier, crop_pct: float, size: int,
-                       on_device_resize: bool) -> Preprocessing:
+def make_preprocessing(
+    model: Classifier, crop_pct: float, size: int, on_device_resize: bool
+) -> Preprocessing:
     """The eval transform at ``size`` px (timm's rule: resize to floor(size / crop_pct))."""
     pp = model.preprocess
-    return Preprocessing(crop=size, resize=math.floor(size / crop_pct), crop_pct=crop_pct,
-                         mean=tuple(pp.mean), std=tuple(pp.std), interpolation=pp.interpolation,
-                         on_device_resize=on_device_resize)
+    return Preprocessing(
+        crop=size,
+        resize=math.floor(size / crop_pct),
+        crop_pct=crop_pct,
+        mean=tuple(pp.mean),
+        std=tuple(pp.std),
+        interpolation=pp.interpolation,
+        on_device_resize=on_device_resize,
+    )
 
 
 def square_preprocessing(size: int) -> Preprocessing:
     """Shorter side to ``size``, centre crop, no normalisation change: for thumbnails."""
-    return Preprocessing(crop=size, resize=size, crop_pct=1.0, mean=(0.0, 0.0, 0.0),
-                         std=(1.0, 1.0, 1.0), interpolation="bilinear", on_device_resize=False)
+    return Preprocessing(
+        crop=size,
+        resize=size,
+        crop_pct=1.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        interpolation="bilinear",
+        on_device_resize=False,
+    )
 
 
 def per_rank(batch_size: int, env: DistEnv) -> int:
     """The per-process share of a global batch; it must split evenly."""
     if batch_size % env.world_size:
-        raise UserError(f"--batch-size {batch_size} must divide evenly over "
-                        f"{env.world_size} processes")
+        raise UserError(
+            f"--batch-size {batch_size} must divide evenly over {env.world_size} processes"
+        )
     return batch_size // env.world_size
 
 
-def resolve_plan(cfg: Config, model: Classifier, env: DistEnv, pixels_in_memory: bool,
-                 extract: ExtractPlan | None) -> Plan:
+def resolve_plan(
+    cfg: Config,
+    model: Classifier,
+    env: DistEnv,
+    pixels_in_memory: bool,
+    extract: ExtractPlan | None,
+) -> Plan:
     """Decide every resolved value of the run (rank 0 decides; the caller broadcasts).
 
     ``extract`` is the extraction choice for the features path (measured by

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,23 +72,35 @@ class RunModel:
 
 
 def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> RunModel:
-    """Rebuild the best model of ``run_dir`` (weights from best.pt; no download, no pretrained load)."""
+    """Rebuild the best model of ``run_dir`` (weights from best.pt; no download, no pretrained
+    load)."""
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "best.pt"
     if not ckpt_path.is_file():
-        raise UserError(f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>")
+        raise UserError(
+            f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>"
+        )
     ck = load_checkpoint(ckpt_path, require=("model", "config", "classes", "plan"))
     try:
         cfg = config_from_dict(ck["config"])
         plan = Plan.from_dict(ck["plan"])
         classes = [str(c) for c in ck["classes"]]
-        model = build_model(dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes))
+        model = build_model(
+            dataclasses.replace(cfg.model, weights="none"), num_classes=len(classes)
+        )
         model.load_state_dict(ck["model"])
     except UserError as e:
         raise UserError(f"{ckpt_path} holds an invalid config: {e}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # loadable, but not this kind of checkpoint
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # loadable, but not this kind of checkpoint
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{ckpt_path} is not a usable transferlab checkpoint ({type(e).__name__}: {first})") from None
+        raise UserError(
+            f"{ckpt_path} is not a usable transferlab checkpoint ({type(e).__name__}: {first})"
+        ) from None
     model.eval().to(device)
     # decoded files always take the eval transform (resize, centre crop), even for a CIFAR run
     pre = dataclasses.replace(plan.preprocessing, on_device_resize=False)
@@ -105,10 +117,13 @@ def _engine_forward(model: Classifier, plan: Plan, device: torch.device, cache_d
     from transferlab.features import cache as fcache
     from transferlab.features.engines import EngineChoice, engine_backbone_forward
 
-    features = engine_backbone_forward(EngineChoice(ext.engine, ext.precision, ext.batch_size),
-                                       model.backbone, plan.image_size,
-                                       fcache.cache_root(cache_dir),
-                                       fcache.weights_hash(model.backbone))
+    features = engine_backbone_forward(
+        EngineChoice(ext.engine, ext.precision, ext.batch_size),
+        model.backbone,
+        plan.image_size,
+        fcache.cache_root(cache_dir),
+        fcache.weights_hash(model.backbone),
+    )
     return lambda x: model.head(features(x))
 
 
@@ -118,7 +133,9 @@ def expand_inputs(items: list[str]) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
                 log.warning("no image files (%s) under %s", ", ".join(IMAGE_EXTENSIONS), p)
             out += found
@@ -130,13 +147,15 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 
 @torch.inference_mode()
-def predict_files(rm: RunModel, files: list[Path], top_k: int, batch_size: int,
-                  device: torch.device) -> list[dict]:
-    """One dict per file, in order: {"file", "top": [{"class", "prob"}, ...]} or {"file", "error"}."""
+def predict_files(
+    rm: RunModel, files: list[Path], top_k: int, batch_size: int, device: torch.device
+) -> list[dict]:
+    """One dict per file, in order: {"file", "top": [{"class", "prob"}, ...]} or
+    {"file", "error"}."""
     k = max(1, min(top_k, len(rm.classes)))
     results: list[dict] = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        chunk = files[start : start + batch_size]
         images, ok = [], []
         rows = [{"file": str(f)} for f in chunk]
         for row, f in zip(rows, chunk, strict=True):
@@ -146,11 +165,16 @@ def predict_files(rm: RunModel, files: list[Path], top_k: int, batch_size: int,
             except Exception as e:  # missing, unreadable, not an image: PIL/OS errors of many kinds
                 row["error"] = f"{type(e).__name__}: {e}"
         if images:
-            x = to_float_normalized(torch.stack(images).to(device), rm.mean, rm.std, None, rm.interpolation)
+            x = to_float_normalized(
+                torch.stack(images).to(device), rm.mean, rm.std, None, rm.interpolation
+            )
             probs = rm.logits(x).float().softmax(1)
             top_p, top_i = probs.topk(k, dim=1)
             for row, ps, ids in zip(ok, top_p.tolist(), top_i.tolist(), strict=True):
-                row["top"] = [{"class": rm.classes[i], "prob": round(p, 6)} for p, i in zip(ps, ids, strict=True)]
+                row["top"] = [
+                    {"class": rm.classes[i], "prob": round(p, 6)}
+                    for p, i in zip(ps, ids, strict=True)
+                ]
         results += rows
     return results
 
@@ -163,7 +187,10 @@ def format_table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['file']:{width}}  ERROR {r['error']}")
         else:
-            lines.append(f"{r['file']:{width}}  " + "  ".join(f"{t['class']} ({t['prob']:.3f})" for t in r["top"]))
+            lines.append(
+                f"{r['file']:{width}}  "
+                + "  ".join(f"{t['class']} ({t['prob']:.3f})" for t in r["top"])
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -183,19 +210,33 @@ def cmd_predict(args) -> int:
     for r in failed:
         sys.stderr.write(f"transferlab: cannot read {r['file']}: {r['error']}\n")
     if failed:
-        sys.stderr.write(f"transferlab: {len(results) - len(failed)} of {len(results)} file(s) predicted, "
-                         f"{len(failed)} failed\n")
+        sys.stderr.write(
+            f"transferlab: {len(results) - len(failed)} of {len(results)} file(s) predicted, "
+            f"{len(failed)} failed\n"
+        )
     return 0 if len(failed) < len(results) else 1
 
 
 def add_parser(sub) -> None:
     """Register ``predict``."""
-    p = sub.add_parser("predict", help="top-k classes for image files with a trained run",
-                       description="Classify images with RUN_DIR/best.pt, using the run's own preprocessing. "
-                       "Exit code 0 if at least one file was predicted, 1 if none.")
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes for image files with a trained run",
+        description="Classify images with RUN_DIR/best.pt, using the run's own preprocessing. "
+        "Exit code 0 if at least one file was predicted, 1 if none.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
-    p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files, or folders searched recursively")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGES_OR_DIRS",
+        help="image files, or folders searched recursively",
+    )
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per line instead of a table"
+    )
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (default 64)"
+    )

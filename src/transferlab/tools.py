@@ -72,8 +72,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS: dict = {"predict": cmd_predict, "export": cmd_export, "report": cmd_report,
-                  "runs": cmd_runs, "explain": cmd_explain, "study": cmd_study, "rank": cmd_rank}
+COMMANDS: dict = {
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "report": cmd_report,
+    "runs": cmd_runs,
+    "explain": cmd_explain,
+    "study": cmd_study,
+    "rank": cmd_rank,
+}
 
 
 def add_subcommands(sub) -> None:
@@ -85,10 +92,21 @@ def add_subcommands(sub) -> None:
     predict.add_parser(sub)
     export.add_parser(sub)
     explain.add_parser(sub)
-    p = sub.add_parser("report", help="rebuild report.md and report.html of runs or compare dirs",
-                       description="Write report.md and a self-contained report.html for each RUN_DIR (a run "
-                       "dir, a compare dir holding run dirs, or a study dir), from the saved files "
-                       "alone.")
+    p = sub.add_parser(
+        "report",
+        help="rebuild report.md and report.html of runs or compare dirs",
+        description="Write report.md and a self-contained report.html for each RUN_DIR (a run "
+        "dir, a compare dir holding run dirs, or a study dir), from the saved files "
+        "alone.",
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p = sub.add_parser("runs", help="list past runs with model, mode, epochs, best val, test acc and time")
-    p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="folder searched recursively (default runs/)")
+    p = sub.add_parser(
+        "runs", help="list past runs with model, mode, epochs, best val, test acc and time"
+    )
+    p.add_argument(
+        "root",
+        nargs="?",
+        default="runs",
+        metavar="DIR",
+        help="folder searched recursively (default runs/)",
+    )

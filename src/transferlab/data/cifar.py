@@ -62,10 +62,13 @@ def safe_unpickle(path: Path) -> object:
     except pickle.UnpicklingError as e:
         if "refused global" in str(e):
             raise UserError(f"{path} tries to run code ({e}); refusing to load it") from None
-        raise UserError(f"{path} is corrupt or truncated ({e}); delete it and re-download with --download") from None
+        raise UserError(
+            f"{path} is corrupt or truncated ({e}); delete it and re-download with --download"
+        ) from None
     except Exception as e:  # truncated or garbled bytes raise many kinds of errors
         raise UserError(
-            f"{path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and re-download with --download"
+            f"{path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and "
+            "re-download with --download"
         ) from None
 
 
@@ -118,7 +121,8 @@ def ensure_cifar100(data_dir: str | Path, download: bool) -> dict[str, Path]:
     if missing:
         raise UserError(
             f"CIFAR-100 not found: expected {missing[0]} (official python format under "
-            f"{Path(data_dir) / FOLDER}). Pass --data-dir to point at its parent, or --download to fetch it."
+            f"{Path(data_dir) / FOLDER}). Pass --data-dir to point at its parent, or --download "
+            "to fetch it."
         )
     return paths
 
@@ -133,20 +137,34 @@ def download_cifar100(data_dir: str | Path) -> None:
         download_and_extract_archive(url, str(data_dir), md5="eb9058c3a382ffc7106e4002c42a8d85")
     except Exception as e:  # network errors surface as URLError, OSError, RuntimeError...
         raise UserError(
-            f"downloading CIFAR-100 failed ({type(e).__name__}: {e}); copy cifar-100-python/ into {data_dir} by hand"
+            f"downloading CIFAR-100 failed ({type(e).__name__}: {e}); copy cifar-100-python/ "
+            f"into {data_dir} by hand"
         ) from None
 
 
 def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     obj = safe_unpickle(path)
     if not isinstance(obj, dict) or "data" not in obj or "fine_labels" not in obj:
-        raise UserError(f"{path} is not a CIFAR-100 file: expected a dict with 'data' and 'fine_labels'")
+        raise UserError(
+            f"{path} is not a CIFAR-100 file: expected a dict with 'data' and 'fine_labels'"
+        )
     data, labels = obj["data"], obj["fine_labels"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+    ):
         raise UserError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) >= N_CLASSES:
-        raise UserError(f"{path}: 'fine_labels' must hold {data.shape[0]} ints in 0..{N_CLASSES - 1}")
+    if (
+        labels.shape != (data.shape[0],)
+        or labels.min(initial=0) < 0
+        or labels.max(initial=0) >= N_CLASSES
+    ):
+        raise UserError(
+            f"{path}: 'fine_labels' must hold {data.shape[0]} ints in 0..{N_CLASSES - 1}"
+        )
     return data, labels
 
 
@@ -163,14 +181,18 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return perm[val_size:], perm[:val_size]
 
 
-def load_cifar100(data_dir: str | Path, download: bool, split_seed: int, val_size: int) -> ImageDataset:
+def load_cifar100(
+    data_dir: str | Path, download: bool, split_seed: int, val_size: int
+) -> ImageDataset:
     """Load CIFAR-100 as uint8 tensors with the seeded 45,000/5,000 train/val split."""
     paths = ensure_cifar100(data_dir, download)
     train_x, train_y = _read_split(paths["train"])
     test_x, test_y = _read_split(paths["test"])
     meta = safe_unpickle(paths["meta"])
     if not isinstance(meta, dict) or len(meta.get("fine_label_names", [])) != N_CLASSES:
-        raise UserError(f"{paths['meta']} is not a CIFAR-100 meta file: expected 100 'fine_label_names'")
+        raise UserError(
+            f"{paths['meta']} is not a CIFAR-100 meta file: expected 100 'fine_label_names'"
+        )
     images, labels = _to_tensor(train_x), torch.from_numpy(train_y)
     tr, va = split_indices(len(labels), val_size, split_seed)
     return ImageDataset(
@@ -184,7 +206,9 @@ def load_cifar100(data_dir: str | Path, download: bool, split_seed: int, val_siz
     )
 
 
-def write_cifar_like(root: str | Path, n_train: int, n_test: int, n_classes: int = N_CLASSES, seed: int = 0) -> Path:
+def write_cifar_like(
+    root: str | Path, n_train: int, n_test: int, n_classes: int = N_CLASSES, seed: int = 0
+) -> Path:
     """Write tiny synthetic files in the real CIFAR-100 pickle layout (tests, benchmarks).
 
     Each class gets a distinct mean colour plus noise, so a model can learn it quickly.
@@ -212,5 +236,9 @@ def write_cifar_like(root: str | Path, n_train: int, n_test: int, n_classes: int
             pickle.dump(make(n), f, protocol=2)
     names = [f"class_{i:02d}" for i in range(N_CLASSES)]
     with open(root / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": names, "coarse_label_names": [f"c{i}" for i in range(20)]}, f, protocol=2)
+        pickle.dump(
+            {"fine_label_names": names, "coarse_label_names": [f"c{i}" for i in range(20)]},
+            f,
+            protocol=2,
+        )
     return root.parent

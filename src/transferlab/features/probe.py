@@ -29,16 +29,37 @@ log = logging.getLogger(__name__)
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # per-sample-averaged loss + l2/2 * ||W||^2
 
 
-def lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 100,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lbfgs_logreg(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 100,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit W (C, D), b (C,) minimising mean cross-entropy + l2/2 ||W||^2 with full-batch L-BFGS."""
     d = x.shape[1]
-    w = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w = (
+        torch.zeros(num_classes, d, dtype=x.dtype, device=x.device)
+        if init is None
+        else init[0].clone()
+    )
+    b = (
+        torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+        if init is None
+        else init[1].clone()
+    )
     w.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure():
         opt.zero_grad()
@@ -76,7 +97,9 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
     x, y = _split_tensors(job.pipe.train_loader)
     xv, yv = job.pipe.val_loader.images.float(), job.pipe.val_loader.labels
     mu, sigma = x.mean(0), x.std(0)
-    sigma = sigma.clamp_min(1e-3 * sigma.mean().item() + 1e-8)  # near-constant features stay well-conditioned
+    sigma = sigma.clamp_min(
+        1e-3 * sigma.mean().item() + 1e-8
+    )  # near-constant features stay well-conditioned
     xs, xvs = (x - mu) / sigma, (xv - mu) / sigma
     c = len(job.data.classes)
     t0 = time.perf_counter()
@@ -108,9 +131,17 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
     state.stop_reason = f"L-BFGS probe, l2 {l2:g} chosen on validation"
     state.probe = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
     if job.env.is_main:  # the row's lr column holds the chosen L2
-        append_metrics(job.run_dir / "metrics.csv", epoch_row(
-            1, (train_loss, train_acc), (val_loss, val_acc), l2, seconds,
-            len(y) * len(trials) / max(seconds, 1e-9)))
+        append_metrics(
+            job.run_dir / "metrics.csv",
+            epoch_row(
+                1,
+                (train_loss, train_acc),
+                (val_loss, val_acc),
+                l2,
+                seconds,
+                len(y) * len(trials) / max(seconds, 1e-9),
+            ),
+        )
         save_checkpoint(job, state, opt, "last.pt")
         link_best(job, state, opt)
     return state

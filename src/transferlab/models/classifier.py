@@ -4,7 +4,8 @@ That split makes "freeze the backbone", "cache the features" and "swap the head"
 The preprocessing a backbone expects (mean, std, input size, interpolation) travels with it.
 
 Usage:
-    model = Classifier(backbone, make_head(512, 256, 100), feature_dim=512, preprocess=pp, name="resnet18")
+    model = Classifier(backbone, make_head(512, 256, 100), feature_dim=512, preprocess=pp,
+                       name="resnet18")
     f = model.features(x)          # (N, 512)
     logits = model.head(f)         # (N, 100)
     set_backbone_frozen(model, True)
@@ -31,7 +32,9 @@ class Preprocess:
         return asdict(self)
 
 
-def make_head(in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+def make_head(
+    in_features: int, hidden: int, num_classes: int, dropout: float = 0.0
+) -> nn.Sequential:
     """The seed's head Linear(D, hidden)-ReLU-Linear(hidden, C); hidden=0 gives Linear(D, C).
 
     ``dropout`` > 0 adds Dropout on the features (and after the hidden layer); the seed used none.
@@ -51,7 +54,14 @@ def make_head(in_features: int, hidden: int, num_classes: int, dropout: float = 
 class Classifier(nn.Module):
     """``backbone`` maps images to (N, feature_dim) features; ``head`` maps features to logits."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, feature_dim: int, preprocess: Preprocess, name: str):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        feature_dim: int,
+        preprocess: Preprocess,
+        name: str,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head

@@ -20,7 +20,12 @@ def cnn_backbone(in_channels: int = 3) -> tuple[nn.Sequential, int]:
     c_in = in_channels
     for c_out in CHANNELS:
         # Order ReLU before BatchNorm exactly as the seed's summary lists it.
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(c_out), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm2d(c_out),
+            nn.MaxPool2d(2),
+        ]
         c_in = c_out
     layers.append(nn.Flatten())  # 32 px halved five times -> 1x1, so (N, 512)
     return nn.Sequential(*layers), CHANNELS[-1]

@@ -39,7 +39,9 @@ def safe_torch_load(path: str | Path) -> object:
             "Only load files you trust, and re-save them as a plain state dict."
         ) from None
     except Exception as e:  # truncated zip, garbage bytes, ...
-        raise UserError(f"{path} is corrupt or not a PyTorch file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(
+            f"{path} is corrupt or not a PyTorch file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,7 +53,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             changed = False
             for p in PREFIXES:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         out[k] = v
     return out
 
@@ -63,7 +65,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         is_run_ckpt = "config" in obj
         obj = obj["model"]
         if is_run_ckpt:  # a transferlab Classifier: keep its backbone, whose keys lack "backbone."
-            obj = {k[len("backbone."):]: v for k, v in strip_prefixes(obj).items() if k.startswith("backbone.")}
+            obj = {
+                k[len("backbone.") :]: v
+                for k, v in strip_prefixes(obj).items()
+                if k.startswith("backbone.")
+            }
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -77,7 +83,10 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 
 
 def load_matching(
-    model: nn.Module, state: dict[str, torch.Tensor], optional_prefixes: tuple[str, ...], source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    optional_prefixes: tuple[str, ...],
+    source: str,
 ) -> None:
     """Load ``state`` strictly, except keys under ``optional_prefixes`` (the replaced classifier).
 
@@ -104,9 +113,16 @@ def load_matching(
             parts.append(f"unexpected keys: {_listing(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches: {_listing(shapes)}")
-        raise UserError(f"weights in {source} do not match the {type(model).__name__} architecture; " + "; ".join(parts))
+        raise UserError(
+            f"weights in {source} do not match the {type(model).__name__} architecture; "
+            + "; ".join(parts)
+        )
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     skipped = sorted(k for k in state if k not in usable)
     if skipped:
-        log.info("weights %s: skipped classifier keys %s (replaced by our head)", source, _listing(skipped))
+        log.info(
+            "weights %s: skipped classifier keys %s (replaced by our head)",
+            source,
+            _listing(skipped),
+        )
     model.load_state_dict(usable, strict=False)

@@ -15,7 +15,10 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in row.items() if v not in (None, "")}
+            for row in csv.DictReader(f)
+        ]
 
 
 def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:

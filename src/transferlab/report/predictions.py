@@ -26,8 +26,10 @@ FILENAME = "test_predictions.npz"
 def load_predictions(path: Path) -> dict[str, np.ndarray]:
     """Read ``test_predictions.npz`` (never unpickles); a clear error when it is missing."""
     if not path.is_file():
-        raise UserError(f"{path} not found: it is written at the end of a run by this version of transferlab; "
-                        "rerun the training to get per-class results")
+        raise UserError(
+            f"{path} not found: it is written at the end of a run by this version of transferlab; "
+            "rerun the training to get per-class results"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

@@ -31,10 +31,15 @@ def load_checkpoint(path: str | Path, require: tuple[str, ...] = ("model", "conf
     """Load a checkpoint safely; a corrupt, hostile or incomplete file is a UserError naming it."""
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
-        raise UserError(f"{path} is not a transferlab checkpoint (it holds a {type(obj).__name__}, not a dict)")
+        raise UserError(
+            f"{path} is not a transferlab checkpoint (it holds a {type(obj).__name__}, not a dict)"
+        )
     missing = [k for k in require if k not in obj]
     if missing:
-        raise UserError(f"{path} is not a complete transferlab checkpoint (no {', '.join(map(repr, missing))} entries)")
+        raise UserError(
+            f"{path} is not a complete transferlab checkpoint "
+            f"(no {', '.join(map(repr, missing))} entries)"
+        )
     return obj
 
 

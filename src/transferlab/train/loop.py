@@ -81,8 +81,9 @@ class EpochStats:
         return self.count / max(self.seconds, 1e-9)
 
 
-_DIVERGED_HINT = ("the last good checkpoint is kept. Lower --lr, add --grad-clip, "
-                  "or use --precision fp32.")
+_DIVERGED_HINT = (
+    "the last good checkpoint is kept. Lower --lr, add --grad-clip, or use --precision fp32."
+)
 
 
 class StepGuard:
@@ -113,7 +114,8 @@ class StepGuard:
                 raise TrainingStopped(
                     f"{desc}: loss became {loss.item()} at step {step + 1} of {steps} "
                     f"({self.nan_count} non-finite step(s), --nan-patience "
-                    f"{self.ctx.nan_patience}); {_DIVERGED_HINT}")
+                    f"{self.ctx.nan_patience}); {_DIVERGED_HINT}"
+                )
             log.warning("non-finite loss at step %d skipped (%d so far)", step, self.nan_count)
         return finite, stop
 
@@ -122,16 +124,22 @@ class StepGuard:
         env = self.ctx.env
         if not env.enabled:
             return bool(torch.isfinite(loss.detach()).item()), stop
-        flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
-                             torch.tensor(float(stop), device=loss.device)])
+        flags = torch.stack(
+            [
+                torch.isfinite(loss.detach()).float().reshape(()),
+                torch.tensor(float(stop), device=loss.device),
+            ]
+        )
         all_reduce_sum(flags, env)
         finite, stops = flags.tolist()
         return finite == env.world_size, stops > 0
 
     def raise_if_bad(self, desc: str, step: int) -> None:
         if self.lazy and bool(self._bad.item()):
-            raise TrainingStopped(f"{desc}: the loss became non-finite before step {step} "
-                                  f"(checked lazily on the GPU); {_DIVERGED_HINT}")
+            raise TrainingStopped(
+                f"{desc}: the loss became non-finite before step {step} "
+                f"(checked lazily on the GPU); {_DIVERGED_HINT}"
+            )
 
 
 def _optimizer_step(loss: torch.Tensor, opt: OptimParts, grad_clip: float) -> None:
@@ -209,7 +217,10 @@ def _fold(stats: EpochStats, sums: torch.Tensor, env: DistEnv, t0: float) -> flo
 
 @torch.inference_mode()
 def evaluate(
-    forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, ctx: StepContext, desc: str = "eval"
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    ctx: StepContext,
+    desc: str = "eval",
 ) -> tuple[float, float]:
     """Mean loss (without label smoothing) and accuracy over every sample, exactly once."""
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)

@@ -20,7 +20,9 @@ from transferlab.config import OptimConfig
 from transferlab.errors import UserError
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_div: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_div: float
+) -> list[dict]:
     """Trainable parameters split by (backbone|head) x (decay|no-decay), with their lr."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -32,14 +34,22 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_d
     out = []
     for (part, decay), params in sorted(groups.items()):
         group_lr = lr / backbone_lr_div if part == "backbone" else lr
-        out.append({"params": params, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
-                    "name": f"{part}{'' if decay else '_no_decay'}"})
+        out.append(
+            {
+                "params": params,
+                "lr": group_lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{part}{'' if decay else '_no_decay'}",
+            }
+        )
     if not out:
         raise UserError("nothing to train: every parameter is frozen")
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, backbone_lr_div: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, backbone_lr_div: float
+) -> torch.optim.Optimizer:
     """Adam (the seed's), AdamW, or SGD with Nesterov momentum over the trainable groups."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay, backbone_lr_div)
     # One fused kernel per step on CUDA instead of one launch per tensor (small models are
@@ -49,17 +59,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, backbone_lr_div: float) 
         return torch.optim.Adam(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused
+    )
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+):
     """A per-optimiser-step schedule over ``epochs`` epochs: constant, cosine or OneCycle."""
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle":
         pct = min(0.9, max(warmup / total, 0.05)) if warmup else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct,
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=total,
+            pct_start=pct,
             cycle_momentum=cfg.optimizer == "sgd",
         )
     if cfg.schedule == "cosine":
