@@ -62,7 +62,18 @@ def test_unknown_model_lists_choices_before_loading_data(capsys, tmp_path):
 
 
 def test_compare_unknown_backbone_fails_before_training(capsys, data_dir, tmp_path):
-    code = main(["compare", "--backbone", "resnet19", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "c"), *TINY])
+    code = main(
+        [
+            "compare",
+            "--backbone",
+            "resnet19",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(tmp_path / "c"),
+            *TINY,
+        ]
+    )
     assert code == 2
     assert "unknown model 'resnet19'" in _one_line_error(capsys)
     assert not (tmp_path / "c" / "cnn").exists()
@@ -80,18 +91,47 @@ def test_compare_unknown_backbone_fails_before_training(capsys, data_dir, tmp_pa
         (["--image-size", "64"], "the cnn takes 32 px inputs"),
         (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
-        (["--weights", "some.pth"], "the cnn trains from scratch; --weights applies to pretrained backbones"),
+        (
+            ["--weights", "some.pth"],
+            "the cnn trains from scratch; --weights applies to pretrained backbones",
+        ),
         (["--drop-path", "0.1"], "--drop-path needs residual blocks; the cnn has none"),
-        (["--model", "resnet18", "--weights", "none", "--drop-path", "0.1"],
-         "--drop-path regularises a backbone that trains; use it with --mode finetune"),
-        (["--model", "resnet18", "--weights", "none", "--mode", "finetune", "--drop-path", "1.5"],
-         "--drop-path must be in [0, 1); got 1.5"),
-        (["--model", "resnet18", "--weights", "none", "--mode", "finetune", "--drop-path", "0.1"],
-         "torchvision resnet18 has no stochastic depth; drop --drop-path"),
+        (
+            ["--model", "resnet18", "--weights", "none", "--drop-path", "0.1"],
+            "--drop-path regularises a backbone that trains; use it with --mode finetune",
+        ),
+        (
+            [
+                "--model",
+                "resnet18",
+                "--weights",
+                "none",
+                "--mode",
+                "finetune",
+                "--drop-path",
+                "1.5",
+            ],
+            "--drop-path must be in [0, 1); got 1.5",
+        ),
+        (
+            [
+                "--model",
+                "resnet18",
+                "--weights",
+                "none",
+                "--mode",
+                "finetune",
+                "--drop-path",
+                "0.1",
+            ],
+            "torchvision resnet18 has no stochastic depth; drop --drop-path",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors(capsys, data_dir, tmp_path, flags, message):
-    code = main(["train", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "r"), *TINY, *flags])
+    code = main(
+        ["train", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "r"), *TINY, *flags]
+    )
     assert code == 2
     assert message in _one_line_error(capsys)
 
@@ -120,10 +160,20 @@ def test_models_lists_backbones_and_lite0_offline(capsys):
 
 
 def test_cnn_best_preset_parses_and_flags_win():
-    args = build_parser().parse_args(["train", "--preset", "cnn-best", "--epochs", "2", "--lr", "0.05"])
+    args = build_parser().parse_args(
+        ["train", "--preset", "cnn-best", "--epochs", "2", "--lr", "0.05"]
+    )
     cfg = config_from_args(args)
-    assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.batch_size) == ("sgd", "onecycle", 512)
-    assert (cfg.optim.weight_decay, cfg.optim.label_smoothing, cfg.optim.warmup_epochs) == (5e-4, 0.1, 6.0)
+    assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.batch_size) == (
+        "sgd",
+        "onecycle",
+        512,
+    )
+    assert (cfg.optim.weight_decay, cfg.optim.label_smoothing, cfg.optim.warmup_epochs) == (
+        5e-4,
+        0.1,
+        6.0,
+    )
     assert (cfg.data.crop_padding, cfg.data.flip) == (4, True)
     assert (cfg.optim.epochs, cfg.optim.lr) == (2, 0.05)  # flags win over the preset
     assert cfg.model.name == "cnn" and cfg.model.mode == "scratch"
@@ -136,13 +186,29 @@ def test_unknown_preset_lists_choices(capsys):
 
 def test_cnn_best_preset_trains_one_tiny_epoch(data_dir, tmp_path):
     run = tmp_path / "best"
-    code = main(["train", "--preset", "cnn-best", "--data-dir", str(data_dir), "--run-dir", str(run),
-                 *TINY, "--epochs", "1", "--warmup-epochs", "0.5"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "cnn-best",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(run),
+            *TINY,
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0.5",
+        ]
+    )
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and summary["params"]["total"] == 846_308
     saved = (run / "config.yaml").read_text()
-    assert "schedule: onecycle" in saved and "crop_padding: 4" in saved and "batch_size: 50" in saved
+    assert (
+        "schedule: onecycle" in saved and "crop_padding: 4" in saved and "batch_size: 50" in saved
+    )
 
 
 def test_failed_download_is_a_one_line_error(capsys, data_dir, tmp_path, monkeypatch):
@@ -152,11 +218,25 @@ def test_failed_download_is_a_one_line_error(capsys, data_dir, tmp_path, monkeyp
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    code = main(["train", "--model", "resnet18", "--weights", "imagenet", "--data-dir", str(data_dir),
-                 "--run-dir", str(tmp_path / "r"), *TINY])
+    code = main(
+        [
+            "train",
+            "--model",
+            "resnet18",
+            "--weights",
+            "imagenet",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(tmp_path / "r"),
+            *TINY,
+        ]
+    )
     assert code == 2
     err = _one_line_error(capsys)
-    assert "could not download resnet18" in err and "--weights PATH" in err and "--weights none" in err
+    assert (
+        "could not download resnet18" in err and "--weights PATH" in err and "--weights none" in err
+    )
     assert not (tmp_path / "r" / "last.pt").exists()  # no run with random weights
 
 

@@ -22,11 +22,37 @@ from transferlab.data.cifar import write_cifar_like
 from transferlab.report.compare_report import observations, write_compare_report
 
 RUNS = ("cnn", "resnet18-frozen", "cnn-chase")
-ARTEFACTS = ("config.yaml", "metrics.csv", "summary.json", "model_summary.txt", "curves.png", "best.pt", "last.pt")
+ARTEFACTS = (
+    "config.yaml",
+    "metrics.csv",
+    "summary.json",
+    "model_summary.txt",
+    "curves.png",
+    "best.pt",
+    "last.pt",
+)
 FIRST_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
-FLAGS = ["--val-size", "50", "--batch-size", "50", "--epochs", "1", "--chase-max-epochs", "2",
-         "--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--precision", "fp32",
-         "--no-progress", "--device", "cpu"]
+FLAGS = [
+    "--val-size",
+    "50",
+    "--batch-size",
+    "50",
+    "--epochs",
+    "1",
+    "--chase-max-epochs",
+    "2",
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--precision",
+    "fp32",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +62,18 @@ def compare_dir(tmp_path_factory):
     root = tmp / "cmp"
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = main(["compare", "--data-dir", str(data), "--run-dir", str(root), "--cache-dir", str(tmp / "cache"), *FLAGS])
+        code = main(
+            [
+                "compare",
+                "--data-dir",
+                str(data),
+                "--run-dir",
+                str(root),
+                "--cache-dir",
+                str(tmp / "cache"),
+                *FLAGS,
+            ]
+        )
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
@@ -67,7 +104,9 @@ def test_metrics_csv_columns_and_rows(compare_dir, run):
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     assert len(rows) == _summary(compare_dir, run)["epochs_run"]
     for r in rows:
-        assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1 and float(r["lr"]) > 0
+        assert (
+            0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1 and float(r["lr"]) > 0
+        )
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -95,7 +134,9 @@ def test_runs_have_the_expected_models_and_counts(compare_dir):
     chase_cfg = yaml.safe_load((compare_dir / "cnn-chase" / "config.yaml").read_text())
     assert chase_cfg["optim"]["target_val_acc"] == pytest.approx(target)
     assert chase_cfg["optim"]["patience"] == 5 and chase_cfg["optim"]["epochs"] == 2
-    assert chase_cfg["data"]["image_size"] == 32  # the cnn keeps its 32 px; --image-size is the backbone's
+    assert (
+        chase_cfg["data"]["image_size"] == 32
+    )  # the cnn keeps its 32 px; --image-size is the backbone's
     assert chase_cfg["resolved"]["image_size"] == 32 and chase_cfg["run"]["precision"] == "fp32"
 
 
@@ -112,7 +153,11 @@ def test_report_md_tables_and_observations(compare_dir):
     text = (compare_dir / "report.md").read_text()
     for title in ("CNN trained from scratch", "Pretrained backbone, frozen", "CNN trained towards"):
         assert f"## {title}" in text
-    assert text.count("**Train**|") == 3 and text.count("**Validation**|") == 3 and text.count("**Test**|") == 3
+    assert (
+        text.count("**Train**|") == 3
+        and text.count("**Validation**|") == 3
+        and text.count("**Test**|") == 3
+    )
     assert "11,333,540 total, 157,028 trainable" in text and "846,308 total" in text
     assert "## Observations" in text and "Train-minus-validation" in text
     for run in RUNS:
@@ -125,7 +170,9 @@ def test_report_rebuilds_from_files_alone(compare_dir, tmp_path):
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(compare_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.*", "curves.png"))
+    shutil.copytree(
+        compare_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.*", "curves.png")
+    )
     write_compare_report(copy)
     assert (copy / "report.md").read_text() == (compare_dir / "report.md").read_text()
     assert (copy / "cnn" / "curves.png").is_file()  # re-plotted from metrics.csv
@@ -133,11 +180,23 @@ def test_report_rebuilds_from_files_alone(compare_dir, tmp_path):
 
 def _fake(acc: float, seconds: float = 10.0) -> dict:
     split = {"loss": 1.0, "acc": acc}
-    return {"model": "resnet18", "train": split, "val": split, "test": split, "time_s": {"total": seconds}}
+    return {
+        "model": "resnet18",
+        "train": split,
+        "val": split,
+        "test": split,
+        "time_s": {"total": seconds},
+    }
 
 
-@pytest.mark.parametrize("frozen_acc, phrase", [(0.5, "10.0 points higher than"), (0.3, "10.0 points lower than"),
-                                                (0.4, "the same as the CNN's")])
+@pytest.mark.parametrize(
+    "frozen_acc, phrase",
+    [
+        (0.5, "10.0 points higher than"),
+        (0.3, "10.0 points lower than"),
+        (0.4, "the same as the CNN's"),
+    ],
+)
 def test_observation_wording(frozen_acc, phrase):
     out = observations({"cnn": (None, _fake(0.4)), "frozen": (None, _fake(frozen_acc))})
     assert phrase in out[0]
@@ -145,14 +204,37 @@ def test_observation_wording(frozen_acc, phrase):
 
 
 def test_experiment_configs_share_everything_but_the_model(tmp_path):
-    args = build_parser().parse_args(["compare", "--epochs", "3", "--image-size", "64", "--backbone", "timm:test_resnet",
-                                      "--lr", "0.01"])
+    args = build_parser().parse_args(
+        [
+            "compare",
+            "--epochs",
+            "3",
+            "--image-size",
+            "64",
+            "--backbone",
+            "timm:test_resnet",
+            "--lr",
+            "0.01",
+        ]
+    )
     base = config_from_args(args)
-    cfgs = experiment_configs(base, CompareConfig(backbone=args.backbone), tmp_path, chase_target=0.25)
-    assert (cfgs["cnn"].model.name, cfgs["cnn"].model.mode, cfgs["cnn"].data.image_size) == ("cnn", "scratch", 0)
+    cfgs = experiment_configs(
+        base, CompareConfig(backbone=args.backbone), tmp_path, chase_target=0.25
+    )
+    assert (cfgs["cnn"].model.name, cfgs["cnn"].model.mode, cfgs["cnn"].data.image_size) == (
+        "cnn",
+        "scratch",
+        0,
+    )
     assert (cfgs["frozen"].model.name, cfgs["frozen"].model.mode) == ("timm:test_resnet", "frozen")
-    assert cfgs["frozen"].data.image_size == 64 and cfgs["frozen"].run.run_dir == str(tmp_path / "timm-test_resnet-frozen")
-    assert (cfgs["chase"].optim.epochs, cfgs["chase"].optim.patience, cfgs["chase"].optim.target_val_acc) == (50, 5, 0.25)
+    assert cfgs["frozen"].data.image_size == 64 and cfgs["frozen"].run.run_dir == str(
+        tmp_path / "timm-test_resnet-frozen"
+    )
+    assert (
+        cfgs["chase"].optim.epochs,
+        cfgs["chase"].optim.patience,
+        cfgs["chase"].optim.target_val_acc,
+    ) == (50, 5, 0.25)
     assert all(c.optim.lr == 0.01 for c in cfgs.values())
 
 
@@ -165,11 +247,15 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     data = write_cifar_like(tmp_path / "data", n_train=120, n_test=30)
 
     def cfg(name: str, epochs: int, patience: int = 0, target: float = 0.0) -> Config:
-        return Config(data=DataConfig(data_dir=str(data), val_size=30),
-                      optim=OptimConfig(epochs=epochs, batch_size=30, patience=patience,
-                                        target_val_acc=target),
-                      run=RunConfig(run_dir=str(tmp_path / name), precision="fp32", seed=4,
-                                    progress=False, report=False))
+        return Config(
+            data=DataConfig(data_dir=str(data), val_size=30),
+            optim=OptimConfig(
+                epochs=epochs, batch_size=30, patience=patience, target_val_acc=target
+            ),
+            run=RunConfig(
+                run_dir=str(tmp_path / name), precision="fp32", seed=4, progress=False, report=False
+            ),
+        )
 
     first = cfg("cnn", 2)
     run_experiment(first)
@@ -186,7 +272,7 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     fresh = cfg("fresh", 4, patience=5, target=0.99)
     run_experiment(fresh)
     numbers = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-    assert [[r[k] for k in numbers] for r in metrics_rows(tmp_path / "chase")] == \
-        [[r[k] for k in numbers] for r in metrics_rows(tmp_path / "fresh")]
+    assert [[r[k] for k in numbers] for r in metrics_rows(tmp_path / "chase")] == [
+        [r[k] for k in numbers] for r in metrics_rows(tmp_path / "fresh")
+    ]
     assert len(metrics_rows(tmp_path / "chase")) == 4
-

@@ -1,4 +1,4 @@
-"""DDP on the CPU (gloo): two processes match one, resume, count every eval sample once, fail cleanly.
+"""DDP on the CPU (gloo): two processes match one, resume, count eval samples once, fail cleanly.
 
 Two processes are spawned once (torch.multiprocessing, torchrun's variables set by hand) and run
 every scenario in a row, so the ~7 s import cost is paid once; the single-process references
@@ -34,13 +34,37 @@ from transferlab.train.checkpoint import load_checkpoint
 from transferlab.train.loop import StepContext, evaluate
 
 WORLD = 2
-N_TRAIN, N_TEST, VAL = 100, 31, 22  # 78 train: a short last global batch (18), split 9 + 9; odd test set
+N_TRAIN, N_TEST, VAL = (
+    100,
+    31,
+    22,
+)  # 78 train: a short last global batch (18), split 9 + 9; odd test set
 
 
 def _cfg(tmp: Path, name: str, *extra: str):
-    args = ["train", "--data-dir", str(tmp / "data"), "--val-size", str(VAL), "--no-progress", "--device", "cpu",
-            "--precision", "fp32", "--batch-size", "20", "--eval-batch-size", "16", "--epochs", "2",
-            "--run-dir", str(tmp / name), "--cache-dir", str(tmp / f"cache-{name}"), *extra]
+    args = [
+        "train",
+        "--data-dir",
+        str(tmp / "data"),
+        "--val-size",
+        str(VAL),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "20",
+        "--eval-batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--run-dir",
+        str(tmp / name),
+        "--cache-dir",
+        str(tmp / f"cache-{name}"),
+        *extra,
+    ]
     return config_from_args(build_parser().parse_args(args))
 
 
@@ -56,8 +80,21 @@ def _gradual(tmp: Path) -> tuple[str, ...]:
     channels_last convs sum a batch of 10 and one of 20 in different orders, and Adam turns that
     float noise into weight differences of ~2e-5, above this test's tolerance for DDP's math.
     """
-    return ("--model", "timm:convnext_atto", "--weights", str(tmp / "atto.pth"), "--mode", "gradual",
-            "--freeze-epochs", "1", "--image-size", "32", "--lr", "3e-3", "--no-channels-last")
+    return (
+        "--model",
+        "timm:convnext_atto",
+        "--weights",
+        str(tmp / "atto.pth"),
+        "--mode",
+        "gradual",
+        "--freeze-epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--lr",
+        "3e-3",
+        "--no-channels-last",
+    )
 
 
 class _StopAt:
@@ -94,14 +131,23 @@ def _unit_checks(env: DistEnv) -> dict:
     # Evaluation: 7 samples over 2 ranks (4 + 3): each counted once, none padded.
     n, classes = 7, 3
     y = torch.arange(n) % classes
-    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 0, 1, 1, 0]), classes).float()  # 5 of 7 right
+    logits = torch.nn.functional.one_hot(
+        torch.tensor([0, 1, 0, 0, 1, 1, 0]), classes
+    ).float()  # 5 of 7 right
     ctx = StepContext(device=env.device, precision="fp32", env=env, progress=False)
-    loader = TensorLoader(logits, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size)
+    loader = TensorLoader(
+        logits, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size
+    )
     out["eval"] = evaluate(lambda f: f, loader, ctx)
     # Extraction: shards r::W reassembled in sample order.
     feats = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
-    loader = TensorLoader(feats, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size)
-    out["extract"] = extract_features(lambda f: f, lambda f: f, loader, env.device, "fp32", env, n, progress=False)[0]
+    loader = TensorLoader(
+        feats, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size
+    )
+    out["extract"] = extract_features(
+        lambda f: f, lambda f: f, loader, env.device, "fp32", env, n, progress=False
+    )[0]
+
     # A user error on one rank only ends every rank with that message (instead of a hang).
     def fail_on_rank_1():
         if env.rank == 1:
@@ -116,8 +162,13 @@ def _unit_checks(env: DistEnv) -> dict:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     env = init_distributed("cpu", timeout_s=90)  # a deadlock fails the test instead of hanging it
     try:
@@ -138,9 +189,13 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     write_cifar_like(tmp / "data", N_TRAIN, N_TEST)
     torch.manual_seed(0)
-    torch.save(timm.create_model("convnext_atto", num_classes=0).state_dict(), tmp / "atto.pth")  # "pretrained"
-    single = {"head": run_experiment(_cfg(tmp, "one-head", *HEAD)),
-              "gradual": run_experiment(_cfg(tmp, "one-gradual", *_gradual(tmp)))}
+    torch.save(
+        timm.create_model("convnext_atto", num_classes=0).state_dict(), tmp / "atto.pth"
+    )  # "pretrained"
+    single = {
+        "head": run_experiment(_cfg(tmp, "one-head", *HEAD)),
+        "gradual": run_experiment(_cfg(tmp, "one-gradual", *_gradual(tmp))),
+    }
     mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
     ddp = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return tmp, single, ddp
@@ -159,23 +214,38 @@ def _metrics(tmp: Path, name: str) -> list[list[float]]:
 def test_two_processes_match_one(runs, kind):
     tmp, single, ddp = runs
     a, b = _model(tmp, f"one-{kind}"), _model(tmp, f"ddp-{kind}")
-    assert a.keys() == b.keys() and not any(k.startswith("module.") for k in b)  # the unwrapped model
+    assert a.keys() == b.keys() and not any(
+        k.startswith("module.") for k in b
+    )  # the unwrapped model
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{kind}: {k}")
     for ra, rb in zip(_metrics(tmp, f"one-{kind}"), _metrics(tmp, f"ddp-{kind}"), strict=True):
         assert rb == pytest.approx(ra, rel=1e-4, abs=1e-5)
     for split in ("train", "val", "test"):
         for rank in range(WORLD):  # every rank reports the same, all-reduced metrics
-            assert ddp[rank][kind][split]["acc"] == pytest.approx(single[kind][split]["acc"], abs=1e-9)
-            assert ddp[rank][kind][split]["loss"] == pytest.approx(single[kind][split]["loss"], rel=1e-4)
+            assert ddp[rank][kind][split]["acc"] == pytest.approx(
+                single[kind][split]["acc"], abs=1e-9
+            )
+            assert ddp[rank][kind][split]["loss"] == pytest.approx(
+                single[kind][split]["loss"], rel=1e-4
+            )
     assert ddp[0][kind]["world_size"] == WORLD
 
 
 def test_only_rank_0_writes_and_cache_is_in_sample_order(runs):
     tmp, single, ddp = runs
     names = {p.name for p in (tmp / "ddp-head").iterdir()}
-    assert {"metrics.csv", "last.pt", "best.pt", "summary.json", "config.yaml", "curves.png"} <= names
-    assert not [p for p in (tmp / "ddp-head").iterdir() if p.name.startswith(".")]  # no stray temp files
+    assert {
+        "metrics.csv",
+        "last.pt",
+        "best.pt",
+        "summary.json",
+        "config.yaml",
+        "curves.png",
+    } <= names
+    assert not [
+        p for p in (tmp / "ddp-head").iterdir() if p.name.startswith(".")
+    ]  # no stray temp files
     from transferlab.features import cache as fcache
 
     for split in ("train", "val", "test"):  # sharded extraction == single-process extraction
@@ -212,8 +282,10 @@ def test_global_batch_is_the_single_process_batch():
     """Rank shards of global batch b together are exactly the single-process batch b."""
     images, labels = torch.zeros(50, 1), torch.arange(50)
     one = [y.tolist() for _, y in TensorLoader(images, labels, 10, True, seed=3)]
-    ranks = [[y.tolist() for _, y in TensorLoader(images, labels, 5, True, seed=3, rank=r, world_size=2)]
-             for r in range(2)]
+    ranks = [
+        [y.tolist() for _, y in TensorLoader(images, labels, 5, True, seed=3, rank=r, world_size=2)]
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(one)
     for b, batch in enumerate(one):
         assert sorted(ranks[0][b] + ranks[1][b]) == sorted(batch)
@@ -226,9 +298,28 @@ def test_one_failed_rank_ends_the_torchrun_job(tmp_path):
         pytest.skip("torchrun not on PATH")
     write_cifar_like(tmp_path / "data", 40, 10)
     env = {**os.environ, "TRANSFERLAB_FAIL_RANK": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "transferlab", "train", "--model", "cnn",
-           "--data-dir", str(tmp_path / "data"), "--val-size", "10", "--device", "cpu", "--no-progress",
-           "--epochs", "1", "--run-dir", str(tmp_path / "run")]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "transferlab",
+        "train",
+        "--model",
+        "cnn",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--val-size",
+        "10",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "failure injected by TRANSFERLAB_FAIL_RANK=1" in proc.stderr

@@ -34,9 +34,26 @@ EXACT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
 
 
-def train_argv(data: Path, run_dir: Path, *extra: str, epochs: int = 3, batch_size: int = 50) -> list[str]:
-    return ["train", *COMMON, "--data-dir", str(data), "--val-size", "50", "--epochs", str(epochs),
-            "--batch-size", str(batch_size), "--seed", "7", "--run-dir", str(run_dir), *extra]
+def train_argv(
+    data: Path, run_dir: Path, *extra: str, epochs: int = 3, batch_size: int = 50
+) -> list[str]:
+    return [
+        "train",
+        *COMMON,
+        "--data-dir",
+        str(data),
+        "--val-size",
+        "50",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--seed",
+        "7",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def resume_argv(run_dir: Path) -> list[str]:
@@ -73,7 +90,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Metrics rows (minus timings) and the final test loss/acc equal the reference's exactly."""
     assert exact_metrics(run_dir) == exact_metrics(reference)
     assert test_summary(run_dir) == test_summary(reference)
-    ours, theirs = load_ckpt(run_dir / "last.pt")["model"], load_ckpt(reference / "last.pt")["model"]
+    ours, theirs = (
+        load_ckpt(run_dir / "last.pt")["model"],
+        load_ckpt(reference / "last.pt")["model"],
+    )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -114,7 +134,7 @@ def reference(tiny_cifar, tmp_path_factory) -> Path:
     return run_dir
 
 
-# --------------------------------------------------------------------------- hostile files
+# ------------------------------------------------------------------ hostile files
 
 
 def test_payload_is_live(tmp_path):
@@ -167,15 +187,26 @@ def test_hostile_weights_file_is_refused(tiny_cifar, tmp_path, capsys):
     marker = tmp_path / "pwned"
     weights = tmp_path / "resnet18.pth"
     torch.save({"conv1.weight": torch.zeros(1), "evil": Payload(marker)}, weights)
-    argv = train_argv(tiny_cifar, tmp_path / "run", "--model", "resnet18", "--weights", str(weights),
-                      "--mode", "finetune", "--image-size", "32", epochs=1)
+    argv = train_argv(
+        tiny_cifar,
+        tmp_path / "run",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--mode",
+        "finetune",
+        "--image-size",
+        "32",
+        epochs=1,
+    )
     rc, err = run_cli(capsys, argv)
     assert rc == 2
     assert_one_line_error(err, str(weights), "refused")
     assert not marker.exists()
 
 
-# --------------------------------------------------------------------------- corrupt input
+# ------------------------------------------------------------------ corrupt input
 
 
 def _truncate(path: Path) -> None:
@@ -194,7 +225,12 @@ def _garbage(path: Path) -> None:
     path.write_bytes(os.urandom(4096))
 
 
-DAMAGE = {"truncated": _truncate, "garbled": _garble, "garbage": _garbage, "empty": lambda p: p.write_bytes(b"")}
+DAMAGE = {
+    "truncated": _truncate,
+    "garbled": _garble,
+    "garbage": _garbage,
+    "empty": lambda p: p.write_bytes(b""),
+}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -221,8 +257,19 @@ def test_corrupt_weights_file_is_a_clear_error(one_epoch_run, tiny_cifar, tmp_pa
     weights = tmp_path / "w.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, weights)
     DAMAGE[damage](weights)
-    argv = train_argv(tiny_cifar, tmp_path / "run", "--model", "resnet18", "--weights", str(weights),
-                      "--mode", "finetune", "--image-size", "32", epochs=1)
+    argv = train_argv(
+        tiny_cifar,
+        tmp_path / "run",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--mode",
+        "finetune",
+        "--image-size",
+        "32",
+        epochs=1,
+    )
     rc, err = run_cli(capsys, argv)
     assert rc == 2
     assert_one_line_error(err, str(weights))
@@ -230,8 +277,18 @@ def test_corrupt_weights_file_is_a_clear_error(one_epoch_run, tiny_cifar, tmp_pa
 
 def test_bad_feature_cache_files_are_not_run_but_rebuilt(tiny_cifar, tmp_path, capsys, caplog):
     cache_dir = tmp_path / "cache"
-    argv = ["--model", "resnet18", "--weights", "none", "--mode", "frozen", "--image-size", "32",
-            "--cache-dir", str(cache_dir)]
+    argv = [
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--mode",
+        "frozen",
+        "--image-size",
+        "32",
+        "--cache-dir",
+        str(cache_dir),
+    ]
     assert run_cli(capsys, train_argv(tiny_cifar, tmp_path / "a", *argv, epochs=1))[0] == 0
     entries = sorted(cache_dir.glob("*.safetensors"))
     assert len(entries) == 3  # train, val, test
@@ -251,13 +308,18 @@ def test_bad_feature_cache_files_are_not_run_but_rebuilt(tiny_cifar, tmp_path, c
     assert test_summary(tmp_path / "b") == test_summary(tmp_path / "a")
 
 
-# --------------------------------------------------------------------------- kill, signal, resume
+# ------------------------------------------------------------------ kill, signal, resume
 
 
 def start_training(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "transferlab", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferlab", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_rows(proc: subprocess.Popen, run_dir: Path, rows: int, timeout: float = 120) -> None:
@@ -286,7 +348,9 @@ def test_kill_9_then_resume_reproduces_the_run(tiny_cifar, reference, tmp_path, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_checkpoint_and_resume_reproduces_the_run(tiny_cifar, reference, tmp_path, capsys, sig):
+def test_signal_saves_checkpoint_and_resume_reproduces_the_run(
+    tiny_cifar, reference, tmp_path, capsys, sig
+):
     run_dir = tmp_path / "run"
     proc = start_training(train_argv(tiny_cifar, run_dir, *AUG))
     wait_for_rows(proc, run_dir, 1)
@@ -315,7 +379,9 @@ def _png(path: Path) -> Path:
 def test_predict_refuses_bad_checkpoint(one_epoch_run, tmp_path, capsys, damage):
     run_dir = copy_run(one_epoch_run, tmp_path / "run")
     image = _png(tmp_path / "x.png")
-    assert run_cli(capsys, ["predict", str(run_dir), str(image), "--device", "cpu"])[0] == 0  # the good one works
+    assert (
+        run_cli(capsys, ["predict", str(run_dir), str(image), "--device", "cpu"])[0] == 0
+    )  # the good one works
     marker = tmp_path / "pwned"
     if damage == "hostile":
         ckpt = load_ckpt(run_dir / "best.pt")
@@ -332,6 +398,7 @@ def test_predict_refuses_bad_checkpoint(one_epoch_run, tmp_path, capsys, damage)
 def _drop(key):
     def edit(ckpt):
         del ckpt[key]
+
     return edit
 
 
@@ -343,13 +410,22 @@ def _bad_config(ckpt):
     ckpt["config"]["optim"]["lr"] = -1.0
 
 
-WRONG = {"no-fit-state": _drop("fit_state"), "no-optimizer": _drop("optimizer"), "no-rng": _drop("rng"),
-         "other-model": _other_model, "bad-config": _bad_config, "not-a-dict": None}
+WRONG = {
+    "no-fit-state": _drop("fit_state"),
+    "no-optimizer": _drop("optimizer"),
+    "no-rng": _drop("rng"),
+    "other-model": _other_model,
+    "bad-config": _bad_config,
+    "not-a-dict": None,
+}
 
 
 @pytest.mark.parametrize("wrong", list(WRONG))
 def test_structurally_wrong_checkpoint_is_a_clear_error(one_epoch_run, tmp_path, capsys, wrong):
-    """A loadable file that is not a complete transferlab checkpoint: one line naming it, for resume and predict."""
+    """A loadable file that is not a complete transferlab checkpoint.
+
+    One line naming it, for resume and predict.
+    """
     run_dir = copy_run(one_epoch_run, tmp_path / "run")
     for name in ("last.pt", "best.pt"):
         ckpt = load_ckpt(run_dir / name)
@@ -362,12 +438,14 @@ def test_structurally_wrong_checkpoint_is_a_clear_error(one_epoch_run, tmp_path,
     assert rc == 2
     assert_one_line_error(err, str(run_dir / "last.pt"))
     if wrong in ("other-model", "bad-config", "not-a-dict"):
-        rc, err = run_cli(capsys, ["predict", str(run_dir), str(_png(tmp_path / "x.png")), "--device", "cpu"])
+        rc, err = run_cli(
+            capsys, ["predict", str(run_dir), str(_png(tmp_path / "x.png")), "--device", "cpu"]
+        )
         assert rc == 2
         assert_one_line_error(err, str(run_dir / "best.pt"))
 
 
-# --------------------------------------------------------------------------- numerical faults
+# ------------------------------------------------------------------ numerical faults
 
 
 def nan_losses_at(monkeypatch, bad_steps: set[int]) -> None:
@@ -414,8 +492,13 @@ def test_huge_lr_stops_on_non_finite_loss(tiny_cifar, tmp_path, capsys):
     assert_one_line_error(err, "non-finite", "--lr")
 
 
-def test_non_finite_val_loss_never_becomes_the_checkpoint(tiny_cifar, tmp_path, capsys, monkeypatch):
-    """NaN weights after an epoch's last step (train loss still finite) must not overwrite last.pt."""
+def test_non_finite_val_loss_never_becomes_the_checkpoint(
+    tiny_cifar, tmp_path, capsys, monkeypatch
+):
+    """NaN weights after an epoch's last step must not overwrite last.pt.
+
+    The train loss is still finite: only the weights are bad.
+    """
     run_dir = tmp_path / "run"
     real = torch.nn.functional.cross_entropy
     evals = {"n": 0}
@@ -435,7 +518,7 @@ def test_non_finite_val_loss_never_becomes_the_checkpoint(tiny_cifar, tmp_path, 
     assert len(metrics_rows(run_dir)) == 1
 
 
-# --------------------------------------------------------------------------- disk faults
+# ------------------------------------------------------------------ disk faults
 
 
 def enospc(*args, **kwargs):
@@ -454,24 +537,34 @@ def fail_when(real, full):
 
 
 @pytest.mark.parametrize("target", ["torch.save", "os.replace", "os.fsync"])
-def test_disk_full_during_checkpoint_keeps_previous_files(tiny_cifar, reference, tmp_path, capsys, monkeypatch, target):
+def test_disk_full_during_checkpoint_keeps_previous_files(
+    tiny_cifar, reference, tmp_path, capsys, monkeypatch, target
+):
     run_dir = tmp_path / "run"
     argv = train_argv(tiny_cifar, run_dir, *AUG)
-    assert main(argv[:-len(AUG)] + AUG + ["--epochs", "1"]) == 0  # a complete epoch-1 state to compare with
+    assert (
+        main(argv[: -len(AUG)] + AUG + ["--epochs", "1"]) == 0
+    )  # a complete epoch-1 state to compare with
     good_ckpt = load_ckpt(run_dir / "last.pt")
     # the same run again, with the disk filling up after epoch 1's writes
     for p in run_dir.iterdir():
         p.unlink()
     module, name = target.split(".")
     real = getattr({"torch": torch, "os": os}[module], name)
+
     # The disk fills up by its effect, not by a call count: once epoch 2's metrics row is on disk,
     # the next checkpoint write fails at this step of the atomic writer (its payload, the fsync
     # of its temp file, or the rename onto last.pt), however many writes came before.
     def epoch_two_written(*args) -> bool:
-        return (run_dir / "metrics.csv").is_file() and len(metrics_rows(run_dir)) >= 2 and \
-            (target != "os.replace" or Path(args[1]).name == "last.pt")
+        return (
+            (run_dir / "metrics.csv").is_file()
+            and len(metrics_rows(run_dir)) >= 2
+            and (target != "os.replace" or Path(args[1]).name == "last.pt")
+        )
 
-    monkeypatch.setattr({"torch": torch, "os": os}[module], name, fail_when(real, epoch_two_written))
+    monkeypatch.setattr(
+        {"torch": torch, "os": os}[module], name, fail_when(real, epoch_two_written)
+    )
     rc, err = run_cli(capsys, argv)
     monkeypatch.undo()
     assert rc == 1
@@ -479,8 +572,9 @@ def test_disk_full_during_checkpoint_keeps_previous_files(tiny_cifar, reference,
     assert not leftover_tmp(run_dir)
     ckpt = load_ckpt(run_dir / "last.pt")
     timing = ("train_s", "eval_s")
-    assert {k: v for k, v in ckpt["fit_state"].items() if k not in timing} == \
-        {k: v for k, v in good_ckpt["fit_state"].items() if k not in timing}
+    assert {k: v for k, v in ckpt["fit_state"].items() if k not in timing} == {
+        k: v for k, v in good_ckpt["fit_state"].items() if k not in timing
+    }
     assert all(torch.equal(ckpt["model"][k], good_ckpt["model"][k]) for k in ckpt["model"])
     assert len(metrics_rows(run_dir)) in (1, 2)  # epoch 2's row may be in; resume redoes it
     assert exact_metrics(run_dir)[0] == exact_metrics(reference)[0]
@@ -510,7 +604,9 @@ class HalfWriter:
         self.f.close()
 
 
-def test_disk_full_during_metrics_append_leaves_no_torn_row(tiny_cifar, reference, tmp_path, capsys, monkeypatch):
+def test_disk_full_during_metrics_append_leaves_no_torn_row(
+    tiny_cifar, reference, tmp_path, capsys, monkeypatch
+):
     import builtins
 
     from transferlab import metrics
@@ -555,7 +651,7 @@ def test_disk_full_writing_summary_is_one_line(tiny_cifar, tmp_path, capsys, mon
     assert_one_line_error(err, "summary.json", "No space left on device")
 
 
-# --------------------------------------------------------------------------- run dir safety
+# ------------------------------------------------------------------ run dir safety
 
 
 def test_non_empty_run_dir_needs_overwrite(one_epoch_run, tiny_cifar, tmp_path, capsys):
@@ -567,7 +663,10 @@ def test_non_empty_run_dir_needs_overwrite(one_epoch_run, tiny_cifar, tmp_path, 
     assert (run_dir / "metrics.csv").read_bytes() == before
     rc, err = run_cli(capsys, train_argv(tiny_cifar, run_dir, "--overwrite", epochs=2))
     assert rc == 0, err
-    assert [r["epoch"] for r in metrics_rows(run_dir)] == ["1", "2"]  # fresh rows, not appended to the old
+    assert [r["epoch"] for r in metrics_rows(run_dir)] == [
+        "1",
+        "2",
+    ]  # fresh rows, not appended to the old
 
 
 def test_run_dir_that_is_a_file_is_refused(tiny_cifar, tmp_path, capsys):
@@ -595,7 +694,9 @@ def test_torn_metrics_row_is_dropped_on_resume(one_epoch_run, tiny_cifar, tmp_pa
 
 def test_signal_handlers_are_restored_after_an_in_process_run(one_epoch_run, capsys):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    run_cli(capsys, ["train", *COMMON, "--data-dir", "/nonexistent", "--run-dir", "/nonexistent/run"])
+    run_cli(
+        capsys, ["train", *COMMON, "--data-dir", "/nonexistent", "--run-dir", "/nonexistent/run"]
+    )
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
@@ -604,15 +705,32 @@ def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
 
     saved = []
     real = fit.atomic_save
-    monkeypatch.setattr(fit, "atomic_save", lambda obj, path: (saved.append(
-        (Path(path).name, obj["fit_state"]["epoch"], obj["fit_state"]["partial"].get("step"))), real(obj, path))[1])
-    assert run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", "--ckpt-every-steps", "2", epochs=2))[0] == 0
+    monkeypatch.setattr(
+        fit,
+        "atomic_save",
+        lambda obj, path: (
+            saved.append(
+                (
+                    Path(path).name,
+                    obj["fit_state"]["epoch"],
+                    obj["fit_state"]["partial"].get("step"),
+                )
+            ),
+            real(obj, path),
+        )[1],
+    )
+    assert (
+        run_cli(
+            capsys, train_argv(tiny_cifar, tmp_path / "run", "--ckpt-every-steps", "2", epochs=2)
+        )[0]
+        == 0
+    )
     last = [(e, s) for n, e, s in saved if n == "last.pt"]
     # 5 steps per epoch: before the first step, after steps 2 and 4, and at each epoch's end
     assert last == [(0, None), (0, 2), (0, 4), (1, None), (1, 2), (1, 4), (2, None)]
 
 
-# --------------------------------------------------------------------------- config and CLI validation
+# ------------------------------------------------------------------ config and CLI validation
 
 INVALID = {
     "negative lr": (["--lr", "-1"], "--lr"),
@@ -621,8 +739,10 @@ INVALID = {
     "unknown mode": (["--mode", "bogus"], "--mode"),
     "image size under 16": (["--image-size", "8"], "--image-size"),
     "negative patience": (["--patience", "-1"], "--patience"),
-    "lbfgs without cache": (["--model", "resnet18", "--head", "linear", "--solver", "lbfgs", "--no-feature-cache"],
-                            "--no-feature-cache"),
+    "lbfgs without cache": (
+        ["--model", "resnet18", "--head", "linear", "--solver", "lbfgs", "--no-feature-cache"],
+        "--no-feature-cache",
+    ),
     "frozen cnn": (["--mode", "frozen", "--model", "cnn"], "cnn"),
     "unknown model": (["--model", "nosuchnet"], "choices"),
     "zero epochs": (["--epochs", "0"], "--epochs"),
@@ -664,11 +784,23 @@ def test_missing_data_dir_mentions_download(tmp_path, capsys):
     assert_one_line_error(err, "--download", "--data-dir")
 
 
-@pytest.mark.parametrize("text", [b"\xff\xfe\x00 not utf-8", b"optim: [unclosed", b"- a list\n", b"optim: {lr: x}\n",
-                                  b"optim: {patience: 1.0e+400}\n", b"optim: {grad_clip: .inf}\n", b"bogus: {}\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"\xff\xfe\x00 not utf-8",
+        b"optim: [unclosed",
+        b"- a list\n",
+        b"optim: {lr: x}\n",
+        b"optim: {patience: 1.0e+400}\n",
+        b"optim: {grad_clip: .inf}\n",
+        b"bogus: {}\n",
+    ],
+)
 def test_bad_preset_file_is_one_line(tiny_cifar, tmp_path, capsys, text):
     preset = tmp_path / "p.yaml"
     preset.write_bytes(text)
-    rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", "--preset", str(preset), epochs=1))
+    rc, err = run_cli(
+        capsys, train_argv(tiny_cifar, tmp_path / "run", "--preset", str(preset), epochs=1)
+    )
     assert rc == 2
     assert_one_line_error(err)

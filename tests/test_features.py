@@ -28,10 +28,36 @@ def setup(tmp_path_factory):
 
 def _train(root: Path, data: Path, weights: Path, name: str, *extra: str) -> dict:
     run = root / name
-    args = ["train", "--data-dir", str(data), "--val-size", "60", "--model", "resnet18", "--weights", str(weights),
-            "--image-size", "32", "--epochs", "2", "--batch-size", "40", "--device", "cpu", "--precision", "fp32",
-            "--cache-dir", str(root / "cache"), "--run-dir", str(run), "--no-progress", "--overwrite",
-            "--engine", "torch", *extra]  # torch: the live path runs the same kernels
+    args = [
+        "train",
+        "--data-dir",
+        str(data),
+        "--val-size",
+        "60",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "40",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--cache-dir",
+        str(root / "cache"),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--overwrite",
+        "--engine",
+        "torch",
+        *extra,
+    ]  # torch: the live path runs the same kernels
     assert main(args) == 0
     return json.loads((run / "summary.json").read_text())
 
@@ -57,7 +83,9 @@ def test_second_run_hits_cache_and_changed_key_misses(setup, caplog):
     second = _train(root, data, weights, "k2")
     assert all(second["feature_cache"][s]["hit"] for s in ("train", "val", "test"))
     assert first["feature_cache"]["train"]["key"] == second["feature_cache"]["train"]["key"]
-    resized = _train(root, data, weights, "k3", "--image-size", "40")  # a changed key never reuses features
+    resized = _train(
+        root, data, weights, "k3", "--image-size", "40"
+    )  # a changed key never reuses features
     assert not resized["feature_cache"]["train"]["hit"]
     other = root / "other.pth"
     sd = torchvision.models.resnet18().state_dict()
@@ -97,7 +125,10 @@ def test_concurrent_writers_of_one_key_leave_a_valid_entry(tmp_path):
     import threading
 
     tensors = {"features": torch.arange(12.0).reshape(4, 3), "labels": torch.arange(4)}
-    threads = [threading.Thread(target=fcache.save_entry, args=(tmp_path, "k", tensors, {"i": i})) for i in range(6)]
+    threads = [
+        threading.Thread(target=fcache.save_entry, args=(tmp_path, "k", tensors, {"i": i}))
+        for i in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,10 +142,14 @@ def test_feature_views_and_lbfgs_probe(setup):
     root, data, weights = setup
     views = _train(root, data, weights, "views", "--feature-views", "3")
     f = fcache.load_entry(root / "cache", views["feature_cache"]["train"]["key"])[0]["features"]
-    assert f.shape[:2] == (240, 3) and not torch.equal(f[:, 0], f[:, 1])  # 3 distinct augmented views
+    assert f.shape[:2] == (240, 3) and not torch.equal(
+        f[:, 0], f[:, 1]
+    )  # 3 distinct augmented views
     probe = _train(root, data, weights, "probe", "--head", "linear", "--solver", "lbfgs")
     assert probe["probe"]["l2"] in [t["l2"] for t in probe["probe"]["trials"]]
-    assert probe["val"]["acc"] == pytest.approx(max(t["val_acc"] for t in probe["probe"]["trials"]), abs=1e-4)
+    assert probe["val"]["acc"] == pytest.approx(
+        max(t["val_acc"] for t in probe["probe"]["trials"]), abs=1e-4
+    )
     assert probe["test"]["acc"] > 0.3  # 10 separable synthetic classes: far above chance (0.1)
 
 

@@ -16,9 +16,32 @@ def folder_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pe")
     root = write_png_tree(tmp / "data", {"red": 12, "green": 12, "blue": 12})
     run = tmp / "run"
-    rc = main(["train", "--data", f"folder:{root}", "--model", "cnn", "--epochs", "1", "--batch-size", "8",
-               "--num-workers", "0", "--val-frac", "0.2", "--test-frac", "0.2", "--run-dir", str(run),
-               "--no-progress", "--device", "cpu", "--precision", "fp32"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            f"folder:{root}",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--val-frac",
+            "0.2",
+            "--test-frac",
+            "0.2",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ]
+    )
     assert rc == 0
     return run, root
 
@@ -28,7 +51,20 @@ def test_predict_table_json_and_a_bad_file(folder_run, tmp_path, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     files = [str(root / "red" / "000.png"), str(bad), str(root / "blue")]
-    rc = main(["predict", str(run), *files, "--top-k", "2", "--json", "--batch-size", "5", "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            str(run),
+            *files,
+            "--top-k",
+            "2",
+            "--json",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0  # some files predicted
     lines = [json.loads(line) for line in out.splitlines()]
@@ -42,7 +78,9 @@ def test_predict_table_json_and_a_bad_file(folder_run, tmp_path, capsys):
 
     rc = main(["predict", str(run), str(root / "green" / "001.png"), "--top-k", "3"])
     out, _ = capsys.readouterr()
-    assert rc == 0 and "001.png" in out and out.count("(") == 3  # table: 3 classes with probabilities
+    assert (
+        rc == 0 and "001.png" in out and out.count("(") == 3
+    )  # table: 3 classes with probabilities
 
     rc = main(["predict", str(run), str(bad)])
     assert rc == 1  # nothing predicted
@@ -65,8 +103,12 @@ def test_predict_matches_the_models_test_predictions(folder_run):
 
     res = predict_files(rm, [Path(f) for f in files], 1, 2, torch.device("cpu"))
     assert [rm.classes.index(r["top"][0]["class"]) for r in res] == preds["pred"][:3].tolist()
-    x = to_float_normalized(torch.stack([load_image(f, rm.image_size) for f in files]), rm.mean, rm.std, None)
-    assert torch.allclose(rm.model(x).softmax(1).max(1).values, torch.tensor(preds["prob"][:3]), atol=1e-4)
+    x = to_float_normalized(
+        torch.stack([load_image(f, rm.image_size) for f in files]), rm.mean, rm.std, None
+    )
+    assert torch.allclose(
+        rm.model(x).softmax(1).max(1).values, torch.tensor(preds["prob"][:3]), atol=1e-4
+    )
 
 
 def test_predict_bad_run_dir_is_a_user_error(tmp_path, capsys):
@@ -115,8 +157,12 @@ def test_export_check_fails_above_tolerance(folder_run, tmp_path, capsys, monkey
             wrapped.model.head[-1].bias.sub_(0.01)  # ...PyTorch keeps the true ones
 
     monkeypatch.setattr(ex, "export_onnx", buggy_export)
-    rc = main(["export", str(folder_run[0]), "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+    rc = main(
+        ["export", str(folder_run[0]), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]
+    )
     out, err = capsys.readouterr()
     assert rc == 1 and "FAILED" in out and "export check failed" in err
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert not meta["check"]["ok"] and meta["check"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-2)
+    assert not meta["check"]["ok"] and meta["check"]["max_abs_diff"] == pytest.approx(
+        0.01, rel=1e-2
+    )

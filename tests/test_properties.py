@@ -20,18 +20,48 @@ from transferlab.errors import UserError
 from transferlab.features import cache as fcache
 from transferlab.models.weights import safe_torch_load
 
-FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-    st.sampled_from(["cnn", "resnet18", "frozen", "scratch", "lbfgs", "adam", "cosine", "fp32", "1e-3", "true", "cpu"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "cnn",
+            "resnet18",
+            "frozen",
+            "scratch",
+            "lbfgs",
+            "adam",
+            "cosine",
+            "fp32",
+            "1e-3",
+            "true",
+            "cpu",
+        ]
+    ),
 )
-values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=4), scalars, max_size=2))
-field_names = st.sampled_from(sorted({f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}))
-sections = st.dictionaries(st.one_of(field_names, st.text(max_size=6), st.integers()), values, max_size=5)
-configs = st.dictionaries(st.one_of(st.sampled_from(sorted(SECTIONS)), st.text(max_size=5), st.integers()),
-                          st.one_of(sections, scalars), max_size=4)
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=3),
+    st.dictionaries(st.text(max_size=4), scalars, max_size=2),
+)
+field_names = st.sampled_from(
+    sorted({f for cls in SECTIONS.values() for f in cls.__dataclass_fields__})
+)
+sections = st.dictionaries(
+    st.one_of(field_names, st.text(max_size=6), st.integers()), values, max_size=5
+)
+configs = st.dictionaries(
+    st.one_of(st.sampled_from(sorted(SECTIONS)), st.text(max_size=5), st.integers()),
+    st.one_of(sections, scalars),
+    max_size=4,
+)
 
 
 @FAST
@@ -81,8 +111,11 @@ def _loads_or_names_the_file(load, data: bytes, suffix: str = "") -> None:
 
 
 def _pickle_prefixed(draw_bytes: bytes) -> bytes:
-    """Bytes that start like a real protocol-2 pickle, so the unpickler gets past the first opcode."""
-    return pickle.dumps({"data": np.zeros((1, 4), np.uint8), "fine_labels": [1]}, protocol=2)[:20] + draw_bytes
+    """Bytes that start like a real protocol-2 pickle, so unpickling gets past the first opcode."""
+    return (
+        pickle.dumps({"data": np.zeros((1, 4), np.uint8), "fine_labels": [1]}, protocol=2)[:20]
+        + draw_bytes
+    )
 
 
 any_bytes = st.one_of(st.binary(max_size=2048), st.binary(max_size=512).map(_pickle_prefixed))
@@ -95,14 +128,14 @@ def test_safe_unpickle_random_bytes(data):
 
 
 def _zip_prefixed(data: bytes) -> bytes:
-    """A real torch.save'd file with random bytes spliced in (reaches the zip and pickle readers)."""
+    """A real torch.save'd file with random bytes spliced in (reaches zip and pickle readers)."""
     import io
 
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buf)
     raw = buf.getvalue()
     cut = len(data) % len(raw)
-    return raw[:cut] + data + raw[cut + len(data):]
+    return raw[:cut] + data + raw[cut + len(data) :]
 
 
 @FAST
@@ -114,14 +147,20 @@ def test_safe_torch_load_random_bytes(data):
 def _safetensors_prefixed(data: bytes) -> bytes:
     """A real cache entry's bytes with random bytes spliced in."""
     with tempfile.TemporaryDirectory() as d:
-        path = fcache.save_entry(Path(d), "k", {"features": torch.ones(3, 2), "labels": torch.arange(3)}, {"n": 3})
+        path = fcache.save_entry(
+            Path(d), "k", {"features": torch.ones(3, 2), "labels": torch.arange(3)}, {"n": 3}
+        )
         raw = path.read_bytes()
     cut = len(data) % len(raw)
-    return raw[:cut] + data + raw[cut + len(data):]
+    return raw[:cut] + data + raw[cut + len(data) :]
 
 
 @FAST
-@given(st.one_of(st.binary(max_size=2048), st.binary(min_size=1, max_size=32).map(_safetensors_prefixed)))
+@given(
+    st.one_of(
+        st.binary(max_size=2048), st.binary(min_size=1, max_size=32).map(_safetensors_prefixed)
+    )
+)
 def test_cache_load_entry_random_bytes_is_a_miss(tmp_path, data):
     key = "prop"
     fcache.entry_path(tmp_path, key).write_bytes(data)
@@ -147,9 +186,14 @@ def test_load_yaml_random_bytes(data):
         path.unlink()
 
 
-@pytest.mark.parametrize("text, field, value", [("optim:\n  lr: 1e-3\n", "optim.lr", 1e-3),
-                                               ("run: {seed: 3}\n", "run.seed", 3),
-                                               ("", "optim.epochs", 10)])
+@pytest.mark.parametrize(
+    "text, field, value",
+    [
+        ("optim:\n  lr: 1e-3\n", "optim.lr", 1e-3),
+        ("run: {seed: 3}\n", "run.seed", 3),
+        ("", "optim.epochs", 10),
+    ],
+)
 def test_good_yaml_still_loads(tmp_path, text, field, value):
     path = tmp_path / "c.yaml"
     path.write_text(text)

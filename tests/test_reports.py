@@ -13,15 +13,40 @@ from transferlab.cli import main
 from transferlab.report.html import markdown_to_html
 from transferlab.report.run_report import confused_pairs, per_class_accuracy
 
-TRAIN = ["--model", "cnn", "--epochs", "2", "--batch-size", "25", "--no-progress", "--device", "cpu",
-         "--precision", "fp32"]
+TRAIN = [
+    "--model",
+    "cnn",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "25",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory, tiny_cifar):
     run = tmp_path_factory.mktemp("rep") / "runs" / "cnn"
-    assert main(["train", "--data-dir", str(tiny_cifar), "--val-size", "50", "--run-dir", str(run),
-                 "--tensorboard", *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(tiny_cifar),
+                "--val-size",
+                "50",
+                "--run-dir",
+                str(run),
+                "--tensorboard",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -38,10 +63,20 @@ def test_run_report_from_saved_files(cifar_run, capsys):
     assert main(["report", str(cifar_run)]) == 0
     assert "report.html" in capsys.readouterr().out
     md = (cifar_run / "report.md").read_text()
-    for heading in ("## Results", "## Learning curves", "### Best", "### Worst", "## Most confused class pairs",
-                    "## Misclassified test images", "## Timing", "## Data and reproducibility"):
+    for heading in (
+        "## Results",
+        "## Learning curves",
+        "### Best",
+        "### Worst",
+        "## Most confused class pairs",
+        "## Misclassified test images",
+        "## Timing",
+        "## Data and reproducibility",
+    ):
         assert heading in md
-    assert "![misclassified test images](misclassified.png)" in md  # CIFAR images read back via the source
+    assert (
+        "![misclassified test images](misclassified.png)" in md
+    )  # CIFAR images read back via the source
     s = json.loads((cifar_run / "summary.json").read_text())
     assert s["data"]["md5"]["test"] in md and s["versions"]["torch"] in md
     html = (cifar_run / "report.html").read_text()
@@ -104,8 +139,27 @@ def test_tensorboard_scalars_per_epoch(cifar_run):
 def test_folder_run_report_shows_misclassified_files(tmp_path):
     root = write_png_tree(tmp_path / "d", {"a": 10, "b": 10, "c": 10}, size=8)
     run = tmp_path / "run"
-    assert main(["train", "--data", f"folder:{root}", "--num-workers", "0", "--val-frac", "0.2",
-                 "--test-frac", "0.3", "--run-dir", str(run), "--lr", "1e-5", *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"folder:{root}",
+                "--num-workers",
+                "0",
+                "--val-frac",
+                "0.2",
+                "--test-frac",
+                "0.3",
+                "--run-dir",
+                str(run),
+                "--lr",
+                "1e-5",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     # make the predictions hold known mistakes (every test image predicted as the next class),
     # so the grid of misclassified files must be drawn from the folder's test paths
     with np.load(run / "test_predictions.npz") as z:
@@ -124,14 +178,24 @@ def test_per_class_and_confused_pairs():
     true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     pred = np.array([0, 1, 1, 1, 2, 2, 2, 1])
     n, acc = per_class_accuracy(true, pred, 4)
-    assert n.tolist() == [3, 2, 3, 0] and acc[:3].round(3).tolist() == [0.333, 0.5, 0.667] and np.isnan(acc[3])
+    assert (
+        n.tolist() == [3, 2, 3, 0]
+        and acc[:3].round(3).tolist() == [0.333, 0.5, 0.667]
+        and np.isnan(acc[3])
+    )
     assert confused_pairs(true, pred, 4) == [(0, 1, 2), (1, 2, 1), (2, 1, 1)]
 
 
 def test_markdown_subset_to_html(tmp_path):
-    md = ("# T\n\nSome **bold** and `<code>`.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n- y\n\n"
-          "```\nraw <b>\n```\n![alt](missing.png)\n")
+    md = (
+        "# T\n\nSome **bold** and `<code>`.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n- y\n\n"
+        "```\nraw <b>\n```\n![alt](missing.png)\n"
+    )
     html = markdown_to_html(md, Path(tmp_path), "t")
-    assert "<h1>T</h1>" in html and "<strong>bold</strong>" in html and "<code>&lt;code&gt;</code>" in html
+    assert (
+        "<h1>T</h1>" in html
+        and "<strong>bold</strong>" in html
+        and "<code>&lt;code&gt;</code>" in html
+    )
     assert "<th>a</th>" in html and "<td>2</td>" in html and "<li>y</li>" in html
     assert "raw &lt;b&gt;" in html and "image not found: missing.png" in html

@@ -34,7 +34,17 @@ from transferlab.train.optim import build_optimizer, build_scheduler
 from transferlab.train.precision import autocast, make_scaler, resolve_precision
 
 CPU = torch.device("cpu")
-TINY = ["--no-progress", "--device", "cpu", "--val-size", "50", "--batch-size", "50", "--precision", "fp32"]
+TINY = [
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--val-size",
+    "50",
+    "--batch-size",
+    "50",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,7 @@ def _train(data_dir, run_dir, *flags) -> int:
 
 
 def _backbone(state: dict) -> dict:
-    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def _groups(ckpt: dict) -> dict[str, dict]:
@@ -81,10 +91,15 @@ def _groups(ckpt: dict) -> dict[str, dict]:
 # ---------------------------------------------------------------- optimisers and schedules
 
 
-@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
 def test_optimizers_and_no_decay_on_norms_and_biases(name, cls):
     model = build_model(ModelConfig(name="cnn"), num_classes=100)
-    opt = build_optimizer(model, OptimConfig(optimizer=name, lr=0.1, weight_decay=5e-4), backbone_lr_div=1.0)
+    opt = build_optimizer(
+        model, OptimConfig(optimizer=name, lr=0.1, weight_decay=5e-4), backbone_lr_div=1.0
+    )
     assert type(opt) is cls
     seen = 0
     for g in opt.param_groups:
@@ -97,20 +112,34 @@ def test_optimizers_and_no_decay_on_norms_and_biases(name, cls):
 
 
 def test_optimizer_sees_only_trainable_params_with_backbone_lr_div():
-    frozen = build_model(ModelConfig(name="resnet18", weights="none", mode="frozen"), num_classes=100)
+    frozen = build_model(
+        ModelConfig(name="resnet18", weights="none", mode="frozen"), num_classes=100
+    )
     opt = build_optimizer(frozen, OptimConfig(lr=0.01), backbone_lr_div=10.0)
     assert {g["name"] for g in opt.param_groups} == {"head", "head_no_decay"}
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 157_028
-    tuned = build_model(ModelConfig(name="resnet18", weights="none", mode="finetune"), num_classes=100)
-    groups = {g["name"]: g["lr"] for g in build_optimizer(tuned, OptimConfig(lr=0.01), 4.0).param_groups}
-    assert groups == pytest.approx({"backbone": 0.0025, "backbone_no_decay": 0.0025, "head": 0.01, "head_no_decay": 0.01})
+    tuned = build_model(
+        ModelConfig(name="resnet18", weights="none", mode="finetune"), num_classes=100
+    )
+    groups = {
+        g["name"]: g["lr"] for g in build_optimizer(tuned, OptimConfig(lr=0.01), 4.0).param_groups
+    }
+    assert groups == pytest.approx(
+        {"backbone": 0.0025, "backbone_no_decay": 0.0025, "head": 0.01, "head_no_decay": 0.01}
+    )
 
 
-def _lrs(schedule: str, warmup_epochs: float, steps: int = 10, epochs: int = 3, optimizer: str = "adam") -> list[list[float]]:
+def _lrs(
+    schedule: str, warmup_epochs: float, steps: int = 10, epochs: int = 3, optimizer: str = "adam"
+) -> list[list[float]]:
     params = [nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2, 2))]
-    opt = torch.optim.Adam([{"params": [params[0]], "lr": 0.01}, {"params": [params[1]], "lr": 0.1}])
+    opt = torch.optim.Adam(
+        [{"params": [params[0]], "lr": 0.01}, {"params": [params[1]], "lr": 0.1}]
+    )
     if optimizer == "sgd":
-        opt = torch.optim.SGD([{"params": [params[0]], "lr": 0.01}, {"params": [params[1]], "lr": 0.1}], momentum=0.9)
+        opt = torch.optim.SGD(
+            [{"params": [params[0]], "lr": 0.01}, {"params": [params[1]], "lr": 0.1}], momentum=0.9
+        )
     cfg = OptimConfig(optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, lr=0.1)
     sched = build_scheduler(opt, cfg, steps_per_epoch=steps, epochs=epochs)
     out = []
@@ -141,7 +170,9 @@ def test_onecycle_warmup_sets_the_peak(optimizer):
     lrs = [lr[1] for lr in _lrs("onecycle", warmup_epochs=1, optimizer=optimizer)]
     peak = max(range(len(lrs)), key=lrs.__getitem__)
     assert peak in (9, 10) and lrs[peak] == pytest.approx(0.1, rel=1e-3)  # pct_start = 10/30
-    assert lrs[0] == pytest.approx(0.1 / 25, rel=1e-3)  # OneCycle's initial lr = max_lr / div_factor
+    assert lrs[0] == pytest.approx(
+        0.1 / 25, rel=1e-3
+    )  # OneCycle's initial lr = max_lr / div_factor
     assert lrs[-1] < 1e-4
 
 
@@ -152,8 +183,12 @@ def test_label_smoothing_is_used_in_training_not_in_evaluation():
     plain = F.cross_entropy(layer(x), y).item()
     smooth = F.cross_entropy(layer(x), y, label_smoothing=0.2).item()
     assert smooth != pytest.approx(plain)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.0)  # lr 0: the loss reported is the loss computed
-    ctx = StepContext(device=CPU, precision="fp32", env=DistEnv(), label_smoothing=0.2, progress=False)
+    opt = torch.optim.SGD(
+        layer.parameters(), lr=0.0
+    )  # lr 0: the loss reported is the loss computed
+    ctx = StepContext(
+        device=CPU, precision="fp32", env=DistEnv(), label_smoothing=0.2, progress=False
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     parts = OptimParts(opt, sched, make_scaler("fp32", CPU))
     stats = train_one_epoch(layer, [(x, y)], parts, ctx, StepGuard(ctx))
@@ -193,7 +228,9 @@ def test_channels_last_changes_layout_not_results():
     from transferlab.data.preprocess import to_float_normalized
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="timm:test_resnet", weights="none", mode="finetune"), num_classes=10).eval()
+    model = build_model(
+        ModelConfig(name="timm:test_resnet", weights="none", mode="finetune"), num_classes=10
+    ).eval()
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     pp = model.preprocess
     nchw = model(to_float_normalized(x, pp.mean, pp.std, 40, channels_last=False))
@@ -207,7 +244,9 @@ def test_layout_rule_channels_last_for_the_cnn_on_the_cpu_only():
     from transferlab.plan import use_channels_last
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert use_channels_last(True, 32, cpu)  # measured ~1.5x on the CPU (benchmarks/channels_last.py)
+    assert use_channels_last(
+        True, 32, cpu
+    )  # measured ~1.5x on the CPU (benchmarks/channels_last.py)
     assert not use_channels_last(True, 32, gpu)  # 32 px on the GPU: measured only in NCHW
     assert use_channels_last(True, 224, gpu) and use_channels_last(True, 224, cpu)
     assert not use_channels_last(False, 224, cpu)  # --no-channels-last wins
@@ -240,12 +279,14 @@ def test_compile_flag_wires_torch_compile(data_dir, tmp_path, monkeypatch):
     assert _train(data_dir, tmp_path / "c", "--epochs", "1", "--compile") == 0
     assert len(calls) == 1
     ckpt = load_checkpoint(tmp_path / "c" / "last.pt")
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])  # saved unwrapped
+    assert not any(
+        k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]
+    )  # saved unwrapped
 
 
 @pytest.mark.slow
 def test_compile_with_inductor(data_dir, tmp_path):
-    """The real torch.compile (inductor) on the tiny CNN; about a minute of C++ compiling on a CPU."""
+    """The real torch.compile (inductor) on the tiny CNN; about a minute of C++ compiling on CPU."""
     assert _train(data_dir, tmp_path / "c", "--epochs", "1", "--compile") == 0
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["epochs_run"] == 1
 
@@ -259,7 +300,10 @@ def test_checkpoint_round_trip(tmp_path):
     opt = build_optimizer(model, OptimConfig(), 1.0)
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     opt.step()
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"x": 1}}, tmp_path / "c.pt")
+    atomic_save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"x": 1}},
+        tmp_path / "c.pt",
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
     ckpt = load_checkpoint(tmp_path / "c.pt")  # weights_only=True inside
     fresh = build_model(ModelConfig(name="cnn"), num_classes=100)
@@ -268,14 +312,25 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(fresh.state_dict()[k], v), k
     opt2 = build_optimizer(fresh, OptimConfig(), 1.0)
     opt2.load_state_dict(ckpt["optimizer"])
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
 
 
 def test_run_checkpoints_load_with_weights_only(data_dir, tmp_path):
     assert _train(data_dir, tmp_path / "r", "--epochs", "2") == 0
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(tmp_path / "r" / name, map_location="cpu", weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "fit_state", "rng", "config", "classes"} <= set(ckpt)
+        assert {
+            "model",
+            "optimizer",
+            "scheduler",
+            "scaler",
+            "fit_state",
+            "rng",
+            "config",
+            "classes",
+        } <= set(ckpt)
         model = build_model(ModelConfig(name="cnn"), num_classes=100)
         model.load_state_dict(ckpt["model"])  # strict: the bare Classifier's keys
     last = load_checkpoint(tmp_path / "r" / "last.pt")
@@ -289,7 +344,9 @@ def test_run_checkpoints_load_with_weights_only(data_dir, tmp_path):
 
 def test_frozen_keeps_bn_in_eval_and_only_the_head_trains():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="timm:test_resnet", weights="none", mode="frozen"), num_classes=10)
+    model = build_model(
+        ModelConfig(name="timm:test_resnet", weights="none", mode="frozen"), num_classes=10
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = build_optimizer(model, OptimConfig(lr=0.1), 10.0)
     model.train()
@@ -308,8 +365,22 @@ def test_frozen_keeps_bn_in_eval_and_only_the_head_trains():
 def test_frozen_run_without_cache_leaves_the_backbone_untouched(data_dir, tmp_path, resnet_weights):
     path, state = resnet_weights
     run = tmp_path / "frozen"
-    assert _train(data_dir, run, "--model", "timm:test_resnet", "--weights", str(path), "--image-size", "32",
-                  "--epochs", "1", "--no-feature-cache") == 0
+    assert (
+        _train(
+            data_dir,
+            run,
+            "--model",
+            "timm:test_resnet",
+            "--weights",
+            str(path),
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--no-feature-cache",
+        )
+        == 0
+    )
     ckpt = load_checkpoint(run / "last.pt")
     backbone = _backbone(ckpt["model"])
     for k, v in state.items():
@@ -318,19 +389,42 @@ def test_frozen_run_without_cache_leaves_the_backbone_untouched(data_dir, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     head = 96 * 256 + 256 + 256 * 100 + 100  # the seed's head on test_resnet's 96 features
     assert summary["params"]["trainable"] == head
-    assert summary["params"]["total"] == head + sum(v.numel() for k, v in state.items() if "running" not in k
-                                                    and "num_batches" not in k)
+    assert summary["params"]["total"] == head + sum(
+        v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_finetune_trains_all_with_backbone_lr_divided(data_dir, tmp_path, resnet_weights):
     path, state = resnet_weights
     run = tmp_path / "ft"
-    assert _train(data_dir, run, "--model", "timm:test_resnet", "--weights", str(path), "--image-size", "40",
-                  "--mode", "finetune", "--epochs", "1", "--lr", "0.002", "--backbone-lr-div", "4",
-                  "--train-subset", "100") == 0
+    assert (
+        _train(
+            data_dir,
+            run,
+            "--model",
+            "timm:test_resnet",
+            "--weights",
+            str(path),
+            "--image-size",
+            "40",
+            "--mode",
+            "finetune",
+            "--epochs",
+            "1",
+            "--lr",
+            "0.002",
+            "--backbone-lr-div",
+            "4",
+            "--train-subset",
+            "100",
+        )
+        == 0
+    )
     ckpt = load_checkpoint(run / "last.pt")
     lrs = {name: g["lr"] for name, g in _groups(ckpt).items()}
-    assert lrs == pytest.approx({"backbone": 0.0005, "backbone_no_decay": 0.0005, "head": 0.002, "head_no_decay": 0.002})
+    assert lrs == pytest.approx(
+        {"backbone": 0.0005, "backbone_no_decay": 0.0005, "head": 0.002, "head_no_decay": 0.002}
+    )
     backbone = _backbone(ckpt["model"])
     assert not torch.equal(backbone["conv1.0.weight"], state["conv1.0.weight"])
     assert not torch.equal(backbone["bn1.running_mean"], state["bn1.running_mean"])  # BN trains too
@@ -340,8 +434,24 @@ def test_finetune_trains_all_with_backbone_lr_divided(data_dir, tmp_path, resnet
 
 # ---------------------------------------------------------------- gradual unfreezing and resume
 
-GRADUAL = ["--model", "timm:test_resnet", "--image-size", "32", "--mode", "gradual", "--freeze-epochs", "1",
-           "--epochs", "3", "--lr", "0.002", "--backbone-lr-div", "4", "--train-subset", "100"]
+GRADUAL = [
+    "--model",
+    "timm:test_resnet",
+    "--image-size",
+    "32",
+    "--mode",
+    "gradual",
+    "--freeze-epochs",
+    "1",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.002",
+    "--backbone-lr-div",
+    "4",
+    "--train-subset",
+    "100",
+]
 STEPS_PER_EPOCH = 2  # 100 training images, batch 50
 
 
@@ -371,20 +481,36 @@ def test_gradual_resume_matches_an_uninterrupted_run(
     """Stop mid-epoch before the unfreeze, at its boundary, and after it; resume with the CLI."""
     path, state = resnet_weights
     run = tmp_path / "resumed"
-    args = build_parser().parse_args(["train", "--data-dir", str(data_dir), "--run-dir", str(run), *TINY,
-                                      *GRADUAL, "--weights", str(path)])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(run),
+            *TINY,
+            *GRADUAL,
+            "--weights",
+            str(path),
+        ]
+    )
     with pytest.raises(TrainingStopped):
         run_experiment(config_from_args(args), stop_requested=_StopAfter(stop_step))
     stopped = load_checkpoint(run / "last.pt")
     fs = stopped["fit_state"]
     assert (fs["epoch"], fs["partial"]["step"], fs["phase"]) == (
-        (stop_step - 1) // STEPS_PER_EPOCH, (stop_step - 1) % STEPS_PER_EPOCH + 1, phase)
+        (stop_step - 1) // STEPS_PER_EPOCH,
+        (stop_step - 1) % STEPS_PER_EPOCH + 1,
+        phase,
+    )
     groups = _groups(stopped)
     if phase == "frozen":  # only the head trains, the backbone is still the loaded one
         assert set(groups) == {"head", "head_no_decay"}
         assert all(torch.equal(_backbone(stopped["model"])[k], v) for k, v in state.items())
     else:
-        assert groups["backbone"]["lr"] == pytest.approx(0.0005) and groups["head"]["lr"] == pytest.approx(0.002)
+        assert groups["backbone"]["lr"] == pytest.approx(0.0005) and groups["head"][
+            "lr"
+        ] == pytest.approx(0.002)
 
     assert main(["train", "--resume", str(run), "--no-progress", "--device", "cpu"]) == 0
 
@@ -393,21 +519,28 @@ def test_gradual_resume_matches_an_uninterrupted_run(
     assert b["fit_state"]["phase"] == "unfrozen" and b["fit_state"]["epoch"] == 3
     for k, v in a["model"].items():
         assert torch.equal(b["model"][k], v), k
-    assert [{k: v for k, v in g.items() if k != "params"} for g in a["optimizer"]["param_groups"]] == [
-        {k: v for k, v in g.items() if k != "params"} for g in b["optimizer"]["param_groups"]]
+    assert [
+        {k: v for k, v in g.items() if k != "params"} for g in a["optimizer"]["param_groups"]
+    ] == [{k: v for k, v in g.items() if k != "params"} for g in b["optimizer"]["param_groups"]]
     for i, st in a["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(b["optimizer"]["state"][i][k], v), (i, k)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
     def numbers(rows):
-        return [{k: r[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")} for r in rows]
+        return [
+            {k: r[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")}
+            for r in rows
+        ]
 
     assert numbers(metrics_rows(run)) == numbers(metrics_rows(ref))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     for split in ("train", "val", "test"):
         assert sb[split] == sa[split]
-    assert sb["best_epoch"] == sa["best_epoch"] and sb["fit_state"]["best_val_acc"] == sa["fit_state"]["best_val_acc"]
+    assert (
+        sb["best_epoch"] == sa["best_epoch"]
+        and sb["fit_state"]["best_val_acc"] == sa["fit_state"]["best_val_acc"]
+    )
 
 
 def test_gradual_unfreezes_after_freeze_epochs(gradual_reference, resnet_weights):
