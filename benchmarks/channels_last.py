@@ -46,7 +46,10 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (args.batch_size,), device=device)
-    steps = {"NCHW": fresh_step(False, precision, device), "channels_last": fresh_step(True, precision, device)}
+    steps = {
+        "NCHW": fresh_step(False, precision, device),
+        "channels_last": fresh_step(True, precision, device),
+    }
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -60,9 +63,15 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    print(f"seed CNN train step, batch {args.batch_size}, {precision}, {device}, {torch.get_num_threads()} threads")
+    print(
+        f"seed CNN train step, batch {args.batch_size}, {precision}, {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name, r in rates.items():
-        print(f"{name:14s} median {statistics.median(r):7.0f} img/s   rounds: {' '.join(f'{v:.0f}' for v in r)}")
+        print(
+            f"{name:14s} median {statistics.median(r):7.0f} img/s   "
+            f"rounds: {' '.join(f'{v:.0f}' for v in r)}"
+        )
     ratio = statistics.median(rates["channels_last"]) / statistics.median(rates["NCHW"])
     print(f"channels_last / NCHW = {ratio:.2f}")
 

@@ -1,4 +1,4 @@
-"""Write CIFAR-100 classes out as a PNG folder dataset, to try ``--data folder:PATH`` on real images.
+"""Write CIFAR-100 out as a PNG folder dataset, to try ``--data folder:PATH`` on real images.
 
 Layout: OUT/{train,val,test}/<class>/<n>.png from the seeded 45,000/5,000 train/val split and
 the official test set (read with the safe loader), plus OUT_holdout/<class>_<n>.png: the last
@@ -25,7 +25,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--classes", type=int, default=10, help="the first N CIFAR-100 classes")
     ap.add_argument("--holdout", type=int, default=5, help="test images per class kept for predict")
-    ap.add_argument("--bad", action="store_true", help="add a corrupt PNG and a text file to train/")
+    ap.add_argument(
+        "--bad", action="store_true", help="add a corrupt PNG and a text file to train/"
+    )
     args = ap.parse_args()
     ds = load_cifar100(args.data_dir, False, 0, 5000)
     out, hold = Path(args.out), Path(args.out + "_holdout")

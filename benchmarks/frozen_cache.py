@@ -11,7 +11,8 @@ forward (same batch size, precision and memory layout, random tensors already in
 
 Usage:
     python benchmarks/frozen_cache.py --data-dir ../shared/datasets --model resnet18 --weights none
-    python benchmarks/frozen_cache.py --model timm:tf_efficientnet_lite0 --image-size 224 --device cuda
+    python benchmarks/frozen_cache.py --model timm:tf_efficientnet_lite0 --image-size 224 \
+        --device cuda
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ def make_cfg(args, run_dir: Path, cache_dir: Path, feature_cache: bool) -> Confi
     return Config(
         data=DataConfig(data_dir=args.data_dir, image_size=args.image_size, val_size=args.val_size),
         model=ModelConfig(name=args.model, weights=args.weights, mode="frozen"),
-        optim=OptimConfig(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size),
-        run=RunConfig(run_dir=str(run_dir), device=args.device, cache_dir=str(cache_dir), feature_cache=feature_cache,
-                      overwrite=True, progress=False, precision=args.precision),
+        optim=OptimConfig(
+            epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size
+        ),
+        run=RunConfig(
+            run_dir=str(run_dir),
+            device=args.device,
+            cache_dir=str(cache_dir),
+            feature_cache=feature_cache,
+            overwrite=True,
+            progress=False,
+            precision=args.precision,
+        ),
     )
 
 
@@ -56,7 +66,9 @@ def sync(device: torch.device) -> None:
 @torch.inference_mode()
 def bare_forward_img_s(model, size: int, batch: int, precision: str, device, reps: int) -> float:
     """The backbone alone on random normalised tensors already on the device."""
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     with autocast(precision, device):
         model.features(x)
     sync(device)
@@ -72,10 +84,15 @@ def live_rates(args, ds, env, precision: str) -> tuple[float, float]:
     """img/s of the live path's train step and eval pass, on a fixed subset of training images."""
     cfg = make_cfg(args, Path("unused"), Path("unused"), feature_cache=False)
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(ds.classes)).to(env.device).to(memory_format=torch.channels_last)
+    model = (
+        build_model(cfg.model, len(ds.classes)).to(env.device).to(memory_format=torch.channels_last)
+    )
     size = args.image_size or model.preprocess.input_size
     pp = model.preprocess
-    prepare = lambda x: to_float_normalized(x, pp.mean, pp.std, size, pp.interpolation, channels_last=True)  # noqa: E731
+
+    def prepare(x):
+        return to_float_normalized(x, pp.mean, pp.std, size, pp.interpolation, channels_last=True)
+
     n = args.live_images
     imgs, labels = ds.train.images[:n], ds.train.labels[:n]
     loader = TensorLoader(imgs, labels, args.batch_size, True, device=env.device)
@@ -83,7 +100,9 @@ def live_rates(args, ds, env, precision: str) -> tuple[float, float]:
     opt = build_optimizer(model, cfg.optim, 10.0)
     sched = build_scheduler(opt, cfg.optim, len(loader), 1)
     model.train()
-    stats = train_one_epoch(lambda x: model(prepare(x)), loader, opt, sched, make_scaler(precision, env.device), ctx)
+    stats = train_one_epoch(
+        lambda x: model(prepare(x)), loader, opt, sched, make_scaler(precision, env.device), ctx
+    )
     eval_loader = TensorLoader(imgs, labels, args.eval_batch_size, False, device=env.device)
     model.eval()
     sync(env.device)
@@ -93,11 +112,13 @@ def live_rates(args, ds, env, precision: str) -> tuple[float, float]:
     return stats.img_per_s, n / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/datasets")
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--weights", default="none", help="none is fine for timing; imagenet/PATH for accuracy")
+    p.add_argument(
+        "--weights", default="none", help="none is fine for timing; imagenet/PATH for accuracy"
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--val-size", type=int, default=5000)
@@ -109,7 +130,48 @@ def main() -> None:
     p.add_argument("--skip-cold", action="store_true", help="reuse --cache-dir as is (no cold run)")
     p.add_argument("--cache-dir", default="", help="default: a fresh temporary dir")
     p.add_argument("--out", default="", help="write the results as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def probe_backbone(args, ds, env, work: Path, cache_dir: Path) -> tuple[int, str, float]:
+    """(image size, chosen precision, bare forward img/s) of the backbone on this device."""
+    torch.manual_seed(0)
+    probe_model = build_model(make_cfg(args, work, cache_dir, True).model, len(ds.classes)).to(
+        env.device
+    )
+    probe_model = probe_model.to(memory_format=torch.channels_last).eval()
+    size = args.image_size or probe_model.preprocess.input_size
+    precision = choose_precision(
+        probe_model.features, args.model, size, env.device, cache_dir, args.precision, True
+    )
+    bare = bare_forward_img_s(
+        probe_model,
+        size,
+        args.eval_batch_size,
+        precision,
+        env.device,
+        reps=3 if env.device.type == "cpu" else 20,
+    )
+    del probe_model
+    return size, precision, bare
+
+
+def run_cached(args, ds, env, work: Path, cache_dir: Path) -> dict:
+    """The cached runs (cold unless --skip-cold, then warm): wall seconds, test acc, summary."""
+    runs = {}
+    for name in (["cold"] if not args.skip_cold else []) + ["warm"]:
+        t0 = time.perf_counter()
+        s = run_experiment(make_cfg(args, work / name, cache_dir, True), dataset=ds, env=env)
+        runs[name] = {
+            "wall_s": time.perf_counter() - t0,
+            "test_acc": s["test"]["acc"],
+            "summary": s,
+        }
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     env = init_distributed(args.device)
     ds = load_data(make_cfg(args, Path("x"), Path("x"), True))
@@ -118,20 +180,8 @@ def main() -> None:
     if not args.skip_cold and cache_dir.exists():
         shutil.rmtree(cache_dir)
 
-    torch.manual_seed(0)
-    probe_model = build_model(make_cfg(args, work, cache_dir, True).model, len(ds.classes)).to(env.device)
-    probe_model = probe_model.to(memory_format=torch.channels_last).eval()
-    size = args.image_size or probe_model.preprocess.input_size
-    precision = choose_precision(probe_model.features, args.model, size, env.device, cache_dir, args.precision, True)
-    bare = bare_forward_img_s(probe_model, size, args.eval_batch_size, precision, env.device,
-                              reps=3 if env.device.type == "cpu" else 20)
-    del probe_model
-
-    runs = {}
-    for name in (["cold"] if not args.skip_cold else []) + ["warm"]:
-        t0 = time.perf_counter()
-        s = run_experiment(make_cfg(args, work / name, cache_dir, True), dataset=ds, env=env)
-        runs[name] = {"wall_s": time.perf_counter() - t0, "test_acc": s["test"]["acc"], "summary": s}
+    size, precision, bare = probe_backbone(args, ds, env, work, cache_dir)
+    runs = run_cached(args, ds, env, work, cache_dir)
 
     train_ips, eval_ips = live_rates(args, ds, env, precision)
     n_tr, n_va, n_te = len(ds.train), len(ds.val), len(ds.test)
@@ -145,17 +195,29 @@ def main() -> None:
     if "cold" in runs:
         rows.append(("b) cached, cold", runs["cold"]["wall_s"], runs["cold"]["test_acc"]))
     rows.append(("c) cached, warm", runs["warm"]["wall_s"], runs["warm"]["test_acc"]))
-    print(f"\nfrozen {args.model} at {size}px, {args.epochs} epochs, batch {args.batch_size}, {precision}, "
-          f"device {env.device}, {torch.get_num_threads()} threads")
+    print(
+        f"\nfrozen {args.model} at {size}px, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{precision}, device {env.device}, {torch.get_num_threads()} threads"
+    )
     print(f"{'path':36s} {'wall s':>10s} {'test acc':>9s}")
     for label, secs, acc in rows:
         print(f"{label:36s} {secs:10.1f} {'' if acc is None else f'{acc:.4f}':>9s}")
-    print(f"live train step {train_ips:.1f} img/s, live eval {eval_ips:.1f} img/s "
-          f"(measured on {args.live_images} images, scaled to {n_tr}/{n_va}/{n_te})")
-    result = {"model": args.model, "image_size": size, "precision": precision, "device": str(env.device),
-              "live_s_scaled": live_s, "live_train_img_s": train_ips, "live_eval_img_s": eval_ips,
-              "bare_forward_img_s": bare, "extract_img_s": extract_ips,
-              "runs": {k: {"wall_s": v["wall_s"], "test_acc": v["test_acc"]} for k, v in runs.items()}}
+    print(
+        f"live train step {train_ips:.1f} img/s, live eval {eval_ips:.1f} img/s "
+        f"(measured on {args.live_images} images, scaled to {n_tr}/{n_va}/{n_te})"
+    )
+    result = {
+        "model": args.model,
+        "image_size": size,
+        "precision": precision,
+        "device": str(env.device),
+        "live_s_scaled": live_s,
+        "live_train_img_s": train_ips,
+        "live_eval_img_s": eval_ips,
+        "bare_forward_img_s": bare,
+        "extract_img_s": extract_ips,
+        "runs": {k: {"wall_s": v["wall_s"], "test_acc": v["test_acc"]} for k, v in runs.items()},
+    }
     if "cold" in runs:
         result["a_over_b"] = live_s / runs["cold"]["wall_s"]
         print(f"a/b = {result['a_over_b']:.1f}  (target >= 8)")
@@ -163,8 +225,10 @@ def main() -> None:
     print(f"a/c = {result['a_over_c']:.1f}  (target >= 100)")
     if extract_ips:
         result["extract_over_bare"] = extract_ips / bare
-        print(f"extraction {extract_ips:.1f} img/s vs bare forward {bare:.1f} img/s = "
-              f"{result['extract_over_bare']:.2f}  (target >= 0.9)")
+        print(
+            f"extraction {extract_ips:.1f} img/s vs bare forward {bare:.1f} img/s = "
+            f"{result['extract_over_bare']:.2f}  (target >= 0.9)"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     shutil.rmtree(work, ignore_errors=True)

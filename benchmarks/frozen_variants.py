@@ -23,7 +23,7 @@ on the whole train subset and scored on the test subset. Prints a table and the 
 baseline. Accuracies are on the subset, so they sit below full-data figures; compare variants.
 
 Usage:
-    python benchmarks/frozen_variants.py --data-dir ../shared/datasets            # ~20 min, 2-core CPU
+    python benchmarks/frozen_variants.py --data-dir ../shared/datasets  # ~20 min, 2-core CPU
     python benchmarks/frozen_variants.py --variants lite0-224,lite0-224-flipavg --train 2000
 """
 
@@ -46,8 +46,19 @@ from transferlab.distributed import resolve_device
 from transferlab.features.probe import lbfgs_logreg
 from transferlab.train.precision import autocast, resolve_precision
 
-VARIANTS = ("lite0-224", "lite0-224-flipavg", "lite0-192", "lite0-288", "lite0-multiscale", "lite0-multilayer",
-            "lite0-grid2", "lite0-max", "lite0-224-bicubic", "lite1-240", "lite2-260")
+VARIANTS = (
+    "lite0-224",
+    "lite0-224-flipavg",
+    "lite0-192",
+    "lite0-288",
+    "lite0-multiscale",
+    "lite0-multilayer",
+    "lite0-grid2",
+    "lite0-max",
+    "lite0-224-bicubic",
+    "lite1-240",
+    "lite2-260",
+)
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -73,15 +84,19 @@ def load_backbone(name: str) -> torch.nn.Module | None:
 
 
 @torch.inference_mode()
-def extract(net, images, size, device, precision, interpolation="bilinear", flip=False, batch=100) -> dict:
+def extract(
+    net, images, size, device, precision, interpolation="bilinear", flip=False, batch=100
+) -> dict:
     """Pooled variants of one pass: avg, max, 2x2 grid of the final map, and the last two blocks."""
     taps: dict[str, torch.Tensor] = {}
-    hooks = [net.blocks[i].register_forward_hook(lambda m, a, o, i=i: taps.__setitem__(f"b{i}", o))
-             for i in (len(net.blocks) - 2, len(net.blocks) - 1)]
+    hooks = [
+        net.blocks[i].register_forward_hook(lambda m, a, o, i=i: taps.__setitem__(f"b{i}", o))
+        for i in (len(net.blocks) - 2, len(net.blocks) - 1)
+    ]
     out: dict[str, list[torch.Tensor]] = {"avg": [], "max": [], "grid2": [], "blocks": []}
     try:
         for i in range(0, len(images), batch):
-            x = images[i:i + batch].to(device)
+            x = images[i : i + batch].to(device)
             x = x.flip(3) if flip else x
             x = to_float_normalized(x, LITE_MEAN, LITE_STD, size, interpolation, channels_last=True)
             with autocast(precision, device):
@@ -90,15 +105,20 @@ def extract(net, images, size, device, precision, interpolation="bilinear", flip
             out["avg"].append(fmap.mean((2, 3)).cpu())
             out["max"].append(fmap.amax((2, 3)).cpu())
             out["grid2"].append(F.adaptive_avg_pool2d(fmap, 2).flatten(1).cpu())
-            out["blocks"].append(torch.cat([t.float().mean((2, 3)) for t in taps.values()], 1).cpu())
+            out["blocks"].append(
+                torch.cat([t.float().mean((2, 3)) for t in taps.values()], 1).cpu()
+            )
     finally:
         for h in hooks:
             h.remove()
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def probe(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor, holdout: int) -> dict:
+def probe(
+    tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor, holdout: int
+) -> dict:
     """L2 picked on a holdout split off the train features, refit on all of them, test accuracy."""
+
     def fit_score(a, ya, b, yb, l2):
         mu, sd = a.mean(0), a.std(0) + 1e-6
         w, bias = lbfgs_logreg((a - mu) / sd, ya, 100, l2, max_iter=200)
@@ -107,34 +127,71 @@ def probe(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tens
     fit_part, hold = slice(holdout, None), slice(0, holdout)
     val = {l2: fit_score(tr[fit_part], ytr[fit_part], tr[hold], ytr[hold], l2) for l2 in L2_GRID}
     best = max(val, key=val.get)
-    return {"l2": best, "holdout_acc": val[best], "test_acc": fit_score(tr, ytr, te, yte, best), "dim": tr.shape[1]}
+    return {
+        "l2": best,
+        "holdout_acc": val[best],
+        "test_acc": fit_score(tr, ytr, te, yte, best),
+        "dim": tr.shape[1],
+    }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/datasets")
-    p.add_argument("--train", type=int, default=5000, help="train-subset size (official train file)")
+    p.add_argument(
+        "--train", type=int, default=5000, help="train-subset size (official train file)"
+    )
     p.add_argument("--test", type=int, default=2000, help="test-subset size (official test file)")
     p.add_argument("--holdout", type=int, default=1000, help="of the train subset, for picking L2")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def load_subsets(data_dir: str, n_train: int, n_test: int):
+    """(xtr, ytr, xte, yte): fixed random subsets (seed 0) of the official train and test files."""
+    paths = cifar_paths(data_dir)
+    if not paths["train"].is_file():
+        raise SystemExit(
+            f"CIFAR-100 not found at {paths['train']}; "
+            "pass --data-dir (the folder holding cifar-100-python)"
+        )
+    (trx, try_), (tex, tey) = _read_split(paths["train"]), _read_split(paths["test"])
+    g = torch.Generator().manual_seed(0)
+    itr, ite = (
+        torch.randperm(len(try_), generator=g)[:n_train],
+        torch.randperm(len(tey), generator=g)[:n_test],
+    )
+    xtr, ytr = _to_tensor(trx)[itr], torch.from_numpy(try_)[itr]
+    xte, yte = _to_tensor(tex)[ite], torch.from_numpy(tey)[ite]
+    return xtr, ytr, xte, yte
+
+
+def print_table(results: dict) -> None:
+    """One row per variant, with its gain over the lite0-224 baseline when that was run."""
+    base = results.get("lite0-224", {}).get("test_acc")
+    print(
+        f"\n{'variant':20s} {'dim':>6s} {'L2':>7s} {'holdout':>8s} {'test acc':>8s} {'vs 224':>7s}"
+    )
+    for name, r in results.items():
+        gain = f"{r['test_acc'] - base:+.4f}" if base is not None else "-"
+        print(
+            f"{name:20s} {r['dim']:6d} {r['l2']:7g} {r['holdout_acc']:8.4f} "
+            f"{r['test_acc']:8.4f} {gain:>7s}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
     wanted = args.variants.split(",")
     unknown = sorted(set(wanted) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    paths = cifar_paths(args.data_dir)
-    if not paths["train"].is_file():
-        raise SystemExit(f"CIFAR-100 not found at {paths['train']}; pass --data-dir (the folder holding cifar-100-python)")
-    (trx, try_), (tex, tey) = _read_split(paths["train"]), _read_split(paths["test"])
-    g = torch.Generator().manual_seed(0)
-    itr, ite = torch.randperm(len(try_), generator=g)[:args.train], torch.randperm(len(tey), generator=g)[:args.test]
-    xtr, ytr = _to_tensor(trx)[itr], torch.from_numpy(try_)[itr]
-    xte, yte = _to_tensor(tex)[ite], torch.from_numpy(tey)[ite]
+    xtr, ytr, xte, yte = load_subsets(args.data_dir, args.train, args.test)
 
     passes: dict[tuple, dict] = {}
     seconds: dict[tuple, float] = {}
@@ -147,21 +204,30 @@ def main() -> None:
                 return None
             t0 = time.perf_counter()
             net.to(device)
-            passes[key] = {"tr": extract(net, xtr, size, device, precision, interpolation, flip),
-                           "te": extract(net, xte, size, device, precision, interpolation, flip)}
+            passes[key] = {
+                "tr": extract(net, xtr, size, device, precision, interpolation, flip),
+                "te": extract(net, xte, size, device, precision, interpolation, flip),
+            }
             seconds[key] = time.perf_counter() - t0
-            print(f"  extracted {model} {size} px {interpolation}{' flipped' if flip else ''}: {seconds[key]:.0f} s",
-                  flush=True)
+            print(
+                f"  extracted {model} {size} px {interpolation}{' flipped' if flip else ''}: "
+                f"{seconds[key]:.0f} s",
+                flush=True,
+            )
         return passes[key]
 
     nets: dict[str, torch.nn.Module | None] = {}
     recipes = {  # variant -> features (train, test) built from one or more passes
         "lite0-224": lambda: pick(feats("lite0", 224), "avg"),
-        "lite0-224-flipavg": lambda: avg2(pick(feats("lite0", 224), "avg"), pick(feats("lite0", 224, flip=True), "avg")),
+        "lite0-224-flipavg": lambda: avg2(
+            pick(feats("lite0", 224), "avg"), pick(feats("lite0", 224, flip=True), "avg")
+        ),
         "lite0-192": lambda: pick(feats("lite0", 192), "avg"),
         "lite0-288": lambda: pick(feats("lite0", 288), "avg"),
         "lite0-multiscale": lambda: cat(*(pick(feats("lite0", s), "avg") for s in (192, 224, 288))),
-        "lite0-multilayer": lambda: cat(pick(feats("lite0", 224), "avg"), pick(feats("lite0", 224), "blocks")),
+        "lite0-multilayer": lambda: cat(
+            pick(feats("lite0", 224), "avg"), pick(feats("lite0", 224), "blocks")
+        ),
         "lite0-grid2": lambda: pick(feats("lite0", 224), "grid2"),
         "lite0-max": lambda: pick(feats("lite0", 224), "max"),
         "lite0-224-bicubic": lambda: pick(feats("lite0", 224, "bicubic"), "avg"),
@@ -169,8 +235,10 @@ def main() -> None:
         "lite2-260": lambda: pick(feats("lite2", 260), "avg"),
     }
     results = {}
-    print(f"CIFAR-100 subset: {args.train} train ({args.holdout} of them held out to pick L2), {args.test} test; "
-          f"{device}, {precision}")
+    print(
+        f"CIFAR-100 subset: {args.train} train ({args.holdout} of them held out to pick L2), "
+        f"{args.test} test; {device}, {precision}"
+    )
     for name in wanted:
         f = recipes[name]()
         if f is None:
@@ -179,15 +247,18 @@ def main() -> None:
         results[name] = probe(f[0], ytr, f[1], yte, args.holdout)
         print(f"{name}: test acc {results[name]['test_acc']:.4f}", flush=True)
 
-    base = results.get("lite0-224", {}).get("test_acc")
-    print(f"\n{'variant':20s} {'dim':>6s} {'L2':>7s} {'holdout':>8s} {'test acc':>8s} {'vs 224':>7s}")
-    for name, r in results.items():
-        gain = f"{r['test_acc'] - base:+.4f}" if base is not None else "-"
-        print(f"{name:20s} {r['dim']:6d} {r['l2']:7g} {r['holdout_acc']:8.4f} {r['test_acc']:8.4f} {gain:>7s}")
+    print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results,
-                                              "extract_s": {" ".join(map(str, k)): v for k, v in seconds.items()}},
-                                             indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "results": results,
+                    "extract_s": {" ".join(map(str, k)): v for k, v in seconds.items()},
+                },
+                indent=2,
+            )
+        )
 
 
 def pick(f: dict | None, kind: str):
@@ -195,7 +266,11 @@ def pick(f: dict | None, kind: str):
 
 
 def cat(*parts):
-    return None if any(p is None for p in parts) else tuple(torch.cat(z, 1) for z in zip(*parts, strict=True))
+    return (
+        None
+        if any(p is None for p in parts)
+        else tuple(torch.cat(z, 1) for z in zip(*parts, strict=True))
+    )
 
 
 def avg2(a, b):

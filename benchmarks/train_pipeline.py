@@ -61,6 +61,7 @@ def make_step(model, opt, precision: str, device, memory_format):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -82,36 +83,70 @@ def timed(batches, step, steps: int, warmup: int, device) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/datasets")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the naive pipeline")
+    p.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers for the naive pipeline"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--nchw", action="store_true", help="NCHW layout for all three (default: as transferlab train)")
+    p.add_argument(
+        "--nchw",
+        action="store_true",
+        help="NCHW layout for all three (default: as transferlab train)",
+    )
     p.add_argument("--out", default="")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def naive_loader(ds, bs: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """(a)'s input path: PIL images through torchvision transforms in DataLoader workers."""
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
+        ]
+    )
+    return torch.utils.data.DataLoader(
+        NaiveCifar(ds.train.images, ds.train.labels, tf),
+        batch_size=bs,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+
+
+def main() -> None:
+    args = parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     ds = load_cifar100(args.data_dir, False, 0, 5000)
     bs = args.batch_size
     # the layout `transferlab train` would use for this model and device, for all three pipelines
-    fmt = torch.channels_last if use_channels_last(not args.nchw, 32, device) else torch.contiguous_format
+    fmt = (
+        torch.channels_last
+        if use_channels_last(not args.nchw, 32, device)
+        else torch.contiguous_format
+    )
 
     def fresh():
         torch.manual_seed(0)
         model = build_model(ModelConfig(name="cnn"), 100).to(device).train().to(memory_format=fmt)
-        return model, make_step(model, build_optimizer(model, OptimConfig(), 10.0), precision, device, fmt)
+        return model, make_step(
+            model, build_optimizer(model, OptimConfig(), 10.0), precision, device, fmt
+        )
 
     # (a) naive
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
-    loader = torch.utils.data.DataLoader(NaiveCifar(ds.train.images, ds.train.labels, tf), batch_size=bs, shuffle=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, drop_last=True)
+    loader = naive_loader(ds, bs, args.workers, device)
+
     def naive_batches_fn():
         while True:  # as many epochs as the step count needs
             for x, y in loader:
@@ -124,7 +159,9 @@ def main() -> None:
     naive_data = timed(naive_batches, lambda x, y: None, args.steps, args.warmup, device)
 
     # (b) ours
-    aug = lambda x, g: augment_batch(x, crop_padding=4, flip=True, cutout_size=0, generator=g)  # noqa: E731
+    def aug(x, g):
+        return augment_batch(x, crop_padding=4, flip=True, cutout_size=0, generator=g)
+
     images, labels = ds.train.images.to(device), ds.train.labels.to(device)
     tl = TensorLoader(images, labels, bs, True, drop_last=True, device=device, augment=aug)
 
@@ -145,24 +182,44 @@ def main() -> None:
     _, step = fresh()
     bare = timed(iter(lambda: (x, y), None), step, args.steps, args.warmup, device)
 
-    print(f"\nseed CNN, batch {bs}, {args.steps} steps, {precision}, device {device}, "
-          f"{torch.get_num_threads()} threads, naive workers {args.workers}, "
-          f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}")
+    print(
+        f"\nseed CNN, batch {bs}, {args.steps} steps, {precision}, device {device}, "
+        f"{torch.get_num_threads()} threads, naive workers {args.workers}, "
+        f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}"
+    )
     print(f"{'pipeline':40s} {'img/s':>10s}")
-    for label, v in (("a) naive Dataset+DataLoader+PIL", naive), ("b) in-memory batched (ours)", ours),
-                     ("bare train step (random tensors)", bare)):
+    for label, v in (
+        ("a) naive Dataset+DataLoader+PIL", naive),
+        ("b) in-memory batched (ours)", ours),
+        ("bare train step (random tensors)", bare),
+    ):
         print(f"{label:40s} {v:10.0f}")
     print(f"{'a) input path alone, no train step':40s} {naive_data:10.0f}")
     print(f"b/bare = {ours / bare:.2f}  (target >= 0.9)")
     print(f"b/a    = {ours / naive:.2f}  (target >= 3)")
-    if args.workers == 0:  # loading and stepping alternate: a = 1 / (1/data + 1/step), so b/a <= 1 + bare/data
-        print(f"with 0 workers b/a is bounded by about 1 + bare/data = {1 + bare / naive_data:.2f} at this step speed")
+    if args.workers == 0:
+        # loading and stepping alternate: a = 1 / (1/data + 1/step), so b/a <= 1 + bare/data
+        print(
+            "with 0 workers b/a is bounded by about 1 + bare/data = "
+            f"{1 + bare / naive_data:.2f} at this step speed"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"naive": naive, "naive_data_only": naive_data, "ours": ours, "bare": bare, "device": str(device),
-                                              "precision": precision, "memory_format": str(fmt),
-                                              "b_over_bare": ours / bare,
-                                              "b_over_a": ours / naive}, indent=2))
-
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "naive": naive,
+                    "naive_data_only": naive_data,
+                    "ours": ours,
+                    "bare": bare,
+                    "device": str(device),
+                    "precision": precision,
+                    "memory_format": str(fmt),
+                    "b_over_bare": ours / bare,
+                    "b_over_a": ours / naive,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":
