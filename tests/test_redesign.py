@@ -29,7 +29,7 @@ BEFORE = {
 }
 FLAGS = {"cnn": ["--model", "cnn"],
          "frozen": ["--model", "resnet18", "--weights", "none", "--image-size", "32",
-                    "--mode", "frozen"]}
+                    "--mode", "frozen", "--engine", "torch"]}  # the engine before the redesign
 
 
 @pytest.fixture
