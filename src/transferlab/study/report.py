@@ -147,6 +147,12 @@ def pareto(pts: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _color(pts: list[Point], arm: str) -> str:
+    """One colour per arm (matplotlib's tab10 in arm order), the same in every plot."""
+    arms = list(dict.fromkeys(p.arm for p in pts))
+    return f"C{arms.index(arm) % 10}"
+
+
 def plot_efficiency(pts: list[Point], path: Path) -> None:
     import matplotlib
 
@@ -158,8 +164,9 @@ def plot_efficiency(pts: list[Point], path: Path) -> None:
         ps = sorted((p for p in pts if p.arm == arm), key=lambda p: p.x)
         xs, ms = [p.x for p in ps], [100 * p.mean for p in ps]
         lo, hi = [100 * (p.mean - p.half) for p in ps], [100 * (p.mean + p.half) for p in ps]
-        (line,) = ax.plot(xs, ms, marker="o", label=arm)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        color = _color(pts, arm)
+        ax.plot(xs, ms, marker="o", label=arm, color=color)
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel("training images per class (log)")
     ax.set_ylabel("test accuracy (%)")
@@ -205,6 +212,7 @@ def plot_cost(pts: list[Point], path: Path) -> None:
             ax.scatter(
                 cost(p),
                 100 * p.mean,
+                color=_color(pts, p.arm),
                 s=60 if i in front else 25,
                 edgecolors="black" if i in front else "none",
                 zorder=3,
