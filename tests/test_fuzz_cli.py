@@ -480,19 +480,11 @@ def _damaged_report(r: dict) -> bool:
     return r["argv"][:1] == ["report"] and any(m in r["stderr"] for m in markers)
 
 
-def _resume_elsewhere(r: dict) -> bool:
-    return r["argv"][:2] == ["train", "--resume"] and all(
-        c.startswith("run/") for c in r["changed"]
-    )
-
-
 KNOWN = {
     "predict --device with an invalid string: torch's RuntimeError "
     "(distributed.resolve_device)": _bad_device,
     "report on a damaged summary.json or metrics.csv: JSONDecodeError/ValueError "
     "(report/run_report.write_run_report, report/plots.read_metrics)": _damaged_report,
-    "resume of a moved or copied run writes into the run dir saved in its config "
-    "(experiment._open_run)": _resume_elsewhere,
 }
 
 

@@ -666,3 +666,18 @@ def test_config_ranges_before_data():
     with pytest.raises(UserError, match="larger than the 300 training images"):
         check_batch_size(500, 300)
     check_batch_size(300, 300)
+
+
+def test_resuming_a_copied_run_writes_only_to_the_copy(trained, tmp_path):
+    import shutil
+
+    from transferlab.cli import main
+
+    _, run = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()  # not finished: the resume trains
+    before = _state(run)
+    assert main(["train", "--resume", str(copy), "--epochs", "2"]) == 0
+    assert _state(run) == before
+    assert (copy / "summary.json").is_file()
