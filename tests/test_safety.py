@@ -681,3 +681,9 @@ def test_resuming_a_copied_run_writes_only_to_the_copy(trained, tmp_path):
     assert main(["train", "--resume", str(copy), "--epochs", "2"]) == 0
     assert _state(run) == before
     assert (copy / "summary.json").is_file()
+
+
+def test_torch_save_short_write_is_a_disk_failure():
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 411904 vs 4118")
+    code, line = describe_failure(err)
+    assert code == 1 and "disk is most likely full" in line
