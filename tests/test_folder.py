@@ -141,16 +141,16 @@ def test_loader_batches_labels_and_augment(tmp_path):
     seen = []
     aug = lambda x, g: torch.flip(x, dims=[3]) if g is not None else x  # noqa: E731
     loader = FolderLoader(
-        ds.train, 4, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0
-    )
+        ds.train, 5, True, torch.device("cpu"), seed=1, augment=aug, num_workers=0
+    )  # 9 training images: batches of 5 and 4 (a lone last sample would be dropped)
     loader.set_epoch(2)
     for x, y in loader:
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8) and y.dtype == torch.int64
         seen += y.tolist()
-    assert len(loader) == 3 and sorted(seen) == sorted(ds.train.labels.tolist())
+    assert len(loader) == 2 and sorted(seen) == sorted(ds.train.labels.tolist())
     assert torch.equal(loader.labels, ds.train.labels)
     ev = loader.eval_view()
-    assert [y for _, y in ev][0].tolist() == ds.train.labels[:4].tolist()  # in order
+    assert [y for _, y in ev][0].tolist() == ds.train.labels[:5].tolist()  # in order
 
 
 def test_shard_indices_match_distributed_sampler_semantics():
@@ -290,3 +290,17 @@ def test_an_image_corrupted_after_the_check_is_one_line(tmp_path):
         list(loader)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     assert ds.train.paths[0] in str(e.value)
+
+
+def test_a_training_batch_of_one_sample_is_dropped(tmp_path):
+    root = write_png_tree(tmp_path / "d", {"a": 8, "b": 8}, size=4)
+    ds = load_folder_dataset(_cfg(root, val_frac=0.1, test_frac=0.1))
+    ds.set_preprocessing(8)
+    n = len(ds.train)  # 14 = 3 x 4 + 2: nothing to drop; 13 with batch 4 leaves one
+    loader = FolderLoader(ds.train, n - 1, True, torch.device("cpu"), num_workers=0)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [n - 1] and len(loader) == 1  # the lone last sample is not a batch
+    ev = loader.eval_view()  # evaluation keeps every sample
+    assert sum(len(y) for _, y in ev) == n
+    keep = FolderLoader(ds.train, n - 2, True, torch.device("cpu"), num_workers=0)
+    assert [len(y) for _, y in keep] == [n - 2, 2]

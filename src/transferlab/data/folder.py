@@ -598,7 +598,7 @@ class FolderLoader:
     batch on the device, its generator seeded from ``(seed + epoch, rank)`` at each pass.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - TensorLoader's signature (the two loaders are interchangeable)
         self,
         split: FolderSplit,
         batch_size: int,
@@ -642,8 +642,18 @@ class FolderLoader:
         n, ws = len(self.split), self.world_size
         return math.ceil(n / ws) if self.shuffle else len(range(self.rank, n, ws))
 
+    @property
+    def drops_single_tail(self) -> bool:
+        """Training passes drop a last batch of exactly one sample: BatchNorm in train mode
+        cannot normalise one value per channel (it raises), and one sample adds little."""
+        return self.shuffle and self.num_samples % self.batch_size == 1 and self.num_samples > 1
+
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        return (
+            self.num_samples // self.batch_size
+            if self.drops_single_tail
+            else math.ceil(self.num_samples / self.batch_size)
+        )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._generator is not None:
@@ -659,6 +669,7 @@ class FolderLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers > 0 else None,
             collate_fn=_collate,
+            drop_last=self.drops_single_tail,  # the remainder is 1: only that sample is dropped
         )
         for batch in loader:
             if isinstance(batch, _Undecodable):
