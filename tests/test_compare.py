@@ -261,8 +261,9 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     run_experiment(first)
     chase = cfg("chase", 4, patience=5, target=0.99)
     assert chase_can_continue(first, chase, tmp_path / "cnn")
-    reached = cfg("c2", 4, patience=5, target=1e-9)  # experiment 1 already reached this target
-    assert not chase_can_continue(first, reached, tmp_path / "cnn")
+    cosine = cfg("c2", 4, patience=5, target=0.99)
+    cosine.optim.schedule = "cosine"  # the budget changes the lr of every epoch: not the same
+    assert not chase_can_continue(first, cosine, tmp_path / "cnn")
     other_seed = cfg("c3", 4, patience=5, target=0.99)
     other_seed.run.seed = 5  # an independent replicate is not the same computation
     assert not chase_can_continue(first, other_seed, tmp_path / "cnn")
@@ -276,3 +277,24 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
         [r[k] for k in numbers] for r in metrics_rows(tmp_path / "fresh")
     ]
     assert len(metrics_rows(tmp_path / "chase")) == 4
+
+
+@pytest.mark.parametrize("accs, patience, target, ok", [
+    ([0.1, 0.3], 5, 0.5, True),
+    ([0.1, 0.3], 5, 0.25, False),  # experiment 1's curve reached the target: the chase stopped
+    ([0.3, 0.2, 0.1], 2, 0.9, False),  # patience 2 ran out at epoch 3
+    ([0.3, 0.2, 0.4], 2, 0.9, True),
+])
+def test_chase_replays_its_stopping_rules_on_experiment_one(tmp_path, accs, patience, target, ok):
+    from transferlab.compare import chase_can_continue
+    from transferlab.config import Config, OptimConfig
+
+    first_dir = tmp_path / "cnn"
+    first_dir.mkdir()
+    (first_dir / "last.pt").write_bytes(b"")
+    rows = "".join(f"{i + 1},1,0,1,{a},0.001,1,1\n" for i, a in enumerate(accs))
+    (first_dir / "metrics.csv").write_text(
+        "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_time_s,train_img_s\n" + rows)
+    first = Config(optim=OptimConfig(epochs=len(accs)))
+    chase = Config(optim=OptimConfig(epochs=50, patience=patience, target_val_acc=target))
+    assert chase_can_continue(first, chase, first_dir) is ok
