@@ -81,7 +81,12 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
                     "start at most that many processes per node (--nproc-per-node)"
                 )
             return torch.device(f"cuda:{local_rank}")
-    return torch.device(device)
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError:  # e.g. "cuda:x"
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
 
 
 def dist_timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:

@@ -1,4 +1,5 @@
-"""Checks that need only the config, the model's name and the environment: run before any data loads.
+"""Checks that need only the config, the model's name and the environment, run before any data
+loads.
 
 Every check here raises :class:`~transferlab.errors.UserError` (exit code 2) with a message that
 says what to do. ``check_before_data`` is called once per run, right after the config is
@@ -21,6 +22,9 @@ def check_before_data(cfg: Config, env: DistEnv) -> None:
     check_ranges(cfg)
     check_paths(cfg)
     check_extras(cfg)
+    n_train = expected_train_images(cfg)
+    if n_train is not None:
+        check_batch_size(cfg.optim.batch_size, n_train, env.world_size)
 
 
 def check_model(cfg: Config, env: DistEnv) -> None:
@@ -61,7 +65,9 @@ def _check_drop_path(source: str, arch: str) -> None:
     except TypeError:
         hint = "" if source == "timm" else (" (or pick efficientnet_*, convnext_*, swin_*, "
                                              "maxvit_t, or a timm model)")
-        raise UserError(f"{source} {arch} has no stochastic depth; drop --drop-path{hint}") from None
+        raise UserError(
+            f"{source} {arch} has no stochastic depth; drop --drop-path{hint}"
+        ) from None
 
 
 def check_extras(cfg: Config) -> None:

@@ -14,11 +14,17 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """Rows of metrics.csv as floats (empty list if the file is missing)."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return [
-            {k: float(v) for k, v in row.items() if v not in (None, "")}
-            for row in csv.DictReader(f)
-        ]
+    try:
+        with open(path, newline="") as f:
+            return [
+                {k: float(v) for k, v in row.items() if v not in (None, "")}
+                for row in csv.DictReader(f)
+            ]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        from transferlab.errors import UserError
+
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it holds one row per "
+                        "epoch of numbers: restore it or rerun the training") from None
 
 
 def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:

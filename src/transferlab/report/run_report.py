@@ -29,6 +29,7 @@ from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves, read_metrics
 from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
 from transferlab.report.predictions import load_predictions
+from transferlab.rundir import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,16 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{summary_path} not found: pass a finished run dir")
-    s = json.loads(summary_path.read_text())
+    s = read_json_file(summary_path, "summary")
+    try:
+        return _write_run_report(run_dir, s)
+    except (KeyError, TypeError, ValueError) as e:  # parses, but not a summary of this version
+        what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{summary_path} is damaged or from another version ({what}); rerun the "
+                        "training to rewrite it") from None
+
+
+def _write_run_report(run_dir: Path, s: dict) -> tuple[Path, Path]:
     rows = read_metrics(run_dir / "metrics.csv")
     parts = [
         f"# {s['model']} ({s['mode']})",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transferlab.config import Config
 from transferlab.distributed import DistEnv, broadcast_module, rewrap_ddp, run_checked, unwrap
-from transferlab.errors import TrainingStopped, UserError
+from transferlab.errors import TrainingStopped, UserError, is_torch_write_failure
 from transferlab.io import atomic_save
 from transferlab.metrics import append_metrics, epoch_row, log_epoch_scalars, truncate_metrics
 from transferlab.models.classifier import Classifier, set_backbone_frozen
@@ -170,9 +170,12 @@ def save_checkpoint(job: Job, state: FitState, opt: OptimParts, name: str) -> No
     path = job.run_dir / name
     try:
         atomic_save(checkpoint_state(job, state, opt), path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        if isinstance(e, RuntimeError) and not is_torch_write_failure(e):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         raise TrainingStopped(
-            f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint and "
+            f"could not write checkpoint {path} ({why}); the previous checkpoint and "
             "metrics.csv are intact. Free disk space, then resume with --resume.", exit_code=1
         ) from None
 
