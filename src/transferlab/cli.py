@@ -19,8 +19,11 @@ import sys
 from pathlib import Path
 
 from transferlab import __version__
-from transferlab.config import CompareConfig, cli_options
-from transferlab.config import resolve_preset  # noqa: F401 - kept importable from here
+from transferlab.config import (
+    CompareConfig,
+    cli_options,
+    resolve_preset,  # noqa: F401 - kept importable from here
+)
 from transferlab.errors import NothingToDo, TrainingStopped, UserError, describe_failure
 
 log = logging.getLogger("transferlab")
@@ -30,7 +33,8 @@ log = logging.getLogger("transferlab")
 # (store_true) or "nobool" (--no-x sets the field False). Aliases follow their flag.
 FLAGS: list[tuple[str, str, object, str]] = [
     (flag, o.path, o.kind, o.help if flag == o.flag else f"the same as {o.flag}")
-    for o in cli_options() for flag in (o.flag, *o.aliases)
+    for o in cli_options()
+    for flag in (o.flag, *o.aliases)
 ]
 # train flags that compare sets itself (per experiment)
 COMPARE_SKIPS = ("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir")
@@ -46,18 +50,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    p.add_argument("--preset", help="preset name (cnn-best, ...) or path to a YAML config "
-                   "(a run's config.yaml reruns it); flags win over it")
+    p.add_argument(
+        "--preset",
+        help="preset name (cnn-best, ...) or path to a YAML config "
+        "(a run's config.yaml reruns it); flags win over it",
+    )
     for flag, dest, kind, help_ in FLAGS:
         if flag in skip:
             continue
         dest_name = "cfg:" + dest
         if kind in ("bool", "nobool"):
-            p.add_argument(flag, dest=dest_name, action="store_const", const=kind == "bool",
-                           default=None, help=help_)
+            p.add_argument(
+                flag,
+                dest=dest_name,
+                action="store_const",
+                const=kind == "bool",
+                default=None,
+                help=help_,
+            )
         else:
-            p.add_argument(flag, dest=dest_name, type=kind, default=None, help=help_,
-                           metavar=flag[2:].upper().replace("-", "_"))
+            p.add_argument(
+                flag,
+                dest=dest_name,
+                type=kind,
+                default=None,
+                help=help_,
+                metavar=flag[2:].upper().replace("-", "_"),
+            )
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
@@ -68,37 +87,62 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
         if o.kind == "bool":
             p.add_argument(o.flag, dest=o.path, action="store_true", help=o.help)
         else:
-            p.add_argument(o.flag, dest=o.path, type=o.kind, help=o.help,
-                           default=cls.__dataclass_fields__[o.path].default)
+            p.add_argument(
+                o.flag,
+                dest=o.path,
+                type=o.kind,
+                help=o.help,
+                default=cls.__dataclass_fields__[o.path].default,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="transferlab", description="Transfer learning for image classification, measured: "
-                     "how much does a pretrained network buy you over a CNN trained from scratch?")
+    parser = _Parser(
+        prog="transferlab",
+        description="Transfer learning for image classification, measured: "
+        "how much does a pretrained network buy you over a CNN trained from scratch?",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback of a failure (also TRANSFERLAB_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of a failure (also TRANSFERLAB_DEBUG=1)",
+    )
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("compare", help="the seed study: CNN vs frozen pretrained backbone, with report.md",
-                       description="Run the seed study's three experiments and write report.md: (1) the CNN for "
-                       "--epochs, (2) a frozen pretrained backbone for --epochs (through the feature cache), "
-                       "(3) the CNN until it reaches (2)'s best val accuracy, with patience 5.")
+    p = sub.add_parser(
+        "compare",
+        help="the seed study: CNN vs frozen pretrained backbone, with report.md",
+        description="Run the seed study's three experiments and write report.md: (1) the CNN for "
+        "--epochs, (2) a frozen pretrained backbone for --epochs (through the feature cache), "
+        "(3) the CNN until it reaches (2)'s best val accuracy, with patience 5.",
+    )
     _add_config_flags(p, skip=COMPARE_SKIPS)
     _add_dataclass_flags(p, CompareConfig)
 
-    p = sub.add_parser("train", help="train one experiment", description="Train one model; writes a run dir.")
+    p = sub.add_parser(
+        "train", help="train one experiment", description="Train one model; writes a run dir."
+    )
     _add_config_flags(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
-                   "(with --epochs N: extend it to N epochs)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint (with --epochs N: extend it to N epochs)",
+    )
 
     p = sub.add_parser("cache", help="list or clear the feature cache")
     p.add_argument("action", choices=("list", "clear"))
-    p.add_argument("--cache-dir", default="", help="cache dir (default $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)")
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="cache dir (default $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)",
+    )
 
     p = sub.add_parser("models", help="list backbones and which have weights usable offline")
-    p.add_argument("--timm", metavar="PATTERN", help="list timm models matching PATTERN (e.g. '*resnet*')")
+    p.add_argument(
+        "--timm", metavar="PATTERN", help="list timm models matching PATTERN (e.g. '*resnet*')"
+    )
 
     from transferlab import tools
 
@@ -145,8 +189,10 @@ class _StopFlag:
             self.requested = True
             self.signal_name = signal.Signals(signum).name
             self.exit_code = 128 + signum
-            log.warning("got %s: stopping at the next batch (a checkpoint is saved when training)",
-                        self.signal_name)
+            log.warning(
+                "got %s: stopping at the next batch (a checkpoint is saved when training)",
+                self.signal_name,
+            )
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
@@ -168,12 +214,19 @@ def _resume_config(args):
 
     run_dir = check_resume_arg(args.resume)
     given = {"cfg:" + dest: flag for flag, dest, _, _ in reversed(FLAGS)}
-    refused = sorted({given[k] for k, v in vars(args).items()
-                      if k in given and v is not None and k[4:] not in RESUME_FLAGS})
+    refused = sorted(
+        {
+            given[k]
+            for k, v in vars(args).items()
+            if k in given and v is not None and k[4:] not in RESUME_FLAGS
+        }
+    )
     if refused or args.preset:
-        raise UserError(f"--resume continues with the run's saved config; drop "
-                        f"{', '.join(refused) or '--preset'} (only --device, --no-progress and "
-                        "--epochs may change)")
+        raise UserError(
+            f"--resume continues with the run's saved config; drop "
+            f"{', '.join(refused) or '--preset'} (only --device, --no-progress and "
+            "--epochs may change)"
+        )
     cfg = Config()
     cfg.run.run_dir = str(run_dir)
     for section, values in config_overrides(args).items():
@@ -192,10 +245,12 @@ def cmd_train(args) -> int:
         else:
             summary = run_experiment(config_from_args(args), stop_requested=stop)
     t = summary["time_s"]["total"]
-    sys.stdout.write(f"run dir:      {summary['run_dir']}\n"
-                     f"best val acc: {summary['val']['acc']:.4f} (epoch {summary['best_epoch']})\n"
-                     f"test acc:     {summary['test']['acc']:.4f}\n"
-                     f"time:         {t:.1f} s\n")
+    sys.stdout.write(
+        f"run dir:      {summary['run_dir']}\n"
+        f"best val acc: {summary['val']['acc']:.4f} (epoch {summary['best_epoch']})\n"
+        f"test acc:     {summary['test']['acc']:.4f}\n"
+        f"time:         {t:.1f} s\n"
+    )
     return 0
 
 
@@ -228,14 +283,19 @@ def cmd_cache(args) -> int:
         total = sum(e["bytes"] for e in ours) / 1e6
         out.write(f"feature cache: {root} ({len(ours)} entries, {total:.1f} MB)\n")
         for e in ours:
-            out.write(f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  "
-                      f"split={e.get('split', '?')}  n={e.get('n', '?')}  "
-                      f"views={e.get('views', '?')}  {e.get('image_size', '?')}px  "
-                      f"{e.get('precision', '?')}\n")
+            out.write(
+                f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  "
+                f"split={e.get('split', '?')}  n={e.get('n', '?')}  "
+                f"views={e.get('views', '?')}  {e.get('image_size', '?')}px  "
+                f"{e.get('precision', '?')}\n"
+            )
     if foreign:
-        out.write(f"not ours, left alone ({len(foreign)}): "
-                  + ", ".join(Path(e["path"]).name for e in foreign[:20])
-                  + (f", ... and {len(foreign) - 20} more" if len(foreign) > 20 else "") + "\n")
+        out.write(
+            f"not ours, left alone ({len(foreign)}): "
+            + ", ".join(Path(e["path"]).name for e in foreign[:20])
+            + (f", ... and {len(foreign) - 20} more" if len(foreign) > 20 else "")
+            + "\n"
+        )
     return 0
 
 
@@ -272,16 +332,18 @@ def _setup_logging(verbose: bool) -> None:
     """INFO on rank 0 (WARNING on the others), DEBUG with -v; one stderr handler."""
     rank = int(os.environ.get("RANK", "0") or 0)  # validated by check_dist_env before this
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` for a run: third-party warnings (PIL, matplotlib glyphs, torch
     deprecations) become one DEBUG log line (see them with -v), never raw text on stderr."""
     text = (str(message).strip().splitlines() or [""])[0][:300]
-    logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, text, filename,
-                                           lineno)
+    logging.getLogger("py.warnings").debug(
+        "%s: %s (%s:%s)", category.__name__, text, filename, lineno
+    )
 
 
 def _report_failure(e: BaseException, debug: bool) -> int:
@@ -300,9 +362,14 @@ def _report_failure(e: BaseException, debug: bool) -> int:
         code, line = described
     else:  # a bug: still one line; the traceback is one flag away
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        code, line = 1, (f"internal error ({type(e).__name__}: {first}); this is a bug in "
-                         f"transferlab: rerun with --debug (or {DEBUG_ENV}=1) for the traceback "
-                         "and report it")
+        code, line = (
+            1,
+            (
+                f"internal error ({type(e).__name__}: {first}); this is a bug in "
+                f"transferlab: rerun with --debug (or {DEBUG_ENV}=1) for the traceback "
+                "and report it"
+            ),
+        )
     label = "stopped" if isinstance(e, TrainingStopped) else "error"
     sys.stderr.write(f"transferlab: {label}: {line}\n")
     return code
@@ -322,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    commands = {"train": cmd_train, "compare": cmd_compare, "cache": cmd_cache,
-                "models": cmd_models}
+    commands = {
+        "train": cmd_train,
+        "compare": cmd_compare,
+        "cache": cmd_cache,
+        "models": cmd_models,
+    }
     with warnings.catch_warnings():
         warnings.showwarning = _log_warning  # restored on exit (in-process callers, tests)
         try:

@@ -51,7 +51,9 @@ logger = logging.getLogger(__name__)
 class TensorLoader:
     """Iterate ``(x_uint8, y)`` batches of ``batch_size`` (per rank) on ``device``."""
 
-    def __init__(
+    # The arguments are DataLoader's and DistributedSampler's (batch, shuffle, drop_last, seed,
+    # rank, world_size) plus the data and the device: one loader in place of both.
+    def __init__(  # noqa: PLR0913
         self,
         images: Tensor,
         labels: Tensor,
