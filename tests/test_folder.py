@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_png_tree
 from transferlab.config import DataConfig
 from transferlab.data.folder import (
     FolderLoader,
@@ -21,19 +22,6 @@ from transferlab.data.folder import (
 )
 from transferlab.errors import UserError
 from transferlab.plan import square_preprocessing
-
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
-
-
-def write_png_tree(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0) -> Path:
-    """PATH/<class>/<i>.png, each class a noisy solid colour (learnable in one epoch)."""
-    rng = np.random.default_rng(seed)
-    for k, (cls, n) in enumerate(counts.items()):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            px = np.clip(np.array(COLOURS[k % 4]) + rng.normal(0, 20, (size, size + 2, 3)), 0, 255)
-            Image.fromarray(px.astype(np.uint8)).save(root / cls / f"{i:03d}.png")
-    return root
 
 
 def _cfg(root: Path, **kw) -> DataConfig:
