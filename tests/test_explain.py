@@ -34,6 +34,7 @@ def test_target_layer_is_the_last_conv_stage(name, want):
     )
     layer = explain.target_layer(model)
     assert {m: n for n, m in model.named_modules()}[layer] == want
+    assert explain.layer_name(model) == want
     if name == "cnn":
         assert isinstance(layer, nn.BatchNorm2d) and layer.num_features == 512
 
@@ -104,6 +105,7 @@ def test_report_has_overlays(frozen_run):
     md, _ = frozen_run.report()
     text = md.read_text()
     assert "## Why the model decides (Grad-CAM)" in text and "(gradcam_mistakes.png)" in text
+    assert "Grad-CAM on `backbone.layer4`" in text
     assert (frozen_run.dir / "gradcam_mistakes.png").is_file()
     assert "Not drawn" not in text
 

@@ -78,6 +78,12 @@ def target_layer(model: nn.Module) -> nn.Module:
     return with_conv[-1]
 
 
+def layer_name(model: nn.Module) -> str:
+    """The dotted name of :func:`target_layer` in ``model`` (``backbone.layer4``)."""
+    layer = target_layer(model)
+    return next(n for n, m in model.named_modules() if m is layer)
+
+
 @dataclass(frozen=True)
 class Overlays:
     """Grad-CAM results for a batch: probabilities and one map per (image, class) asked for."""
@@ -255,7 +261,7 @@ def report_figures(
     out = [
         "## Why the model decides (Grad-CAM)",
         "",
-        f"Class-activation maps (Grad-CAM on `{type(target_layer(rm.model)).__name__}`, "
+        f"Class-activation maps (Grad-CAM on `{layer_name(rm.model)}`, "
         "the last conv "
         "stage), red where the evidence for the named class lies.",
         "",
