@@ -236,11 +236,26 @@ def cifar_subset(n_train: int, n_test: int):
 
 
 def fit_probe(f_tr, y_tr, l2: float = 1e-3) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An L-BFGS softmax probe on standardised features; returns features -> predicted class."""
-    from transferlab.features.probe import lbfgs_logreg
+    """An L-BFGS softmax probe on standardised features; returns features -> predicted class.
 
+    Self-contained (the same objective as features/probe.py) so this script does not depend on
+    the training modules.
+    """
     mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
-    w, b = lbfgs_logreg((f_tr - mu) / sd, y_tr, 100, l2, max_iter=200)
+    x = (f_tr - mu) / sd
+    w = torch.zeros(100, x.shape[1], requires_grad=True)
+    b = torch.zeros(100, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(x @ w.T + b, y_tr) + l2 / 2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
     return lambda f: (((f - mu) / sd) @ w.T + b).argmax(1)
 
 
@@ -260,10 +275,11 @@ def accuracy_rows(args, root: Path, log) -> list[dict]:
     whash = fcache.weights_hash(model.backbone)
     env = DistEnv()
     prepare = lambda x: to_float_normalized(x, pp.mean, pp.std, SIZE, pp.interpolation)  # noqa: E731
-    feats = {}
+    saved = root / f"accuracy_features_{args.probe_train}_{args.probe_test}.pt"
+    feats = torch.load(saved) if saved.is_file() else {}  # resume after a crash of the probe
     for v in VARIANTS:
         twin = v.compile or (v.mode == "sync" and v.engine == "openvino")
-        if twin or not engine_installed(v.engine):
+        if twin or not engine_installed(v.engine) or v.label in feats:
             continue  # compile and sync give the same numbers as their plain/async twins
         e = make_engine(replace(v, compile=False), model.backbone, root, whash)
         t = time.perf_counter()
@@ -271,6 +287,7 @@ def accuracy_rows(args, root: Path, log) -> list[dict]:
                                    len(y), progress=False)[0]
                for x, y in ((x_tr, y_tr), (x_te, y_te))]
         feats[v.label] = out
+        torch.save(feats, saved)
         log(f"  features {v.label}: {time.perf_counter() - t:.1f}s")
     ref_tr, ref_te = feats["torch fp32"]
     ref_probe = fit_probe(ref_tr, y_tr)
@@ -383,7 +400,7 @@ def churn_rows(rounds: int) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="lite0,resnet18")
+    p.add_argument("--models", default="lite0,resnet18", help="'none': accuracy only")
     p.add_argument("--batches", default="16,32,64", help="batch sizes (images per call)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best and median)")
     p.add_argument("--n-batches", type=int, default=3, help="batches per timing")
@@ -425,9 +442,11 @@ def main(argv=None) -> int:
         results["pipeline"] = pipeline_rows(args, root, log)
         print_rows(results["pipeline"], log)
     else:
-        results["engines"] = [r for m in args.models.split(",")
-                              for r in table_for_model(m, args, root, peak, log)]
+        models = [m for m in args.models.split(",") if m and m != "none"]
+        results["engines"] = [r for m in models for r in table_for_model(m, args, root, peak, log)]
         print_rows(results["engines"], log)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
         if not args.no_accuracy:
             results["accuracy"] = accuracy_rows(args, root, log)
             print_rows(results["accuracy"], log)
