@@ -32,13 +32,13 @@ def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | Non
     rows = read_metrics(metrics_csv)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure draws off-screen without pyplot's global state, so a notebook's own
+    # backend (inline plots) is left as it was
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label="train")
         ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "s-", label="validation")
@@ -52,5 +52,4 @@ def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | Non
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return out_png
