@@ -347,11 +347,9 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
     if cell_state(cell) == "done":
         s = json.loads((cell.run_dir / "summary.json").read_text())
         fc = s.get("feature_cache") or {}
-        hit = [
-            fc.get(k, {}).get("hit")
-            for k in ("train", "val", "test")
-            if isinstance(fc.get(k), dict)
-        ]
+        splits = fc.get("splits") or fc  # per-split info: nested under "splits" since the redesign
+        hit = [splits[k].get("hit") for k in ("train", "val", "test")
+               if isinstance(splits.get(k), dict)]
         t = s.get("time_s") or {}
         row.update(
             status="ok",
@@ -364,7 +362,7 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
             eval_s=t.get("eval"),
             extract_s=fc.get("seconds", ""),
             cache=_cache_status(hit),
-            extract_img_s=_mean_speed(fc),
+            extract_img_s=_mean_speed(splits),
             params_trainable=s["params"]["trainable"],
             params_total=s["params"]["total"],
         )
