@@ -324,13 +324,18 @@ def pipeline_rows(args, root: Path, log) -> list[dict]:
     auto = resolve_engine("auto", model.backbone, "timm:tf_efficientnet_lite0", SIZE, cpu, root,
                           "auto", True)
     log(f"  auto choice: {auto}")
-    choices = {f"auto ({auto.name} {auto.precision} b{auto.batch_size})": auto,
-               "torch bf16 b32": EngineChoice("torch", "bf16", 32)}
+    choices = {f"auto ({auto.name} {auto.precision} b{auto.batch_size})": auto}
+    if not args.pipeline_skip_torch:
+        choices["torch bf16 b32"] = EngineChoice("torch", "bf16", 32)
     if engine_installed("openvino"):
         choices["openvino bf16 b16"] = EngineChoice("openvino", "bf16", 16)
         choices["openvino bf16 b32"] = EngineChoice("openvino", "bf16", 32)
+        choices["openvino bf16 b32, prepare 2 threads"] = EngineChoice("openvino", "bf16", 32)
     engines = {k: build_engine(c, model.backbone, SIZE, cpu, root, whash,
                                channels_last=c.name == "torch") for k, c in choices.items()}
+    for k, e in engines.items():
+        if "prepare 2 threads" in k:  # the A/B of OpenVINOEngine.prepare_threads (default 1)
+            e.prepare_threads = 2
     ready = {}  # the bare reference: prepared float batches, made outside the timing
     for lab, e in engines.items():
         b = e.choice.batch_size
@@ -409,6 +414,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-test", type=int, default=1000)
     p.add_argument("--pipeline", action="store_true", help="extract path vs bare engine (lite0)")
     p.add_argument("--pipeline-n", type=int, default=3000, help="images per extraction")
+    p.add_argument("--pipeline-skip-torch", action="store_true", help="OpenVINO rows only")
     p.add_argument("--churn", action="store_true", help="page-fault churn at batch 200")
     p.add_argument("--churn-child", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default="", help="converted models (default: a temp dir)")

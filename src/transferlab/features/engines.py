@@ -115,8 +115,12 @@ class TorchEngine:
 class OpenVINOEngine:
     """A compiled OpenVINO model; ``map`` keeps ``requests`` async infer requests in flight."""
 
-    def __init__(self, compiled, choice: EngineChoice):
+    def __init__(self, compiled, choice: EngineChoice, prepare_threads: int = 1):
         self.compiled, self.choice = compiled, choice
+        # torch threads while map() runs (0: leave as is). The caller's resize + normalise runs
+        # in torch between submissions; with 1 thread it no longer fights OpenVINO's streams for
+        # the cores: extract/bare 0.90-0.99 vs 0.80-0.87 with 2 threads (lite0 bf16, RESULTS.md)
+        self.prepare_threads = prepare_threads
         # twice the plugin's optimum (one per stream): a queued request starts the moment a
         # stream frees, while the caller is still preparing the next batch
         self.requests = 2 * max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
@@ -139,6 +143,9 @@ class OpenVINOEngine:
 
         queue.set_callback(finished)
         submitted = emitted = 0
+        threads = torch.get_num_threads()
+        if self.prepare_threads:
+            torch.set_num_threads(self.prepare_threads)
         try:
             for x in batches:
                 arr = _as_numpy(x)
@@ -154,6 +161,7 @@ class OpenVINOEngine:
                 emitted += 1
         finally:
             queue.wait_all()  # a stop or an error mid-stream leaves no request running
+            torch.set_num_threads(threads)
 
 
 class OnnxRuntimeEngine:
