@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,11 +31,19 @@ def test_notebook_runs_on_tiny_data(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"TRANSFERLAB_EXAMPLE_{key}", value)
     monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(tmp_path / "cache"))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # nbclient runs in a child process: its zmq/asyncio loop and the kernel's sockets stay out of
+    # the pytest process (which, after hundreds of torch tests, once crashed inside it in CI)
+    out = tmp_path / "executed.ipynb"
+    script = ("import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], as_version=4); "
+              "nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', record_timing=True, "
+              "resources={'metadata': {'path': sys.argv[3]}}).execute(); "
+              "nbformat.write(nb, sys.argv[2])")
     t0 = time.perf_counter()
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", record_timing=True,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    proc = subprocess.run([sys.executable, "-c", script, str(NOTEBOOK), str(out), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"notebook executed in {time.perf_counter() - t0:.1f} s")
+    nb = nbformat.read(out, as_version=4)
     for i, c in enumerate(nb.cells):
         t = c.metadata.get("execution", {})
         if "iopub.execute_input" in t:

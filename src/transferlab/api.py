@@ -267,10 +267,12 @@ def load_run(path: str | os.PathLike) -> Run:
 
 def plot_metrics(df, title: str = ""):
     """Loss and accuracy panels from a metrics DataFrame (no pyplot state: a plain Figure)."""
-    import matplotlib.pyplot  # noqa: F401 - in IPython this hooks up the figure's inline display
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
 
-    fig = Figure(figsize=(10, 3.8))
+    # made through pyplot (which sets up a notebook's inline display of figures), then released
+    # from it: the returned figure is shown once, as the cell's value, and pyplot keeps no state
+    fig = plt.figure(figsize=(10, 3.8))
+    plt.close(fig)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot(df["epoch"], df[f"train_{metric}"], "o-", label="train")

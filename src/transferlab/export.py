@@ -163,6 +163,9 @@ def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> 
     sidecar = output.with_name(output.name + ".json")
     for path in (output, sidecar):
         check_output_path(path, Path(run_dir), force, is_ours=_is_our_export)
+    if fmt == "openvino":  # the IR's weights go beside its xml: ours when that xml is ours
+        ours = _is_our_export(output)
+        check_output_path(output.with_suffix(".bin"), Path(run_dir), force, is_ours=lambda p: ours)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

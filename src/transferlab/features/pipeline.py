@@ -14,6 +14,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -46,16 +47,25 @@ log = logging.getLogger(__name__)
 KEY_VERSION = 1
 
 
-def choose_extraction(cfg: Config, model: Classifier, size: int, env: DistEnv,
-                      channels_last: bool) -> ExtractPlan:
+def choose_extraction(
+    cfg: Config, model: Classifier, size: int, env: DistEnv, channels_last: bool
+) -> ExtractPlan:
     """The extraction engine, precision and batch: rank 0 measures them (``--engine auto``,
     ``--precision auto``) once per backbone, size, device and library versions, remembers the
     choice in the cache dir (so cache keys stay stable), and every rank uses its choice."""
     choice = None
     if env.is_main:
         root = fcache.cache_root(cfg.run.cache_dir)
-        choice = resolve_engine(cfg.run.engine, model.backbone, cfg.model.name, size, env.device,
-                                root, cfg.run.precision, channels_last)
+        choice = resolve_engine(
+            cfg.run.engine,
+            model.backbone,
+            cfg.model.name,
+            size,
+            env.device,
+            root,
+            cfg.run.precision,
+            channels_last,
+        )
     choice = broadcast_object(choice, env)
     return ExtractPlan(engine=choice.name, precision=choice.precision, batch_size=choice.batch_size)
 
@@ -71,12 +81,20 @@ class _Engines:
         if self.engine is None:
             ext, cfg = self.plan.extract, self.cfg
             self.engine = build_engine(
-                EngineChoice(ext.engine, ext.precision, ext.batch_size), self.model.backbone,
-                self.plan.image_size, self.env.device, fcache.cache_root(cfg.run.cache_dir),
-                self.whash, self.plan.channels_last, fallback=cfg.run.engine == "auto")
+                EngineChoice(ext.engine, ext.precision, ext.batch_size),
+                self.model.backbone,
+                self.plan.image_size,
+                self.env.device,
+                fcache.cache_root(cfg.run.cache_dir),
+                self.whash,
+                self.plan.channels_last,
+                fallback=cfg.run.engine == "auto",
+            )
             if self.engine.choice.name != ext.engine:  # the plan (and cache key) said otherwise
-                raise UserError(f"the {ext.engine} engine could not be built for this backbone "
-                                "now; rerun with --engine torch")
+                raise UserError(
+                    f"the {ext.engine} engine could not be built for this backbone "
+                    "now; rerun with --engine torch"
+                )
         return self.engine
 
 
@@ -92,13 +110,25 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
     """Everything that changes one split's features."""
     pp, views = plan.preprocessing, (cfg.run.feature_views if split == "train" else 1)
     ext = plan.extract
-    key = {"backbone": cfg.model.name, "weights": whash, "image_size": plan.image_size,
-           "mean": list(pp.mean), "std": list(pp.std), "interpolation": pp.interpolation,
-           "precision": ext.precision, "data_md5": ds.md5, "data_source": ds.source,
-           "split": split, "split_seed": ds.split_seed, "val_size": cfg.data.val_size,
-           "train_subset": cfg.data.train_subset, "views": views,
-           "augment": list(view_augment(cfg)) if views > 1 else None,
-           "seed": cfg.run.seed if views > 1 else None, "version": KEY_VERSION}
+    key = {
+        "backbone": cfg.model.name,
+        "weights": whash,
+        "image_size": plan.image_size,
+        "mean": list(pp.mean),
+        "std": list(pp.std),
+        "interpolation": pp.interpolation,
+        "precision": ext.precision,
+        "data_md5": ds.md5,
+        "data_source": ds.source,
+        "split": split,
+        "split_seed": ds.split_seed,
+        "val_size": cfg.data.val_size,
+        "train_subset": cfg.data.train_subset,
+        "views": views,
+        "augment": list(view_augment(cfg)) if views > 1 else None,
+        "seed": cfg.run.seed if views > 1 else None,
+        "version": KEY_VERSION,
+    }
     if ext.engine != "torch":  # engines differ slightly in their features
         key["engine"] = ext.engine
     if not pp.on_device_resize:  # decoded images: the eval transform shapes the pixels
@@ -113,8 +143,10 @@ def _lookup(root, key: str, env: DistEnv):
     if broadcast_object(hit is not None, env):
         hit = hit or fcache.load_entry(root, key)
         if not all_ranks_true(hit is not None, env):
-            log.warning("feature cache %s is not visible to every rank (share it across nodes); "
-                        "extracting", root)
+            log.warning(
+                "feature cache %s is not visible to every rank (share it across nodes); extracting",
+                root,
+            )
             hit = None
     return hit
 
@@ -126,9 +158,15 @@ def _view_aug(cfg: Config, views: int):
     return lambda x, g: augment_batch(x, crop_padding=pad, flip=flip, cutout_size=0, generator=g)
 
 
-def split_features(cfg: Config, plan: Plan, ds: ImageDataset, name: str, env: DistEnv,
-                   engines: _Engines, stop_requested: Callable[[], bool]
-                   ) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
+def split_features(
+    cfg: Config,
+    plan: Plan,
+    ds: ImageDataset,
+    name: str,
+    env: DistEnv,
+    engines: _Engines,
+    stop_requested: Callable[[], bool],
+) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
     """(features, labels) of one split, from the cache or freshly extracted (then stored)."""
     split = getattr(ds, name)
     root = fcache.cache_root(cfg.run.cache_dir)
@@ -136,36 +174,56 @@ def split_features(cfg: Config, plan: Plan, ds: ImageDataset, name: str, env: Di
     key = fcache.cache_key(feature_key(cfg, plan, ds, name, engines.whash))
     hit = _lookup(root, key, env)
     if hit:
-        log.info("feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, name,
-                 key)
+        log.info(
+            "feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, name, key
+        )
         return hit[0]["features"], hit[0]["labels"], SplitFeatures(True, key, None)
-    prepare, aug = prepare_fn(plan), _view_aug(cfg, views)
+    # channels_last only feeds torch's kernels; a converted engine takes contiguous NCHW
+    layout = dataclasses.replace(
+        plan, channels_last=plan.channels_last and plan.extract.engine == "torch"
+    )
+    prepare, aug = prepare_fn(layout), _view_aug(cfg, views)
     outs, speed = [], 0.0
     for v in range(views):  # one augmentation stream per view
-        loader = make_loader(split, plan.eval_batch_per_rank, False, env, cfg.run.seed * 1000 + v,
-                             aug)
+        loader = make_loader(
+            split, plan.eval_batch_per_rank, False, env, cfg.run.seed * 1000 + v, aug
+        )
         desc = f"extract {name}" + (f" view {v + 1}" if views > 1 else "")
-        f, speed = extract_with_engine(engines.get(), prepare, loader, env, len(split),
-                                       cfg.run.progress, desc, stop_requested)
+        f, speed = extract_with_engine(
+            engines.get(), prepare, loader, env, len(split), cfg.run.progress, desc, stop_requested
+        )
         outs.append(f)
     feats = torch.stack(outs, 1) if views > 1 else outs[0]
     labels = split.labels.clone()
     if env.is_main:
-        meta = {"backbone": cfg.model.name, "split": name, "views": views,
-                "image_size": plan.image_size, "precision": plan.extract.precision,
-                "n": len(split)}
+        meta = {
+            "backbone": cfg.model.name,
+            "split": name,
+            "views": views,
+            "image_size": plan.image_size,
+            "precision": plan.extract.precision,
+            "n": len(split),
+        }
         try:
             fcache.save_entry(root, key, {"features": feats, "labels": labels}, meta)
         except OSError as e:
-            log.warning("could not write feature cache %s (%s); continuing without caching", root,
-                        e.strerror or e)
+            log.warning(
+                "could not write feature cache %s (%s); continuing without caching",
+                root,
+                e.strerror or e,
+            )
     barrier(env)
     return feats, labels, SplitFeatures(False, key, round(speed, 1))
 
 
-def build_feature_pipeline(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
-                           env: DistEnv, stop_requested: Callable[[], bool] = lambda: False
-                           ) -> Pipeline:
+def build_feature_pipeline(
+    cfg: Config,
+    plan: Plan,
+    model: Classifier,
+    ds: ImageDataset,
+    env: DistEnv,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> Pipeline:
     """Extract (or load) the three splits' features and build the head's loaders.
 
     ``stop_requested`` (SIGINT/SIGTERM) is honoured within one batch of an extraction; the
@@ -184,17 +242,29 @@ def build_feature_pipeline(cfg: Config, plan: Plan, model: Classifier, ds: Image
             f, y = select_per_class(f, y, cfg.data.per_class, cfg.data.subset_seed)
         data[name] = (f.to(env.device), y.to(env.device))
         splits[name] = meta
-    info = FeatureInfo(root=str(fcache.cache_root(cfg.run.cache_dir)),
-                       precision=plan.extract.precision, engine=plan.extract.engine,
-                       seconds=round(time.perf_counter() - t0, 2), splits=splits)
+    info = FeatureInfo(
+        root=str(fcache.cache_root(cfg.run.cache_dir)),
+        precision=plan.extract.precision,
+        engine=plan.extract.engine,
+        seconds=round(time.perf_counter() - t0, 2),
+        splits=splits,
+    )
 
     def pick_view(f, g):  # (B, K, D) -> (B, D): one random cached view per sample and epoch
         idx = torch.randint(0, f.shape[1], (f.shape[0],), generator=g, device=f.device)
         return f[torch.arange(f.shape[0], device=f.device), idx]
 
     def loader(name: str, bs: int, shuffle: bool, augment=None) -> TensorLoader:
-        return TensorLoader(*data[name], bs, shuffle, device=env.device, seed=cfg.run.seed,
-                            rank=env.rank, world_size=env.world_size, augment=augment)
+        return TensorLoader(
+            *data[name],
+            bs,
+            shuffle,
+            device=env.device,
+            seed=cfg.run.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            augment=augment,
+        )
 
     views = cfg.run.feature_views
     return Pipeline(
