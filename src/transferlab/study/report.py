@@ -268,7 +268,7 @@ def catch_up(pts: list[Point], arm: str, base: str) -> str:
         return "no common size"
     last = theirs[-1]
     return (
-        f"never within the grid (at {last.per_class} per class it is still "
+        f"never within the grid (at {_size_words(last.per_class)} it is still "
         f"{100 * (mine[last.per_class].mean - last.mean):.1f} points behind)"
     )
 
@@ -313,6 +313,10 @@ def verdict(rows: list[dict], pts: list[Point]) -> str:
     else:
         end = f"{best_scr} catches up with {best_pre} {caught}"
     return f"{text[0].upper()}{text[1:]}. The scratch arm {end}."
+
+
+def _size_words(s: str) -> str:
+    return "all images per class" if s == "all" else f"{s} images per class"
 
 
 def _pm(m: float, half: float, n: int, sign: bool = True) -> str:
@@ -404,6 +408,17 @@ def _protocol(study_dir: Path) -> list[str]:
     grid = json.loads((study_dir / "study.json").read_text())["grid"]
     data = (grid.get("overrides") or {}).get("data") or {}
     val = data.get("val_size", 5000)
+    test = (
+        f"the first {data['test_subset']:,} test images (--test-subset)"
+        if data.get("test_subset")
+        else "the full test split"
+    )
+    pool = (
+        f"; the training pool is a seeded {data['train_subset']:,}-image subset of the training "
+        "split (--train-subset), and 'all' means all of it"
+        if data.get("train_subset")
+        else ""
+    )
     return [
         f"Grid: arms {', '.join(grid['arms'])}; sizes {', '.join(grid['sizes'])} images per class; "
         f"{grid['seeds']} seed(s). Seed s draws the nested stratified subset (the 4-per-class "
@@ -418,9 +433,8 @@ def _protocol(study_dir: Path) -> list[str]:
         "on test with "
         "its best-validation weights.",
         "",
-        f"Validation is the full validation split ({val:,} images for CIFAR-100) and test the "
-        "full test split, "
-        "the same for every cell; only the training images shrink.",
+        f"Validation is the full validation split ({val:,} images for CIFAR-100) and test {test}, "
+        f"the same for every cell; only the training images shrink{pool}.",
     ]
 
 
