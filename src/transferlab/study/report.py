@@ -154,12 +154,11 @@ def _color(pts: list[Point], arm: str) -> str:
 
 
 def plot_efficiency(pts: list[Point], path: Path) -> None:
-    import matplotlib
+    # a bare Figure: no pyplot state, so a notebook keeps its backend
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
     for arm in dict.fromkeys(p.arm for p in pts):
         ps = sorted((p for p in pts if p.arm == arm), key=lambda p: p.x)
         xs, ms = [p.x for p in ps], [100 * p.mean for p in ps]
@@ -175,16 +174,13 @@ def plot_efficiency(pts: list[Point], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_cost(pts: list[Point], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig = Figure(figsize=(11, 4.6))
+    axes = fig.subplots(1, 2)
     largest = {}
     for p in pts:
         if p.arm not in largest or p.x > largest[p.arm].x:
@@ -242,7 +238,6 @@ def plot_cost(pts: list[Point], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _short(arm: str) -> str:
