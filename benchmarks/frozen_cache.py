@@ -34,9 +34,9 @@ from transferlab.distributed import init_distributed
 from transferlab.experiment import load_data, run_experiment
 from transferlab.features.extract import choose_precision
 from transferlab.models.registry import build_model
-from transferlab.train.loop import StepContext, evaluate, train_one_epoch
-from transferlab.train.optim import build_optimizer, build_scheduler
-from transferlab.train.precision import autocast, make_scaler
+from transferlab.training.loop import StepContext, evaluate, train_one_epoch
+from transferlab.training.optim import build_optimizer, build_scheduler
+from transferlab.training.precision import autocast, make_scaler
 
 
 def make_cfg(args, run_dir: Path, cache_dir: Path, feature_cache: bool) -> Config:

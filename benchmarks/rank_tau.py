@@ -30,7 +30,7 @@ def main() -> None:
 
     from transferlab.data.load import load_data
     from transferlab.distributed import init_distributed
-    from transferlab.study.rank import (
+    from transferlab.studies.rank import (
         candidate_config,
         candidate_setup,
         format_rank_table,

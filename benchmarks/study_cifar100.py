@@ -1,6 +1,6 @@
 """The issue-14 acceptance study on real CIFAR-100, through the study CLI's own parser and handler.
 
-Runs ``transferlab study`` (study/cli.py: ``add_parsers`` + ``cmd_study``) in-process, so it
+Runs ``transferlab study`` (studies/cli.py: ``add_parsers`` + ``cmd_study``) in-process, so it
 works before the main CLI registers the command. Resumable: rerun the same command after a kill.
 
 Usage:
@@ -19,7 +19,7 @@ import time
 
 def main(argv: list[str]) -> int:
     from transferlab.errors import UserError
-    from transferlab.study.cli import COMMANDS, add_parsers
+    from transferlab.studies.cli import COMMANDS, add_parsers
 
     parser = argparse.ArgumentParser(prog="study_cifar100")
     add_parsers(parser.add_subparsers(dest="command"))

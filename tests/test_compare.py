@@ -16,7 +16,7 @@ import yaml
 
 from conftest import metrics_rows
 from transferlab.cli import build_parser, config_from_args, main
-from transferlab.compare import experiment_configs
+from transferlab.comparison import experiment_configs
 from transferlab.config import CompareConfig
 from transferlab.data.cifar import write_cifar_like
 from transferlab.report.compare_report import observations, write_compare_report
@@ -240,7 +240,7 @@ def test_experiment_configs_share_everything_but_the_model(tmp_path):
 
 def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     """The chase resumed from experiment 1's checkpoint equals a chase trained from scratch."""
-    from transferlab.compare import CONTINUED_FROM, chase_can_continue, continue_from
+    from transferlab.comparison import CONTINUED_FROM, chase_can_continue, continue_from
     from transferlab.config import Config, DataConfig, OptimConfig, RunConfig
     from transferlab.experiment import run_experiment
 
@@ -286,7 +286,7 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     ([0.3, 0.2, 0.4], 2, 0.9, True),
 ])
 def test_chase_replays_its_stopping_rules_on_experiment_one(tmp_path, accs, patience, target, ok):
-    from transferlab.compare import chase_can_continue
+    from transferlab.comparison import chase_can_continue
     from transferlab.config import Config, OptimConfig
 
     first_dir = tmp_path / "cnn"

@@ -31,8 +31,8 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
 from transferlab.features.extract import extract_features
 from transferlab.rundir import LOCK_NAME
-from transferlab.train.checkpoint import load_checkpoint
-from transferlab.train.loop import StepContext, evaluate
+from transferlab.training.checkpoint import load_checkpoint
+from transferlab.training.loop import StepContext, evaluate
 
 WORLD = 2
 N_TRAIN, N_TEST, VAL = (

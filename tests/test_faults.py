@@ -701,7 +701,7 @@ def test_signal_handlers_are_restored_after_an_in_process_run(one_epoch_run, cap
 
 
 def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
-    from transferlab.train import fit
+    from transferlab.training import fit
 
     saved = []
     real = fit.atomic_save

@@ -13,7 +13,7 @@ import torchvision
 from transferlab.cli import main
 from transferlab.data.cifar import write_cifar_like
 from transferlab.features import cache as fcache
-from transferlab.train.checkpoint import load_checkpoint
+from transferlab.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,8 @@ def test_cache_list_and_clear(setup, capsys):
 def test_best_is_a_hard_link_that_survives_the_next_last(tmp_path):
     from types import SimpleNamespace
 
-    from transferlab.train.checkpoint import atomic_save
-    from transferlab.train.fit import link_best
+    from transferlab.training.checkpoint import atomic_save
+    from transferlab.training.fit import link_best
 
     job = SimpleNamespace(env=SimpleNamespace(is_main=True), run_dir=tmp_path)
     atomic_save({"epoch": 1}, tmp_path / "last.pt")

@@ -63,8 +63,8 @@ def test_seeded_run_gives_the_same_metrics_as_before_the_redesign(tiny_cifar, tm
 def test_config_yaml_never_says_auto_or_zero(tiny_cifar, tmp_path):
     run = tmp_path / "r"
     assert main(["train", "--model", "cnn", "--epochs", "1", "--train-subset", "100",
-                 "--batch-size", "50", "--val-size", "50", "--data-dir", str(tiny_cifar), "--run-dir", str(run),
-                 "--no-progress", "--no-report"]) == 0
+                 "--batch-size", "50", "--val-size", "50", "--data-dir", str(tiny_cifar),
+                 "--run-dir", str(run), "--no-progress", "--no-report"]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["run"]["precision"] in ("fp32", "bf16") and cfg["data"]["image_size"] == 32
     # and it reruns as a preset: same resolved plan

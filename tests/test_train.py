@@ -28,10 +28,10 @@ from transferlab.distributed import DistEnv
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
 from transferlab.models.registry import build_model
-from transferlab.train.checkpoint import atomic_save, load_checkpoint
-from transferlab.train.loop import OptimParts, StepContext, StepGuard, evaluate, train_one_epoch
-from transferlab.train.optim import build_optimizer, build_scheduler
-from transferlab.train.precision import autocast, make_scaler, resolve_precision
+from transferlab.training.checkpoint import atomic_save, load_checkpoint
+from transferlab.training.loop import OptimParts, StepContext, StepGuard, evaluate, train_one_epoch
+from transferlab.training.optim import build_optimizer, build_scheduler
+from transferlab.training.precision import autocast, make_scaler, resolve_precision
 
 CPU = torch.device("cpu")
 TINY = [
@@ -212,7 +212,7 @@ def test_precision_resolution():
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, fast_bf16, expected):
-    import transferlab.train.precision as precision
+    import transferlab.training.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
     assert precision.resolve_precision("auto", CPU) == expected

@@ -1,16 +1,14 @@
 """transferlab: how much does a pretrained network buy you over a CNN trained from scratch?
 
-The public Python API lives in ``transferlab.api`` and is loaded lazily (``import transferlab``
-imports no torch and has no side effects). ``train``, ``compare`` and ``study`` are reached as
-``transferlab.api.train`` etc.: the names ``transferlab.train``, ``transferlab.compare`` and
-``transferlab.study`` are taken by the subpackages/modules of the same names, which replace a
-package attribute whenever they are imported.
+The public Python API (``transferlab.api``) is loaded lazily: ``import transferlab`` imports no
+torch and has no side effects. The CLI is a thin layer over the same config dataclasses.
 
 Usage:
-    from transferlab import api as tl
-    run = tl.train(model="cnn", epochs=10, data_dir="../shared/datasets")
+    import transferlab
+    run = transferlab.train(model="cnn", epochs=10, data_dir="../shared/datasets")
     run.metrics, run.plot(), run.predict(["photo.jpg"]), run.export("onnx")
-    transferlab.load_run("runs/cnn-20261128-120000")
+    cmp = transferlab.compare(data_dir="../shared/datasets", backbone="timm:tf_efficientnet_lite0")
+    old = transferlab.load_run("runs/cnn-20261128-120000")
 
     $ transferlab compare --data-dir ../shared/datasets
     $ python -m transferlab train --model cnn --epochs 10
@@ -18,9 +16,14 @@ Usage:
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first access, PEP 562)
+# public name -> module that defines it (imported on first access, PEP 562). The internal
+# packages are named training/, comparison.py and studies/, so that importing them never
+# replaces the functions train, compare and study on this package.
 _LAZY = {
     "api": "transferlab",
+    "train": "transferlab.api",
+    "compare": "transferlab.api",
+    "study": "transferlab.api",
     "load_run": "transferlab.api",
     "Run": "transferlab.api",
     "Comparison": "transferlab.api",

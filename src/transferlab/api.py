@@ -588,7 +588,7 @@ def compare(
     ``chase_max_epochs=``, ``chase_patience=``, ``with_cnn_best=``, ...).
     """
     from transferlab.cli import COMPARE_SKIPS
-    from transferlab.compare import run_compare
+    from transferlab.comparison import run_compare
     from transferlab.config import CompareConfig
 
     kinds = {"int": int, "float": float, "str": str, "bool": "bool"}
@@ -653,12 +653,9 @@ def study(
     every cell. A study dir that is run again reruns no finished cell. Failed cells are logged
     and listed in ``Study.failed``.
     """
-    try:
-        from transferlab.study import run_study
-        from transferlab.study.cli import _STUDY_SKIP  # the flags a study sets per cell
-        from transferlab.study.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE, make_grid
-    except ImportError:
-        raise UserError("transferlab.study is not available in this version") from None
+    from transferlab.studies import run_study
+    from transferlab.studies.cli import _STUDY_SKIP  # the flags a study sets per cell
+    from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE, make_grid
     table = options(_STUDY_SKIP)
     bad = [k for k in options_ if k not in table]
     if bad:

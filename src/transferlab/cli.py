@@ -257,7 +257,7 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     import dataclasses
 
-    from transferlab.compare import run_compare
+    from transferlab.comparison import run_compare
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)}
     with _StopFlag() as stop:

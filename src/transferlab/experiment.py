@@ -31,9 +31,9 @@ from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolve_plan, saved_plan, use_channels_last, uses_feature_cache
 from transferlab.rundir import check_config_unchanged, data_root, prepare_run_dir
-from transferlab.train.checkpoint import RESUME_KEYS, load_checkpoint
-from transferlab.train.fit import DataInfo, Job, fit, save_checkpoint, start_state
-from transferlab.train.loop import StepContext
+from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
+from transferlab.training.fit import DataInfo, Job, fit, save_checkpoint, start_state
+from transferlab.training.loop import StepContext
 from transferlab.validate import check_before_data
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features.engines import require_engine
-from transferlab.train.checkpoint import atomic_write
+from transferlab.training.checkpoint import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"  # as in export.py
 

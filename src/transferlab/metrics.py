@@ -1,6 +1,6 @@
 """The metrics row: one row per epoch in ``metrics.csv``, the one file reports and plots read.
 
-Training (``train/fit.py``) and the linear probe (``features/probe.py``) both write their rows
+Training (``training/fit.py``) and the linear probe (``features/probe.py``) both write their rows
 through :func:`epoch_row` and :func:`append_metrics`; a resume cuts rows past its checkpoint
 with :func:`truncate_metrics`; TensorBoard gets the same row as scalars.
 

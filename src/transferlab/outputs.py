@@ -27,10 +27,10 @@ from transferlab.io import atomic_write_text
 from transferlab.models.classifier import count_params
 from transferlab.plan import save_resolved_config
 from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
-from transferlab.train.checkpoint import load_checkpoint
-from transferlab.train.fit import FitState, Job
-from transferlab.train.loop import evaluate
-from transferlab.train.predictions import collect_predictions, save_predictions
+from transferlab.training.checkpoint import load_checkpoint
+from transferlab.training.fit import FitState, Job
+from transferlab.training.loop import evaluate
+from transferlab.training.predictions import collect_predictions, save_predictions
 
 log = logging.getLogger(__name__)
 

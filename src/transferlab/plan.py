@@ -28,7 +28,7 @@ from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier
-from transferlab.train.precision import resolve_precision
+from transferlab.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import build_model
 from transferlab.plan import Plan, Preprocessing
-from transferlab.train.checkpoint import load_checkpoint
+from transferlab.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from transferlab.report.run_report import write_reports
-    from transferlab.study.report import write_study_report
-    from transferlab.study.runner import is_study_dir
+    from transferlab.studies.report import write_study_report
+    from transferlab.studies.runner import is_study_dir
 
     for run_dir in args.run_dirs:
         if is_study_dir(run_dir):  # a study: built from whichever cells exist
@@ -50,13 +50,13 @@ def cmd_explain(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from transferlab.study.cli import COMMANDS as study
+    from transferlab.studies.cli import COMMANDS as study
 
     return study["study"](args)
 
 
 def cmd_rank(args) -> int:
-    from transferlab.study.cli import COMMANDS as study
+    from transferlab.studies.cli import COMMANDS as study
 
     return study["rank"](args)
 
@@ -86,7 +86,7 @@ COMMANDS: dict = {
 def add_subcommands(sub) -> None:
     """Register study, rank, predict, export, explain, report and runs."""
     from transferlab import explain, export, predict
-    from transferlab.study.cli import add_parsers as add_study_parsers
+    from transferlab.studies.cli import add_parsers as add_study_parsers
 
     add_study_parsers(sub)
     predict.add_parser(sub)

@@ -53,8 +53,8 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
-from transferlab.train.checkpoint import atomic_write
-from transferlab.train.precision import autocast, cpu_has_fast_bf16, resolve_precision
+from transferlab.training.checkpoint import atomic_write
+from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
 

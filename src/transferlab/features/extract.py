@@ -32,7 +32,7 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.features.engines import GPU_BATCH as DEFAULT_GPU_BATCH
 from transferlab.features.engines import Engine, EngineChoice, TorchEngine, reuse_freed_memory
 from transferlab.progress import progress as show_progress
-from transferlab.train.precision import autocast, cpu_has_fast_bf16, resolve_precision
+from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transferlab.distributed import unwrap
 from transferlab.errors import UserError
 from transferlab.metrics import append_metrics, epoch_row
-from transferlab.train.fit import FitState, Job, link_best, save_checkpoint
-from transferlab.train.loop import OptimParts
+from transferlab.training.fit import FitState, Job, link_best, save_checkpoint
+from transferlab.training.loop import OptimParts
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 ``classes`` (str). For folder data the test files are listed in ``data_manifest.json``; for
 CIFAR the index is the position in the official ``test`` file.
 
-Written by ``transferlab.train.predictions`` at the end of a run.
+Written by ``transferlab.training.predictions`` at the end of a run.
 
 Usage:
     p = load_predictions(run_dir / "test_predictions.npz")

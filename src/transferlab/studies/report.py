@@ -60,7 +60,7 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def read_rows(study_dir: Path) -> list[dict]:
     """Rows of study.csv, rebuilt from the run dirs first when the study's cells are known."""
-    from transferlab.study.runner import CSV_FILE, cell_row, study_cells, write_study_csv
+    from transferlab.studies.runner import CSV_FILE, cell_row, study_cells, write_study_csv
 
     _, cells, costs = study_cells(study_dir)
     if cells:
@@ -436,7 +436,7 @@ def _protocol(study_dir: Path) -> list[str]:
 def write_study_report(study_dir: str | Path) -> Path:
     """Write report.md and report.html (images inlined) for the study in ``study_dir``."""
     from transferlab.errors import UserError
-    from transferlab.study.runner import is_study_dir
+    from transferlab.studies.runner import is_study_dir
 
     study_dir = Path(study_dir)
     if not is_study_dir(study_dir):

@@ -1,7 +1,7 @@
 """``fit``: epochs, validation, early stopping, metrics rows, checkpoints, resume.
 
 What a run needs travels in a :class:`Job` (config, plan, model, pipeline, step context);
-the optimiser of the current phase in :class:`~transferlab.train.loop.OptimParts`; everything
+the optimiser of the current phase in :class:`~transferlab.training.loop.OptimParts`; everything
 that changes as it trains lives in :class:`FitState`, which is saved in every checkpoint, so a
 resumed run continues exactly where the last checkpoint left off.
 
@@ -29,8 +29,8 @@ from transferlab.metrics import append_metrics, epoch_row, log_epoch_scalars, tr
 from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
-from transferlab.train.checkpoint import rng_state, set_rng_state
-from transferlab.train.loop import (
+from transferlab.training.checkpoint import rng_state, set_rng_state
+from transferlab.training.loop import (
     EpochStats,
     OptimParts,
     StepContext,
@@ -38,8 +38,8 @@ from transferlab.train.loop import (
     evaluate,
     train_one_epoch,
 )
-from transferlab.train.optim import build_optimizer, build_scheduler
-from transferlab.train.precision import make_scaler
+from transferlab.training.optim import build_optimizer, build_scheduler
+from transferlab.training.precision import make_scaler
 
 log = logging.getLogger(__name__)
 

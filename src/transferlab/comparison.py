@@ -104,7 +104,7 @@ def continue_from(first_dir: Path, chase: Config) -> None:
     """Make the chase dir a resumable copy of experiment 1 under the chase's config."""
     from transferlab.io import atomic_save, atomic_write_text
     from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
-    from transferlab.train.checkpoint import RESUME_KEYS, load_checkpoint
+    from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 
     dst = Path(chase.run.run_dir)
     dst.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def probe_accuracy(
 
 
 def _timed_speed(model, plan, batch: int = 16) -> float:
-    from transferlab.study.costs import inference_img_s
+    from transferlab.studies.costs import inference_img_s
 
     return inference_img_s(model.backbone, plan.image_size, batch, precision=plan.extract.precision)
 
@@ -211,7 +211,7 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
 def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
     """Score and cost one candidate (see the module docstring)."""
     from transferlab.features.logme import logme
-    from transferlab.study.costs import forward_macs
+    from transferlab.studies.costs import forward_macs
 
     t0 = time.perf_counter()
     st = candidate_setup(cand, ds, overrides, env)
@@ -253,7 +253,7 @@ def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, en
 def mark_pareto(rows: list[RankRow]) -> list[RankRow]:
     """Rows sorted by LogME (best first), the Pareto front over (est. extraction time, LogME) "
     "marked."""
-    from transferlab.study.report import pareto
+    from transferlab.studies.report import pareto
 
     front = set(pareto([(r.est_full_extract_s, r.logme) for r in rows]))
     marked = [dataclasses.replace(r, pareto=i in front) for i, r in enumerate(rows)]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.distributed import gather_in_sample_order
-from transferlab.train.loop import StepContext, predict_logits
+from transferlab.training.loop import StepContext, predict_logits
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.errors import UserError
-from transferlab.study.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE
+from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def train_argv(cell, grid) -> list[str]:
     """The ``transferlab train`` arguments that reproduce ``cell``'s config."""
     from transferlab.cli import FLAGS
     from transferlab.config import config_from_dict, config_to_dict, load_yaml
-    from transferlab.study.grid import resolve_preset
+    from transferlab.studies.grid import resolve_preset
 
     del grid  # the study's own flags differ from the preset's values, so they are emitted below
     base = config_to_dict(
@@ -187,8 +187,8 @@ def train_argv(cell, grid) -> list[str]:
 def cmd_study(args) -> int:
     """Run (or --plan) a study; exit 1 listing failed cells, 2 on bad input."""
     from transferlab.cli import _StopFlag
-    from transferlab.study.grid import make_grid, plan_cells
-    from transferlab.study.runner import load_study_data, run_study
+    from transferlab.studies.grid import make_grid, plan_cells
+    from transferlab.studies.runner import load_study_data, run_study
 
     grid = make_grid(
         args.arms.split(","),
@@ -243,7 +243,7 @@ def cmd_study(args) -> int:
 
 def cmd_rank(args) -> int:
     """Rank candidate backbones on a subsample: a table (or JSON) sorted by LogME."""
-    from transferlab.study.rank import format_rank_table, parse_candidates, rank_candidates
+    from transferlab.studies.rank import format_rank_table, parse_candidates, rank_candidates
 
     candidates = parse_candidates(args.candidates)
     rows = rank_candidates(

@@ -25,7 +25,7 @@ from torch import nn
 from transferlab.distributed import DistEnv, all_reduce_sum
 from transferlab.errors import TrainingStopped
 from transferlab.progress import progress
-from transferlab.train.precision import autocast
+from transferlab.training.precision import autocast
 
 log = logging.getLogger(__name__)
 

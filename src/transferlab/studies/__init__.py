@@ -2,13 +2,13 @@
 before training (``transferlab rank``).
 
 Usage:
-    from transferlab.study import is_study_dir, run_study, write_study_report
-    from transferlab.study.grid import make_grid
+    from transferlab.studies import is_study_dir, run_study, write_study_report
+    from transferlab.studies.grid import make_grid
 
     result = run_study(make_grid(["cnn:scratch"], "4,all", seeds=2), "/tmp/study")
 """
 
-from transferlab.study.report import write_study_report
-from transferlab.study.runner import is_study_dir, run_study
+from transferlab.studies.report import write_study_report
+from transferlab.studies.runner import is_study_dir, run_study
 
 __all__ = ["is_study_dir", "run_study", "write_study_report"]

@@ -36,7 +36,7 @@ import yaml
 from transferlab.config import SECTIONS, Config, config_to_dict
 from transferlab.data.subsets import subset_split
 from transferlab.errors import TrainingStopped, UserError
-from transferlab.study.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
+from transferlab.studies.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def load_study_data(grid: Grid):
     """(dataset, class counts): the data every cell shares, loaded once."""
     from transferlab.data.load import load_data
     from transferlab.data.subsets import class_counts
-    from transferlab.study.grid import _arm_base
+    from transferlab.studies.grid import _arm_base
 
     cfgs = []
     for arm in grid.arms:
@@ -279,8 +279,8 @@ def _write_failed(cell: Cell, message: str) -> None:
 def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
     from transferlab.models.registry import build_model
-    from transferlab.study.costs import model_cost
-    from transferlab.train.precision import resolve_precision
+    from transferlab.studies.costs import model_cost
+    from transferlab.training.precision import resolve_precision
 
     path = study_dir / COSTS_FILE
     costs = json.loads(path.read_text()) if path.is_file() else {}
@@ -383,7 +383,7 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
 
 def write_study_csv(study_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """study.csv with one row per cell (written whole, atomically)."""
-    from transferlab.train.checkpoint import atomic_write
+    from transferlab.training.checkpoint import atomic_write
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -435,7 +435,7 @@ def run_study(
         rows = [cell_row(c, costs) for c in cells]
         write_study_csv(study_dir, rows)
     if write_report:
-        from transferlab.study.report import write_study_report
+        from transferlab.studies.report import write_study_report
 
         write_study_report(study_dir)
     return StudyResult(rows, ran, skipped, failed, time.perf_counter() - t0)
@@ -443,7 +443,7 @@ def run_study(
 
 def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
     """The grid, cells and costs of an existing study (no data load: sizes from the run dirs)."""
-    from transferlab.study.grid import make_grid
+    from transferlab.studies.grid import make_grid
 
     saved = json.loads((study_dir / STUDY_FILE).read_text())["grid"]
     grid = make_grid(
