@@ -39,8 +39,10 @@ def test_notebook_runs_on_tiny_data(tmp_path, monkeypatch):
               "resources={'metadata': {'path': sys.argv[3]}}).execute(); "
               "nbformat.write(nb, sys.argv[2])")
     t0 = time.perf_counter()
+    # its own session too: jupyter_client signals the kernel's process group on shutdown, and
+    # that group must never be pytest's
     proc = subprocess.run([sys.executable, "-c", script, str(NOTEBOOK), str(out), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"notebook executed in {time.perf_counter() - t0:.1f} s")
     nb = nbformat.read(out, as_version=4)
