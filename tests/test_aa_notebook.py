@@ -1,4 +1,7 @@
-"""examples/seed_study.ipynb runs top to bottom (nbclient) on a tiny CIFAR-format dataset."""
+"""examples/seed_study.ipynb runs top to bottom (nbclient) on a tiny CIFAR-format dataset.
+
+Named to run first: it waits ~30 s on a child process, and does it before other tests leave
+threads behind in the pytest process (two CI runs crashed in this wait when it ran mid-suite)."""
 
 from __future__ import annotations
 
