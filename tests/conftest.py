@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 from PIL import Image
 
 from transferlab.data.cifar import write_cifar_like
+
+# MLflow 3 starts a telemetry thread that phones home; offline it only retries, and in CI runs the
+# pytest process died (SIGSEGV) about a minute after the MLflow tests. No telemetry in tests.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 

@@ -49,7 +49,10 @@ MODEL_FILES = ("model.onnx", "model.torchscript.pt")  # export.FORMATS' default 
 RETRY_WAIT_S = 2.0
 # Without these, MLflow's HTTP client retries 7 times with exponential backoff (minutes) before
 # giving up on a server that is down; we retry once ourselves instead. A user's own settings win.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# while logging (unless the user set them): no HTTP retry storm, and no MLflow usage telemetry
+# (a background thread that phones home; this tool works offline)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 @dataclass(frozen=True)
