@@ -64,6 +64,10 @@ def _cfg(tmp: Path, name: str, *extra: str):
         str(tmp / name),
         "--cache-dir",
         str(tmp / f"cache-{name}"),
+        # one engine for every run: each cache dir's own timed probe could pick another one
+        # (and so another cache key and slightly other features) than the reference's
+        "--engine",
+        "torch",
         *extra,
     ]
     return config_from_args(build_parser().parse_args(args))
