@@ -16,6 +16,9 @@ from transferlab.data.cifar import write_cifar_like
 # pytest process died (SIGSEGV) about a minute after the MLflow tests. No telemetry in tests.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# The extraction's glibc tuning (features/engines.reuse_freed_memory) is process-wide; in one
+# long pytest process that builds many engines the run died (SIGSEGV) later in unrelated tests.
+os.environ.setdefault("TRANSFERLAB_MALLOPT", "0")
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
