@@ -38,8 +38,8 @@ import ctypes.util
 import importlib
 import importlib.util
 import json
-import os
 import logging
+import os
 import re
 import sys
 import time
