@@ -116,6 +116,20 @@ class StopAfter:
         return len(list(self.study.glob("*/*/summary.json"))) >= self.n
 
 
+def test_a_stop_between_cells_starts_no_new_cell(data4, tmp_path):
+    """A signal that lands while a cell tests (after its training) stops the study there."""
+    from transferlab.errors import TrainingStopped
+
+    study = tmp_path / "study"
+    grid = make_grid(
+        ["cnn:scratch"], "2,all", seeds=1, overrides=_overrides(data4, tmp_path / "c"), min_steps=4
+    )
+    with pytest.raises(TrainingStopped, match="stopped before"):
+        run_study(grid, study, stop_requested=StopAfter(study, 1))
+    cell_dirs = [p for p in study.glob("*/*") if p.is_dir()]
+    assert len(cell_dirs) == 1 and (cell_dirs[0] / "summary.json").is_file()
+
+
 def test_killed_study_resumes_without_rerunning_finished_cells(data4, tmp_path):
     study = tmp_path / "study"
     grid = make_grid(

@@ -243,6 +243,12 @@ def run_cells(
         if cell_state(cell) == "done":
             skipped.append(cell.name)
             continue
+        if stop_requested():  # a signal during the last cell's test: start no new cell
+            raise TrainingStopped(
+                f"stopped before {cell.name}; rerun the same study command to go on "
+                "(finished cells are kept)",
+                exit_code=getattr(stop_requested, "exit_code", 130),
+            )
         log.info("cell %d/%d: %s", i + 1, len(cells), cell.name)
         t0 = time.perf_counter()
         try:
