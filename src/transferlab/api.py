@@ -269,23 +269,13 @@ def plot_metrics(df, title: str = ""):
     """Loss and accuracy panels from a metrics DataFrame (no pyplot state: a plain Figure)."""
     import matplotlib.pyplot as plt
 
+    from transferlab.report.plots import CURVES_FIGSIZE, draw_curves
+
     # made through pyplot (which sets up a notebook's inline display of figures), then released
     # from it: the returned figure is shown once, as the cell's value, and pyplot keeps no state
-    fig = plt.figure(figsize=(10, 3.8))
+    fig = plt.figure(figsize=CURVES_FIGSIZE)
     plt.close(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
-        ax.plot(df["epoch"], df[f"train_{metric}"], "o-", label="train")
-        ax.plot(df["epoch"], df[f"val_{metric}"], "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax_loss.set_title("Loss")
-    ax_acc.set_title("Accuracy")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    draw_curves(fig, df["epoch"], df, title)
     return fig
 
 

@@ -27,21 +27,19 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
                         "epoch of numbers: restore it or rerun the training") from None
 
 
-def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:
-    """Loss panel and accuracy panel, train and val, per epoch (as in the seed's plots)."""
-    rows = read_metrics(metrics_csv)
-    if not rows:
-        return None
-    # a bare Figure draws off-screen without pyplot's global state, so a notebook's own
-    # backend (inline plots) is left as it was
-    from matplotlib.figure import Figure
+CURVES_FIGSIZE = (10, 4)
 
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4))
+
+def draw_curves(fig, epochs, series, title: str = "") -> None:
+    """Loss and accuracy panels, train and validation per epoch, drawn onto ``fig``.
+
+    ``series`` maps ``train_loss``, ``val_loss``, ``train_acc`` and ``val_acc`` to one value per
+    epoch (a dict of lists, or a metrics DataFrame).
+    """
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "s-", label="validation")
+        ax.plot(epochs, series[f"train_{metric}"], "o-", label="train")
+        ax.plot(epochs, series[f"val_{metric}"], "s-", label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss" if metric == "loss" else "accuracy")
         ax.grid(alpha=0.3)
@@ -51,5 +49,19 @@ def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+
+
+def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:
+    """Loss panel and accuracy panel, train and val, per epoch (as in the seed's plots)."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return None
+    # a bare Figure draws off-screen without pyplot's global state, so a notebook's own
+    # backend (inline plots) is left as it was
+    from matplotlib.figure import Figure
+
+    keys = ("train_loss", "val_loss", "train_acc", "val_acc")
+    fig = Figure(figsize=CURVES_FIGSIZE)
+    draw_curves(fig, [r["epoch"] for r in rows], {k: [r[k] for r in rows] for k in keys}, title)
     fig.savefig(out_png, dpi=100)
     return out_png
