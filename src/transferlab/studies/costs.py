@@ -2,11 +2,12 @@
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (no extra dependency): it counts
 the FLOPs of matmuls and convolutions of one forward pass, and one multiply-accumulate is two
-FLOPs. Inference speed is timed on this machine after one warm-up batch, in the precision the
-study's runs use for extraction (bf16 autocast on CPUs that have it).
+FLOPs. Inference speed is timed on this machine after one warm-up batch, in the precision and
+memory layout the runs use (bf16 autocast on CPUs that have it; channels_last where the plan picks
+it: the default layout costs about 2x on this CPU's oneDNN convolutions).
 
 Usage:
-    cost = model_cost(model, image_size=224, batch=8)
+    cost = model_cost(model, image_size=224, batch=16, channels_last=True)
     cost.macs, cost.params_total, cost.img_s
 """
 
@@ -52,14 +53,25 @@ def forward_macs(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def inference_img_s(
-    model: nn.Module, image_size: int, batch: int = 8, rounds: int = 2, precision: str = "fp32"
+def inference_img_s(  # noqa: PLR0913
+    model: nn.Module,
+    image_size: int,
+    batch: int = 16,
+    rounds: int = 3,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> float:
-    """Images per second of ``model`` on a random batch (best of ``rounds`` after a warm-up)."""
+    """Images per second of ``model`` on a random batch (best of ``rounds`` after a warm-up).
+
+    ``channels_last`` converts the model (in place, as the runs do) and the batch.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     x = torch.randn(batch, 3, image_size, image_size, device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     dtype = torch.bfloat16 if precision == "bf16" else None
     best = float("inf")
     try:
@@ -75,7 +87,11 @@ def inference_img_s(
 
 
 def model_cost(
-    model: nn.Module, image_size: int, batch: int = 8, precision: str = "fp32"
+    model: nn.Module,
+    image_size: int,
+    batch: int = 16,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> ModelCost:
     """MACs, parameters and inference speed of ``model`` at ``image_size``."""
     total = sum(p.numel() for p in model.parameters())
@@ -84,7 +100,12 @@ def model_cost(
         macs=forward_macs(model, image_size),
         params_total=total,
         params_trainable=trainable,
-        img_s=round(inference_img_s(model, image_size, batch, precision=precision), 1),
+        img_s=round(
+            inference_img_s(
+                model, image_size, batch, precision=precision, channels_last=channels_last
+            ),
+            1,
+        ),
         image_size=image_size,
         batch=batch,
     )

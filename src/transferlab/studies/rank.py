@@ -143,7 +143,13 @@ def probe_accuracy(
 def _timed_speed(model, plan, batch: int = 16) -> float:
     from transferlab.studies.costs import inference_img_s
 
-    return inference_img_s(model.backbone, plan.image_size, batch, precision=plan.extract.precision)
+    return inference_img_s(
+        model.backbone,
+        plan.image_size,
+        batch,
+        precision=plan.extract.precision,
+        channels_last=plan.channels_last,
+    )
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,7 @@ def _write_failed(cell: Cell, message: str) -> None:
 def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
     from transferlab.models.registry import build_model
+    from transferlab.plan import use_channels_last
     from transferlab.studies.costs import model_cost
     from transferlab.training.precision import resolve_precision
 
@@ -299,8 +300,12 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
                 dataclasses.replace(cfg.model, weights="none"), num_classes=n_classes
             )
             size = cfg.data.image_size or model.preprocess.input_size
-            precision = resolve_precision(cfg.run.precision, next(model.parameters()).device)
-            costs[cell.arm.spec] = model_cost(model, size, precision=precision).to_dict()
+            device = next(model.parameters()).device
+            precision = resolve_precision(cfg.run.precision, device)
+            layout = use_channels_last(cfg.run.channels_last, size, device)
+            costs[cell.arm.spec] = model_cost(
+                model, size, precision=precision, channels_last=layout
+            ).to_dict()
         except Exception as e:  # noqa: BLE001 - a bad arm fails in its cells, with its own message
             log.warning(
                 "could not measure the cost of %s (%s: %s)", cell.arm.spec, type(e).__name__, e
