@@ -282,6 +282,12 @@ def _write_failed(cell: Cell, message: str) -> None:
         log.warning("could not record the failure of %s (%s)", cell.name, e)
 
 
+# inference img/s is timed at the batch each device runs best: 16 is what the CPU engine probe
+# picks for lite0 (larger batches were no faster on 2 cores); an H200 timed at 16 reported lite0 at
+# 517 img/s, a launch-bound figure far below its ~22,000 img/s extraction at batch 256
+COST_BATCH_CPU, COST_BATCH_GPU = 16, 256
+
+
 def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
     from transferlab.models.registry import build_model
@@ -303,8 +309,9 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
             device = next(model.parameters()).device
             precision = resolve_precision(cfg.run.precision, device)
             layout = use_channels_last(cfg.run.channels_last, size, device)
+            batch = COST_BATCH_CPU if device.type == "cpu" else COST_BATCH_GPU
             costs[cell.arm.spec] = model_cost(
-                model, size, precision=precision, channels_last=layout
+                model, size, batch, precision=precision, channels_last=layout
             ).to_dict()
         except Exception as e:  # noqa: BLE001 - a bad arm fails in its cells, with its own message
             log.warning(
