@@ -431,9 +431,11 @@ def test_rank_picks_the_subsample_from_a_cached_training_split(data4, tmp_path):
     ds = load_data(candidate_config(cands[0], ov))
     env = init_distributed("cpu")
     st = candidate_setup(cands[0], ds, ov, env)
-    split_of(st, ds, "train", env)  # as a study would
+    _, _, extracted = split_of(st, ds, "train", env)  # as a study would
     n_entries = len(fcache.list_entries(tmp_path / "cache"))
     warm = rank(cands, ov, per_class=3)[0]
     assert len(fcache.list_entries(tmp_path / "cache")) == n_entries  # nothing new extracted
-    assert warm.speed_source == "timed batch"
+    # the speed is the one recorded when the study extracted the split, not a torch batch's
+    assert warm.speed_source == "cached extraction"
+    assert warm.extract_img_s == pytest.approx(extracted.img_s)
     assert warm.logme == pytest.approx(cold.logme, abs=1e-3)  # the same images' features

@@ -203,6 +203,8 @@ def split_features(
             "image_size": plan.image_size,
             "precision": plan.extract.precision,
             "n": len(split),
+            "engine": plan.extract.engine,
+            "img_s": round(speed, 1),  # this machine's extraction speed, for rank's estimates
         }
         try:
             fcache.save_entry(root, key, {"features": feats, "labels": labels}, meta)

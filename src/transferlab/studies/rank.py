@@ -61,7 +61,7 @@ class RankRow:
     extract_img_s: (
         float  # measured here (extraction of the subsample, or a timed batch on a cache hit)
     )
-    speed_source: str  # "extraction" or "timed batch"
+    speed_source: str  # "extraction", "cached extraction" (recorded in the entry) or "timed batch"
     macs: int  # forward MACs per image of the backbone
     params: int  # backbone parameters
     est_full_extract_s: float  # (train + val + test images) / extract_img_s
@@ -179,18 +179,14 @@ def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
 def split_of(st: Setup, ds, name: str, env):
     """(features, labels, SplitFeatures) of split ``name`` of ``ds``, exactly as a run gets them
     (features.pipeline.split_features: the cache, the plan's engine and precision)."""
-    import inspect
-
     from transferlab.features import pipeline as fp
 
-    if "engines" in inspect.signature(fp.split_features).parameters:  # the engines redesign
-        engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash)
-        return fp.split_features(st.cfg, st.plan, ds, name, env, engines, lambda: False)
-    return fp.split_features(st.cfg, st.plan, st.model, ds, name, env, st.whash)
+    engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash)
+    return fp.split_features(st.cfg, st.plan, ds, name, env, engines, lambda: False)
 
 
 def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
-    """(features, labels, img/s or None) of the stratified subsample, through the cache.
+    """(features, labels, (img/s, its source) or None) of the stratified subsample, via the cache.
 
     When the whole training split is cached (a study or a run extracted it), its rows are picked
     (the same images ``subset_split`` draws); else the subsample is extracted and cached under its
@@ -206,12 +202,13 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     if hit is not None and hit[0]["features"].dim() == 2:
         log.info("%s: subsample picked from the cached training split", st.cfg.model.name)
         x, y = select_per_class(hit[0]["features"], hit[0]["labels"], per_class, seed)
-        return x, y, None
+        recorded = float(hit[1].get("img_s") or 0)  # the speed it was extracted at, if recorded
+        return x, y, (recorded, "cached extraction") if recorded > 0 else None
     sub = copy.copy(ds)
     name = f"train-pc{per_class}-s{seed}"
     setattr(sub, name, subset_split(ds.train, per_class, seed))
     x, y, meta = split_of(st, sub, name, env)
-    return x, y, meta.img_s
+    return x, y, (meta.img_s, "extraction") if meta.img_s else None
 
 
 def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
@@ -222,9 +219,9 @@ def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, en
     t0 = time.perf_counter()
     st = candidate_setup(cand, ds, overrides, env)
     model, plan = st.model, st.plan
-    x, y, img_s = subsample_features(st, ds, per_class, seed, env)
+    x, y, measured = subsample_features(st, ds, per_class, seed, env)
     xv, yv, _ = split_of(st, ds, "val", env)
-    speed, source = (img_s, "extraction") if img_s else (_timed_speed(model, plan), "timed batch")
+    speed, source = measured or (_timed_speed(model, plan), "timed batch")
     score = logme(x.float(), y)
     acc, l2 = probe_accuracy(x, y, xv, yv, len(ds.classes))
     n_all = len(ds.train) + len(ds.val) + len(ds.test)
