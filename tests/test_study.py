@@ -361,6 +361,23 @@ def test_gain_catch_up_and_verdict():
     assert "never within the grid" in catch_up(points(never), "lite:frozen", "cnn:scratch")
 
 
+def test_verdict_names_a_cheaper_pretrained_arm_that_is_about_as_accurate():
+    rows = []
+    for seed in range(2):
+        for size, scratch, big, small in (("4", 0.05, 0.40, 0.395), ("all", 0.5, 0.714, 0.71)):
+            rows += [
+                _row("cnn:scratch", "scratch", size, seed, scratch),
+                _row("big:frozen", "frozen", size, seed, big, extract=300 if seed == 0 else 1,
+                     cache="miss" if seed == 0 and size == "4" else "hit"),
+                _row("small:frozen", "frozen", size, seed, small, extract=100 if seed == 0 else 1,
+                     cache="miss" if seed == 0 and size == "4" else "hit"),
+            ]
+    text = verdict(rows, points(rows))
+    assert "small:frozen is within 0.4 points of big:frozen with all images per class" in text
+    far = [dict(r, test_acc=0.60) if r["arm"] == "small:frozen" else r for r in rows]
+    assert "is within" not in verdict(far, points(far))  # 11 points behind: not named
+
+
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.7), (0.5, 0.1), (3.0, 0.6)]
     assert sorted(pareto(pts)) == [0, 2, 3]

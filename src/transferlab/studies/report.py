@@ -307,7 +307,29 @@ def verdict(rows: list[dict], pts: list[Point]) -> str:
         end = f"{best_scr} does not catch up with {best_pre} within the grid{rest}"
     else:
         end = f"{best_scr} catches up with {best_pre} {caught}"
-    return f"{text[0].upper()}{text[1:]}. The scratch arm {end}."
+    cheaper = cheaper_alternative(pts, pre, sizes[-1])
+    return f"{text[0].upper()}{text[1:]}. The scratch arm {end}.{cheaper}"
+
+
+NEAR_POINTS = 1.0  # "about as accurate": a mean within this many points of the best arm's
+
+
+def cheaper_alternative(pts: list[Point], arms: list[str], size: str) -> str:
+    """A sentence naming the cheapest of ``arms`` within NEAR_POINTS of the best at ``size``
+    when it is not the best itself (else ""): the arm most users should pick."""
+    at = [p for p in pts if p.arm in arms and p.per_class == size]
+    if len(at) < 2:
+        return ""
+    best = max(at, key=lambda p: p.mean)
+    near = [p for p in at if 100 * (best.mean - p.mean) <= NEAR_POINTS]
+    cheap = min(near, key=lambda p: p.cost_s)
+    if cheap.arm == best.arm or cheap.cost_s >= best.cost_s:
+        return ""
+    return (
+        f" {cheap.arm} is within {100 * (best.mean - cheap.mean):.1f} points of {best.arm} "
+        f"with {_size_words(size)} ({100 * cheap.mean:.1f}%) and costs {_dur(cheap.cost_s)} "
+        f"here against {_dur(best.cost_s)}."
+    )
 
 
 def _size_words(s: str) -> str:
