@@ -178,6 +178,7 @@ def plot_efficiency(pts: list[Point], path: Path) -> None:
 
 def plot_cost(pts: list[Point], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
@@ -204,6 +205,7 @@ def plot_cost(pts: list[Point], path: Path) -> None:
     for ax, ps, cost, xlabel, title in panels:
         ps = [p for p in ps if cost(p) and math.isfinite(cost(p))]
         front = set(pareto([(cost(p), p.mean) for p in ps]))
+        seen: set[str] = set()
         for i, p in enumerate(ps):
             ax.scatter(
                 cost(p),
@@ -212,14 +214,17 @@ def plot_cost(pts: list[Point], path: Path) -> None:
                 s=60 if i in front else 25,
                 edgecolors="black" if i in front else "none",
                 zorder=3,
+                label=None if p.arm in seen else _short(p.arm),  # colours: one legend entry
             )
-            ax.annotate(
-                f"{_short(p.arm)} {p.per_class}",
-                (cost(p), 100 * p.mean),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            seen.add(p.arm)
+            if i in front:  # labels on the front only: the rest overlap where arms cluster
+                ax.annotate(
+                    f"{_short(p.arm)} {p.per_class}",
+                    (cost(p), 100 * p.mean),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         fx = sorted((cost(ps[i]), 100 * ps[i].mean) for i in front)
         if fx:
             ax.step(
@@ -230,8 +235,9 @@ def plot_cost(pts: list[Point], path: Path) -> None:
                 lw=1,
                 label="Pareto front",
             )
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlapped
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
