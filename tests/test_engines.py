@@ -256,3 +256,57 @@ def test_cli_export_openvino(tiny_cifar, tmp_path, capsys):
     assert meta["format"] == "openvino" and meta["check"]["ok"]
     assert meta["check"]["runtime"].startswith("openvino")
     assert (run / "model.bin").stat().st_size > 0
+
+
+# --- OpenVINO swaps the thread's alternate signal stack (transferlab/sigstack.py) --------------
+
+
+def test_openvino_engine_leaves_the_signal_stack_alone(tmp_path):
+    import gc
+
+    from transferlab.sigstack import current_signal_stack
+
+    before = current_signal_stack()
+    if before is None:
+        pytest.skip("sigaltstack is Linux-only")
+    # two engines freed first-in first-out, as the engine probe does: each compile pushed its own
+    # stack and each free popped back to what it saw, which left the second one's freed stack
+    first = _build("openvino", tiny_backbone(), tmp_path)
+    second = _build("openvino", tiny_backbone(1), tmp_path)
+    second(first(torch.rand(2, 3, SIZE, SIZE)).new_zeros(2, 3, SIZE, SIZE))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert current_signal_stack().key() == before.key()
+
+
+_SIGNAL_AFTER_ENGINE = """
+import gc, os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_engines import _build, tiny_backbone, SIZE
+first = _build("openvino", tiny_backbone(), sys.argv[2])
+second = _build("openvino", tiny_backbone(1), sys.argv[2])
+del first  # first in, first out: as the engine probe frees its candidates
+gc.collect()
+del second
+gc.collect()
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+os.kill(os.getpid(), signal.SIGTERM)  # the handler runs on the alternate signal stack
+print("survived", got == [signal.SIGTERM], flush=True)
+"""
+
+
+def test_a_signal_after_an_openvino_engine_is_freed_is_handled(tmp_path):
+    """Before the fix this child died with SIGSEGV (-11) and no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_ENGINE, str(Path(__file__).parent), str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "survived True" in out.stdout

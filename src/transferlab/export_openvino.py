@@ -69,9 +69,12 @@ def check_openvino_ir(wrapped: nn.Module, xml: Path, size: int,
     """(runtime, max abs logit difference) of the IR on disk vs PyTorch on random [0, 1] input."""
     import openvino as ov
 
+    from transferlab.sigstack import keep_signal_stack
+
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
+        compiled = core.compile_model(core.read_model(str(xml)), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32"})
     g = torch.Generator().manual_seed(seed)
     diff = 0.0
     for n in batch_sizes:

@@ -364,13 +364,16 @@ def _load_converted(choice: EngineChoice, blob: bytes) -> Engine:
         import numpy as np
         import openvino as ov
 
+        from transferlab.sigstack import keep_signal_stack
+
         xml, weights = _split_openvino(blob)
         core = ov.Core()
         weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
         model = core.read_model(model=xml.decode(), weights=weights_t)
-        compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
-            "PERFORMANCE_HINT": "THROUGHPUT"})
+        with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
+            compiled = core.compile_model(model, "CPU", {
+                "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
+                "PERFORMANCE_HINT": "THROUGHPUT"})
         return OpenVINOEngine(compiled, choice)
     import onnxruntime as ort
 
