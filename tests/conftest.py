@@ -12,12 +12,12 @@ from PIL import Image
 
 from transferlab.data.cifar import write_cifar_like
 
-# MLflow 3 starts a telemetry thread that phones home; offline it only retries, and in CI runs the
-# pytest process died (SIGSEGV) about a minute after the MLflow tests. No telemetry in tests.
+# MLflow 3 starts a telemetry thread that phones home; offline it only retries. No telemetry in
+# tests. (The SIGSEGV once blamed on it was OpenVINO's signal stack: transferlab/sigstack.py.)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-# The extraction's glibc tuning (features/engines.reuse_freed_memory) is process-wide; in one
-# long pytest process that builds many engines the run died (SIGSEGV) later in unrelated tests.
+# The extraction's glibc tuning (features/engines.reuse_freed_memory) is process-wide; tests keep
+# the process's default allocator. (It was suspected of the SIGSEGV too, wrongly: see above.)
 os.environ.setdefault("TRANSFERLAB_MALLOPT", "0")
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
