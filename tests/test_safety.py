@@ -687,3 +687,10 @@ def test_torch_save_short_write_is_a_disk_failure():
     err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 411904 vs 4118")
     code, line = describe_failure(err)
     assert code == 1 and "disk is most likely full" in line
+
+
+def test_make_output_dir_names_the_flag(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert rundir.make_output_dir(tmp_path / "a" / "b", "--out").is_dir()
+    with pytest.raises(UserError, match=r"cannot create .*; choose another --out$"):
+        rundir.make_output_dir(tmp_path / "file" / "sub", "--out")

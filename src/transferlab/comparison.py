@@ -139,15 +139,10 @@ def _prepare_root(base: Config, cc: CompareConfig) -> Path:
     if root.exists() and any(root.iterdir()) and not base.run.overwrite:
         raise UserError(f"compare dir {root} is not empty; pass --overwrite or another --run-dir")
     from transferlab.models.registry import resolve_name
+    from transferlab.rundir import make_output_dir
 
     resolve_name(cc.backbone)  # an unknown backbone fails now, not after the CNN has trained
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create {root} ({e.strerror or e}); choose another --run-dir"
-        ) from None
-    return root
+    return make_output_dir(root, "--run-dir")
 
 
 def run_compare(base: Config, cc: CompareConfig, stop_requested=lambda: False) -> dict:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.rundir import make_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,7 @@ def explain_images(
         Path(str(p)).stem if isinstance(p, (str, Path)) else f"image_{i}"
         for i, p in enumerate(images)
     ]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create {out_dir} ({e.strerror or e}); choose another --out"
-        ) from None
+    make_output_dir(out_dir, "--out")
     written, used = [], set()
     for image, name in zip(images, names, strict=True):
         try:

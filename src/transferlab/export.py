@@ -37,7 +37,7 @@ from torch import nn
 
 from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
 from transferlab.predict import RunModel, load_run_model
-from transferlab.rundir import check_output_path, expand_user, write_via_temp
+from transferlab.rundir import check_output_path, expand_user, make_output_dir, write_via_temp
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,7 @@ def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> 
     if fmt == "openvino":  # the IR's weights go beside its xml: ours when that xml is ours
         ours = _is_our_export(output)
         check_output_path(output.with_suffix(".bin"), Path(run_dir), force, is_ours=lambda p: ours)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create {output.parent} ({e.strerror or e}); choose another --output"
-        ) from None
+    make_output_dir(output.parent, "--output")
     return output, sidecar
 
 

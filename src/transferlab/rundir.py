@@ -154,6 +154,16 @@ class RunLock:
 # Creating, overwriting and rolling back a run dir
 
 
+def make_output_dir(path: Path, flag: str) -> Path:
+    """``mkdir -p path``, or a UserError naming ``flag`` (the option that chose the path)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = e.strerror or e
+        raise UserError(f"cannot create {path} ({why}); choose another {flag}") from None
+    return path
+
+
 def unique_run_dir(root: Path, stem: str, now: datetime | None = None) -> Path:
     """Create and return ``root/<stem>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken)."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")

@@ -53,7 +53,7 @@ def forward_macs(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def inference_img_s(  # noqa: PLR0913
+def inference_img_s(
     model: nn.Module,
     image_size: int,
     batch: int = 16,
