@@ -111,8 +111,10 @@ def cpu_peak() -> dict:
     """Peak MAC/s of this CPU from its clock and vector units (assumptions stated in 'basis')."""
     info = Path("/proc/cpuinfo").read_text()
     mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
-    model = next((line.split(":")[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), "?")
+    model = next(
+        (line.split(":")[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        "?",
+    )
     cores = os.cpu_count() or 1
     flags = next(line for line in info.splitlines() if line.startswith("flags"))
     amx = "amx_bf16" in flags
@@ -121,12 +123,17 @@ def cpu_peak() -> dict:
     # AMX (Intel only) would be 1024 bf16 MACs/cycle/core.
     fp32_per_cycle = 16 if "AMD" in model or "EPYC" in model else 32
     bf16_per_cycle = 1024 if amx else 2 * fp32_per_cycle
-    return {"model": model, "cores": cores, "ghz": mhz / 1000, "amx": amx,
-            "fp32_gmacs": cores * mhz / 1000 * fp32_per_cycle,
-            "bf16_gmacs": cores * mhz / 1000 * bf16_per_cycle,
-            "basis": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {fp32_per_cycle} "
-                     f"fp32 MACs/cycle (2 FMA x 256-bit) or {bf16_per_cycle} bf16 MACs/cycle "
-                     f"({'AMX' if amx else 'AVX512_BF16 VDPBF16PS, no AMX on this CPU'})"}
+    return {
+        "model": model,
+        "cores": cores,
+        "ghz": mhz / 1000,
+        "amx": amx,
+        "fp32_gmacs": cores * mhz / 1000 * fp32_per_cycle,
+        "bf16_gmacs": cores * mhz / 1000 * bf16_per_cycle,
+        "basis": f"{cores} cores x {mhz / 1000:.2f} GHz (/proc/cpuinfo) x {fp32_per_cycle} "
+        f"fp32 MACs/cycle (2 FMA x 256-bit) or {bf16_per_cycle} bf16 MACs/cycle "
+        f"({'AMX' if amx else 'AVX512_BF16 VDPBF16PS, no AMX on this CPU'})",
+    }
 
 
 def make_engine(v: Variant, model: nn.Module, root: Path, whash: str):
@@ -204,11 +211,19 @@ def table_for_model(name: str, args, root: Path, peak: dict, log) -> list[dict]:
         best = max(vals)
         gmacs = macs * best / 1e9
         key = "bf16_gmacs" if by_label[lab].precision == "bf16" else "fp32_gmacs"
-        rows.append({"model": name, "variant": lab, "batch": bs, "img_s_best": round(best, 1),
-                     "img_s_median": round(statistics.median(vals), 1),
-                     "max_abs_diff": diffs[lab], "ref_max_abs": ref.abs().max().item(),
-                     "gmacs_per_s": round(gmacs, 1),
-                     "pct_of_peak": round(100 * gmacs / peak[key], 1)})
+        rows.append(
+            {
+                "model": name,
+                "variant": lab,
+                "batch": bs,
+                "img_s_best": round(best, 1),
+                "img_s_median": round(statistics.median(vals), 1),
+                "max_abs_diff": diffs[lab],
+                "ref_max_abs": ref.abs().max().item(),
+                "gmacs_per_s": round(gmacs, 1),
+                "pct_of_peak": round(100 * gmacs / peak[key], 1),
+            }
+        )
     return rows
 
 
@@ -245,8 +260,9 @@ def fit_probe(f_tr, y_tr, l2: float = 1e-3) -> Callable[[torch.Tensor], torch.Te
     x = (f_tr - mu) / sd
     w = torch.zeros(100, x.shape[1], requires_grad=True)
     b = torch.zeros(100, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -283,9 +299,17 @@ def accuracy_rows(args, root: Path, log) -> list[dict]:
             continue  # compile and sync give the same numbers as their plain/async twins
         e = make_engine(replace(v, compile=False), model.backbone, root, whash)
         t = time.perf_counter()
-        out = [extract_with_engine(e, prepare, zip(x.split(200), y.split(200), strict=True), env,
-                                   len(y), progress=False)[0]
-               for x, y in ((x_tr, y_tr), (x_te, y_te))]
+        out = [
+            extract_with_engine(
+                e,
+                prepare,
+                zip(x.split(200), y.split(200), strict=True),
+                env,
+                len(y),
+                progress=False,
+            )[0]
+            for x, y in ((x_tr, y_tr), (x_te, y_te))
+        ]
         feats[v.label] = out
         torch.save(feats, saved)
         log(f"  features {v.label}: {time.perf_counter() - t:.1f}s")
@@ -296,11 +320,16 @@ def accuracy_rows(args, root: Path, log) -> list[dict]:
     rows = []
     for lab, (f_tr, f_te) in feats.items():
         acc = acc_ref if lab == "torch fp32" else pct(fit_probe(f_tr, y_tr)(f_te), y_te)
-        rows.append({"variant": lab, "probe_acc": round(acc, 2),
-                     "acc_diff": round(acc - acc_ref, 2),
-                     # predict's case: the head trained on torch fp32 features, run on these
-                     "top1_agree_torch_head": round(pct(ref_probe(f_te), ref_pred), 2),
-                     "max_abs_diff_real": (f_te - ref_te).abs().max().item()})
+        rows.append(
+            {
+                "variant": lab,
+                "probe_acc": round(acc, 2),
+                "acc_diff": round(acc - acc_ref, 2),
+                # predict's case: the head trained on torch fp32 features, run on these
+                "top1_agree_torch_head": round(pct(ref_probe(f_te), ref_pred), 2),
+                "max_abs_diff_real": (f_te - ref_te).abs().max().item(),
+            }
+        )
     log(f"  probe: {args.probe_train} train / {args.probe_test} test CIFAR-100 images, L2 1e-3")
     return rows
 
@@ -321,8 +350,9 @@ def pipeline_rows(args, root: Path, log) -> list[dict]:
     whash = fcache.weights_hash(model.backbone)
     env = DistEnv()
     cpu = torch.device("cpu")
-    auto = resolve_engine("auto", model.backbone, "timm:tf_efficientnet_lite0", SIZE, cpu, root,
-                          "auto", True)
+    auto = resolve_engine(
+        "auto", model.backbone, "timm:tf_efficientnet_lite0", SIZE, cpu, root, "auto", True
+    )
     log(f"  auto choice: {auto}")
     choices = {f"auto ({auto.name} {auto.precision} b{auto.batch_size})": auto}
     if not args.pipeline_skip_torch:
@@ -331,8 +361,10 @@ def pipeline_rows(args, root: Path, log) -> list[dict]:
         choices["openvino bf16 b16"] = EngineChoice("openvino", "bf16", 16)
         choices["openvino bf16 b32"] = EngineChoice("openvino", "bf16", 32)
         choices["openvino bf16 b32, prepare 2 threads"] = EngineChoice("openvino", "bf16", 32)
-    engines = {k: build_engine(c, model.backbone, SIZE, cpu, root, whash,
-                               channels_last=c.name == "torch") for k, c in choices.items()}
+    engines = {
+        k: build_engine(c, model.backbone, SIZE, cpu, root, whash, channels_last=c.name == "torch")
+        for k, c in choices.items()
+    }
     for k, e in engines.items():
         if "prepare 2 threads" in k:  # the A/B of OpenVINOEngine.prepare_threads (default 1)
             e.prepare_threads = 2
@@ -340,8 +372,9 @@ def pipeline_rows(args, root: Path, log) -> list[dict]:
     for lab, e in engines.items():
         b = e.choice.batch_size
         xs = x_tr[: (args.pipeline_n // 4 // b) * b]
-        ready[lab] = [to_float_normalized(p, pp.mean, pp.std, SIZE, pp.interpolation)
-                      for p in xs.split(b)]
+        ready[lab] = [
+            to_float_normalized(p, pp.mean, pp.std, SIZE, pp.interpolation) for p in xs.split(b)
+        ]
     prepare = lambda x: to_float_normalized(x, pp.mean, pp.std, SIZE, pp.interpolation)  # noqa: E731
     speeds: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
@@ -352,17 +385,25 @@ def pipeline_rows(args, root: Path, log) -> list[dict]:
             loader = TensorLoader(x_tr, y_tr, 200, False, device=cpu)
             _, img_s = extract_with_engine(e, prepare, loader, env, len(y_tr), progress=False)
             speeds.setdefault((lab, "extract"), []).append(img_s)
-        log(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(
-            f"{k[0]} {k[1]} {v[-1]:.0f}" for k, v in speeds.items()))
+        log(
+            f"  round {rnd + 1}/{args.rounds}: "
+            + ", ".join(f"{k[0]} {k[1]} {v[-1]:.0f}" for k, v in speeds.items())
+        )
     rows = []
     for lab in engines:
         bare, ext = speeds[(lab, "bare")], speeds[(lab, "extract")]
-        rows.append({"engine": lab, "bare_best": round(max(bare), 1),
-                     "extract_best": round(max(ext), 1),
-                     "bare_median": round(statistics.median(bare), 1),
-                     "extract_median": round(statistics.median(ext), 1),
-                     "ratio_median_of_rounds": round(statistics.median(
-                         [a / b for a, b in zip(ext, bare, strict=True)]), 3)})
+        rows.append(
+            {
+                "engine": lab,
+                "bare_best": round(max(bare), 1),
+                "extract_best": round(max(ext), 1),
+                "bare_median": round(statistics.median(bare), 1),
+                "extract_median": round(statistics.median(ext), 1),
+                "ratio_median_of_rounds": round(
+                    statistics.median([a / b for a, b in zip(ext, bare, strict=True)]), 3
+                ),
+            }
+        )
     best_bare = max(max(speeds[(lab, "bare")]) for lab in engines)
     for r in rows:
         r["extract_vs_best_bare"] = round(r["extract_best"] / best_bare, 3)
@@ -384,18 +425,25 @@ def churn_child(fix: bool) -> dict:
         for _ in range(3):
             model(x)
         dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    return {"reuse_freed_memory": fix, "img_s": round(600 / dt, 1),
-            "user_s": round(r1.ru_utime - r0.ru_utime, 2),
-            "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
-            "minor_faults": r1.ru_minflt - r0.ru_minflt}
+    return {
+        "reuse_freed_memory": fix,
+        "img_s": round(600 / dt, 1),
+        "user_s": round(r1.ru_utime - r0.ru_utime, 2),
+        "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
+        "minor_faults": r1.ru_minflt - r0.ru_minflt,
+    }
 
 
 def churn_rows(rounds: int) -> list[dict]:
     rows = []
     for _ in range(rounds):
         for fix in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--churn-child", str(int(fix))],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--churn-child", str(int(fix))],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -436,9 +484,11 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     root = Path(args.cache_dir or tempfile.mkdtemp(prefix="engines-"))
     peak = cpu_peak()
-    log(f"CPU: {peak['model']}; load average {os.getloadavg()[0]:.2f} (shared machine)\n"
+    log(
+        f"CPU: {peak['model']}; load average {os.getloadavg()[0]:.2f} (shared machine)\n"
         f"peak: fp32 {peak['fp32_gmacs']:.0f} GMAC/s, bf16 {peak['bf16_gmacs']:.0f} GMAC/s "
-        f"({peak['basis']})")
+        f"({peak['basis']})"
+    )
     results = {"cpu": peak, "torch_threads": torch.get_num_threads()}
     if args.churn:
         results["churn"] = churn_rows(args.rounds)
@@ -470,8 +520,11 @@ def print_rows(rows: list[dict], log) -> None:
     log("| " + " | ".join(keys) + " |")
     log("|" + "---|" * len(keys))
     for r in rows:
-        log("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
-                              for k in keys) + " |")
+        log(
+            "| "
+            + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ def main() -> None:
 
         return fwd
 
-    paths = {f"engine ({plan['extract']['engine']} {prec})": rm.logits,
-             "torch fp32": torch_at("fp32"), f"torch {prec}": torch_at(prec)}
+    paths = {
+        f"engine ({plan['extract']['engine']} {prec})": rm.logits,
+        "torch fp32": torch_at("fp32"),
+        f"torch {prec}": torch_at(prec),
+    }
     preds = {}
     for name, fwd in paths.items():
         t0 = time.perf_counter()

@@ -29,16 +29,23 @@ def main() -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     t0 = time.perf_counter()
     try:
-        nbclient.NotebookClient(nb, timeout=3600, kernel_name="python3", record_timing=True,
-                                resources={"metadata": {"path": args.cwd}}).execute()
+        nbclient.NotebookClient(
+            nb,
+            timeout=3600,
+            kernel_name="python3",
+            record_timing=True,
+            resources={"metadata": {"path": args.cwd}},
+        ).execute()
     finally:
         nbformat.write(nb, args.out)
         print(f"total {time.perf_counter() - t0:.1f} s")
         for i, cell in enumerate(nb.cells):
             t = cell.metadata.get("execution", {})
             if "iopub.execute_input" in t and "shell.execute_reply" in t:
-                a, b = (datetime.fromisoformat(t[k].replace("Z", "+00:00"))
-                        for k in ("iopub.execute_input", "shell.execute_reply"))
+                a, b = (
+                    datetime.fromisoformat(t[k].replace("Z", "+00:00"))
+                    for k in ("iopub.execute_input", "shell.execute_reply")
+                )
                 first = cell.source.splitlines()[0][:60]
                 print(f"cell {i:2d}: {(b - a).total_seconds():8.1f} s  {first}")
 

@@ -28,24 +28,39 @@ def test_notebook_runs_on_tiny_data(tmp_path, monkeypatch):
     from transferlab.data.cifar import write_cifar_like
 
     data = write_cifar_like(tmp_path / "data", n_train=300, n_test=60)
-    env = {"SUBSET": "200", "DATA_DIR": str(data), "RUNS": str(tmp_path / "runs"), "EPOCHS": "2",
-           "BACKBONE": "resnet18", "WEIGHTS": "none", "IMAGE_SIZE": "32", "VAL_SIZE": "50",
-           "PROGRESS": "0"}
+    env = {
+        "SUBSET": "200",
+        "DATA_DIR": str(data),
+        "RUNS": str(tmp_path / "runs"),
+        "EPOCHS": "2",
+        "BACKBONE": "resnet18",
+        "WEIGHTS": "none",
+        "IMAGE_SIZE": "32",
+        "VAL_SIZE": "50",
+        "PROGRESS": "0",
+    }
     for key, value in env.items():
         monkeypatch.setenv(f"TRANSFERLAB_EXAMPLE_{key}", value)
     monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(tmp_path / "cache"))
     # nbclient runs in a child process: its zmq/asyncio loop and the kernel's sockets stay out of
     # the pytest process (which, after hundreds of torch tests, once crashed inside it in CI)
     out = tmp_path / "executed.ipynb"
-    script = ("import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], as_version=4); "
-              "nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', record_timing=True, "
-              "resources={'metadata': {'path': sys.argv[3]}}).execute(); "
-              "nbformat.write(nb, sys.argv[2])")
+    script = (
+        "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], as_version=4); "
+        "nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', record_timing=True, "
+        "resources={'metadata': {'path': sys.argv[3]}}).execute(); "
+        "nbformat.write(nb, sys.argv[2])"
+    )
     t0 = time.perf_counter()
     # its own session too: jupyter_client signals the kernel's process group on shutdown, and
     # that group must never be pytest's
-    proc = subprocess.run([sys.executable, "-c", script, str(NOTEBOOK), str(out), str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, start_new_session=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(NOTEBOOK), str(out), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"notebook executed in {time.perf_counter() - t0:.1f} s")
     nb = nbformat.read(out, as_version=4)

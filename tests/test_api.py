@@ -168,8 +168,16 @@ def test_train_writes_the_report(run):
 
 
 def test_resume_extends_the_budget(tiny_cifar, tmp_path):
-    first = api.train(model="cnn", epochs=1, data_dir=str(tiny_cifar), val_size=50, no_report=True,
-                      run_dir=str(tmp_path / "r"), progress=False, device="cpu")
+    first = api.train(
+        model="cnn",
+        epochs=1,
+        data_dir=str(tiny_cifar),
+        val_size=50,
+        no_report=True,
+        run_dir=str(tmp_path / "r"),
+        progress=False,
+        device="cpu",
+    )
     assert list(first.metrics["epoch"]) == [1]
     again = api.train(resume=first.dir, epochs=2, progress=False)
     assert again.dir == first.dir and list(again.metrics["epoch"]) == [1, 2]
@@ -222,7 +230,17 @@ def test_study_runs_cells_and_reads_the_csv(tiny_cifar, tmp_path):
     pytest.importorskip("transferlab.studies.runner")
     with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
         api.study("cnn:scratch", model="cnn", run_dir=tmp_path / "s0")
-    s = api.study("cnn:scratch", per_class="1", seeds=1, run_dir=tmp_path / "s", min_steps=1,
-                  data_dir=str(tiny_cifar), val_size=50, epochs=1, progress=False, device="cpu")
+    s = api.study(
+        "cnn:scratch",
+        per_class="1",
+        seeds=1,
+        run_dir=tmp_path / "s",
+        min_steps=1,
+        data_dir=str(tiny_cifar),
+        val_size=50,
+        epochs=1,
+        progress=False,
+        device="cpu",
+    )
     df = s.table()
     assert len(df) == 1 and not s.failed and "transferlab study" in s._repr_html_()

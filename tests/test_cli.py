@@ -181,13 +181,25 @@ def test_cnn_best_preset_parses_and_flags_win():
 
 def test_lite_finetune_preset_is_the_measured_recipe():
     args = build_parser().parse_args(
-        ["train", "--preset", "lite-finetune", "--model", "timm:tf_efficientnet_lite0",
-         "--mode", "finetune"]
+        [
+            "train",
+            "--preset",
+            "lite-finetune",
+            "--model",
+            "timm:tf_efficientnet_lite0",
+            "--mode",
+            "finetune",
+        ]
     )
     cfg = config_from_args(args)
     o = cfg.optim
     assert (o.optimizer, o.lr, o.weight_decay, o.schedule, o.warmup_epochs) == (
-        "adamw", 2e-3, 0.05, "cosine", 0.5)
+        "adamw",
+        2e-3,
+        0.05,
+        "cosine",
+        0.5,
+    )
     assert (o.label_smoothing, o.batch_size, o.epochs) == (0.1, 256, 10)
     assert (cfg.model.backbone_lr_div, cfg.data.crop_padding, cfg.data.flip) == (4, 4, True)
     assert (cfg.model.name, cfg.model.mode) == ("timm:tf_efficientnet_lite0", "finetune")

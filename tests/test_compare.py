@@ -279,12 +279,15 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     assert len(metrics_rows(tmp_path / "chase")) == 4
 
 
-@pytest.mark.parametrize("accs, patience, target, ok", [
-    ([0.1, 0.3], 5, 0.5, True),
-    ([0.1, 0.3], 5, 0.25, False),  # experiment 1's curve reached the target: the chase stopped
-    ([0.3, 0.2, 0.1], 2, 0.9, False),  # patience 2 ran out at epoch 3
-    ([0.3, 0.2, 0.4], 2, 0.9, True),
-])
+@pytest.mark.parametrize(
+    "accs, patience, target, ok",
+    [
+        ([0.1, 0.3], 5, 0.5, True),
+        ([0.1, 0.3], 5, 0.25, False),  # experiment 1's curve reached the target: the chase stopped
+        ([0.3, 0.2, 0.1], 2, 0.9, False),  # patience 2 ran out at epoch 3
+        ([0.3, 0.2, 0.4], 2, 0.9, True),
+    ],
+)
 def test_chase_replays_its_stopping_rules_on_experiment_one(tmp_path, accs, patience, target, ok):
     from transferlab.comparison import chase_can_continue
     from transferlab.config import Config, OptimConfig
@@ -294,7 +297,8 @@ def test_chase_replays_its_stopping_rules_on_experiment_one(tmp_path, accs, pati
     (first_dir / "last.pt").write_bytes(b"")
     rows = "".join(f"{i + 1},1,0,1,{a},0.001,1,1\n" for i, a in enumerate(accs))
     (first_dir / "metrics.csv").write_text(
-        "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_time_s,train_img_s\n" + rows)
+        "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_time_s,train_img_s\n" + rows
+    )
     first = Config(optim=OptimConfig(epochs=len(accs)))
     chase = Config(optim=OptimConfig(epochs=50, patience=patience, target_val_acc=target))
     assert chase_can_continue(first, chase, first_dir) is ok

@@ -24,9 +24,15 @@ SIZE = 16
 
 def tiny_backbone(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     with torch.no_grad():  # non-trivial BatchNorm statistics
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].running_var.uniform_(0.5, 2.0)
@@ -45,8 +51,9 @@ class Histogram(nn.Module):
 
 
 def _build(name: str, net: nn.Module, root, precision: str = "fp32", batch: int = 4):
-    return build_engine(EngineChoice(name, precision, batch), net, SIZE, CPU, root,
-                        fcache.weights_hash(net))
+    return build_engine(
+        EngineChoice(name, precision, batch), net, SIZE, CPU, root, fcache.weights_hash(net)
+    )
 
 
 @pytest.mark.parametrize("name", ["torch", "openvino", "onnxruntime"])
@@ -131,12 +138,14 @@ def test_missing_extra_is_one_line_user_error(tmp_path, monkeypatch, caplog):
 
 
 def test_cuda_device_means_torch(tmp_path):
-    choice = resolve_engine("auto", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path,
-                            "bf16", True)
+    choice = resolve_engine(
+        "auto", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path, "bf16", True
+    )
     assert choice == EngineChoice("torch", "bf16", engines.GPU_BATCH)
     with pytest.raises(UserError, match="CPU only"):
-        resolve_engine("openvino", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path,
-                       "bf16", True)
+        resolve_engine(
+            "openvino", tiny_backbone(), "tiny", SIZE, torch.device("cuda"), tmp_path, "bf16", True
+        )
 
 
 def test_corrupt_converted_model_is_rebuilt(tmp_path, caplog):
@@ -174,8 +183,15 @@ def test_failed_conversion_explicit_error_auto_fallback(tmp_path, caplog):
     with pytest.raises(UserError, match=r"aten::histc.*--engine torch"):
         _build("openvino", net, tmp_path)
     with caplog.at_level(logging.WARNING):
-        engine = build_engine(EngineChoice("openvino", "fp32", 4), net, SIZE, CPU, tmp_path,
-                              fcache.weights_hash(net), fallback=True)
+        engine = build_engine(
+            EngineChoice("openvino", "fp32", 4),
+            net,
+            SIZE,
+            CPU,
+            tmp_path,
+            fcache.weights_hash(net),
+            fallback=True,
+        )
     assert engine.choice == EngineChoice("torch", "fp32", 4)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "aten::histc" in warned[0]
@@ -207,14 +223,23 @@ def test_stop_requested_within_one_batch():
     engine = engines.TorchEngine(net, EngineChoice("torch", "fp32", 4), CPU)
     stop = StopAfter(3)
     with pytest.raises(TrainingStopped) as e:
-        extract_with_engine(engine, prepare, loader, DistEnv(), 40, progress=False,
-                            desc="extract train", stop_requested=stop)
+        extract_with_engine(
+            engine,
+            prepare,
+            loader,
+            DistEnv(),
+            40,
+            progress=False,
+            desc="extract train",
+            stop_requested=stop,
+        )
     assert prepared == [4, 4, 4]  # stopped before the 4th engine batch (of 10)
     assert e.value.exit_code == 143
     assert "nothing of this split was cached" in str(e.value) and "Rerun" in str(e.value)
     with pytest.raises(TrainingStopped) as e:
-        extract_with_engine(engine, prepare, loader, DistEnv(), 40, progress=False,
-                            stop_requested=lambda: True)
+        extract_with_engine(
+            engine, prepare, loader, DistEnv(), 40, progress=False, stop_requested=lambda: True
+        )
     assert e.value.exit_code == 130
 
 
@@ -235,8 +260,9 @@ def test_export_openvino_ir_with_metadata_and_check(tmp_path):
 def test_engine_backbone_forward_for_predict(tmp_path):
     pytest.importorskip("openvino")
     net = tiny_backbone()
-    fwd = engines.engine_backbone_forward(EngineChoice("openvino", "fp32", 4), net, SIZE, tmp_path,
-                                          fcache.weights_hash(net))
+    fwd = engines.engine_backbone_forward(
+        EngineChoice("openvino", "fp32", 4), net, SIZE, tmp_path, fcache.weights_hash(net)
+    )
     x = torch.randn(9, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(fwd(x), net(x), atol=1e-5, rtol=1e-4)
@@ -247,9 +273,29 @@ def test_cli_export_openvino(tiny_cifar, tmp_path, capsys):
     from transferlab.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--data-dir", str(tiny_cifar), "--run-dir", str(run), "--model", "cnn",
-                 "--epochs", "1", "--no-progress", "--device", "cpu", "--val-size", "50",
-                 "--batch-size", "50"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(tiny_cifar),
+                "--run-dir",
+                str(run),
+                "--model",
+                "cnn",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--val-size",
+                "50",
+                "--batch-size",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), "--format", "openvino"]) == 0
     assert "OK" in capsys.readouterr().out
     meta = json.loads((run / "model.xml.json").read_text())
@@ -306,7 +352,9 @@ def test_a_signal_after_an_openvino_engine_is_freed_is_handled(tmp_path):
 
     out = subprocess.run(
         [sys.executable, "-c", _SIGNAL_AFTER_ENGINE, str(Path(__file__).parent), str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "survived True" in out.stdout

@@ -470,8 +470,11 @@ def run_one(ws: Workspace, d, capsys, caplog, monkeypatch) -> dict:
 # narrowly, tolerated (with a warning) in the default run, and fails under FUZZ_STRICT=1.
 # Remove an entry once its fix lands: the fuzzer then guards it.
 def _bad_device(r: dict) -> bool:
-    markers = ("Invalid device string", "device type at start of device string",
-               "Device string must not be empty")
+    markers = (
+        "Invalid device string",
+        "device type at start of device string",
+        "Device string must not be empty",
+    )
     return r["argv"][:1] == ["predict"] and any(m in r["stderr"] for m in markers)
 
 

@@ -20,8 +20,16 @@ mlflow = pytest.importorskip("mlflow")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_cifar):
     out = tmp_path_factory.mktemp("mlflow") / "cnn"
-    run = api.train(model="cnn", epochs=3, data_dir=str(tiny_cifar), val_size=50, batch_size=50,
-                    run_dir=str(out), progress=False, device="cpu")
+    run = api.train(
+        model="cnn",
+        epochs=3,
+        data_dir=str(tiny_cifar),
+        val_size=50,
+        batch_size=50,
+        run_dir=str(out),
+        progress=False,
+        device="cpu",
+    )
     run.export("torchscript")
     return run.dir
 
@@ -50,11 +58,14 @@ def test_log_run_reads_back(run_dir, tmp_path, monkeypatch):
     want = {"config.yaml", "summary.json", "metrics.csv", "curves.png", "report.html", "model"}
     assert want <= names
     assert {a.path for a in client.list_artifacts(run_id, "model")} == {
-        "model/model.torchscript.pt", "model/model.torchscript.pt.json"}
+        "model/model.torchscript.pt",
+        "model/model.torchscript.pt.json",
+    }
 
 
 def test_unreachable_server_warns_after_one_retry_and_training_goes_on(
-        tiny_cifar, tmp_path, monkeypatch, caplog):
+    tiny_cifar, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(mlflow_log, "RETRY_WAIT_S", 0.0)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -63,9 +74,16 @@ def test_unreachable_server_warns_after_one_retry_and_training_goes_on(
     monkeypatch.setattr(mlflow_log, "_log_once", lambda *a: calls.append(1) or real(*a))
     t0 = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="transferlab.report.mlflow_log"):
-        run = api.train(model="cnn", epochs=1, data_dir=str(tiny_cifar), val_size=50,
-                        run_dir=str(tmp_path / "r"), progress=False, device="cpu",
-                        track="mlflow:http://127.0.0.1:9")
+        run = api.train(
+            model="cnn",
+            epochs=1,
+            data_dir=str(tiny_cifar),
+            val_size=50,
+            run_dir=str(tmp_path / "r"),
+            progress=False,
+            device="cpu",
+            track="mlflow:http://127.0.0.1:9",
+        )
     assert run.summary["epochs_run"] == 1 and (run.dir / "report.html").is_file()
     assert not (run.dir / "mlflow.json").exists()
     assert len(calls) == 2 and time.perf_counter() - t0 < 60

@@ -22,14 +22,30 @@ from transferlab.validate import check_before_data
 # --precision fp32 --val-size 50 --batch-size 50` on the tiny CIFAR fixture, 1 thread, recorded
 # with the code before the redesign (main at f0aa828): (train_loss, train_acc, val_loss, val_acc).
 BEFORE = {
-    "cnn": [("4.472315", "0.050000", "4.603030", "0.020000"),
-            ("3.230868", "0.295000", "4.594885", "0.000000")],
-    "frozen": [("4.626297", "0.010000", "4.688107", "0.000000"),
-               ("4.528189", "0.015000", "4.732483", "0.000000")],
+    "cnn": [
+        ("4.472315", "0.050000", "4.603030", "0.020000"),
+        ("3.230868", "0.295000", "4.594885", "0.000000"),
+    ],
+    "frozen": [
+        ("4.626297", "0.010000", "4.688107", "0.000000"),
+        ("4.528189", "0.015000", "4.732483", "0.000000"),
+    ],
 }
-FLAGS = {"cnn": ["--model", "cnn"],
-         "frozen": ["--model", "resnet18", "--weights", "none", "--image-size", "32",
-                    "--mode", "frozen", "--engine", "torch"]}  # the engine before the redesign
+FLAGS = {
+    "cnn": ["--model", "cnn"],
+    "frozen": [
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--mode",
+        "frozen",
+        "--engine",
+        "torch",
+    ],
+}  # the engine before the redesign
 
 
 @pytest.fixture
@@ -41,16 +57,44 @@ def one_thread():
 
 
 @pytest.mark.parametrize("kind", ["cnn", "frozen"])
-def test_seeded_run_gives_the_same_metrics_as_before_the_redesign(tiny_cifar, tmp_path, one_thread,
-                                                                  kind):
+def test_seeded_run_gives_the_same_metrics_as_before_the_redesign(
+    tiny_cifar, tmp_path, one_thread, kind
+):
     run = tmp_path / kind
-    assert main(["train", *FLAGS[kind], "--epochs", "2", "--train-subset", "200", "--seed", "3",
-                 "--precision", "fp32", "--val-size", "50", "--batch-size", "50",
-                 "--data-dir", str(tiny_cifar), "--run-dir", str(run), "--no-progress",
-                 "--no-report", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *FLAGS[kind],
+                "--epochs",
+                "2",
+                "--train-subset",
+                "200",
+                "--seed",
+                "3",
+                "--precision",
+                "fp32",
+                "--val-size",
+                "50",
+                "--batch-size",
+                "50",
+                "--data-dir",
+                str(tiny_cifar),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "--no-report",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     with open(run / "metrics.csv", newline="") as f:
-        rows = [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
-                for r in csv.DictReader(f)]
+        rows = [
+            (r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
+            for r in csv.DictReader(f)
+        ]
     assert rows == BEFORE[kind]
     cfg = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config, rerunnable
     assert cfg["data"]["image_size"] == 32 and cfg["run"]["precision"] == "fp32"
@@ -62,35 +106,74 @@ def test_seeded_run_gives_the_same_metrics_as_before_the_redesign(tiny_cifar, tm
 
 def test_config_yaml_never_says_auto_or_zero(tiny_cifar, tmp_path):
     run = tmp_path / "r"
-    assert main(["train", "--model", "cnn", "--epochs", "1", "--train-subset", "100",
-                 "--batch-size", "50", "--val-size", "50", "--data-dir", str(tiny_cifar),
-                 "--run-dir", str(run), "--no-progress", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn",
+                "--epochs",
+                "1",
+                "--train-subset",
+                "100",
+                "--batch-size",
+                "50",
+                "--val-size",
+                "50",
+                "--data-dir",
+                str(tiny_cifar),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["run"]["precision"] in ("fp32", "bf16") and cfg["data"]["image_size"] == 32
     # and it reruns as a preset: same resolved plan
     run2 = tmp_path / "r2"
-    assert main(["train", "--preset", str(run / "config.yaml"), "--run-dir", str(run2),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["train", "--preset", str(run / "config.yaml"), "--run-dir", str(run2), "--no-progress"]
+        )
+        == 0
+    )
     again = yaml.safe_load((run2 / "config.yaml").read_text())
     assert again["resolved"] == cfg["resolved"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--model", "resnet181"], "unknown model"),
-    (["--model", "resnet18", "--weights", "none", "--mode", "finetune", "--drop-path", "0.1"],
-     "has no stochastic depth"),
-    (["--model", "cnn", "--sync-bn"], "--sync-bn needs CUDA"),
-    (["--model", "cnn", "--image-size", "64"], "the cnn takes 32 px"),
-    (["--model", "cnn", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
-])
-def test_early_checks_fail_before_any_data_is_read(tiny_cifar, tmp_path, monkeypatch, capsys,
-                                                   flags, message):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "resnet181"], "unknown model"),
+        (
+            [
+                "--model",
+                "resnet18",
+                "--weights",
+                "none",
+                "--mode",
+                "finetune",
+                "--drop-path",
+                "0.1",
+            ],
+            "has no stochastic depth",
+        ),
+        (["--model", "cnn", "--sync-bn"], "--sync-bn needs CUDA"),
+        (["--model", "cnn", "--image-size", "64"], "the cnn takes 32 px"),
+        (["--model", "cnn", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    ],
+)
+def test_early_checks_fail_before_any_data_is_read(
+    tiny_cifar, tmp_path, monkeypatch, capsys, flags, message
+):
     import transferlab.data.load as load
 
     read = []
     monkeypatch.setattr(load, "load_cifar100", lambda *a, **k: read.append(a) or 1 / 0)
-    code = main(["train", *flags, "--data-dir", str(tiny_cifar), "--run-dir",
-                 str(tmp_path / "r")])
+    code = main(["train", *flags, "--data-dir", str(tiny_cifar), "--run-dir", str(tmp_path / "r")])
     assert code == 2 and message in capsys.readouterr().err
     assert read == []  # no data was read
     assert not (tmp_path / "r").exists()  # and no run dir was left behind
@@ -116,8 +199,12 @@ def test_preprocessing_matches_timms_eval_transform(tmp_path):
     path = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8)).save(path)
     model = build_model(ModelConfig(name="timm:resnet18", weights="none"), num_classes=5)
-    pre = make_preprocessing(model, weights_crop_pct("timm:resnet18", "none", model.backbone),
-                             model.preprocess.input_size, on_device_resize=False)
+    pre = make_preprocessing(
+        model,
+        weights_crop_pct("timm:resnet18", "none", model.backbone),
+        model.preprocess.input_size,
+        on_device_resize=False,
+    )
     ours = to_float_normalized(load_image(path, pre)[None], pre.mean, pre.std, None)[0]
     net = timm.create_model("resnet18", pretrained=False)
     ref = create_transform(**resolve_data_config({}, model=net))(Image.open(path).convert("RGB"))
@@ -132,10 +219,34 @@ def test_predict_on_a_folder_run_reads_the_weights_eval_transform(tmp_path):
 
     root = write_png_tree(tmp_path / "d", {"a": 6, "b": 6}, size=20)
     run = tmp_path / "run"
-    assert main(["train", "--data", f"folder:{root}", "--model", "timm:test_resnet",
-                 "--weights", "none", "--mode", "finetune", "--epochs", "1", "--num-workers", "0",
-                 "--image-size", "32", "--run-dir", str(run), "--no-progress", "--no-report",
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"folder:{root}",
+                "--model",
+                "timm:test_resnet",
+                "--weights",
+                "none",
+                "--mode",
+                "finetune",
+                "--epochs",
+                "1",
+                "--num-workers",
+                "0",
+                "--image-size",
+                "32",
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "--no-report",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     rm = load_run_model(run)
     saved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["preprocessing"]
     assert rm.preprocessing.crop == 32 and rm.preprocessing.resize == math.floor(32 / 0.95)

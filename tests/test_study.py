@@ -367,10 +367,24 @@ def test_verdict_names_a_cheaper_pretrained_arm_that_is_about_as_accurate():
         for size, scratch, big, small in (("4", 0.05, 0.40, 0.395), ("all", 0.5, 0.714, 0.71)):
             rows += [
                 _row("cnn:scratch", "scratch", size, seed, scratch),
-                _row("big:frozen", "frozen", size, seed, big, extract=300 if seed == 0 else 1,
-                     cache="miss" if seed == 0 and size == "4" else "hit"),
-                _row("small:frozen", "frozen", size, seed, small, extract=100 if seed == 0 else 1,
-                     cache="miss" if seed == 0 and size == "4" else "hit"),
+                _row(
+                    "big:frozen",
+                    "frozen",
+                    size,
+                    seed,
+                    big,
+                    extract=300 if seed == 0 else 1,
+                    cache="miss" if seed == 0 and size == "4" else "hit",
+                ),
+                _row(
+                    "small:frozen",
+                    "frozen",
+                    size,
+                    seed,
+                    small,
+                    extract=100 if seed == 0 else 1,
+                    cache="miss" if seed == 0 and size == "4" else "hit",
+                ),
             ]
     text = verdict(rows, points(rows))
     assert "small:frozen is within 0.4 points of big:frozen with all images per class" in text

@@ -253,8 +253,9 @@ class Run:
                     log.warning("cannot use %s: %s", label, x)
             good = [(label, x) for label, x in items if not isinstance(x, str)]
             names = [x.stem for _, x in good]
-            return explain_images(self.dir, [x for _, x in good], out, target=target,
-                                  device=device, names=names)
+            return explain_images(
+                self.dir, [x for _, x in good], out, target=target, device=device, names=names
+            )
 
     def _repr_html_(self) -> str:
         return run_card_html(self)
@@ -509,12 +510,18 @@ def _resume_config(resume, progress, given: dict, config, preset):
     from transferlab.config import Config
 
     table = options()
-    refused = sorted(k for k, v in given.items() if v is not None and (
-        k not in table or f"{table[k].section}.{table[k].field}" not in RESUME_FLAGS))
+    refused = sorted(
+        k
+        for k, v in given.items()
+        if v is not None
+        and (k not in table or f"{table[k].section}.{table[k].field}" not in RESUME_FLAGS)
+    )
     refused += [k for k, v in (("config", config), ("preset", preset)) if v is not None]
     if refused:
-        raise UserError(f"resume= continues with the run's saved config; drop {', '.join(refused)} "
-                        "(only device=, progress= and epochs= may change)")
+        raise UserError(
+            f"resume= continues with the run's saved config; drop {', '.join(refused)} "
+            "(only device=, progress= and epochs= may change)"
+        )
     cfg = Config()
     cfg.run.run_dir = os.fspath(resume)
     for section, values in _overrides(given, table).items():
@@ -589,9 +596,14 @@ def compare(
     if bad:
         raise _unknown(bad, [*table, *fields, "config", "preset", "progress"])
     cfg = build_config(config, preset=preset, progress=progress, skip=COMPARE_SKIPS, **options_)
-    cc = CompareConfig(**{
-        k: _check_type(Option(k, "--" + k.replace("_", "-"), "", k, kinds[str(fields[k].type)]), v)
-        for k, v in extra.items()})
+    cc = CompareConfig(
+        **{
+            k: _check_type(
+                Option(k, "--" + k.replace("_", "-"), "", k, kinds[str(fields[k].type)]), v
+            )
+            for k, v in extra.items()
+        }
+    )
     with keep_matplotlib_backend(), _stop_flag() as stop:
         summaries = run_compare(cfg, cc, stop_requested=stop)
     return Comparison(Path(next(iter(summaries.values()))["run_dir"]).parent)
@@ -620,8 +632,10 @@ class Study:
     def _repr_html_(self) -> str:
         where = html.escape(str(self.dir))
         failed = f", {len(self.failed)} failed cell(s)" if self.failed else ""
-        return (f"<div><b>transferlab study</b> <code>{where}</code>{failed}"
-                f"{self.table().to_html(max_rows=30)}</div>")
+        return (
+            f"<div><b>transferlab study</b> <code>{where}</code>{failed}"
+            f"{self.table().to_html(max_rows=30)}</div>"
+        )
 
 
 def study(
@@ -646,11 +660,20 @@ def study(
     from transferlab.studies import run_study
     from transferlab.studies.cli import _STUDY_SKIP  # the flags a study sets per cell
     from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE, make_grid
+
     table = options(_STUDY_SKIP)
     bad = [k for k in options_ if k not in table]
     if bad:
-        extra = ["arms", "per_class", "seeds", "run_dir", "overwrite", "min_steps",
-                 "patience_epochs", "progress"]
+        extra = [
+            "arms",
+            "per_class",
+            "seeds",
+            "run_dir",
+            "overwrite",
+            "min_steps",
+            "patience_epochs",
+            "progress",
+        ]
         raise _unknown(bad, [*table, *extra])
     over = _overrides(options_, table)
     if progress is not None:
@@ -659,12 +682,22 @@ def study(
         over.setdefault("run", {})["progress"] = progress
     arm_list = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
     sizes = per_class if isinstance(per_class, str) else ",".join(str(x) for x in per_class)
-    grid = make_grid(arm_list, sizes, seeds, over,
-                     DEFAULT_MIN_STEPS if min_steps is None else min_steps,
-                     DEFAULT_PATIENCE if patience_epochs is None else patience_epochs)
+    grid = make_grid(
+        arm_list,
+        sizes,
+        seeds,
+        over,
+        DEFAULT_MIN_STEPS if min_steps is None else min_steps,
+        DEFAULT_PATIENCE if patience_epochs is None else patience_epochs,
+    )
     with keep_matplotlib_backend(), _stop_flag() as stop:
-        result = run_study(grid, Path(run_dir), overwrite=overwrite, stop_requested=stop,
-                           progress=over.get("run", {}).get("progress", True))
+        result = run_study(
+            grid,
+            Path(run_dir),
+            overwrite=overwrite,
+            stop_requested=stop,
+            progress=over.get("run", {}).get("progress", True),
+        )
     for name, message in result.failed:
         log.warning("study %s: failed cell %s: %s", run_dir, name, message)
     return Study(run_dir, result.failed)

@@ -135,14 +135,15 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         return describe_oserror(e)
     if is_torch_write_failure(e):
         detail = _first_line(str(e), 120)
-        return EXIT_FAILURE, (f"writing a file failed inside torch.save ({detail}): the disk is "
-                              "most likely full; free space and rerun (or --resume)")
+        return EXIT_FAILURE, (
+            f"writing a file failed inside torch.save ({detail}): the disk is "
+            "most likely full; free space and rerun (or --resume)"
+        )
     return None
 
 
 # torch.save's zip writer reports a short write (ENOSPC, EDQUOT) as a RuntimeError, not OSError
-_TORCH_WRITE_MARKERS = ("PytorchStreamWriter failed writing", "unexpected pos",
-                        "file write failed")
+_TORCH_WRITE_MARKERS = ("PytorchStreamWriter failed writing", "unexpected pos", "file write failed")
 
 
 def is_torch_write_failure(e: BaseException) -> bool:

@@ -64,8 +64,9 @@ def write_openvino_ir(wrapped: nn.Module, size: int, output: Path, metadata: dic
 
 
 @torch.inference_mode()
-def check_openvino_ir(wrapped: nn.Module, xml: Path, size: int,
-                      batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> tuple[str, float]:
+def check_openvino_ir(
+    wrapped: nn.Module, xml: Path, size: int, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0
+) -> tuple[str, float]:
     """(runtime, max abs logit difference) of the IR on disk vs PyTorch on random [0, 1] input."""
     import openvino as ov
 
@@ -73,8 +74,9 @@ def check_openvino_ir(wrapped: nn.Module, xml: Path, size: int,
 
     core = ov.Core()
     with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
-        compiled = core.compile_model(core.read_model(str(xml)), "CPU",
-                                      {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(
+            core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
     g = torch.Generator().manual_seed(seed)
     diff = 0.0
     for n in batch_sizes:
@@ -84,8 +86,7 @@ def check_openvino_ir(wrapped: nn.Module, xml: Path, size: int,
     return f"openvino {ov.__version__} (CPU, f32)", diff
 
 
-def export_openvino(wrapped: nn.Module, size: int, output: Path, metadata: dict,
-                    tolerance: float):
+def export_openvino(wrapped: nn.Module, size: int, output: Path, metadata: dict, tolerance: float):
     """Write the IR and check it; returns export.py's ExportCheck (the caller writes the JSON)."""
     from transferlab.export import ExportCheck
 

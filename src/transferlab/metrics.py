@@ -19,20 +19,47 @@ from pathlib import Path
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.io import atomic_write
 
-COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
-           "train_img_s"]
+COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_time_s",
+    "train_img_s",
+]
 # metrics.csv column -> TensorBoard tag
-SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train",
-           "val_acc": "acc/val", "lr": "lr", "train_img_s": "img_per_s/train",
-           "epoch_time_s": "epoch_time_s"}
+SCALARS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_acc": "acc/train",
+    "val_acc": "acc/val",
+    "lr": "lr",
+    "train_img_s": "img_per_s/train",
+    "epoch_time_s": "epoch_time_s",
+}
 
 
-def epoch_row(epoch: int, train: tuple[float, float], val: tuple[float, float], lr: float,
-              seconds: float, img_s: float) -> dict[str, str]:
+def epoch_row(
+    epoch: int,
+    train: tuple[float, float],
+    val: tuple[float, float],
+    lr: float,
+    seconds: float,
+    img_s: float,
+) -> dict[str, str]:
     """One formatted row: (loss, acc) pairs for train and val, lr, epoch seconds, train img/s."""
-    return {"epoch": epoch, "train_loss": f"{train[0]:.6f}", "train_acc": f"{train[1]:.6f}",
-            "val_loss": f"{val[0]:.6f}", "val_acc": f"{val[1]:.6f}", "lr": f"{lr:.6g}",
-            "epoch_time_s": f"{seconds:.3f}", "train_img_s": f"{img_s:.1f}"}
+    return {
+        "epoch": epoch,
+        "train_loss": f"{train[0]:.6f}",
+        "train_acc": f"{train[1]:.6f}",
+        "val_loss": f"{val[0]:.6f}",
+        "val_acc": f"{val[1]:.6f}",
+        "lr": f"{lr:.6g}",
+        "epoch_time_s": f"{seconds:.3f}",
+        "train_img_s": f"{img_s:.1f}",
+    }
 
 
 def append_metrics(path: Path, row: dict) -> None:
@@ -51,8 +78,9 @@ def append_metrics(path: Path, row: dict) -> None:
             os.truncate(path, size)
         except OSError:
             pass
-        raise TrainingStopped(f"could not append to {path} ({e.strerror or e}); "
-                              "earlier rows are intact") from None
+        raise TrainingStopped(
+            f"could not append to {path} ({e.strerror or e}); earlier rows are intact"
+        ) from None
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -60,8 +88,11 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f)
-                if str(r.get("epoch", "")).isdigit() and int(r["epoch"]) <= last_epoch]
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if str(r.get("epoch", "")).isdigit() and int(r["epoch"]) <= last_epoch
+        ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
@@ -74,8 +105,9 @@ def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: "
-                        "pip install 'transferlab[tensorboard]'") from None
+        raise UserError(
+            "--tensorboard needs the tensorboard package: pip install 'transferlab[tensorboard]'"
+        ) from None
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
         for column, tag in SCALARS.items():

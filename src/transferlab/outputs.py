@@ -51,8 +51,16 @@ def write_model_summary(model, cfg, size: int, path) -> None:
     device = next(model.parameters()).device
     was_training = model.training
     try:
-        text = str(summary(model, input_size=(batch, 3, size, size), depth=3, verbose=0,
-                           device=device, col_names=("output_size", "num_params", "trainable")))
+        text = str(
+            summary(
+                model,
+                input_size=(batch, 3, size, size),
+                depth=3,
+                verbose=0,
+                device=device,
+                col_names=("output_size", "num_params", "trainable"),
+            )
+        )
     finally:
         model.train(was_training)
     path.write_text(f"{cfg.model.name} ({cfg.model.mode})\n{text}\n")
@@ -61,8 +69,11 @@ def write_model_summary(model, cfg, size: int, path) -> None:
 def _restore_best(job: Job) -> None:
     best = job.run_dir / "best.pt"
     if best.is_file() or not job.env.is_main:  # rank 0 reads; a bad file stops every rank
-        run_checked(lambda: job.model.load_state_dict(load_checkpoint(best)["model"]), job.env,
-                    main_only=True)
+        run_checked(
+            lambda: job.model.load_state_dict(load_checkpoint(best)["model"]),
+            job.env,
+            main_only=True,
+        )
     broadcast_module(job.model, job.env)  # every rank needs rank 0's best weights
     job.model.eval()
 
@@ -73,9 +84,16 @@ def _train_eval_loader(job: Job):
 
     tl, env = job.pipe.train_loader, job.env
     if isinstance(tl, TensorLoader):
-        return TensorLoader(tl.images, tl.labels, job.plan.eval_batch_per_rank, False,
-                            device=tl.device, rank=env.rank, world_size=env.world_size,
-                            augment=tl.augment if tl.images.dim() == 3 else None)
+        return TensorLoader(
+            tl.images,
+            tl.labels,
+            job.plan.eval_batch_per_rank,
+            False,
+            device=tl.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            augment=tl.augment if tl.images.dim() == 3 else None,
+        )
     return tl.eval_view()
 
 
@@ -83,25 +101,38 @@ def build_summary(job: Job, state: FitState, results: dict, times: dict) -> dict
     """summary.json's content."""
     cfg, fc = job.cfg, job.pipe.features
     return {
-        "model": cfg.model.name, "mode": cfg.model.mode, "run_dir": str(job.run_dir),
+        "model": cfg.model.name,
+        "mode": cfg.model.mode,
+        "run_dir": str(job.run_dir),
         "weights": "n/a (scratch)" if cfg.model.mode == "scratch" else cfg.model.weights,
         "params": count_params(job.model),
         **results,
-        "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
         "stop_reason": state.stop_reason,
         "time_s": times,
-        "data": {"md5": job.data.md5, "split_seed": job.data.split_seed,
-                 "source": job.data.source, "classes": len(job.data.classes),
-                 "folder": job.data.folder, "n": {"train": job.data.n_train},
-                 "per_class": cfg.data.per_class or None,
-                 "subset_seed": cfg.data.subset_seed if cfg.data.per_class else None},
-        "precision": job.plan.step_precision, "image_size": job.plan.image_size,
+        "data": {
+            "md5": job.data.md5,
+            "split_seed": job.data.split_seed,
+            "source": job.data.source,
+            "classes": len(job.data.classes),
+            "folder": job.data.folder,
+            "n": {"train": job.data.n_train},
+            "per_class": cfg.data.per_class or None,
+            "subset_seed": cfg.data.subset_seed if cfg.data.per_class else None,
+        },
+        "precision": job.plan.step_precision,
+        "image_size": job.plan.image_size,
         "plan": job.plan.to_dict(),
         "feature_cache": _feature_summary(fc) if fc else None,
         "probe": state.probe or None,
-        "seed": cfg.run.seed, "world_size": job.env.world_size,
-        "versions": {"transferlab": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "seed": cfg.run.seed,
+        "world_size": job.env.world_size,
+        "versions": {
+            "transferlab": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "fit_state": asdict(state),
     }
 
@@ -121,10 +152,17 @@ def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> dict:
     val = evaluate(p.eval_forward, p.val_loader, job.ctx, desc="val (best)")
     test_loss, test_acc, preds = collect_predictions(p.eval_forward, p.test_loader, job.ctx)
     final_eval_s = time.perf_counter() - t0
-    results = {"train": {"loss": train[0], "acc": train[1]}, "val": {"loss": val[0], "acc": val[1]},
-               "test": {"loss": test_loss, "acc": test_acc}}
-    times = {"total": round(time.perf_counter() - t_start, 2), "train": round(state.train_s, 2),
-             "eval": round(state.eval_s + final_eval_s, 2), "setup": round(setup_s, 2)}
+    results = {
+        "train": {"loss": train[0], "acc": train[1]},
+        "val": {"loss": val[0], "acc": val[1]},
+        "test": {"loss": test_loss, "acc": test_acc},
+    }
+    times = {
+        "total": round(time.perf_counter() - t_start, 2),
+        "train": round(state.train_s, 2),
+        "eval": round(state.eval_s + final_eval_s, 2),
+        "setup": round(setup_s, 2),
+    }
     summary = build_summary(job, state, results, times)
     if job.env.is_main:
         _write_end_files(job, summary, preds)
@@ -136,14 +174,19 @@ def _write_end_files(job: Job, summary: dict, preds: dict) -> None:
     try:
         atomic_write_text(path, json.dumps(summary, indent=2, default=str))
     except OSError as e:
-        raise TrainingStopped(f"could not write {path} ({e.strerror or e}); last.pt, best.pt and "
-                              "metrics.csv are intact") from None
+        raise TrainingStopped(
+            f"could not write {path} ({e.strerror or e}); last.pt, best.pt and "
+            "metrics.csv are intact"
+        ) from None
     save_predictions(job.run_dir / PREDICTIONS_FILE, preds, list(job.data.classes))
     from transferlab.report.plots import plot_curves
 
     cfg = job.cfg
-    plot_curves(job.run_dir / "metrics.csv", job.run_dir / "curves.png",
-                title=f"{cfg.model.name} ({cfg.model.mode})")
+    plot_curves(
+        job.run_dir / "metrics.csv",
+        job.run_dir / "curves.png",
+        title=f"{cfg.model.name} ({cfg.model.mode})",
+    )
     if cfg.run.report:
         from transferlab.report.run_report import write_reports
 

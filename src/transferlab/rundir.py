@@ -377,8 +377,12 @@ def _take_over(handle: RunDirHandle, overwrite: bool, data_root: Path | None) ->
     if names:
         handle.aside = _set_aside(run_dir, names)
         handle.moved, handle.keep = names, frozenset()
-        log.info("--overwrite: the previous run's %d file(s) are set aside in %s until the new "
-                 "run has its first checkpoint", len(names), handle.aside)
+        log.info(
+            "--overwrite: the previous run's %d file(s) are set aside in %s until the new "
+            "run has its first checkpoint",
+            len(names),
+            handle.aside,
+        )
 
 
 def _probe_writable(run_dir: Path) -> None:

@@ -71,5 +71,6 @@ def keep_signal_stack() -> Iterator[None]:
             else:
                 log.warning(
                     "could not restore the alternate signal stack (errno %d); a signal after "
-                    "the engine is freed may crash the process", ctypes.get_errno()
+                    "the engine is freed may crash the process",
+                    ctypes.get_errno(),
                 )

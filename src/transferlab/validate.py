@@ -35,14 +35,18 @@ def check_model(cfg: Config, env: DistEnv) -> None:
     source, arch = resolve_name(cfg.model.name)  # an unknown name lists the choices
     resolve_precision(cfg.run.precision, env.device)  # fp16 on a CPU
     if source == "cnn" and cfg.data.image_size not in (0, 32):
-        raise UserError(f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs "
-                        "(five 2x poolings to 1x1)")
+        raise UserError(
+            f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs "
+            "(five 2x poolings to 1x1)"
+        )
     if cfg.model.solver == "lbfgs" and env.enabled:
-        raise UserError("--solver lbfgs is a single-process, full-batch fit; run it without "
-                        "torchrun")
+        raise UserError(
+            "--solver lbfgs is a single-process, full-batch fit; run it without torchrun"
+        )
     if cfg.model.sync_bn and env.device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); "
-                        "drop --sync-bn")
+        raise UserError(
+            "--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn"
+        )
     if cfg.model.drop_path and source in ("timm", "torchvision"):
         _check_drop_path(source, arch)
 
@@ -63,8 +67,11 @@ def _check_drop_path(source: str, arch: str) -> None:
 
                 torchvision.models.get_model(arch, weights=None, stochastic_depth_prob=0.1)
     except TypeError:
-        hint = "" if source == "timm" else (" (or pick efficientnet_*, convnext_*, swin_*, "
-                                             "maxvit_t, or a timm model)")
+        hint = (
+            ""
+            if source == "timm"
+            else (" (or pick efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)")
+        )
         raise UserError(
             f"{source} {arch} has no stochastic depth; drop --drop-path{hint}"
         ) from None
@@ -91,8 +98,15 @@ SEED_MAX = 2**32 - 1  # numpy's seed range; torch takes more, but one range for 
 MAX_IMAGE_SIZE = 1024  # px; see check_ranges for why
 MAX_NUM_WORKERS = 64  # DataLoader processes: each holds a copy of the decode pipeline
 CIFAR_TRAIN_IMAGES = 50_000  # images in CIFAR-100's training file (train + val)
-_DIST_INTS = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, "LOCAL_WORLD_SIZE": 1, "GROUP_RANK": 0,
-              "NODE_RANK": 0, "MASTER_PORT": 1}
+_DIST_INTS = {
+    "RANK": 0,
+    "LOCAL_RANK": 0,
+    "WORLD_SIZE": 1,
+    "LOCAL_WORLD_SIZE": 1,
+    "GROUP_RANK": 0,
+    "NODE_RANK": 0,
+    "MASTER_PORT": 1,
+}
 
 
 def check_dist_env(environ) -> None:
@@ -107,43 +121,58 @@ def check_dist_env(environ) -> None:
         except ValueError:
             values[name] = low - 1
         if values[name] < low:
-            raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; "
-                            "it is set by torchrun: unset it, or start the job with torchrun "
-                            "--nproc-per-node N")
+            raise UserError(
+                f"environment variable {name}={raw!r} must be an integer >= {low}; "
+                "it is set by torchrun: unset it, or start the job with torchrun "
+                "--nproc-per-node N"
+            )
     if values.get("MASTER_PORT", 1) > 65535:
         raise UserError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a TCP port (1-65535)")
     pairs = (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE"))
     for rank, size in pairs:
         if rank in values and size in values and values[rank] >= values[size]:
-            raise UserError(f"{rank}={values[rank]} must be below {size}={values[size]}; start "
-                            "the job with torchrun, or unset these variables")
+            raise UserError(
+                f"{rank}={values[rank]} must be below {size}={values[size]}; start "
+                "the job with torchrun, or unset these variables"
+            )
     if "MASTER_ADDR" in environ and not environ["MASTER_ADDR"].strip():
         raise UserError("MASTER_ADDR is set but empty; unset it or give the rank-0 host name")
 
 
 def check_ranges(cfg: Config) -> None:
     """Seeds within 0..2**32-1, image size within reason, worker counts within reason."""
-    for flag, value in (("--seed", cfg.run.seed), ("--split-seed", cfg.data.split_seed),
-                        ("--subset-seed", cfg.data.subset_seed)):
+    for flag, value in (
+        ("--seed", cfg.run.seed),
+        ("--split-seed", cfg.data.split_seed),
+        ("--subset-seed", cfg.data.subset_seed),
+    ):
         if not 0 <= value <= SEED_MAX:
             raise UserError(f"{flag} {value} is out of range; seeds are 0..{SEED_MAX} (2**32 - 1)")
     if cfg.data.image_size > MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size {cfg.data.image_size} is above {MAX_IMAGE_SIZE} px: "
-                        "pretrained backbones were trained at 224-384 px, and memory and time grow "
-                        f"with the square of the side ({MAX_IMAGE_SIZE} px costs 21x 224 px per "
-                        f"image); use {MAX_IMAGE_SIZE} or less")
+        raise UserError(
+            f"--image-size {cfg.data.image_size} is above {MAX_IMAGE_SIZE} px: "
+            "pretrained backbones were trained at 224-384 px, and memory and time grow "
+            f"with the square of the side ({MAX_IMAGE_SIZE} px costs 21x 224 px per "
+            f"image); use {MAX_IMAGE_SIZE} or less"
+        )
     side = cfg.data.image_size or (32 if cfg.model.name == "cnn" else MAX_IMAGE_SIZE)
     for flag, value in (("--crop-padding", cfg.data.crop_padding), ("--cutout", cfg.data.cutout)):
         if value > side:
-            raise UserError(f"{flag} {value} is larger than the {side} px input side; use a few px "
-                            "(4 is usual at 32 px)")
+            raise UserError(
+                f"{flag} {value} is larger than the {side} px input side; use a few px "
+                "(4 is usual at 32 px)"
+            )
     if cfg.data.num_workers > MAX_NUM_WORKERS:
-        raise UserError(f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each "
-                        "worker is a process with its own memory: use about the number of CPU "
-                        "cores")
+        raise UserError(
+            f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each "
+            "worker is a process with its own memory: use about the number of CPU "
+            "cores"
+        )
     if cfg.data.dataset == "cifar100" and cfg.data.val_size >= CIFAR_TRAIN_IMAGES:
-        raise UserError(f"--val-size {cfg.data.val_size} leaves no CIFAR-100 training images "
-                        f"(there are {CIFAR_TRAIN_IMAGES}); use e.g. 5000")
+        raise UserError(
+            f"--val-size {cfg.data.val_size} leaves no CIFAR-100 training images "
+            f"(there are {CIFAR_TRAIN_IMAGES}); use e.g. 5000"
+        )
 
 
 def expected_train_images(cfg: Config) -> int | None:
@@ -159,8 +188,10 @@ def expected_train_images(cfg: Config) -> int | None:
 def check_batch_size(batch_size: int, n_train: int, world_size: int = 1) -> None:
     """A global batch larger than the training set is a mistake (and may not fit in memory)."""
     if batch_size > n_train:
-        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training "
-                        f"images; use at most {n_train} (or more data)")
+        raise UserError(
+            f"--batch-size {batch_size} is larger than the {n_train} training "
+            f"images; use at most {n_train} (or more data)"
+        )
     if n_train < world_size:
         raise UserError(f"{n_train} training images cannot be split over {world_size} processes")
 
@@ -170,7 +201,7 @@ def check_paths(cfg: Config) -> None:
     from transferlab import rundir
     from transferlab.features.cache import cache_root
 
-    if cfg.data.dataset.startswith("folder:") and not cfg.data.dataset[len("folder:"):].strip():
+    if cfg.data.dataset.startswith("folder:") and not cfg.data.dataset[len("folder:") :].strip():
         raise UserError("--data folder: needs a path, e.g. --data folder:/data/flowers")
     root = rundir.data_root(cfg.data.dataset, cfg.data.data_dir)
     run_dir = rundir.expand_user(cfg.run.run_dir or "runs", "--run-dir")

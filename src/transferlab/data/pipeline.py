@@ -26,8 +26,17 @@ from transferlab.plan import Plan
 def make_loader(split, batch_size: int, shuffle: bool, env: DistEnv, seed: int, augment=None):
     """Batches (x_uint8, y) on ``env.device``: in-memory for tensors, a DataLoader for folders."""
     if hasattr(split, "images"):
-        return TensorLoader(split.images, split.labels, batch_size, shuffle, device=env.device,
-                            seed=seed, rank=env.rank, world_size=env.world_size, augment=augment)
+        return TensorLoader(
+            split.images,
+            split.labels,
+            batch_size,
+            shuffle,
+            device=env.device,
+            seed=seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            augment=augment,
+        )
     from transferlab.data.folder import folder_loader
 
     return folder_loader(split, batch_size, shuffle, env.device, seed, env, augment)
@@ -38,19 +47,22 @@ def augment_fn(cfg: Config):
     d = cfg.data
     if not (d.crop_padding or d.flip or d.cutout):
         return None
-    return lambda x, g: augment_batch(x, crop_padding=d.crop_padding, flip=d.flip,
-                                      cutout_size=d.cutout, generator=g)
+    return lambda x, g: augment_batch(
+        x, crop_padding=d.crop_padding, flip=d.flip, cutout_size=d.cutout, generator=g
+    )
 
 
 def prepare_fn(plan: Plan):
     """uint8 batch -> normalised float batch at the plan's size and layout."""
     p = plan.preprocessing
-    return lambda x: to_float_normalized(x, p.mean, p.std, plan.image_size, p.interpolation,
-                                         channels_last=plan.channels_last)
+    return lambda x: to_float_normalized(
+        x, p.mean, p.std, plan.image_size, p.interpolation, channels_last=plan.channels_last
+    )
 
 
-def build_pixel_pipeline(cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset,
-                         env: DistEnv) -> Pipeline:
+def build_pixel_pipeline(
+    cfg: Config, plan: Plan, model: Classifier, ds: ImageDataset, env: DistEnv
+) -> Pipeline:
     """Loaders over pixels and the (DDP-wrapped, optionally compiled) model."""
     train_module = wrap_ddp(model, env, sync_bn=cfg.model.sync_bn)
     if cfg.run.compile:

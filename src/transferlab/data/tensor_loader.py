@@ -132,8 +132,15 @@ class TensorLoader:
 
     def _indices(self) -> Tensor:
         """This rank's sample indices for the current epoch, int64 (num_samples,) on the CPU."""
-        return shard_order(self.images.shape[0], self.shuffle, self.seed, self.epoch, self.rank,
-                           self.world_size, self.drop_last)
+        return shard_order(
+            self.images.shape[0],
+            self.shuffle,
+            self.seed,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            self.drop_last,
+        )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self._indices().to(self.images.device)  # index where the data lives

@@ -96,8 +96,13 @@ class Engine(Protocol):
 class TorchEngine:
     """``features(x)`` under inference_mode and autocast; channels_last input when asked."""
 
-    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], choice: EngineChoice,
-                 device: torch.device, channels_last: bool = False):
+    def __init__(
+        self,
+        features: Callable[[torch.Tensor], torch.Tensor],
+        choice: EngineChoice,
+        device: torch.device,
+        channels_last: bool = False,
+    ):
         self.features, self.choice, self.device = features, choice, device
         self.channels_last = channels_last
 
@@ -207,8 +212,10 @@ def library_versions() -> dict[str, str]:
 def require_engine(name: str) -> None:
     """UserError naming the extra when an explicitly requested engine is not installed."""
     if name in EXTRA and not engine_installed(name):
-        raise UserError(f"--engine {name} needs the {EXTRA[name]} extra: "
-                        f"pip install 'transferlab[{EXTRA[name]}]' (or use --engine auto or torch)")
+        raise UserError(
+            f"--engine {name} needs the {EXTRA[name]} extra: "
+            f"pip install 'transferlab[{EXTRA[name]}]' (or use --engine auto or torch)"
+        )
 
 
 def reuse_freed_memory() -> bool:
@@ -237,9 +244,14 @@ def reuse_freed_memory() -> bool:
 
 
 def _converted_key(engine: str, backbone: nn.Module, size: int, weights_hash: str) -> dict:
-    return {"engine": engine, "weights": weights_hash, "size": size,
-            "arch": fcache.cache_key({"repr": repr(backbone)}),  # the activations, not just shapes
-            "versions": library_versions(), "format": FORMAT_VERSION}
+    return {
+        "engine": engine,
+        "weights": weights_hash,
+        "size": size,
+        "arch": fcache.cache_key({"repr": repr(backbone)}),  # the activations, not just shapes
+        "versions": library_versions(),
+        "format": FORMAT_VERSION,
+    }
 
 
 def _failed_op(err: BaseException) -> str:
@@ -282,21 +294,29 @@ def _convert_openvino(backbone: nn.Module, example: torch.Tensor) -> bytes:
 
 def _split_openvino(blob: bytes) -> tuple[bytes, bytes]:
     n = int.from_bytes(blob[:8], "little")
-    return blob[8:8 + n], blob[8 + n:]
+    return blob[8 : 8 + n], blob[8 + n :]
 
 
 def _convert_onnx(backbone: nn.Module, example: torch.Tensor) -> bytes:
     import io
 
     buf = io.BytesIO()
-    torch.onnx.export(backbone, (example,), buf, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["features"],
-                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    torch.onnx.export(
+        backbone,
+        (example,),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["features"],
+        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+    )
     return buf.getvalue()
 
 
-def converted_model(engine: str, backbone: nn.Module, size: int, cache_root: Path,
-                    weights_hash: str) -> bytes:
+def converted_model(
+    engine: str, backbone: nn.Module, size: int, cache_root: Path, weights_hash: str
+) -> bytes:
     """The converted backbone, from the cache when a matching, intact file is there.
 
     A file whose metadata does not match (other weights, size or library versions) is never
@@ -310,16 +330,22 @@ def converted_model(engine: str, backbone: nn.Module, size: int, cache_root: Pat
         tensors, meta = hit
         if meta.get("key_parts") == json.dumps(parts, sort_keys=True):
             return tensors["model"].numpy().tobytes()
-        log.warning("converted model %s does not match this backbone; rebuilding it",
-                    fcache.entry_path(root, key))
+        log.warning(
+            "converted model %s does not match this backbone; rebuilding it",
+            fcache.entry_path(root, key),
+        )
         fcache.entry_path(root, key).unlink(missing_ok=True)
     t0 = time.perf_counter()
     blob = _convert(engine, backbone, size)
     log.info("converted the backbone for %s in %.1fs", engine, time.perf_counter() - t0)
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     try:
-        fcache.save_entry(root, key, {"model": data},
-                          {"key_parts": json.dumps(parts, sort_keys=True), "engine": engine})
+        fcache.save_entry(
+            root,
+            key,
+            {"model": data},
+            {"key_parts": json.dumps(parts, sort_keys=True), "engine": engine},
+        )
     except OSError as e:
         log.warning("could not cache the converted model in %s (%s); continuing", root, e)
     return blob
@@ -328,9 +354,16 @@ def converted_model(engine: str, backbone: nn.Module, size: int, cache_root: Pat
 # ----------------------------------------------------------------------------- building
 
 
-def build_engine(choice: EngineChoice, backbone: nn.Module, size: int, device: torch.device,
-                 cache_root: Path, weights_hash: str, channels_last: bool = False,
-                 fallback: bool = False) -> Engine:
+def build_engine(
+    choice: EngineChoice,
+    backbone: nn.Module,
+    size: int,
+    device: torch.device,
+    cache_root: Path,
+    weights_hash: str,
+    channels_last: bool = False,
+    fallback: bool = False,
+) -> Engine:
     """An engine for ``choice``. A failed conversion raises UserError, or with ``fallback``
     (``--engine auto``) warns once naming the op and returns a torch engine; read
     ``engine.choice`` for what was built (it belongs in the feature cache key)."""
@@ -342,20 +375,31 @@ def build_engine(choice: EngineChoice, backbone: nn.Module, size: int, device: t
         return TorchEngine(backbone, choice, device, channels_last)
     require_engine(choice.name)
     if device.type != "cpu":
-        raise UserError(f"--engine {choice.name} runs on the CPU only; use --engine torch or auto "
-                        f"with --device {device.type}")
+        raise UserError(
+            f"--engine {choice.name} runs on the CPU only; use --engine torch or auto "
+            f"with --device {device.type}"
+        )
     reuse_freed_memory()  # the batches prepared in torch between inferences
     try:
         blob = converted_model(choice.name, backbone, size, cache_root, weights_hash)
     except Exception as e:  # noqa: BLE001 - converters raise many types; all mean "cannot convert"
         what = _failed_op(e)
         if not fallback:
-            raise UserError(f"--engine {choice.name} cannot convert this backbone ({what}); "
-                            "use --engine torch") from None
-        log.warning("%s cannot convert this backbone (%s); extracting with torch instead",
-                    choice.name, what)
-        return build_engine(replace(choice, name="torch"), backbone, size, device, cache_root,
-                            weights_hash, channels_last)
+            raise UserError(
+                f"--engine {choice.name} cannot convert this backbone ({what}); use --engine torch"
+            ) from None
+        log.warning(
+            "%s cannot convert this backbone (%s); extracting with torch instead", choice.name, what
+        )
+        return build_engine(
+            replace(choice, name="torch"),
+            backbone,
+            size,
+            device,
+            cache_root,
+            weights_hash,
+            channels_last,
+        )
     return _load_converted(choice, blob)
 
 
@@ -371,9 +415,14 @@ def _load_converted(choice: EngineChoice, blob: bytes) -> Engine:
         weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
         model = core.read_model(model=xml.decode(), weights=weights_t)
         with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
-            compiled = core.compile_model(model, "CPU", {
-                "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
-                "PERFORMANCE_HINT": "THROUGHPUT"})
+            compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
+                    "PERFORMANCE_HINT": "THROUGHPUT",
+                },
+            )
         return OpenVINOEngine(compiled, choice)
     import onnxruntime as ort
 
@@ -383,12 +432,20 @@ def _load_converted(choice: EngineChoice, blob: bytes) -> Engine:
     return OnnxRuntimeEngine(session, choice)
 
 
-def engine_backbone_forward(choice: EngineChoice, backbone: nn.Module, size: int, cache_root: Path,
-                            weights_hash: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def engine_backbone_forward(
+    choice: EngineChoice, backbone: nn.Module, size: int, cache_root: Path, weights_hash: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable for predict: float NCHW batch (normalised, at ``size``) -> float32 features,
     run in chunks of ``choice.batch_size`` on the chosen engine (CPU)."""
-    engine = build_engine(choice, backbone, size, torch.device("cpu"), cache_root, weights_hash,
-                          channels_last=choice.name == "torch")
+    engine = build_engine(
+        choice,
+        backbone,
+        size,
+        torch.device("cpu"),
+        cache_root,
+        weights_hash,
+        channels_last=choice.name == "torch",
+    )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         parts = list(engine.map(x.split(choice.batch_size)))
@@ -415,8 +472,10 @@ def _candidates(requested: str, precision_requested: str) -> list[tuple[str, str
         ok = [p for p in precisions if name != "onnxruntime" or p in _ORT_PRECISIONS]
         out += [(name, p) for p in ok]
     if not out and requested == "onnxruntime":
-        raise UserError(f"--engine onnxruntime runs fp32 only on the CPU; use --precision fp32 "
-                        f"or auto (got {precision_requested})")
+        raise UserError(
+            f"--engine onnxruntime runs fp32 only on the CPU; use --precision fp32 "
+            f"or auto (got {precision_requested})"
+        )
     return out
 
 
@@ -439,11 +498,14 @@ def _best_of_rounds(runs: dict, size: int, rounds: int = 2) -> dict:
     return best
 
 
-def _memo_tag(arch: str, size: int, device: torch.device, requested: str, precision: str,
-              channels_last: bool) -> str:
+def _memo_tag(
+    arch: str, size: int, device: torch.device, requested: str, precision: str, channels_last: bool
+) -> str:
     versions = ",".join(f"{k} {v}" for k, v in sorted(library_versions().items()))
-    return (f"{arch}@{size}px/{device.type}/engine {requested}/precision {precision}/"
-            f"channels_last {channels_last}/{versions}")
+    return (
+        f"{arch}@{size}px/{device.type}/engine {requested}/precision {precision}/"
+        f"channels_last {channels_last}/{versions}"
+    )
 
 
 def _read_memo(path: Path) -> dict:
@@ -465,8 +527,16 @@ def _memo_choice(known: dict, tag: str) -> EngineChoice | None:
     return choice
 
 
-def resolve_engine(requested: str, backbone: nn.Module, arch: str, size: int, device: torch.device,
-                   cache_root: Path, precision_requested: str, channels_last: bool) -> EngineChoice:
+def resolve_engine(
+    requested: str,
+    backbone: nn.Module,
+    arch: str,
+    size: int,
+    device: torch.device,
+    cache_root: Path,
+    precision_requested: str,
+    channels_last: bool,
+) -> EngineChoice:
     """Resolve ``--engine`` (and the extraction precision and batch) for one backbone.
 
     CUDA: torch, at the resolved precision, batch 256. CPU: explicit engines must be installed
@@ -477,13 +547,17 @@ def resolve_engine(requested: str, backbone: nn.Module, arch: str, size: int, de
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}; got {requested!r}")
     if device.type != "cpu":
         if requested not in ("auto", "torch"):
-            raise UserError(f"--engine {requested} runs on the CPU only; use --engine torch or "
-                            f"auto with --device {device.type}")
+            raise UserError(
+                f"--engine {requested} runs on the CPU only; use --engine torch or "
+                f"auto with --device {device.type}"
+            )
         return EngineChoice("torch", resolve_precision(precision_requested, device), GPU_BATCH)
     require_engine(requested)
     if requested == "auto" and not any(engine_installed(n) for n in EXTRA):
-        log.info("engine auto: openvino and onnxruntime are not installed, so extraction uses "
-                 "torch (pip install 'transferlab[openvino]' for a faster CPU engine)")
+        log.info(
+            "engine auto: openvino and onnxruntime are not installed, so extraction uses "
+            "torch (pip install 'transferlab[openvino]' for a faster CPU engine)"
+        )
     memo = Path(cache_root) / "engines.json"
     tag = _memo_tag(arch, size, device, requested, precision_requested, channels_last)
     known = _read_memo(memo)
@@ -491,8 +565,9 @@ def resolve_engine(requested: str, backbone: nn.Module, arch: str, size: int, de
     if remembered is not None:
         log.info("extraction engine for %s: %s (remembered in %s)", arch, remembered, memo)
         return remembered
-    choice = _probe(requested, backbone, size, device, cache_root, precision_requested,
-                    channels_last)
+    choice = _probe(
+        requested, backbone, size, device, cache_root, precision_requested, channels_last
+    )
     known[tag] = choice.to_dict()
     try:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
@@ -502,8 +577,15 @@ def resolve_engine(requested: str, backbone: nn.Module, arch: str, size: int, de
     return choice
 
 
-def _probe(requested: str, backbone: nn.Module, size: int, device: torch.device, cache_root: Path,
-           precision_requested: str, channels_last: bool) -> EngineChoice:
+def _probe(
+    requested: str,
+    backbone: nn.Module,
+    size: int,
+    device: torch.device,
+    cache_root: Path,
+    precision_requested: str,
+    channels_last: bool,
+) -> EngineChoice:
     """Time each candidate at batch 32, then the winner at every PROBE_BATCHES size.
 
     Two alternating rounds, best of each: on a shared CPU a neighbour's burst then hits one
@@ -513,15 +595,28 @@ def _probe(requested: str, backbone: nn.Module, size: int, device: torch.device,
     engines: dict[tuple[str, str], Engine] = {}
     for name, prec in _candidates(requested, precision_requested):
         choice = EngineChoice(name, prec, 32)
-        engine = build_engine(choice, backbone, size, device, cache_root, whash, channels_last,
-                              fallback=requested == "auto")
+        engine = build_engine(
+            choice,
+            backbone,
+            size,
+            device,
+            cache_root,
+            whash,
+            channels_last,
+            fallback=requested == "auto",
+        )
         if engine.choice.name == name:  # else conversion failed under auto (warned): skip it
             engines[(name, prec)] = engine
     timed = _best_of_rounds({k: (e, 32) for k, e in engines.items()}, size)
     best = max(timed, key=timed.get)
     by_batch = _best_of_rounds({b: (engines[best], b) for b in PROBE_BATCHES}, size)
     batch = max(by_batch, key=by_batch.get)
-    log.info("extraction engine probe at %dpx (img/s): %s; batches for %s %s: %s -> batch %d",
-             size, ", ".join(f"{n} {p} {v:.0f}" for (n, p), v in timed.items()), *best,
-             ", ".join(f"{b}: {v:.0f}" for b, v in by_batch.items()), batch)
+    log.info(
+        "extraction engine probe at %dpx (img/s): %s; batches for %s %s: %s -> batch %d",
+        size,
+        ", ".join(f"{n} {p} {v:.0f}" for (n, p), v in timed.items()),
+        *best,
+        ", ".join(f"{b}: {v:.0f}" for b, v in by_batch.items()),
+        batch,
+    )
     return EngineChoice(best[0], best[1], batch)

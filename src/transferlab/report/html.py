@@ -17,8 +17,13 @@ import base64
 import html
 from pathlib import Path
 
-MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-        ".svg": "image/svg+xml", ".gif": "image/gif"}
+MIME = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".svg": "image/svg+xml",
+    ".gif": "image/gif",
+}
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
@@ -66,16 +71,20 @@ def _renderer(base_dir: Path):
 def markdown_to_html(md: str, base_dir: Path, title: str) -> str:
     """Convert report Markdown to a complete, self-contained HTML page."""
     body = _renderer(base_dir).render(md)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
-            + body + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
+        + body
+        + "\n</body></html>\n"
+    )
 
 
 def write_html(md_path: Path, title: str | None = None) -> Path:
     """Write ``report.html`` beside ``md_path`` (images resolved relative to it)."""
     md = md_path.read_text()
-    first = next((ln[2:].strip() for ln in md.splitlines() if ln.startswith("# ")),
-                 md_path.parent.name)
+    first = next(
+        (ln[2:].strip() for ln in md.splitlines() if ln.startswith("# ")), md_path.parent.name
+    )
     out = md_path.with_suffix(".html")
     out.write_text(markdown_to_html(md, md_path.parent, title or first))
     return out

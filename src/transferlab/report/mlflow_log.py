@@ -51,8 +51,11 @@ RETRY_WAIT_S = 2.0
 # giving up on a server that is down; we retry once ourselves instead. A user's own settings win.
 # while logging (unless the user set them): no HTTP retry storm, and no MLflow usage telemetry
 # (a background thread that phones home; this tool works offline)
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                 "MLFLOW_DISABLE_TELEMETRY": "true"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,9 @@ def check_tracking_available(track: str) -> None:
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        raise UserError("--track mlflow needs the mlflow package: "
-                        "pip install 'transferlab[mlflow]'") from None
+        raise UserError(
+            "--track mlflow needs the mlflow package: pip install 'transferlab[mlflow]'"
+        ) from None
 
 
 def resolve_target(track: str) -> Target:
@@ -106,8 +110,9 @@ def epoch_metrics(metrics_csv: Path) -> list[tuple[str, float, int]]:
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             step = int(float(row["epoch"]))
-            out += [(k, float(v), step) for k, v in row.items()
-                    if k != "epoch" and v not in (None, "")]
+            out += [
+                (k, float(v), step) for k, v in row.items() if k != "epoch" and v not in (None, "")
+            ]
     return out
 
 
@@ -152,12 +157,18 @@ def _log_once(run_dir: Path, target: Target) -> str:
 
     client = MlflowClient(tracking_uri=target.tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        EXPERIMENT, artifact_location=target.artifact_location)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(EXPERIMENT, artifact_location=target.artifact_location)
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    tags = {"transferlab.run_dir": str(run_dir.resolve()), "model": str(summary.get("model")),
-            "mode": str(summary.get("mode"))}
+    tags = {
+        "transferlab.run_dir": str(run_dir.resolve()),
+        "model": str(summary.get("model")),
+        "mode": str(summary.get("mode")),
+    }
     run = client.create_run(exp_id, run_name=run_dir.name, tags=tags)
     run_id = run.info.run_id
     try:
@@ -166,9 +177,9 @@ def _log_once(run_dir: Path, target: Target) -> str:
         metrics = [Metric(k, v, now, step) for k, v, step in epoch_metrics(run_dir / "metrics.csv")]
         metrics += [Metric(k, v, now, 0) for k, v in summary_metrics(summary).items()]
         for i in range(0, max(len(params), 1), 100):  # log_batch takes at most 100 params per call
-            client.log_batch(run_id, params=params[i:i + 100])
+            client.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):  # and 1,000 metrics
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
         for name in ARTIFACTS:
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
@@ -193,8 +204,9 @@ def log_run(run_dir: Path, track: str) -> str | None:
     run_dir = Path(run_dir)
     for name in ("summary.json", "config.yaml"):
         if not (run_dir / name).is_file():
-            raise UserError(f"cannot log {run_dir} to MLflow: {name} is missing "
-                            "(is the run finished?)")
+            raise UserError(
+                f"cannot log {run_dir} to MLflow: {name} is missing (is the run finished?)"
+            )
     target = resolve_target(track)
     error: Exception | None = None
     with _http_defaults():
@@ -205,12 +217,19 @@ def log_run(run_dir: Path, track: str) -> str | None:
             except Exception as e:  # network, server or store errors of many kinds
                 error = e
                 if attempt == 1:
-                    log.info("MLflow logging to %s failed (%s); retrying once", target.tracking_uri,
-                             _first_line(e))
+                    log.info(
+                        "MLflow logging to %s failed (%s); retrying once",
+                        target.tracking_uri,
+                        _first_line(e),
+                    )
                     time.sleep(RETRY_WAIT_S)
         else:
-            log.warning("could not log %s to MLflow at %s (%s); the run itself is complete",
-                        run_dir, target.tracking_uri, _first_line(error))
+            log.warning(
+                "could not log %s to MLflow at %s (%s); the run itself is complete",
+                run_dir,
+                target.tracking_uri,
+                _first_line(error),
+            )
             return None
     record = {"tracking_uri": target.tracking_uri, "experiment": EXPERIMENT, "run_id": run_id}
     (run_dir / "mlflow.json").write_text(json.dumps(record, indent=2) + "\n")

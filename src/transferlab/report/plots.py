@@ -23,8 +23,10 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
         from transferlab.errors import UserError
 
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it holds one row per "
-                        "epoch of numbers: restore it or rerun the training") from None
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it holds one row per "
+            "epoch of numbers: restore it or rerun the training"
+        ) from None
 
 
 CURVES_FIGSIZE = (10, 4)

@@ -311,8 +311,10 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         return _write_run_report(run_dir, s)
     except (KeyError, TypeError, ValueError) as e:  # parses, but not a summary of this version
         what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise UserError(f"{summary_path} is damaged or from another version ({what}); rerun the "
-                        "training to rewrite it") from None
+        raise UserError(
+            f"{summary_path} is damaged or from another version ({what}); rerun the "
+            "training to rewrite it"
+        ) from None
 
 
 def _write_run_report(run_dir: Path, s: dict) -> tuple[Path, Path]:

@@ -339,8 +339,11 @@ def _cache_status(hits: list) -> str:
 
 
 def _mean_speed(fc: dict) -> float | str:
-    speeds = [v["img_s"] for k, v in fc.items() if k in ("train", "val", "test")
-              and isinstance(v, dict) and v.get("img_s")]
+    speeds = [
+        v["img_s"]
+        for k, v in fc.items()
+        if k in ("train", "val", "test") and isinstance(v, dict) and v.get("img_s")
+    ]
     return round(sum(speeds) / len(speeds), 1) if speeds else ""
 
 
@@ -366,8 +369,11 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
         s = json.loads((cell.run_dir / "summary.json").read_text())
         fc = s.get("feature_cache") or {}
         splits = fc.get("splits") or fc  # per-split info: nested under "splits" since the redesign
-        hit = [splits[k].get("hit") for k in ("train", "val", "test")
-               if isinstance(splits.get(k), dict)]
+        hit = [
+            splits[k].get("hit")
+            for k in ("train", "val", "test")
+            if isinstance(splits.get(k), dict)
+        ]
         t = s.get("time_s") or {}
         row.update(
             status="ok",

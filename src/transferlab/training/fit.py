@@ -110,8 +110,9 @@ def enter_phase(job: Job, phase: str) -> OptimParts:
     # discriminative lrs only when a pretrained backbone is tuned; scratch trains all at --lr
     div = cfg.model.backbone_lr_div if cfg.model.mode in ("finetune", "gradual") else 1.0
     optimizer = build_optimizer(unwrap(job.pipe.train_module), cfg.optim, div)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(job.pipe.train_loader),
-                                phase_epochs(cfg, phase))
+    scheduler = build_scheduler(
+        optimizer, cfg.optim, len(job.pipe.train_loader), phase_epochs(cfg, phase)
+    )
     return OptimParts(optimizer, scheduler, make_scaler(job.ctx.precision, job.ctx.device))
 
 
@@ -135,8 +136,9 @@ def start_state(job: Job, ckpt: dict | None) -> tuple[FitState, OptimParts]:
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another model or version
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{job.run_dir / 'last.pt'} does not fit this run "
-                        f"({type(e).__name__}: {first})") from None
+        raise UserError(
+            f"{job.run_dir / 'last.pt'} does not fit this run ({type(e).__name__}: {first})"
+        ) from None
     if job.env.is_main:
         truncate_metrics(job.run_dir / "metrics.csv", state.epoch)
     log.info("resumed %s at epoch %d (phase %s)", job.run_dir, state.epoch, state.phase)
@@ -152,8 +154,9 @@ def checkpoint_state(job: Job, state: FitState, opt: OptimParts) -> dict:
         "scaler": opt.scaler.state_dict(),
         "fit_state": asdict(state),
         "rng": rng_state(),
-        "config": {k: v for k, v in resolved_config_dict(job.cfg, job.plan).items()
-                   if k != "resolved"},
+        "config": {
+            k: v for k, v in resolved_config_dict(job.cfg, job.plan).items() if k != "resolved"
+        },
         "plan": job.plan.to_dict(),
         "config_hash": hashlib.sha256(resolved_config_text(job.cfg, job.plan).encode()).hexdigest(),
         "classes": list(job.data.classes),
@@ -176,7 +179,8 @@ def save_checkpoint(job: Job, state: FitState, opt: OptimParts, name: str) -> No
         why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         raise TrainingStopped(
             f"could not write checkpoint {path} ({why}); the previous checkpoint and "
-            "metrics.csv are intact. Free disk space, then resume with --resume.", exit_code=1
+            "metrics.csv are intact. Free disk space, then resume with --resume.",
+            exit_code=1,
         ) from None
 
 
@@ -216,23 +220,33 @@ def _should_stop(cfg: Config, state: FitState) -> str:
     return ""
 
 
-def _train_epoch(job: Job, state: FitState, opt: OptimParts, guard: StepGuard,
-                 epoch: int) -> EpochStats:
+def _train_epoch(
+    job: Job, state: FitState, opt: OptimParts, guard: StepGuard, epoch: int
+) -> EpochStats:
     """One training epoch (or the rest of an interrupted one); an interruption is saved."""
     every = job.cfg.run.ckpt_every_steps
 
     def on_step(stats: EpochStats) -> None:
         if stats.step % every == 0:
             state.partial = asdict(stats)
-            run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), job.env,
-                        main_only=True)
+            run_checked(
+                lambda: save_checkpoint(job, state, opt, "last.pt"), job.env, main_only=True
+            )
 
     job.pipe.train_module.train()
     if hasattr(job.pipe.train_loader, "set_epoch"):
         job.pipe.train_loader.set_epoch(epoch)
     partial = EpochStats(**state.partial) if state.partial else None
-    stats = train_one_epoch(job.pipe.train_forward, job.pipe.train_loader, opt, job.ctx, guard,
-                            partial, on_step if every else None, desc=f"epoch {epoch + 1}")
+    stats = train_one_epoch(
+        job.pipe.train_forward,
+        job.pipe.train_loader,
+        opt,
+        job.ctx,
+        guard,
+        partial,
+        on_step if every else None,
+        desc=f"epoch {epoch + 1}",
+    )
     state.nan_count = guard.nan_count
     if stats.interrupted:
         state.partial = asdict(stats)
@@ -241,7 +255,9 @@ def _train_epoch(job: Job, state: FitState, opt: OptimParts, guard: StepGuard,
         code = getattr(job.ctx.stop_requested, "exit_code", 130)
         raise TrainingStopped(
             f"interrupted during epoch {epoch + 1}; checkpoint saved. Resume with: "
-            f"transferlab train --resume {job.run_dir}", exit_code=code)
+            f"transferlab train --resume {job.run_dir}",
+            exit_code=code,
+        )
     state.partial = {}
     state.train_s += stats.seconds
     return stats
@@ -258,7 +274,8 @@ def _validate(job: Job, state: FitState, epoch: int) -> tuple[float, float]:
         raise TrainingStopped(
             f"epoch {epoch + 1}: validation loss is {val_loss} (the weights diverged); last.pt "
             f"still holds epoch {state.epoch}. Lower --lr, add --grad-clip, or use "
-            "--precision fp32.")
+            "--precision fp32."
+        )
     return val_loss, val_acc
 
 
@@ -280,8 +297,9 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
     guard = StepGuard(job.ctx, state.nan_count)
     for epoch in range(state.epoch, cfg.optim.epochs):
         if state.phase == "frozen" and epoch >= cfg.model.freeze_epochs:
-            log.info("epoch %d: unfreezing the backbone (lr / %g)", epoch + 1,
-                     cfg.model.backbone_lr_div)
+            log.info(
+                "epoch %d: unfreezing the backbone (lr / %g)", epoch + 1, cfg.model.backbone_lr_div
+            )
             state.phase = "unfrozen"
             opt = enter_phase(job, "unfrozen")
         stats = _train_epoch(job, state, opt, guard, epoch)
@@ -289,16 +307,29 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
         val_loss, val_acc = _validate(job, state, epoch)
         state.eval_s += time.perf_counter() - t0
         improved = _record(state, epoch, val_acc, cfg)
-        row = epoch_row(epoch + 1, (stats.loss, stats.acc), (val_loss, val_acc),
-                        opt.optimizer.param_groups[-1]["lr"],
-                        stats.seconds + time.perf_counter() - t0, stats.img_per_s)
+        row = epoch_row(
+            epoch + 1,
+            (stats.loss, stats.acc),
+            (val_loss, val_acc),
+            opt.optimizer.param_groups[-1]["lr"],
+            stats.seconds + time.perf_counter() - t0,
+            stats.img_per_s,
+        )
         if env.is_main:
-            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
-                     epoch + 1, cfg.optim.epochs, stats.loss, stats.acc, val_loss, val_acc,
-                     stats.img_per_s)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
+                epoch + 1,
+                cfg.optim.epochs,
+                stats.loss,
+                stats.acc,
+                val_loss,
+                val_acc,
+                stats.img_per_s,
+            )
         # rank 0 writes; every rank waits for it and sees its error (disk full) as its own
-        run_checked(functools.partial(write_epoch, job, state, opt, row, improved), env,
-                    main_only=True)
+        run_checked(
+            functools.partial(write_epoch, job, state, opt, row, improved), env, main_only=True
+        )
         if state.stop_reason:
             log.info("early stop after epoch %d: %s", epoch + 1, state.stop_reason)
             break

@@ -22,8 +22,9 @@ from transferlab.training.loop import StepContext, predict_logits
 
 
 @torch.inference_mode()
-def collect_predictions(forward: Callable[[torch.Tensor], torch.Tensor], loader, ctx: StepContext,
-                        topk: int = 5) -> tuple[float, float, dict[str, np.ndarray]]:
+def collect_predictions(
+    forward: Callable[[torch.Tensor], torch.Tensor], loader, ctx: StepContext, topk: int = 5
+) -> tuple[float, float, dict[str, np.ndarray]]:
     """Loss, accuracy and per-sample predictions over the whole (possibly sharded) eval loader.
 
     The loader must shard evaluation as r::world_size in order (TensorLoader and FolderLoader
@@ -42,8 +43,13 @@ def collect_predictions(forward: Callable[[torch.Tensor], torch.Tensor], loader,
     top_p, top_i = probs.topk(k, dim=1)
     pred = top_i[:, 0]
     acc = (pred == y).float().mean().item()
-    preds = {"index": np.arange(n, dtype=np.int64), "true": y.numpy(), "pred": pred.numpy(),
-             "prob": top_p[:, 0].numpy().astype(np.float32), "top5": top_i.numpy()}
+    preds = {
+        "index": np.arange(n, dtype=np.int64),
+        "true": y.numpy(),
+        "pred": pred.numpy(),
+        "prob": top_p[:, 0].numpy().astype(np.float32),
+        "top5": top_i.numpy(),
+    }
     return loss, acc, preds
 
 
