@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image, ImageOps
 
+from conftest import write_png_tree
 from transferlab.cli import main
 from transferlab.data.cifar import write_cifar_like
 from transferlab.features import cache as fcache
+from transferlab.features import content
 from transferlab.training.checkpoint import load_checkpoint
 
 
@@ -175,3 +178,63 @@ def test_best_is_a_hard_link_that_survives_the_next_last(tmp_path):
     assert torch.load(tmp_path / "best.pt", weights_only=True) == {"epoch": 1}
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def _repaint_keeping_size_and_mtime(folder: Path) -> None:
+    """Every image repainted (colours inverted) at the same size, its mtime put back."""
+    for f in sorted(folder.rglob("*.png")):
+        st = f.stat()
+        with Image.open(f) as im:
+            ImageOps.invert(im.convert("RGB")).save(f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert f.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_folder_cache_keys_on_content_a_repaint_misses(setup, tmp_path, monkeypatch):
+    """Issue 24: the folder's old features were served after every image was repainted."""
+    root, _, weights = setup
+    folder = write_png_tree(tmp_path / "imgs", {"a": 8, "b": 8, "c": 8}, size=16)
+    cache = tmp_path / "cache"
+    calls = []
+    real = content.file_sha256
+    monkeypatch.setattr(content, "file_sha256", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(content, "RACY_S", 0.0)  # the files were written a moment ago
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        args = ["train", "--data", f"folder:{folder}", "--model", "resnet18"]
+        args += ["--weights", str(weights), "--image-size", "32", "--epochs", "1"]
+        args += ["--device", "cpu", "--precision", "fp32", "--engine", "torch"]
+        args += ["--cache-dir", str(cache), "--run-dir", str(out), "--no-progress"]
+        assert main(args) == 0
+        return json.loads((out / "summary.json").read_text())["feature_cache"]
+
+    first = run("r1")
+    hashed_first = len(calls)
+    assert hashed_first == 24  # every file's bytes, once
+    second = run("r2")
+    assert all(second[s]["hit"] for s in ("train", "val", "test"))
+    assert len(calls) == hashed_first  # unchanged files: the memo answered, no byte read
+    _repaint_keeping_size_and_mtime(folder)
+    third = run("r3")
+    assert not any(third[s]["hit"] for s in ("train", "val", "test"))
+    assert third["train"]["key"] != first["train"]["key"]
+    assert (cache / fcache.DIGEST_MEMO).is_file()
+
+
+def test_cache_list_and_clear_include_engines_and_memos(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    fcache.save_entry(
+        cache / "engines",
+        "a" * 24,
+        {"model": torch.zeros(4, dtype=torch.uint8)},
+        {"engine": "openvino"},
+    )
+    (cache / fcache.ENGINE_MEMO).write_text("{}")
+    (cache / "mine.txt").write_text("a user's file")
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "converted model (openvino)" in out and "engines.json" in out
+    assert "not ours, left alone (1): mine.txt" in out
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["mine.txt"]

@@ -283,6 +283,10 @@ def cmd_cache(args) -> int:
         total = sum(e["bytes"] for e in ours) / 1e6
         out.write(f"feature cache: {root} ({len(ours)} entries, {total:.1f} MB)\n")
         for e in ours:
+            if e.get("memo") or e.get("engine") and "split" not in e:  # a memo, a converted model
+                kind = "memo" if e.get("memo") else f"converted model ({e['engine']})"
+                out.write(f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {kind}\n")
+                continue
             out.write(
                 f"  {e['key']}  {e['bytes'] / 1e6:8.1f} MB  {e.get('backbone', '?')}  "
                 f"split={e.get('split', '?')}  n={e.get('n', '?')}  "

@@ -49,6 +49,10 @@ SUFFIX = ".safetensors"
 FORMAT_KEY, FORMAT_TAG = "format", "transferlab-features/1"  # in every entry's metadata
 TEMP_MARK = ".transferlab-tmp-"  # .KEY.safetensors.transferlab-tmp-HOST-PID-XXXX
 STALE_TEMP_S = 24 * 3600  # a temp file older than this is stale even if its process lives
+# memos of ours in the cache root: the engine choice (features/engines.py), the extraction
+# precision (features/extract.py), the data files' digests (features/content.py)
+ENGINE_MEMO, PRECISION_MEMO, DIGEST_MEMO = "engines.json", "precision.json", "file_digests.json"
+MEMOS = (ENGINE_MEMO, PRECISION_MEMO, DIGEST_MEMO)
 _LEGACY_KEY = re.compile(r"^[0-9a-f]{24}$")  # entries written before the format tag
 
 
@@ -177,33 +181,40 @@ def is_ours(path: Path, meta: dict) -> bool:
 
 
 def list_entries(root: Path) -> list[dict]:
-    """One dict per file in the cache dir: key, size in bytes, path, ``ours``, and its metadata.
+    """One dict per file in the cache dir and its ``engines/`` (converted models): key, size in
+    bytes, path, ``ours``, and its metadata.
 
-    ``ours`` is False for files we did not write (listed as "not ours", never deleted). Hidden
-    files (temp files) and the precision memo are not listed.
+    ``ours`` is False for files we did not write (listed as "not ours", never deleted). Our
+    memos (:data:`MEMOS`) are ours, with ``memo: True``. Hidden files (temp files) are not listed.
     """
     out = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.name == "precision.json":  # the extraction precision memo (features/extract.py)
-            continue
+    for path in _visible_files(root) + _visible_files(root / "engines"):
         meta: dict = {}
-        if path.suffix == SUFFIX:
+        if path.parent == root and path.name in MEMOS:
+            meta = {"memo": True}
+        elif path.suffix == SUFFIX:
             try:
                 meta = _meta_of(path)
             except (OSError, ValueError):
                 meta = {"error": "unreadable"}
-        ours = path.suffix == SUFFIX and is_ours(path, meta)
+        ours = bool(meta.get("memo")) or (path.suffix == SUFFIX and is_ours(path, meta))
         info = {k: v for k, v in meta.items() if k not in ("key", "bytes", "path", "ours")}
         out.append(
             {
                 **info,
-                "key": path.stem,
+                "key": path.stem if path.suffix == SUFFIX else path.name,
                 "bytes": path.stat().st_size,
                 "path": str(path),
                 "ours": ours,
             }
         )
     return out
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _stale_temp(path: Path, now: float) -> bool:
@@ -236,7 +247,8 @@ def clear_entries(root: Path) -> tuple[int, int]:
     files = freed = 0
     now = time.time()
     doomed = [Path(e["path"]) for e in list_entries(root) if e["ours"]]
-    doomed += [p for p in root.glob(f".*{TEMP_MARK}*") if p.is_file() and _stale_temp(p, now)]
+    for folder in (root, root / "engines"):
+        doomed += [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file() and _stale_temp(p, now)]
     for path in doomed:
         try:
             size = path.stat().st_size

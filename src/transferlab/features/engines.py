@@ -558,7 +558,7 @@ def resolve_engine(
             "engine auto: openvino and onnxruntime are not installed, so extraction uses "
             "torch (pip install 'transferlab[openvino]' for a faster CPU engine)"
         )
-    memo = Path(cache_root) / "engines.json"
+    memo = Path(cache_root) / fcache.ENGINE_MEMO
     tag = _memo_tag(arch, size, device, requested, precision_requested, channels_last)
     known = _read_memo(memo)
     remembered = _memo_choice(known, tag)

@@ -29,6 +29,7 @@ import torch
 
 from transferlab.distributed import DistEnv, all_gather_tensor
 from transferlab.errors import TrainingStopped, UserError
+from transferlab.features import cache as fcache
 from transferlab.features.engines import GPU_BATCH as DEFAULT_GPU_BATCH
 from transferlab.features.engines import Engine, EngineChoice, TorchEngine, reuse_freed_memory
 from transferlab.progress import progress as show_progress
@@ -169,7 +170,7 @@ def choose_precision(
     """
     if requested != "auto" or device.type == "cuda" or not cpu_has_fast_bf16():
         return resolve_precision(requested, device)
-    memo = cache_root / "precision.json"
+    memo = cache_root / fcache.PRECISION_MEMO
     tag = f"{arch}@{size}px/{device.type}/{torch.__version__}"
     try:
         known = json.loads(memo.read_text())

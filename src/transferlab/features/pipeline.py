@@ -36,6 +36,7 @@ from transferlab.distributed import (
 )
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
+from transferlab.features.content import content_digest
 from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
 from transferlab.features.extract import extract_with_engine
 from transferlab.models.classifier import Classifier
@@ -138,6 +139,23 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
     return key
 
 
+def split_cache_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: str) -> str:
+    """The cache key of one split: :func:`feature_key` plus, for files on disk (folder data), a
+    digest of the files' bytes (a repaint at the same size changes it; features/content.py)."""
+    parts = feature_key(cfg, plan, ds, split, whash)
+    paths = getattr(getattr(ds, split), "paths", None)
+    if paths is not None:
+        memo = fcache.cache_root(cfg.run.cache_dir) / fcache.DIGEST_MEMO
+        try:
+            parts["content"] = content_digest(paths, memo)
+        except OSError as e:
+            raise UserError(
+                f"cannot read a data file to key the feature cache ({e.filename}: "
+                f"{e.strerror or e}); the data changed under the run, rerun it"
+            ) from None
+    return fcache.cache_key(parts)
+
+
 def _lookup(root, key: str, env: DistEnv):
     hit = fcache.load_entry(root, key) if env.is_main else None
     if broadcast_object(hit is not None, env):
@@ -171,7 +189,9 @@ def split_features(
     split = getattr(ds, name)
     root = fcache.cache_root(cfg.run.cache_dir)
     views = cfg.run.feature_views if name == "train" else 1
-    key = fcache.cache_key(feature_key(cfg, plan, ds, name, engines.whash))
+    key = broadcast_object(  # rank 0 reads the files once
+        split_cache_key(cfg, plan, ds, name, engines.whash) if env.is_main else None, env
+    )
     hit = _lookup(root, key, env)
     if hit:
         log.info(

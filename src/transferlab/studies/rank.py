@@ -194,10 +194,10 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     """
     from transferlab.data.subsets import select_per_class, subset_split
     from transferlab.features import cache as fcache
-    from transferlab.features.pipeline import feature_key
+    from transferlab.features.pipeline import split_cache_key
 
     root = fcache.cache_root(st.cfg.run.cache_dir)
-    key = fcache.cache_key(feature_key(st.cfg, st.plan, ds, "train", st.whash))
+    key = split_cache_key(st.cfg, st.plan, ds, "train", st.whash)
     hit = fcache.load_entry(root, key)
     if hit is not None and hit[0]["features"].dim() == 2:
         log.info("%s: subsample picked from the cached training split", st.cfg.model.name)
