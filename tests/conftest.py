@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from transferlab.data.cifar import write_cifar_like
@@ -19,6 +20,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # The extraction's glibc tuning (features/engines.reuse_freed_memory) is process-wide; tests keep
 # the process's default allocator. (It was suspected of the SIGSEGV too, wrongly: see above.)
 os.environ.setdefault("TRANSFERLAB_MALLOPT", "0")
+# Runs pick their torch threads from the cores free at each phase (transferlab/threads.py); a
+# neighbour's burst could then change a thread count between a run and its resume, and with it
+# the last bits of a reduction. Tests pin torch's default count (as before) unless the caller did.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 

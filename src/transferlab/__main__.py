@@ -1,6 +1,6 @@
 """Entry point for ``python -m transferlab`` (and for ``torchrun -m transferlab``)."""
 
-from transferlab.cli import main
+from transferlab.entry import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -338,6 +338,11 @@ class RunConfig:
         "frozen-feature extraction engine: auto | torch | openvino | onnxruntime",
         choices=ENGINES,
     )  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
+    threads: int = opt(
+        0,
+        "CPU threads of torch (0 = the cores other processes leave free, measured at the start "
+        "of each phase)",
+    )
     report: bool = opt(
         True, "write report.md and report.html at the end of the run", flag="--no-report"
     )  # write report.md and report.html at the end of the run
@@ -348,6 +353,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
         _choice(self.engine, ENGINES, "--engine")
+        _check(self.threads >= 0, f"--threads must be >= 0 (0 = auto); got {self.threads}")
         _check(
             self.track == "" or self.track == "mlflow" or self.track.startswith("mlflow:"),
             f"--track must be mlflow or mlflow:URI; got {self.track!r}",

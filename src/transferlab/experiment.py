@@ -31,6 +31,7 @@ from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolve_plan, saved_plan, use_channels_last, uses_feature_cache
 from transferlab.rundir import check_config_unchanged, data_root, prepare_run_dir
+from transferlab.threads import threads_restored, use_threads
 from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 from transferlab.training.fit import DataInfo, Job, fit, save_checkpoint, start_state
 from transferlab.training.loop import StepContext
@@ -124,7 +125,8 @@ def run_experiment(
     check_before_data(cfg, env)
     cfg, ckpt, handle = _open_run(cfg, resume, env, resume_epochs if resume else None)
     try:
-        return _run(cfg, ckpt, handle, dataset, env, stop_requested, t_start)
+        with threads_restored():  # an in-process caller keeps its own torch thread count
+            return _run(cfg, ckpt, handle, dataset, env, stop_requested, t_start)
     except BaseException:
         if handle is not None:
             handle.rollback()  # a no-op once the first checkpoint committed the run
@@ -141,12 +143,16 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
     torch.manual_seed(cfg.run.seed)
     ds = dataset or run_checked(lambda: load_data(cfg), env)  # missing on one node: all say so
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
+    # threads from the cores free now, per phase: extraction (with its engine probe), training
+    use_threads(cfg.run.threads, "extract" if uses_feature_cache(cfg) else "train")
     plan = _plan(cfg, model, ds, env, ckpt)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     t_setup = time.perf_counter()
     pipe = _pipeline(cfg, plan, model, ds, env, stop_requested)
     setup_s = time.perf_counter() - t_setup
+    if plan.path == "features":
+        use_threads(cfg.run.threads, "train")
     ctx = StepContext(
         device=env.device,
         precision=plan.step_precision,

@@ -1,0 +1,102 @@
+"""Threads on a shared CPU (issue 25): the count follows the free cores, ``--threads`` and the
+user's OMP_NUM_THREADS win, every choice is logged, and only the CLI entry sets the OpenMP wait
+policy (before torch loads). No timing: the measurement is replaced where a test needs a value."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transferlab import entry, threads
+from transferlab.cli import main
+from transferlab.config import RunConfig
+from transferlab.errors import UserError
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("busy", "cores", "want"), [(0.0, 2, 2), (0.3, 2, 2), (1.0, 2, 1), (1.8, 2, 1), (7.0, 4, 1)]
+)
+def test_free_threads_rounds_the_free_cores(busy, cores, want):
+    assert threads.free_threads(busy, cores) == want
+
+
+def test_busy_elsewhere_reads_this_machine():
+    busy = threads.busy_elsewhere(0.05)
+    assert math.isfinite(busy) and busy >= 0
+
+
+def test_measured_count_is_used_and_logged(monkeypatch, caplog, keep_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 1.7)  # one other job on the 2 cores
+    with caplog.at_level(logging.INFO, "transferlab.threads"):
+        assert threads.use_threads(0, "train") == 1
+    assert torch.get_num_threads() == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "transferlab.threads"]
+    assert line.startswith("threads for train: 1 (2 cores, 1.7 busy") and "--threads N" in line
+
+
+def test_threads_flag_wins_then_omp_num_threads(monkeypatch, caplog, keep_threads):
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with caplog.at_level(logging.INFO, "transferlab.threads"):
+        assert threads.use_threads(2, "extract") == 2
+        assert threads.use_threads(0, "extract") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "transferlab.threads"]
+    assert "(--threads;" in lines[0] and "(OMP_NUM_THREADS;" in lines[1]
+
+
+def test_threads_must_not_be_negative():
+    with pytest.raises(UserError, match="--threads must be >= 0"):
+        RunConfig(threads=-1)
+
+
+def test_a_run_logs_its_threads_and_gives_the_count_back(
+    tiny_cifar, tmp_path, caplog, keep_threads
+):
+    torch.set_num_threads(2)
+    args = ["train", "--data-dir", str(tiny_cifar), "--run-dir", str(tmp_path / "run")]
+    args += ["--model", "cnn", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    args += ["--val-size", "50", "--batch-size", "50", "--threads", "1", "--no-report"]
+    with caplog.at_level(logging.INFO, "transferlab.threads"):
+        assert main(args) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "transferlab.threads"]
+    assert lines and lines[0].startswith("threads for train: 1 (--threads")
+    assert torch.get_num_threads() == 2  # a library caller's count is put back
+
+
+def test_passive_waits_keep_the_users_choice():
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert entry.set_passive_waits(env) == {} and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {}
+    assert entry.set_passive_waits(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_entry_sets_the_policy_before_torch_loads():
+    """The entry module imports no torch, and the CLI sees PASSIVE once torch is loaded."""
+    code = (
+        "import os, sys\n"
+        "os.environ.pop('OMP_WAIT_POLICY', None)\n"
+        "import transferlab.entry as e\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.argv = ['transferlab', '--version']\n"
+        "try:\n"
+        "    e.main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("PASSIVE")
