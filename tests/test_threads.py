@@ -63,6 +63,14 @@ def test_threads_must_not_be_negative():
         RunConfig(threads=-1)
 
 
+def test_threads_above_the_cores_is_one_line_exit_2(tmp_path, capsys):
+    n = threads.usable_cores() + 1
+    args = ["train", "--model", "cnn", "--threads", str(n), "--run-dir", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--threads {n} is more than" in err
+
+
 def test_a_run_logs_its_threads_and_gives_the_count_back(
     tiny_cifar, tmp_path, caplog, keep_threads
 ):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
+from transferlab.threads import usable_cores
 
 
 def check_before_data(cfg: Config, env: DistEnv) -> None:
@@ -167,6 +168,12 @@ def check_ranges(cfg: Config) -> None:
             f"--num-workers {cfg.data.num_workers} is above {MAX_NUM_WORKERS}; each "
             "worker is a process with its own memory: use about the number of CPU "
             "cores"
+        )
+    cores = usable_cores()
+    if cfg.run.threads > cores:
+        raise UserError(
+            f"--threads {cfg.run.threads} is more than the {cores} cores this process may run on; "
+            f"use 1-{cores}, or 0 to take the cores other processes leave free"
         )
     if cfg.data.dataset == "cifar100" and cfg.data.val_size >= CIFAR_TRAIN_IMAGES:
         raise UserError(
