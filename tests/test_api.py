@@ -210,6 +210,10 @@ def test_predict_matches_cli_and_reports_bad_images(run, tmp_path):
         assert r["class"] == want[0][0] and rm.classes[r["index"]] == r["class"]
     assert "error" in results[4] and results[4]["image"] == str(bad)
     assert "error" in results[5] and "expected one image" in results[5]["error"]
+    nan = chw.float() / 255
+    nan[0, 0, 0] = float("nan")  # NaN passed every range check and became black pixels
+    (refused,) = run.predict(nan)
+    assert "NaN" in refused["error"] and "class" not in refused
 
 
 def test_export_returns_the_checked_file(run, tmp_path):

@@ -15,6 +15,8 @@ from conftest import write_png_tree
 from transferlab.config import DataConfig
 from transferlab.data.folder import (
     FolderLoader,
+    check_image,
+    decode_rgb,
     load_folder_dataset,
     load_image,
     shard_indices,
@@ -120,6 +122,24 @@ def test_load_image_resizes_shorter_side_and_centre_crops(tmp_path):
     x = load_image(tmp_path / "x.png", 8)
     assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
     assert x.float().mean() > 200  # the crop kept the centre band
+
+
+def test_exif_orientation_is_applied_where_images_are_decoded(tmp_path):
+    """A phone's portrait JPEG: stored sideways (20 wide, 10 high) with EXIF orientation 6."""
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)  # stored: red left half, blue right half
+    arr[:, 10:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    up = np.asarray(decode_rgb(tmp_path / "phone.jpg"))
+    assert up.shape == (20, 10, 3)  # upright: 10 wide, 20 high
+    assert up[2, 5, 0] > 200 and up[2, 5, 2] < 60  # red on top
+    assert up[17, 5, 2] > 200 and up[17, 5, 0] < 60  # blue below
+    x = load_image(tmp_path / "phone.jpg", 10)  # train, predict, explain, reports
+    assert x.shape == (3, 10, 10)
+    assert x[0, 0, 5] > 200 and x[2, 9, 5] > 200  # red on top, blue below: upright
+    assert check_image(str(tmp_path / "phone.jpg")) == ""  # check-data and the screen
 
 
 def test_loader_batches_labels_and_augment(tmp_path):

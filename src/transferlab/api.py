@@ -346,6 +346,8 @@ def _to_pil(image):
     if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):  # HWC array
         t = t.permute(2, 0, 1)
     if t.is_floating_point():  # float in [0, 1], as torchvision's ToTensor gives
+        if not torch.isfinite(t).all():  # NaN compares False with every bound below
+            raise ValueError("float image holds NaN or infinite values; refusing it")
         if t.min() < 0 or t.max() > 1:
             raise ValueError("float images must be in [0, 1] (pixel / 255)")
         t = (t * 255).round().to(torch.uint8)

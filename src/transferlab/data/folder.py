@@ -20,7 +20,8 @@ workers decode each image straight to that size: shorter side resized to floor(S
 (PIL, with the weights' interpolation), then a centre crop of S x S, returned as uint8
 (3, S, S), exactly as timm's ``create_transform`` / torchvision's weight transforms do.
 Normalisation happens later, on the device. ``transferlab predict`` uses the same
-:func:`load_image`.
+:func:`load_image`. Every decode goes through :func:`decode_rgb`, which applies the EXIF
+orientation (a phone's portrait photo is stored sideways with a tag saying so).
 
 Usage:
     ds = load_folder_dataset(DataConfig(dataset="folder:/data/flowers"))
@@ -226,18 +227,35 @@ def load_image(path: str | Path, pre, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     if isinstance(pre, int):
         pre = square_preprocessing(pre)
+    return eval_transform(decode_rgb(path, max_pixels, draft=pre.resize), pre)
+
+
+def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: int = 0):
+    """The one decoder of an image file: an 8-bit RGB PIL image, upright as people took it.
+
+    The EXIF orientation is applied (``ImageOps.exif_transpose``: a phone's portrait JPEG is
+    stored sideways with an orientation tag); train, predict, explain, reports and check-data
+    all decode through here. ``draft`` > 0 lets a JPEG decode at a reduced scale that still
+    covers ``draft`` x ``draft`` pixels (rotation-invariant: the box is square). Only regular
+    files are opened; over ``max_pixels``, a mode :func:`to_rgb8` cannot convert, or a damaged
+    EXIF block: ValueError; unreadable: PIL's OSError (and others: callers decide the policy).
+    """
+    from PIL import ExifTags, ImageOps
+
     with _pil_limit(max_pixels), _open(path, max_pixels) as im:
-        im.draft("RGB", (pre.resize, pre.resize))  # JPEG: decode at a reduced scale when enough
-        return eval_transform(to_rgb8(im), pre)
+        if draft:
+            im.draft("RGB", (draft, draft))  # JPEG: decode at a reduced scale when enough
+        try:
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception as e:  # a damaged EXIF block: PIL raises many types here
+            raise ValueError(f"damaged EXIF data ({type(e).__name__}: {e})") from None
+        return to_rgb8(ImageOps.exif_transpose(im) if orientation != 1 else im)
 
 
 def check_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """'' if ``path`` decodes (and converts to 8-bit RGB) as an image, else why it does not."""
     try:
-        with _pil_limit(max_pixels), _open(path, max_pixels) as im:
-            im.draft("RGB", (64, 64))  # a JPEG still decodes every block, just at low resolution
-            im.load()
-            to_rgb8(im)
+        decode_rgb(path, max_pixels, draft=64)  # a JPEG still decodes every block
         return ""
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error...
         return f"{type(e).__name__}: {e}"
