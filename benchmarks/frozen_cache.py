@@ -107,7 +107,7 @@ def live_rates(args, ds, env, precision: str) -> tuple[float, float]:
     model.eval()
     sync(env.device)
     t0 = time.perf_counter()
-    evaluate(lambda x: model(prepare(x)), eval_loader, ctx)
+    evaluate(lambda x: model(prepare(x)), eval_loader, ctx)  # an EvalResult
     sync(env.device)
     return stats.img_per_s, n / (time.perf_counter() - t0)
 

@@ -143,7 +143,8 @@ def _unit_checks(env: DistEnv) -> dict:
     loader = TensorLoader(
         logits, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size
     )
-    out["eval"] = evaluate(lambda f: f, loader, ctx)
+    res = evaluate(lambda f: f, loader, ctx)
+    out["eval"] = (res.loss, res.acc)
     # Extraction: shards r::W reassembled in sample order.
     feats = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
     loader = TensorLoader(

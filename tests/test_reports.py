@@ -66,8 +66,7 @@ def test_run_report_from_saved_files(cifar_run, capsys):
     for heading in (
         "## Results",
         "## Learning curves",
-        "### Best",
-        "### Worst",
+        "## Per-class results (test, worst first)",
         "## Most confused class pairs",
         "## Misclassified test images",
         "## Timing",

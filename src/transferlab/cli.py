@@ -248,7 +248,8 @@ def cmd_train(args) -> int:
     sys.stdout.write(
         f"run dir:      {summary['run_dir']}\n"
         f"best val acc: {summary['val']['acc']:.4f} (epoch {summary['best_epoch']})\n"
-        f"test acc:     {summary['test']['acc']:.4f}\n"
+        f"test acc:     {summary['test']['acc']:.4f} "
+        f"(balanced {summary['test'].get('balanced_acc', float('nan')):.4f})\n"
         f"time:         {t:.1f} s\n"
     )
     return 0

@@ -30,6 +30,9 @@ HEADS = ("mlp", "linear")
 SOLVERS = ("sgd", "lbfgs")
 BAD_IMAGE_POLICIES = ("skip", "error")
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+SELECT_BY = ("val_acc", "val_balanced_acc")
+BALANCE = ("none", "weights", "sampler")
+CLASS_WEIGHTS = ("effective", "inverse")
 # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): 1024 * 1024 * 1024 // 4 // 3
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -57,6 +60,21 @@ def _check(cond: bool, message: str) -> None:
 
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
     _check(value in choices, f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def lt_imbalance_ratio(dataset: str) -> float:
+    """IR of ``cifar100-lt:IR`` (largest / smallest class, >= 1); a bad one is a UserError."""
+    text = dataset.split(":", 1)[1]
+    try:
+        ir = float(text)
+    except ValueError:
+        ir = math.nan
+    _check(
+        math.isfinite(ir) and ir >= 1,
+        f"--data cifar100-lt:IR needs an imbalance ratio IR >= 1 (e.g. cifar100-lt:100); "
+        f"got {text!r}",
+    )
+    return ir
 
 
 @dataclass
@@ -116,11 +134,27 @@ class DataConfig:
     num_workers: int = opt(
         2, "DataLoader workers for folder data (CIFAR needs none)"
     )  # DataLoader workers for folder datasets (CIFAR needs none)
+    folds: int = opt(
+        0,
+        "K >= 2: K stratified folds of train+val (test untouched), each a run in RUN_DIR/fold-i, "
+        "then the final model on all of train+val (0 = off)",
+    )
+    check_data: bool = opt(
+        True,
+        "folder data: before training, count test images that are exact copies of train images",
+        flag="--no-check-data",
+    )
 
     def __post_init__(self) -> None:
         _check(
-            self.dataset == "cifar100" or self.dataset.startswith("folder:"),
-            f"--data must be 'cifar100' or 'folder:PATH'; got {self.dataset!r}",
+            self.dataset in ("cifar100",) or self.dataset.startswith(("folder:", "cifar100-lt:")),
+            f"--data must be 'cifar100', 'cifar100-lt:IR' or 'folder:PATH'; got {self.dataset!r}",
+        )
+        if self.dataset.startswith("cifar100-lt:"):
+            lt_imbalance_ratio(self.dataset)  # a bad IR fails here, before anything is read
+        _check(
+            self.folds == 0 or self.folds >= 2,
+            f"--folds must be at least 2 (0 = off); got {self.folds}",
         )
         _check(self.val_size > 0, f"--val-size must be positive; got {self.val_size}")
         _check(0 < self.val_frac < 1, f"--val-frac must be in (0, 1); got {self.val_frac}")
@@ -264,9 +298,28 @@ class OptimConfig:
         0.0, "stop once val accuracy reaches this (0 = off)"
     )  # stop once val acc reaches this (0 = off)
     grad_clip: float = opt(0.0, "clip the gradient norm (0 = off)")  # max grad norm (0 = off)
+    select_by: str = opt(
+        "val_acc",
+        "the val metric that picks best.pt and drives --patience (balanced = mean class recall)",
+        choices=SELECT_BY,
+    )
+    balance: str = opt(
+        "none",
+        "imbalanced classes: none, weights (class-weighted cross-entropy) or sampler "
+        "(class-balanced sampling)",
+        choices=BALANCE,
+    )
+    class_weights: str = opt(
+        "effective",
+        "--balance weights: effective (Cui et al. 2019, beta 0.999) or inverse (1 / frequency)",
+        choices=CLASS_WEIGHTS,
+    )
 
     def __post_init__(self) -> None:
         _choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _choice(self.select_by, SELECT_BY, "--select-by")
+        _choice(self.balance, BALANCE, "--balance")
+        _choice(self.class_weights, CLASS_WEIGHTS, "--class-weights")
         _choice(self.schedule, SCHEDULES, "--schedule")
         _check(self.lr > 0, f"--lr must be positive; got {self.lr}")
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}")

@@ -5,7 +5,8 @@ through :func:`epoch_row` and :func:`append_metrics`; a resume cuts rows past it
 with :func:`truncate_metrics`; TensorBoard gets the same row as scalars.
 
 Usage:
-    row = epoch_row(1, train=(2.3, 0.4), val=(2.1, 0.45), lr=1e-3, seconds=12.5, img_s=3600.0)
+    row = epoch_row(1, train=(2.3, 0.4), val=(2.1, 0.45), lr=1e-3, seconds=12.5, img_s=3600.0,
+                    val_balanced_acc=0.41)
     append_metrics(run_dir / "metrics.csv", row)
 """
 
@@ -25,6 +26,7 @@ COLUMNS = [
     "train_acc",
     "val_loss",
     "val_acc",
+    "val_balanced_acc",
     "lr",
     "epoch_time_s",
     "train_img_s",
@@ -35,6 +37,7 @@ SCALARS = {
     "val_loss": "loss/val",
     "train_acc": "acc/train",
     "val_acc": "acc/val",
+    "val_balanced_acc": "balanced_acc/val",
     "lr": "lr",
     "train_img_s": "img_per_s/train",
     "epoch_time_s": "epoch_time_s",
@@ -48,14 +51,17 @@ def epoch_row(
     lr: float,
     seconds: float,
     img_s: float,
+    val_balanced_acc: float = float("nan"),
 ) -> dict[str, str]:
-    """One formatted row: (loss, acc) pairs for train and val, lr, epoch seconds, train img/s."""
+    """One formatted row: (loss, acc) pairs for train and val, lr, epoch seconds, train img/s,
+    and the val balanced accuracy (mean per-class recall)."""
     return {
         "epoch": epoch,
         "train_loss": f"{train[0]:.6f}",
         "train_acc": f"{train[1]:.6f}",
         "val_loss": f"{val[0]:.6f}",
         "val_acc": f"{val[1]:.6f}",
+        "val_balanced_acc": f"{val_balanced_acc:.6f}",
         "lr": f"{lr:.6g}",
         "epoch_time_s": f"{seconds:.3f}",
         "train_img_s": f"{img_s:.1f}",

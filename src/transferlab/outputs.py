@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from transferlab import __version__
+from transferlab.classmetrics import class_metrics, confusion_matrix
 from transferlab.distributed import broadcast_module, run_checked
 from transferlab.errors import TrainingStopped
 from transferlab.io import atomic_write_text
@@ -97,6 +98,25 @@ def _train_eval_loader(job: Job):
     return tl.eval_view()
 
 
+def split_metrics(loss: float, confusion, classes: list[str], top5_acc: float | None) -> dict:
+    """summary.json's entry of an evaluated split: loss, acc, balanced acc, macro-F1, top-5,
+    and the per-class precision/recall/F1/support (class order)."""
+    if confusion is None:  # an empty split
+        return {"loss": loss, "acc": float("nan")}
+    m = class_metrics(confusion, classes)
+    m["top5_acc"] = top5_acc
+    return {"loss": loss, **m}
+
+
+def test_metrics(loss: float, preds: dict, classes: list[str]) -> dict:
+    """:func:`split_metrics` of the test predictions (true, pred, top-5 indices)."""
+    if not preds:
+        return {"loss": loss, "acc": float("nan")}
+    cm = confusion_matrix(preds["true"], preds["pred"], len(classes))
+    top5 = float((preds["top5"] == preds["true"][:, None]).any(1).mean())
+    return split_metrics(loss, cm, classes, top5)
+
+
 def build_summary(job: Job, state: FitState, results: dict, times: dict) -> dict:
     """summary.json's content."""
     cfg, fc = job.cfg, job.pipe.features
@@ -147,15 +167,15 @@ def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> dict:
     """Restore the best weights, evaluate train/val/test, write the end-of-run files."""
     _restore_best(job)
     t0 = time.perf_counter()
-    p = job.pipe
+    p, classes = job.pipe, list(job.data.classes)
     train = evaluate(p.eval_forward, _train_eval_loader(job), job.ctx, desc="train (best)")
-    val = evaluate(p.eval_forward, p.val_loader, job.ctx, desc="val (best)")
+    val = evaluate(p.eval_forward, p.val_loader, job.ctx, "val (best)", len(classes))
     test_loss, test_acc, preds = collect_predictions(p.eval_forward, p.test_loader, job.ctx)
     final_eval_s = time.perf_counter() - t0
     results = {
-        "train": {"loss": train[0], "acc": train[1]},
-        "val": {"loss": val[0], "acc": val[1]},
-        "test": {"loss": test_loss, "acc": test_acc},
+        "train": {"loss": train.loss, "acc": train.acc},
+        "val": split_metrics(val.loss, val.confusion, classes, val.top5_acc),
+        "test": test_metrics(test_loss, preds, classes),
     }
     times = {
         "total": round(time.perf_counter() - t_start, 2),

@@ -18,10 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from transferlab.classmetrics import balanced_accuracy, confusion_matrix
 from transferlab.distributed import unwrap
 from transferlab.errors import UserError
 from transferlab.metrics import append_metrics, epoch_row
-from transferlab.training.fit import FitState, Job, link_best, save_checkpoint
+from transferlab.training.fit import FitState, Job, link_best, save_checkpoint, selection_score
 from transferlab.training.loop import OptimParts
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,13 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
             logits = torch.addmm(b, xvs, w.t())
             val_loss = F.cross_entropy(logits, yv).item()
             val_acc = (logits.argmax(1) == yv).float().mean().item()
+            val_bal = balanced_accuracy(confusion_matrix(yv, logits.argmax(1), c))
         trials.append({"l2": l2, "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5)})
         log.info("lbfgs probe: l2 %.0e -> val acc %.4f", l2, val_acc)
-        if best is None or val_acc > best[0]:
-            best = (val_acc, val_loss, l2, w, b)
-    val_acc, val_loss, l2, w, b = best
+        score = selection_score(job.cfg.optim.select_by, val_acc, val_bal)
+        if best is None or score > best[0]:
+            best = (score, val_acc, val_bal, val_loss, l2, w, b)
+    score, val_acc, val_bal, val_loss, l2, w, b = best
     if l2 in (min(L2_GRID), max(L2_GRID)):
         log.warning("lbfgs probe: the best L2 (%g) is at the edge of the grid %s", l2, L2_GRID)
     with torch.no_grad():  # fold the standardisation in: W' = W / sigma, b' = b - W' mu
@@ -126,7 +129,7 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
         train_loss = F.cross_entropy(train_logits, y).item()
         train_acc = (train_logits.argmax(1) == y).float().mean().item()
     seconds = time.perf_counter() - t0
-    state.epoch, state.best_epoch, state.best_val_acc = 1, 1, val_acc
+    state.epoch, state.best_epoch, state.best_val_acc, state.best_score = 1, 1, val_acc, score
     state.train_s += seconds
     state.stop_reason = f"L-BFGS probe, l2 {l2:g} chosen on validation"
     state.probe = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
@@ -140,6 +143,7 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
                 l2,
                 seconds,
                 len(y) * len(trials) / max(seconds, 1e-9),
+                val_balanced_acc=val_bal,
             ),
         )
         save_checkpoint(job, state, opt, "last.pt")

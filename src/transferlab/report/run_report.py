@@ -6,8 +6,9 @@ and for the misclassified images the data themselves: the test files listed in
 data_manifest.json (folder data) or the CIFAR-100 ``test`` file at the source recorded in
 summary.json (read with the safe loader; its md5 is checked against the one recorded).
 
-Sections: results, learning curves, per-class accuracy (best and worst 10), most confused class
-pairs (not a C x C matrix), the most confident mistakes as an image grid, Grad-CAM overlays on
+Sections: results (accuracy, balanced accuracy, macro-F1, top-5), learning curves, per-class
+precision/recall/F1 (worst first), a row-normalised confusion matrix (up to 30 classes), the most
+confused class pairs, the most confident mistakes as an image grid, Grad-CAM overlays on
 those mistakes and on one correct example per most confused class (with ``transferlab[explain]``;
 the model is rebuilt from best.pt), timing, data and reproducibility (seeds, versions, md5, config).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.classmetrics import class_metrics, confusion_matrix, worst_first
 from transferlab.errors import UserError
 from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves, read_metrics
@@ -120,10 +122,22 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 def _results_section(s: dict, preds: dict | None) -> list[str]:
-    rows = ["| split | loss | accuracy |", "|---|---|---|"]
+    rows = [
+        "| split | loss | accuracy | balanced accuracy | macro-F1 | top-5 |",
+        "|---|---|---|---|---|---|",
+    ]
     for split in ("train", "val", "test"):
-        rows.append(f"| {split} | {_fmt(s[split]['loss'])} | {_fmt(s[split]['acc'])} |")
+        m = s[split]
+        rows.append(
+            f"| {split} | {_fmt(m['loss'])} | {_fmt(m['acc'])} | {_fmt(m.get('balanced_acc'))} "
+            f"| {_fmt(m.get('macro_f1'))} | {_fmt(m.get('top5_acc'))} |"
+        )
     out = ["## Results", "", *rows, ""]
+    out.append(
+        "Balanced accuracy is the mean recall over classes: on imbalanced data it shows "
+        "a model that neglects the rare classes, which accuracy hides."
+    )
+    out.append("")
     if preds:
         top5 = (preds["top5"] == preds["true"][:, None]).any(1).mean()
         out.append(
@@ -135,31 +149,38 @@ def _results_section(s: dict, preds: dict | None) -> list[str]:
     return out
 
 
-def _class_sections(preds: dict, classes: list[str]) -> list[str]:
+MATRIX_MAX_CLASSES = 30  # above this the confusion matrix is unreadable: the top pairs instead
+
+
+def _class_sections(run_dir: Path, preds: dict, classes: list[str]) -> list[str]:
     true, pred = preds["true"].astype(np.int64), preds["pred"].astype(np.int64)
-    n, acc = per_class_accuracy(true, pred, len(classes))
-    present = [c for c in range(len(classes)) if n[c] > 0]
-    order = sorted(present, key=lambda c: (-acc[c], classes[c]))
-
-    def table(ids):
-        return ["| class | test images | accuracy |", "|---|---|---|"] + [
-            f"| {classes[c]} | {n[c]} | {acc[c]:.3f} |" for c in ids
-        ]
-
-    out = ["## Per-class accuracy", "", f"{len(present)} classes in the test split.", ""]
-    if len(present) <= 2 * TOP_N:  # few classes: one table, best first
-        out += ["### All classes", "", *table(order), ""]
-    else:
+    cm = confusion_matrix(true, pred, len(classes))
+    rows = [r for r in worst_first(class_metrics(cm, classes)["per_class"]) if r["support"] > 0]
+    shown = rows[:MATRIX_MAX_CLASSES]
+    more = f"; the worst {len(shown)} shown (all in summary.json)" if len(shown) < len(rows) else ""
+    out = [
+        "## Per-class results (test, worst first)",
+        "",
+        f"{len(rows)} classes in the test split{more}.",
+        "",
+        "| class | support | recall | precision | F1 |",
+        "|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['class']} | {r['support']} | {r['recall']:.3f} | {r['precision']:.3f} "
+        f"| {r['f1']:.3f} |"
+        for r in shown
+    ]
+    out.append("")
+    if len(classes) <= MATRIX_MAX_CLASSES:
+        plot_confusion(cm, classes, run_dir / "confusion.png")
         out += [
-            f"### Best {TOP_N}",
+            "## Confusion matrix",
             "",
-            *table(order[:TOP_N]),
-            "",
-            f"### Worst {TOP_N}",
-            "",
-            *table(order[::-1][:TOP_N]),
+            "![row-normalised test confusion matrix](confusion.png)",
             "",
         ]
+    n, _ = per_class_accuracy(true, pred, len(classes))
     pairs = confused_pairs(true, pred, len(classes))
     out += ["## Most confused class pairs", ""]
     if pairs:
@@ -171,6 +192,39 @@ def _class_sections(preds: dict, classes: list[str]) -> list[str]:
     else:
         out.append("No test image was misclassified.")
     return out + [""]
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], out_png: Path) -> Path:
+    """A row-normalised confusion matrix (rows: true class; each row sums to 1)."""
+    from matplotlib.figure import Figure
+
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    side = max(4.0, 0.35 * len(classes) + 2)
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion (row-normalised)")
+    if len(classes) <= 12:
+        for (t, p), v in np.ndenumerate(norm):
+            if v > 0:
+                ax.text(
+                    p,
+                    t,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > 0.5 else "black",
+                )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    return out_png
 
 
 def _misclassified_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) -> list[str]:
@@ -339,7 +393,7 @@ def _write_run_report(run_dir: Path, s: dict) -> tuple[Path, Path]:
         parts += ["No metrics.csv rows.", ""]
     if preds is not None:
         classes = [str(c) for c in preds["classes"]]
-        parts += _class_sections(preds, classes)
+        parts += _class_sections(run_dir, preds, classes)
         parts += _misclassified_section(run_dir, s, preds, classes)
         parts += _gradcam_section(run_dir, s, preds, classes)
     else:

@@ -32,6 +32,7 @@ from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
 from transferlab.training.checkpoint import rng_state, set_rng_state
 from transferlab.training.loop import (
     EpochStats,
+    EvalResult,
     OptimParts,
     StepContext,
     StepGuard,
@@ -50,9 +51,10 @@ class FitState:
 
     epoch: int = 0  # epochs completed
     phase: str = "main"  # gradual: "frozen" then "unfrozen"
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # val accuracy at the best epoch
     best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the best val acc (patience)
+    bad_epochs: int = 0  # epochs since the best (patience)
+    best_score: float = -1.0  # the --select-by metric at the best epoch
     train_s: float = 0.0
     eval_s: float = 0.0
     stop_reason: str = ""
@@ -216,7 +218,8 @@ def _should_stop(cfg: Config, state: FitState) -> str:
     if cfg.optim.target_val_acc and state.best_val_acc >= cfg.optim.target_val_acc:
         return f"reached target val acc {cfg.optim.target_val_acc:.4f}"
     if cfg.optim.patience and state.bad_epochs >= cfg.optim.patience:
-        return f"no val-acc improvement for {cfg.optim.patience} epochs"
+        what = cfg.optim.select_by.replace("_", "-")
+        return f"no {what} improvement for {cfg.optim.patience} epochs"
     return ""
 
 
@@ -263,28 +266,42 @@ def _train_epoch(
     return stats
 
 
-def _validate(job: Job, state: FitState, epoch: int) -> tuple[float, float]:
-    """Validation loss and accuracy after ``epoch``; a diverged model stops the run."""
+def _validate(job: Job, state: FitState, epoch: int) -> EvalResult:
+    """Validation after ``epoch`` (loss, accuracy, confusion); a diverged model stops the run."""
     job.pipe.train_module.eval()
     # BatchNorm running stats: each rank's last forward updated its own copy; use rank 0's
     # (what its checkpoint holds), so validation and the saved model agree.
     broadcast_module(job.model, job.env, buffers_only=True)
-    val_loss, val_acc = evaluate(job.pipe.eval_forward, job.pipe.val_loader, job.ctx, desc="val")
+    val = evaluate(
+        job.pipe.eval_forward,
+        job.pipe.val_loader,
+        job.ctx,
+        desc="val",
+        num_classes=len(job.data.classes),
+    )
+    val_loss = val.loss
     if math.isnan(val_loss) or math.isinf(val_loss):  # diverged in the last steps: keep last.pt
         raise TrainingStopped(
             f"epoch {epoch + 1}: validation loss is {val_loss} (the weights diverged); last.pt "
             f"still holds epoch {state.epoch}. Lower --lr, add --grad-clip, or use "
             "--precision fp32."
         )
-    return val_loss, val_acc
+    return val
 
 
-def _record(state: FitState, epoch: int, val_acc: float, cfg: Config) -> bool:
+def selection_score(select_by: str, acc: float, balanced_acc: float) -> float:
+    """The validation number that picks the best checkpoint and drives early stopping."""
+    return balanced_acc if select_by == "val_balanced_acc" else acc
+
+
+def _record(state: FitState, epoch: int, val: EvalResult, cfg: Config) -> bool:
     """Update best/patience/stop after an epoch; True when it improved on the best."""
     state.epoch = epoch + 1
-    improved = val_acc > state.best_val_acc
+    score = selection_score(cfg.optim.select_by, val.acc, val.balanced_acc)
+    improved = score > state.best_score
     if improved:
-        state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
+        state.best_score, state.best_val_acc = score, val.acc
+        state.best_epoch, state.bad_epochs = epoch + 1, 0
     else:
         state.bad_epochs += 1
     state.stop_reason = _should_stop(cfg, state)
@@ -304,26 +321,29 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
             opt = enter_phase(job, "unfrozen")
         stats = _train_epoch(job, state, opt, guard, epoch)
         t0 = time.perf_counter()
-        val_loss, val_acc = _validate(job, state, epoch)
+        val = _validate(job, state, epoch)
         state.eval_s += time.perf_counter() - t0
-        improved = _record(state, epoch, val_acc, cfg)
+        improved = _record(state, epoch, val, cfg)
         row = epoch_row(
             epoch + 1,
             (stats.loss, stats.acc),
-            (val_loss, val_acc),
+            (val.loss, val.acc),
             opt.optimizer.param_groups[-1]["lr"],
             stats.seconds + time.perf_counter() - t0,
             stats.img_per_s,
+            val_balanced_acc=val.balanced_acc,
         )
         if env.is_main:
             log.info(
-                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
+                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f "
+                "balanced %.4f  %.0f img/s",
                 epoch + 1,
                 cfg.optim.epochs,
                 stats.loss,
                 stats.acc,
-                val_loss,
-                val_acc,
+                val.loss,
+                val.acc,
+                val.balanced_acc,
                 stats.img_per_s,
             )
         # rank 0 writes; every rank waits for it and sees its error (disk full) as its own

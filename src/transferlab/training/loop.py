@@ -7,7 +7,7 @@ so every sample counts exactly once.
 
 Usage:
     stats = train_one_epoch(forward, loader, OptimParts(opt, sched, scaler), ctx, StepGuard(ctx))
-    val_loss, val_acc = evaluate(forward, val_loader, ctx)
+    val = evaluate(forward, val_loader, ctx, num_classes=100)  # val.loss, val.acc, ...
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferlab.classmetrics import balanced_accuracy, topk_correct
 from transferlab.distributed import DistEnv, all_reduce_sum
 from transferlab.errors import TrainingStopped
 from transferlab.progress import progress
@@ -215,26 +217,56 @@ def _fold(stats: EpochStats, sums: torch.Tensor, env: DistEnv, t0: float) -> flo
     return now
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One pass over an eval loader: mean loss, top-1, and (with ``num_classes``) the confusion
+    matrix (rows: true class, columns: predicted; numpy int64) and the top-5 accuracy."""
+
+    loss: float
+    acc: float
+    confusion: np.ndarray | None = None
+    top5_acc: float | None = None
+
+    @property
+    def balanced_acc(self) -> float:
+        """Mean per-class recall (nan without a confusion matrix)."""
+        return math.nan if self.confusion is None else balanced_accuracy(self.confusion)
+
+
 @torch.inference_mode()
 def evaluate(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
     ctx: StepContext,
     desc: str = "eval",
-) -> tuple[float, float]:
-    """Mean loss (without label smoothing) and accuracy over every sample, exactly once."""
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    num_classes: int = 0,
+) -> EvalResult:
+    """Mean loss (without label smoothing) and accuracy over every sample, exactly once.
+
+    With ``num_classes`` it also sums a confusion matrix and top-5 hits on the device (one
+    all-reduce with the rest), for balanced accuracy and the per-class metrics.
+    """
+    c = num_classes
+    sums = torch.zeros(4 + c * c, dtype=torch.float64, device=ctx.device)
     for x, y in progress(loader, desc, ctx.progress and ctx.env.is_main):
         with autocast(ctx.precision, ctx.device):
             logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, reduction="sum")
         sums[0] += loss.double()
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += y.shape[0]
-    loss_sum, correct, count = all_reduce_sum(sums, ctx.env).tolist()
+        if c:
+            sums[3] += topk_correct(logits, y, 5)
+            sums[4:] += torch.bincount(y * c + logits.argmax(1), minlength=c * c)
+    sums = all_reduce_sum(sums, ctx.env).cpu()
+    loss_sum, correct, count, top5 = sums[:4].tolist()
     if count == 0:
-        return math.nan, math.nan
-    return loss_sum / count, correct / count
+        return EvalResult(math.nan, math.nan)
+    if not c:
+        return EvalResult(loss_sum / count, correct / count)
+    confusion = sums[4:].reshape(c, c).round().long().numpy()
+    return EvalResult(loss_sum / count, correct / count, confusion, top5 / count)
 
 
 @torch.inference_mode()
