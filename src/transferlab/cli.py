@@ -164,7 +164,11 @@ def config_from_args(args: argparse.Namespace):
     """Defaults < preset < flags, validated into a Config."""
     from transferlab.config import config_from_layers
 
-    return config_from_layers(getattr(args, "preset", None), config_overrides(args))
+    overrides = config_overrides(args)
+    tune = overrides.get("optim", {}).get("tune")
+    if tune is not None and tune < 1:  # 0 in a config file means "no search"; a flag asks for one
+        raise UserError(f"--tune must be a number of trials >= 1; got {tune}")
+    return config_from_layers(getattr(args, "preset", None), overrides)
 
 
 class _StopFlag:

@@ -314,6 +314,17 @@ class OptimConfig:
         "--balance weights: effective (Cui et al. 2019, beta 0.999) or inverse (1 / frequency)",
         choices=CLASS_WEIGHTS,
     )
+    tune: int = opt(
+        0,
+        "search the head for N Optuna trials on cached features, scored on val; the best "
+        "trial's config is the run's (0 = no search)",
+    )
+    tune_storage: str = opt(
+        "", "Optuna storage URL that several searches share ('' = RUN/tune.db, SQLite)"
+    )
+    tune_study: str = opt(
+        "", "Optuna study name ('' = derived from the config: one command, one study)"
+    )
 
     def __post_init__(self) -> None:
         _choice(self.optimizer, OPTIMIZERS, "--optimizer")
@@ -343,6 +354,11 @@ class OptimConfig:
             f"--target-val-acc must be in [0, 1]; got {self.target_val_acc}",
         )
         _check(self.grad_clip >= 0, f"--grad-clip must be >= 0; got {self.grad_clip}")
+        _check(self.tune >= 0, f"--tune must be a number of trials >= 1; got {self.tune}")
+        _check(
+            self.tune > 0 or not (self.tune_storage or self.tune_study),
+            "--tune-storage and --tune-study belong to a search; add --tune N",
+        )
 
 
 @dataclass
@@ -442,6 +458,14 @@ class Config:
             not (self.model.solver == "lbfgs" and not self.run.feature_cache),
             "--solver lbfgs runs on cached features; drop --no-feature-cache",
         )
+        if self.optim.tune:
+            _check(
+                self.model.mode == "frozen"
+                and self.run.feature_cache
+                and self.model.solver == "sgd",
+                "--tune searches heads on cached features; use it with --mode frozen, the "
+                "feature cache on and --solver sgd",
+            )
         if self.model.mode == "gradual":
             _check(
                 self.model.freeze_epochs < self.optim.epochs,

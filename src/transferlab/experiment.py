@@ -35,6 +35,7 @@ from transferlab.threads import threads_restored, use_threads
 from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 from transferlab.training.fit import DataInfo, Job, fit, save_checkpoint, start_state
 from transferlab.training.loop import StepContext
+from transferlab.training.tune import search_and_apply
 from transferlab.validate import check_before_data
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,14 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
         run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), env, main_only=True)
         if handle is not None:
             handle.commit()
+    if cfg.optim.tune and state.epoch == 0 and not state.partial:
+        # the head search (resumed from its storage after a kill); then the best trial's config
+        # is the run's: config.yaml and last.pt say so before its first epoch
+        job, state, opt = search_and_apply(job)
+        if env.is_main:
+            write_run_header(job, ds)
+        torch.manual_seed(cfg.run.seed)  # each trial trained from here: the best one runs again
+        run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), env, main_only=True)
     if cfg.model.solver == "lbfgs":
         from transferlab.features.probe import fit_linear_probe
 

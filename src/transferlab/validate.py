@@ -44,6 +44,8 @@ def check_model(cfg: Config, env: DistEnv) -> None:
         raise UserError(
             "--solver lbfgs is a single-process, full-batch fit; run it without torchrun"
         )
+    if cfg.optim.tune and env.enabled:
+        raise UserError("--tune searches in one process; run it without torchrun")
     if cfg.model.sync_bn and env.device.type != "cuda":
         raise UserError(
             "--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn"
@@ -84,6 +86,12 @@ def check_extras(cfg: Config) -> None:
         from transferlab.report.mlflow_log import check_tracking_available
 
         check_tracking_available(cfg.run.track)
+    if cfg.optim.tune:
+        from transferlab.training.tune import load_optuna, open_storage
+
+        load_optuna()
+        if cfg.optim.tune_storage:  # unreachable: say so before any data loads
+            open_storage(cfg.optim.tune_storage)
     if cfg.run.engine not in ("auto", "torch"):
         from transferlab.features.engines import require_engine
 
