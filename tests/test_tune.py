@@ -71,7 +71,7 @@ def test_tune_writes_a_rerunnable_best_config(data, tmp_path):
     assert cfg["model"]["head"] == ("linear" if best["head_hidden"] == 0 else "mlp")
     summary = json.loads((run / "summary.json").read_text())
     # the final run trains the best trial's head from the same seed: the same val accuracy
-    assert summary["fit_state"]["best_val_acc"] == pytest.approx(result["best_val_acc"])
+    assert summary["fit_state"]["best_score"] == pytest.approx(result["best_val_score"])
     assert load_checkpoint(run / "best.pt")["config"]["optim"]["tune"] == 0
     # --preset RUN/config.yaml reruns the best head, without a search
     rerun = tmp_path / "rerun"

@@ -36,7 +36,7 @@ from transferlab.distributed import wrap_ddp
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.io import atomic_write_text
 from transferlab.models.classifier import make_head
-from transferlab.training.fit import FitState, Job, enter_phase
+from transferlab.training.fit import FitState, Job, enter_phase, selection_score
 from transferlab.training.loop import OptimParts, StepGuard, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def apply_config(job: Job, cfg: Config) -> Job:
 
 
 def _train_trial(job: Job, trial, optuna) -> float:
-    """Train one trial's head; its best val accuracy (reported per epoch for pruning)."""
+    """Train one trial's head; its best val score (``--select-by``: accuracy by default),
+    reported per epoch for pruning."""
     opt: OptimParts = enter_phase(job, "main")
     guard = StepGuard(job.ctx)
     torch.manual_seed(job.cfg.run.seed)  # the final run of the best trial starts from this too
@@ -158,9 +159,12 @@ def _train_trial(job: Job, trial, optuna) -> float:
                 exit_code=getattr(job.ctx.stop_requested, "exit_code", 130),
             )
         job.pipe.train_module.eval()
-        _, acc = evaluate(job.pipe.eval_forward, job.pipe.val_loader, job.ctx)
-        best = max(best, acc)
-        trial.report(acc, epoch)
+        val = evaluate(
+            job.pipe.eval_forward, job.pipe.val_loader, job.ctx, num_classes=len(job.data.classes)
+        )
+        score = selection_score(job.cfg.optim.select_by, val.acc, val.balanced_acc)
+        best = max(best, score)
+        trial.report(score, epoch)
         if trial.should_prune():
             raise optuna.TrialPruned()
     return best
@@ -239,7 +243,7 @@ def search_and_apply(job: Job) -> tuple[Job, FitState, OptimParts]:
             "study": name,
             "storage": job.cfg.optim.tune_storage or STORAGE_FILE,
             "trials": n,
-            "best_val_acc": score,
+            "best_val_score": score,  # --select-by of the best trial
             "best": values,
         }
         atomic_write_text(job.run_dir / RESULT_FILE, json.dumps(result, indent=2))
