@@ -5,11 +5,15 @@ CIFAR-100-LT, --folds and check-data. Tiny PNG folders and synthetic CIFAR files
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
 
 from conftest import metrics_rows, write_png_tree
 from transferlab.cli import main
+from transferlab.data.balance import class_weights, sample_weights, suggest_balance
+from transferlab.data.tensor_loader import TensorLoader
 
 TINY = ["--no-progress", "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]
 
@@ -79,3 +83,77 @@ def test_bad_lt_ratio_is_a_one_line_error(capsys, tmp_path, ir):
     code = main(["train", "--data", f"cifar100-lt:{ir}", "--run-dir", str(tmp_path / "r")] + TINY)
     assert code == 2
     assert "imbalance ratio" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- --balance
+
+
+def test_class_weights_effective_number_and_inverse():
+    counts = torch.tensor([1000, 100, 10, 0])
+    eff = class_weights(counts, "effective")
+    # Cui et al.: (1 - beta) / (1 - beta^n), beta = 0.999, normalised to sum to 3 (present classes)
+    raw = torch.tensor([(1 - 0.999) / (1 - 0.999**n) for n in (1000, 100, 10)], dtype=torch.float64)
+    assert eff[:3].double() == pytest.approx((raw * 3 / raw.sum()).tolist(), rel=1e-5)
+    assert eff[3] == 0 and float(eff.sum()) == pytest.approx(3.0)
+    inv = class_weights(counts, "inverse")
+    assert inv[:3].tolist() == pytest.approx([3 * x / 0.111 for x in (0.001, 0.01, 0.1)], rel=1e-5)
+    # the effective number weighs the largest class up against plain 1/n
+    assert eff[0] / eff[2] > inv[0] / inv[2]
+
+
+def test_sampler_draws_classes_evenly_and_deterministically():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    w = sample_weights(labels, 3)
+    x = torch.zeros(len(labels), 1)
+    loader = TensorLoader(x, labels, 100, True, seed=5, sample_weights=w)
+    drawn = torch.cat([y for _, y in loader])
+    assert len(drawn) == len(labels)
+    share = torch.bincount(drawn, minlength=3) / len(drawn)
+    assert all(abs(s - 1 / 3) < 0.06 for s in share.tolist())
+    again = torch.cat([y for _, y in TensorLoader(x, labels, 100, True, seed=5, sample_weights=w)])
+    assert torch.equal(drawn, again)
+
+
+def test_imbalance_hint_is_one_line(caplog):
+    with caplog.at_level(logging.WARNING):
+        suggest_balance(torch.tensor([44, 4, 0]), ["big", "small", "none"], "none")
+        suggest_balance(torch.tensor([44, 4]), ["big", "small"], "weights")  # already balancing
+        suggest_balance(torch.tensor([40, 4]), ["big", "small"], "none")  # 10x: not above
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "11x" in lines[0] and "'small': 4" in lines[0]
+    assert "--balance" in lines[0]
+
+
+@pytest.mark.parametrize("balance", ["weights", "sampler"])
+def test_balance_trains_on_pixels(imbalanced, tmp_path, balance):
+    s = _train(f"folder:{imbalanced}", tmp_path / "run", "--epochs", "1", "--balance", balance)
+    assert s["epochs_run"] == 1 and 0 <= s["test"]["balanced_acc"] <= 1
+
+
+FROZEN = [
+    "--model",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--mode",
+    "frozen",
+    "--engine",
+    "torch",
+]
+
+
+def test_balance_sampler_on_cached_features(imbalanced, tmp_path):
+    s = _train(
+        f"folder:{imbalanced}",
+        tmp_path / "run",
+        "--epochs",
+        "2",
+        "--balance",
+        "sampler",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *FROZEN,
+    )
+    assert s["feature_cache"] is not None and s["epochs_run"] == 2

@@ -264,6 +264,7 @@ def shard_order(
     rank: int,
     world_size: int,
     drop_last: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's sample indices for one epoch (int64, CPU): the one DDP shard order.
 
@@ -271,11 +272,17 @@ def shard_order(
     multiple of ``world_size`` (or trimmed when ``drop_last``); rank r takes positions
     r::world_size, so shards are equal and disjoint (as DistributedSampler), and the shards of a
     global batch are the single-process batch. No shuffle (evaluation): r::world_size in order,
-    each sample exactly once across ranks (shard sizes may differ by one).
+    each sample exactly once across ranks (shard sizes may differ by one). ``weights`` (N,)
+    (``--balance sampler``): the epoch's n samples are drawn with replacement in proportion to
+    them instead of permuted, from the same seed on every rank.
     """
     if not shuffle:
         return torch.arange(rank, n, world_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    g = torch.Generator().manual_seed(seed + epoch)
+    if weights is not None:
+        order = torch.multinomial(weights.double().cpu(), n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
     per_rank = n // world_size if drop_last else math.ceil(n / world_size)
     total = per_rank * world_size
     if total > n:  # wrap-pad with the permutation's start (repeat covers n < world_size)

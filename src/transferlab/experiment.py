@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from transferlab.config import Config, config_from_dict
+from transferlab.data.balance import class_counts, class_weights, suggest_balance
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.load import load_data
 from transferlab.distributed import DistEnv, broadcast_object, init_distributed, run_checked
@@ -154,6 +155,14 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
     setup_s = time.perf_counter() - t_setup
     if plan.path == "features":
         use_threads(cfg.run.threads, "train")
+    labels = getattr(pipe.train_loader, "labels", None)  # cached features: the picked rows
+    labels = labels if labels is not None else ds.train.labels
+    counts = class_counts(torch.as_tensor(labels), len(ds.classes))
+    if env.is_main:
+        suggest_balance(counts, list(ds.classes), cfg.optim.balance)
+    weights = None
+    if cfg.optim.balance == "weights":
+        weights = class_weights(counts, cfg.optim.class_weights).to(env.device)
     ctx = StepContext(
         device=env.device,
         precision=plan.step_precision,
@@ -161,11 +170,11 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
         label_smoothing=cfg.optim.label_smoothing,
         grad_clip=cfg.optim.grad_clip,
         nan_patience=cfg.run.nan_patience,
+        class_weights=weights,
         progress=cfg.run.progress,
         stop_requested=stop_requested,
     )
-    labels = getattr(pipe.train_loader, "labels", None)  # cached features: the picked rows
-    n_train = len(labels) if labels is not None else len(ds.train)
+    n_train = len(labels)
     data = DataInfo(
         classes=tuple(ds.classes),
         md5=ds.md5,

@@ -11,7 +11,7 @@ Every file is decoded once at load time (in parallel, over ``--num-workers`` pro
 unreadable or non-image file fails here, not in epoch 7. ``--on-bad-image skip`` (the default)
 drops such files with a warning that lists them and records their count in summary.json;
 ``--on-bad-image error`` stops with a UserError that lists them. Hidden files (``.DS_Store``)
-are ignored. A class more than 10x larger than another gets a warning.
+are ignored. The imbalance ratio is recorded (the run suggests --balance above 10x).
 
 Image size: loading needs no size. The run sets the plan's eval transform (resize, centre crop
 by the weights' ``crop_pct``) with :meth:`FolderDataset.set_preprocessing`
@@ -68,7 +68,6 @@ IMAGE_EXTENSIONS = (
     ".pgm",
 )
 SPLITS = ("train", "val", "test")
-IMBALANCE_WARN_RATIO = 10.0  # max/min images per class above which we warn
 
 
 @dataclass
@@ -505,18 +504,7 @@ def load_folder_dataset(d: DataConfig) -> FolderDataset:
             f"class(es) {empty} have no usable training images under {root}; add images or remove "
             "the folder(s)"
         )
-    ratio = max(total.values()) / max(min(total.values()), 1)
-    if ratio > IMBALANCE_WARN_RATIO:
-        big, small = max(total, key=total.get), min(total, key=total.get)
-        log.warning(
-            "class imbalance %.0fx: %r has %d images, %r has %d; consider rebalancing or "
-            "--label-smoothing",
-            ratio,
-            big,
-            total[big],
-            small,
-            total[small],
-        )
+    ratio = max(total.values()) / max(min(total.values()), 1)  # the run warns (data.balance)
     md5 = {"files": _md5_of_files([p for s in splits.values() for p in s.paths])}
     md5.update({s: _md5_of_files(splits[s].paths) for s in SPLITS})
     info = {
@@ -590,10 +578,16 @@ def _collate(items: list) -> tuple[Tensor, Tensor] | _Undecodable:
 
 
 def shard_indices(
-    n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int
+    n: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    weights: Tensor | None = None,
 ) -> list[int]:
     """This rank's sample order: the one DDP shard order (``distributed.shard_order``)."""
-    return shard_order(n, shuffle, seed, epoch, rank, world_size).tolist()
+    return shard_order(n, shuffle, seed, epoch, rank, world_size, weights=weights).tolist()
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -627,6 +621,7 @@ class FolderLoader:
         world_size: int = 1,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         num_workers: int = 2,
+        sample_weights: Tensor | None = None,
     ):
         if split.preprocessing is None:
             raise ValueError(
@@ -641,6 +636,7 @@ class FolderLoader:
             world_size,
         )
         self.augment, self.num_workers = augment, num_workers
+        self.sample_weights = sample_weights  # (N,): draw with replacement (--balance sampler)
         self.labels = split.labels
         self.epoch = 0
         self._generator = torch.Generator(device=self.device) if augment is not None else None
@@ -652,7 +648,13 @@ class FolderLoader:
     def indices(self) -> list[int]:
         """This rank's sample indices for the current epoch."""
         return shard_indices(
-            len(self.split), self.shuffle, self.seed, self.epoch, self.rank, self.world_size
+            len(self.split),
+            self.shuffle,
+            self.seed,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            self.sample_weights,
         )
 
     @property
@@ -725,6 +727,7 @@ def folder_loader(
     seed: int,
     env: DistEnv,
     augment=None,
+    sample_weights: Tensor | None = None,
 ) -> FolderLoader:
     """A :class:`FolderLoader` for this process's rank (what experiment.make_loader calls)."""
     return FolderLoader(
@@ -737,4 +740,5 @@ def folder_loader(
         env.world_size,
         augment,
         split.num_workers,
+        sample_weights,
     )

@@ -14,6 +14,7 @@ import torch
 
 from transferlab.config import Config
 from transferlab.data.augment import augment_batch
+from transferlab.data.balance import sample_weights
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
@@ -23,8 +24,19 @@ from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan
 
 
-def make_loader(split, batch_size: int, shuffle: bool, env: DistEnv, seed: int, augment=None):
-    """Batches (x_uint8, y) on ``env.device``: in-memory for tensors, a DataLoader for folders."""
+def make_loader(
+    split,
+    batch_size: int,
+    shuffle: bool,
+    env: DistEnv,
+    seed: int,
+    augment=None,
+    sample_weights: torch.Tensor | None = None,
+):
+    """Batches (x_uint8, y) on ``env.device``: in-memory for tensors, a DataLoader for folders.
+
+    ``sample_weights`` (N,): a shuffled pass draws with replacement by them (--balance sampler).
+    """
     if hasattr(split, "images"):
         return TensorLoader(
             split.images,
@@ -36,10 +48,11 @@ def make_loader(split, batch_size: int, shuffle: bool, env: DistEnv, seed: int, 
             rank=env.rank,
             world_size=env.world_size,
             augment=augment,
+            sample_weights=sample_weights,
         )
     from transferlab.data.folder import folder_loader
 
-    return folder_loader(split, batch_size, shuffle, env.device, seed, env, augment)
+    return folder_loader(split, batch_size, shuffle, env.device, seed, env, augment, sample_weights)
 
 
 def augment_fn(cfg: Config):
@@ -50,6 +63,13 @@ def augment_fn(cfg: Config):
     return lambda x, g: augment_batch(
         x, crop_padding=d.crop_padding, flip=d.flip, cutout_size=d.cutout, generator=g
     )
+
+
+def train_sample_weights(cfg: Config, labels: torch.Tensor, num_classes: int):
+    """The training loader's draw weights under ``--balance sampler``, else None."""
+    if cfg.optim.balance != "sampler":
+        return None
+    return sample_weights(torch.as_tensor(labels), num_classes)
 
 
 def prepare_fn(plan: Plan):
@@ -68,8 +88,11 @@ def build_pixel_pipeline(
     if cfg.run.compile:
         train_module = torch.compile(train_module)
     seed = cfg.run.seed
+    weights = train_sample_weights(cfg, ds.train.labels, len(ds.classes))
     return Pipeline(
-        train_loader=make_loader(ds.train, plan.batch_per_rank, True, env, seed, augment_fn(cfg)),
+        train_loader=make_loader(
+            ds.train, plan.batch_per_rank, True, env, seed, augment_fn(cfg), weights
+        ),
         val_loader=make_loader(ds.val, plan.eval_batch_per_rank, False, env, seed),
         test_loader=make_loader(ds.test, plan.eval_batch_per_rank, False, env, seed),
         train_module=train_module,

@@ -65,6 +65,7 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        sample_weights: Tensor | None = None,
     ) -> None:
         # images is usually uint8 (N, C, H, W); cached features (N, [K,] D) float work the same.
         if images.dim() < 2:
@@ -90,6 +91,7 @@ class TensorLoader:
         self.rank = rank
         self.world_size = world_size
         self.augment = augment
+        self.sample_weights = sample_weights  # (N,): draw with replacement (--balance sampler)
         self.epoch = 0
         self.images = images
         self.labels = labels
@@ -140,6 +142,7 @@ class TensorLoader:
             self.rank,
             self.world_size,
             self.drop_last,
+            self.sample_weights,
         )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -24,7 +24,7 @@ import torch
 from transferlab.config import Config
 from transferlab.data.augment import augment_batch
 from transferlab.data.cifar import ImageDataset
-from transferlab.data.pipeline import make_loader, prepare_fn
+from transferlab.data.pipeline import make_loader, prepare_fn, train_sample_weights
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import (
     DistEnv,
@@ -276,7 +276,7 @@ def build_feature_pipeline(
         idx = torch.randint(0, f.shape[1], (f.shape[0],), generator=g, device=f.device)
         return f[torch.arange(f.shape[0], device=f.device), idx]
 
-    def loader(name: str, bs: int, shuffle: bool, augment=None) -> TensorLoader:
+    def loader(name: str, bs: int, shuffle: bool, augment=None, weights=None) -> TensorLoader:
         return TensorLoader(
             *data[name],
             bs,
@@ -286,11 +286,15 @@ def build_feature_pipeline(
             rank=env.rank,
             world_size=env.world_size,
             augment=augment,
+            sample_weights=weights,
         )
 
     views = cfg.run.feature_views
+    weights = train_sample_weights(cfg, data["train"][1], len(ds.classes))
     return Pipeline(
-        train_loader=loader("train", plan.batch_per_rank, True, pick_view if views > 1 else None),
+        train_loader=loader(
+            "train", plan.batch_per_rank, True, pick_view if views > 1 else None, weights
+        ),
         val_loader=loader("val", plan.eval_batch_per_rank, False),
         test_loader=loader("test", plan.eval_batch_per_rank, False),
         train_module=wrap_ddp(model.head, env),

@@ -42,6 +42,7 @@ class StepContext:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     nan_patience: int = 0
+    class_weights: torch.Tensor | None = None  # (C,) on the device: --balance weights
     progress: bool = True
     stop_requested: Callable[[], bool] = field(default=lambda: False)
 
@@ -184,7 +185,9 @@ def train_one_epoch(
             continue
         with autocast(ctx.precision, ctx.device):
             logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+            loss = F.cross_entropy(
+                logits.float(), y, weight=ctx.class_weights, label_smoothing=ctx.label_smoothing
+            )
         apply, stop = guard.check(loss, desc, stats.step, len(loader))
         stats.step += 1
         if not apply:
