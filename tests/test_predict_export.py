@@ -2,11 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
 
+import transferlab as tl
 from conftest import write_png_tree
 from transferlab.cli import main
+from transferlab.data.cifar import load_cifar100, write_cifar_like
 from transferlab.predict import load_run_model
 
 
@@ -166,3 +171,36 @@ def test_export_check_fails_above_tolerance(folder_run, tmp_path, capsys, monkey
     assert not meta["check"]["ok"] and meta["check"]["max_abs_diff"] == pytest.approx(
         0.01, rel=1e-2
     )
+
+
+def test_a_cifar_runs_test_images_as_png_files_predict_as_the_run_did(tmp_path, capsys):
+    """Issue 24 item 8: a CIFAR run resized the whole 32 px image (no crop); predict cropped."""
+    data = write_cifar_like(tmp_path / "data", n_train=100, n_test=200, n_classes=10)
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    run = tmp_path / "run"
+    args = ["train", "--data-dir", str(data), "--val-size", "20", "--model", "resnet18"]
+    args += ["--weights", str(weights), "--image-size", "48", "--epochs", "1"]
+    args += ["--device", "cpu", "--precision", "fp32", "--engine", "torch"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run), "--no-progress"]
+    assert main(args) == 0
+    test = load_cifar100(data, False, 0, 20).test
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    files = []
+    for i, img in enumerate(test.images[:200]):
+        files.append(pngs / f"{i:03d}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(files[-1])
+    npz = np.load(run / "test_predictions.npz")
+    want, want_p = npz["pred"][:200], npz["prob"][:200]
+    classes = load_run_model(run).classes
+    capsys.readouterr()  # the training's output
+    assert main(["predict", str(run), *map(str, files), "--json", "--device", "cpu"]) == 0
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cli_pred = np.array([classes.index(r["top"][0]["class"]) for r in cli])
+    api_pred = np.array([r["index"] for r in tl.load_run(run).predict(files, device="cpu")])
+    assert (cli_pred == want).mean() >= 0.99
+    assert (api_pred == want).mean() >= 0.99
+    cli_p = np.array([r["top"][0]["prob"] for r in cli])  # the very logits, not just the argmax
+    assert (np.abs(cli_p - want_p) < 1e-4).mean() >= 0.99

@@ -170,6 +170,19 @@ def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> 
     return output, sidecar
 
 
+def _layout(rm: RunModel) -> str:
+    """The sidecar's words for the input: the plan's preprocessing as the run evaluated."""
+    pre = rm.preprocessing
+    if pre.on_device_resize:  # a CIFAR run: the whole image, no crop
+        return (
+            f"RGB, NCHW; resize the whole image to {pre.crop}x{pre.crop} px ({pre.interpolation})"
+        )
+    return (
+        f"RGB, NCHW; resize shorter side to {pre.resize} px ({pre.interpolation}), "
+        f"centre crop {pre.crop} px"
+    )
+
+
 def _write_failure(e: OSError, path: Path) -> Exception:
     """A one-line error naming the output (not our temp file): 2 for the path, 1 for the disk."""
     code, line = describe_oserror(OSError(e.errno, e.strerror or str(e), str(path)))
@@ -210,8 +223,7 @@ def export_run(
             "dtype": "float32",
             "shape": ["N", 3, rm.image_size, rm.image_size],
             "range": [0.0, 1.0],
-            "layout": f"RGB, NCHW; resize shorter side to {rm.preprocessing.resize} px "
-            f"({rm.interpolation}), centre crop {rm.image_size} px",
+            "layout": _layout(rm),
         },
         "output": {
             "name": OUTPUT_NAME,

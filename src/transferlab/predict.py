@@ -1,10 +1,11 @@
 """``transferlab predict``: a trained run's top-k classes for your image files.
 
 The model is rebuilt from the run's ``best.pt`` alone (config, class names, the resolved plan and
-weights are all in the checkpoint). Each image goes through the plan's preprocessing, the
-weights' eval transform: the same decode as folder datasets (RGB, shorter side resized to
-floor(size / crop_pct), centre crop; ``transferlab.data.folder.load_image``), then the weights'
-mean/std (``to_float_normalized``).
+weights are all in the checkpoint). Each image goes through the plan's preprocessing as the run
+evaluated: for folder data the weights' eval transform (RGB, shorter side resized to
+floor(size / crop_pct), centre crop), for a CIFAR run the whole image resized to the input size
+with no crop (``transferlab.data.folder.load_image``), then the weights' mean/std
+(``to_float_normalized``).
 Images are decoded and classified in batches of ``--batch-size``.
 
 A file that cannot be read is reported (on stderr, or as an ``error`` line with ``--json``) and
@@ -102,10 +103,10 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
             f"{ckpt_path} is not a usable transferlab checkpoint ({type(e).__name__}: {first})"
         ) from None
     model.eval().to(device)
-    # decoded files always take the eval transform (resize, centre crop), even for a CIFAR run
-    pre = dataclasses.replace(plan.preprocessing, on_device_resize=False)
+    # the plan's preprocessing as the run evaluated: the weights' eval transform for decoded
+    # files, the whole-image resize (no crop) for a run on in-memory images (CIFAR); load_image
     forward = _engine_forward(model, plan, torch.device(device), cfg.run.cache_dir)
-    return RunModel(model, classes, pre, cfg.model.name, forward)
+    return RunModel(model, classes, plan.preprocessing, cfg.model.name, forward)
 
 
 def _engine_forward(model: Classifier, plan: Plan, device: torch.device, cache_dir: str):
@@ -164,9 +165,14 @@ def predict_files(
                 ok.append(row)
             except Exception as e:  # missing, unreadable, not an image: PIL/OS errors of many kinds
                 row["error"] = f"{type(e).__name__}: {e}"
-        if images:
-            x = to_float_normalized(
-                torch.stack(images).to(device), rm.mean, rm.std, None, rm.interpolation
+        if images:  # one at a time: a whole-image run's files may differ in size
+            x = torch.cat(
+                [
+                    to_float_normalized(
+                        im[None].to(device), rm.mean, rm.std, rm.image_size, rm.interpolation
+                    )
+                    for im in images
+                ]
             )
             probs = rm.logits(x).float().softmax(1)
             top_p, top_i = probs.topk(k, dim=1)

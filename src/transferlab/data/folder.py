@@ -212,21 +212,34 @@ _CONVERTIBLE = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", 
 
 
 def load_image(path: str | Path, pre, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
-    """Decode an image file to uint8 (3, S, S) by the plan's eval transform.
+    """Decode an image file to uint8 (3, H, W) as the run evaluated its images.
 
-    ``pre`` is a ``plan.Preprocessing`` (shorter side to ``pre.resize``, centre crop
-    ``pre.crop``), or an int S for a plain "shorter side to S, centre crop" (report thumbnails).
+    ``pre`` is a ``plan.Preprocessing``, or an int S for a plain "shorter side to S, centre crop"
+    (report thumbnails). The weights' eval transform (shorter side to ``pre.resize``, centre
+    crop ``pre.crop``) gives (3, S, S). A run on in-memory images (``pre.on_device_resize``,
+    CIFAR) saw the whole image resized to S x S on the device, with no crop: the whole image is
+    returned (an image larger than S is first shrunk to S x S with PIL, antialiased), and
+    ``to_float_normalized(x, ..., size=S)`` does the rest exactly as the run did.
     Only regular files are opened (:func:`check_regular_file`); images over ``max_pixels`` and
     modes :func:`to_rgb8` cannot convert raise ValueError.
 
     Raises OSError/ValueError (PIL's errors) for unreadable files; callers decide the policy.
     """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
     from transferlab.data.preprocess import eval_transform
     from transferlab.plan import square_preprocessing
 
     if isinstance(pre, int):
         pre = square_preprocessing(pre)
-    return eval_transform(decode_rgb(path, max_pixels, draft=pre.resize), pre)
+    img = decode_rgb(path, max_pixels, draft=pre.resize)
+    if not pre.on_device_resize:
+        return eval_transform(img, pre)
+    if max(img.size) > pre.crop:  # a photo, not a 32 px image: antialiased, not aliased
+        mode = InterpolationMode(pre.interpolation)
+        img = TF.resize(img, [pre.crop, pre.crop], interpolation=mode, antialias=True)
+    return TF.pil_to_tensor(img).contiguous()
 
 
 def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: int = 0):
