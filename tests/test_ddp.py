@@ -29,7 +29,8 @@ from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import DistEnv, cleanup, init_distributed, run_checked
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
-from transferlab.features.extract import extract_features
+from transferlab.features.engines import EngineChoice, TorchEngine
+from transferlab.features.extract import extract_with_engine
 from transferlab.rundir import LOCK_NAME
 from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.loop import StepContext, evaluate
@@ -150,9 +151,8 @@ def _unit_checks(env: DistEnv) -> dict:
     loader = TensorLoader(
         feats, y, batch_size=2, shuffle=False, rank=env.rank, world_size=env.world_size
     )
-    out["extract"] = extract_features(
-        lambda f: f, lambda f: f, loader, env.device, "fp32", env, n, progress=False
-    )[0]
+    engine = TorchEngine(lambda f: f, EngineChoice("torch", "fp32", 32), env.device)
+    out["extract"] = extract_with_engine(engine, lambda f: f, loader, env, n, progress=False)[0]
 
     # A user error on one rank only ends every rank with that message (instead of a hang).
     def fail_on_rank_1():

@@ -16,7 +16,7 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.features import cache as fcache
 from transferlab.features import engines
 from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
-from transferlab.features.extract import extract_features, extract_with_engine
+from transferlab.features.extract import extract_with_engine
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -98,8 +98,9 @@ def test_extract_with_engine_in_sample_order(tmp_path):
     feats, img_s = extract_with_engine(engine, prepare, loader, DistEnv(), 11, progress=False)
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
     assert img_s > 0
-    old, _ = extract_features(net, prepare, loader, CPU, "fp32", DistEnv(), 11, progress=False)
-    torch.testing.assert_close(old, ref, atol=1e-6, rtol=1e-5)
+    plain = engines.TorchEngine(net, EngineChoice("torch", "fp32", 4), CPU)
+    got, _ = extract_with_engine(plain, prepare, loader, DistEnv(), 11, progress=False)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_auto_choice_is_remembered(tmp_path, monkeypatch):

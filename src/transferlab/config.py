@@ -6,7 +6,6 @@ checkpoint, so any run can be rebuilt from its own files.
 
 Usage:
     cfg = Config(model=ModelConfig(name="cnn"), optim=OptimConfig(epochs=10))
-    save_config(cfg, run_dir / "config.yaml")
     cfg2 = config_from_dict(load_yaml(run_dir / "config.yaml"))
 """
 
@@ -21,15 +20,15 @@ from typing import Any
 import yaml
 
 from transferlab.errors import UserError
+from transferlab.features.engines import ENGINES
+from transferlab.models.classifier import HEADS
 
 MODES = ("frozen", "finetune", "gradual", "scratch")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-HEADS = ("mlp", "linear")
 SOLVERS = ("sgd", "lbfgs")
 BAD_IMAGE_POLICIES = ("skip", "error")
-ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 SELECT_BY = ("val_acc", "val_balanced_acc")
 BALANCE = ("none", "weights", "sampler")
 CLASS_WEIGHTS = ("effective", "inverse")
@@ -196,8 +195,8 @@ class ModelConfig:
         256, "hidden units of the head (256 = the seed's; 0 = linear)"
     )  # hidden units of the head; 256 is the seed's, 0 = a linear head
     head: str = opt(
-        "mlp", "mlp (a hidden layer of --head-hidden units) or linear", choices=HEADS
-    )  # mlp (hidden layer per head_hidden) or linear
+        "mlp", " or ".join(f"{h.name} ({h.help})" for h in HEADS.values()), choices=tuple(HEADS)
+    )
     head_dropout: float = opt(
         0.0, "dropout in the head (the seed used none)"
     )  # dropout in the head (0 = none, as in the seed)
@@ -224,7 +223,7 @@ class ModelConfig:
         if self.mode == "":
             self.mode = "scratch" if self.name == "cnn" else "frozen"
         _choice(self.mode, MODES, "--mode")
-        _choice(self.head, HEADS, "--head")
+        _choice(self.head, tuple(HEADS), "--head")
         _choice(self.solver, SOLVERS, "--solver")
         _check(
             0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1); got {self.head_dropout}"
@@ -258,7 +257,7 @@ class ModelConfig:
             "--solver lbfgs fits a probe on frozen features; use it with --mode frozen",
         )
         _check(
-            not (self.solver == "lbfgs" and self.head == "mlp" and self.head_hidden != 0),
+            not (self.solver == "lbfgs" and not HEADS[self.head].linear and self.head_hidden != 0),
             "--solver lbfgs fits a linear probe; add --head linear",
         )
 
@@ -404,9 +403,9 @@ class RunConfig:
     )  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
     engine: str = opt(
         "auto",
-        "frozen-feature extraction engine: auto | torch | openvino | onnxruntime",
+        f"frozen-feature extraction engine: {' | '.join(ENGINES)}",
         choices=ENGINES,
-    )  # frozen-feature extraction engine: auto | torch | openvino | onnxruntime
+    )
     threads: int = opt(
         0,
         "CPU threads of torch (0 = the cores other processes leave free, measured at the start "
@@ -639,11 +638,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
     return data
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -28,17 +28,16 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.features.engines import require_engine
-from transferlab.training.checkpoint import atomic_write
+from transferlab.features.engines import engine_module
+from transferlab.io import atomic_write
+from transferlab.sigstack import keep_signal_stack
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"  # as in export.py
 
 
 def write_openvino_ir(wrapped: nn.Module, size: int, output: Path, metadata: dict) -> Path:
     """Convert ``wrapped`` and write ``output`` (.xml) and its .bin; returns the bin's path."""
-    require_engine("openvino")
-    import openvino as ov
-
+    ov = engine_module("openvino")
     if output.suffix != ".xml":
         raise UserError(f"--format openvino writes an .xml (+ .bin) file; got --output {output}")
     root_level = logging.getLogger().level  # ov.convert_model sets the root logger to ERROR
@@ -68,10 +67,7 @@ def check_openvino_ir(
     wrapped: nn.Module, xml: Path, size: int, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0
 ) -> tuple[str, float]:
     """(runtime, max abs logit difference) of the IR on disk vs PyTorch on random [0, 1] input."""
-    import openvino as ov
-
-    from transferlab.sigstack import keep_signal_stack
-
+    ov = engine_module("openvino")
     core = ov.Core()
     with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
         compiled = core.compile_model(
@@ -97,8 +93,6 @@ def export_openvino(wrapped: nn.Module, size: int, output: Path, metadata: dict,
 
 def read_ir_metadata(xml: Path) -> dict:
     """The ``transferlab`` metadata stored in an exported IR (values decoded from JSON)."""
-    import openvino as ov
-
-    model = ov.Core().read_model(str(xml))
+    model = engine_module("openvino").Core().read_model(str(xml))
     info = model.get_rt_info()["transferlab"]
     return {key: json.loads(info[key].astype(str)) for key in info}

@@ -28,6 +28,7 @@ from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier
+from transferlab.models.registry import weights_crop_pct
 from transferlab.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -136,29 +137,6 @@ def use_channels_last(requested: bool, size: int, device: torch.device) -> bool:
     NCHW, so it stays there.
     """
     return requested and (size > 32 or device.type == "cpu")
-
-
-def weights_crop_pct(model_name: str, weights: str, backbone: torch.nn.Module) -> float:
-    """The centre-crop fraction of the weights' eval transform (1.0 for the scratch CNN).
-
-    timm: the model's ``pretrained_cfg['crop_pct']`` (what ``resolve_data_config`` reads);
-    torchvision: ``crop_size / resize_size`` of the weights' ``transforms()`` (224/256 for
-    ResNet-18 IMAGENET1K_V1).
-    """
-    from transferlab.models.registry import resolve_name
-
-    source, arch = resolve_name(model_name)
-    if source == "cnn":
-        return 1.0
-    if source == "timm":
-        cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        return float(cfg.get("crop_pct", 0.875))
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(arch)
-    w = enum[weights] if weights in enum.__members__ else enum.DEFAULT
-    tf = w.transforms()
-    return float(tf.crop_size[0]) / float(tf.resize_size[0])
 
 
 def make_preprocessing(

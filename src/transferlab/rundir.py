@@ -39,7 +39,6 @@ Usage:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -609,8 +608,3 @@ def read_json_file(path: Path, what: str = "") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{name} {path} is damaged (holds a {type(data).__name__}, not an object)")
     return data
-
-
-def is_disk_error(e: OSError) -> bool:
-    """True for errors of the disk itself (full, quota, read-only), not of the path."""
-    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)

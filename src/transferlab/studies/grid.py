@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.config import MODES, Config, ModelConfig, config_from_dict, load_yaml, merge_dicts
+from transferlab.config import (
+    MODES,
+    Config,
+    ModelConfig,
+    config_from_dict,
+    load_yaml,
+    merge_dicts,
+    resolve_preset,
+)
 from transferlab.errors import UserError
 
 ALL = "all"
@@ -95,15 +103,6 @@ class Cell:
 
 def size_label(per_class: int) -> str:
     return ALL if per_class == 0 else str(per_class)
-
-
-def resolve_preset(name: str) -> Path:
-    """A preset name (cnn-best) or YAML path -> its file (UserError listing the choices)."""
-    try:  # config.py holds it since the redesign; cli.py before
-        from transferlab.config import resolve_preset as resolve
-    except ImportError:
-        from transferlab.cli import resolve_preset as resolve
-    return resolve(name)
 
 
 def parse_arm(text: str) -> Arm:
@@ -222,8 +221,8 @@ def cell_config(
 
 
 def apply_protocol(cfg: Config, n_train: int, min_steps: int, patience: int) -> Config:
-    """Raise the epochs to give at least ``min_steps`` steps; early-stop raised unscheduled "
-    "cells."""
+    """Raise the epochs to give at least ``min_steps`` steps; early-stop raised unscheduled
+    cells."""
     if cfg.model.solver == "lbfgs":
         return cfg  # a full-batch probe has no steps to count
     o = cfg.optim

@@ -254,8 +254,8 @@ def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, en
 
 
 def mark_pareto(rows: list[RankRow]) -> list[RankRow]:
-    """Rows sorted by LogME (best first), the Pareto front over (est. extraction time, LogME) "
-    "marked."""
+    """Rows sorted by LogME (best first), the Pareto front over (est. extraction time, LogME)
+    marked."""
     from transferlab.studies.report import pareto
 
     front = set(pareto([(r.est_full_extract_s, r.logme) for r in rows]))

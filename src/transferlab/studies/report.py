@@ -119,8 +119,8 @@ def _n_classes(rows: list[dict], fallback: int | None) -> int:
 def paired_gain(
     rows: list[dict], arm: str, base: str, size: str
 ) -> tuple[float, float, int] | None:
-    """(mean, 95% half-width, seeds) of arm minus base in points, paired by seed; None if no "
-    "pair."""
+    """(mean, 95% half-width, seeds) of arm minus base in points, paired by seed; None if no
+    pair."""
     acc = {
         (r["arm"], r["seed"]): float(r["test_acc"])
         for r in rows
@@ -136,8 +136,8 @@ def paired_gain(
 
 
 def pareto(pts: list[tuple[float, float]]) -> list[int]:
-    """Indices of points (cost, accuracy) that no other point beats on both (lower cost, higher "
-    "acc)."""
+    """Indices of points (cost, accuracy) that no other point beats on both (lower cost, higher
+    accuracy)."""
     front = []
     for i, (c, a) in enumerate(pts):
         if not any(
@@ -275,8 +275,8 @@ def catch_up(pts: list[Point], arm: str, base: str) -> str:
 
 
 def verdict(rows: list[dict], pts: list[Point]) -> str:
-    """A plain sentence from the numbers: best pretrained vs best scratch at the smallest and "
-    "largest size."""
+    """A plain sentence from the numbers: best pretrained vs best scratch at the smallest and
+    largest size."""
     arms = {r["arm"]: r["mode"] for r in rows}
     scratch = [a for a in arms if arms[a] == "scratch"]
     pre = [a for a in arms if arms[a] != "scratch"]
