@@ -13,6 +13,8 @@ import torch
 from conftest import metrics_rows, write_png_tree
 from transferlab.cli import main
 from transferlab.data.balance import class_weights, sample_weights, suggest_balance
+from transferlab.data.cifar import load_cifar100, write_cifar_like
+from transferlab.data.subsets import long_tail_counts, long_tail_indices
 from transferlab.data.tensor_loader import TensorLoader
 
 TINY = ["--no-progress", "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]
@@ -157,3 +159,39 @@ def test_balance_sampler_on_cached_features(imbalanced, tmp_path):
         *FROZEN,
     )
     assert s["feature_cache"] is not None and s["epochs_run"] == 2
+
+
+# ---------------------------------------------------------------- CIFAR-100-LT
+
+
+def test_long_tail_profile_is_cao_et_al():
+    n = long_tail_counts(100)
+    assert n[0] == 500 and n[-1] == 5 and sum(n) == 10847  # LDAM's CIFAR-100-LT, IR 100
+    assert n == sorted(n, reverse=True) and long_tail_counts(1) == [500] * 100
+    assert sum(long_tail_counts(10)) == 19573 and sum(long_tail_counts(50)) == 12608
+
+
+def test_long_tail_indices_cap_at_what_a_class_has():
+    labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 30)
+    idx = long_tail_indices(labels, 100.0)  # 3 classes: 500, 50, 5 wanted
+    assert torch.bincount(labels[idx]).tolist() == [30, 30, 5]
+    assert idx[-5:].tolist() == list(range(60, 65))  # the first 5 in split order
+
+
+@pytest.fixture(scope="module")
+def lt_cifar(tmp_path_factory):
+    return write_cifar_like(tmp_path_factory.mktemp("lt"), n_train=700, n_test=100)
+
+
+def test_cifar100_lt_pixels_and_features_pick_the_same_images(lt_cifar, tmp_path):
+    common = ["--data-dir", str(lt_cifar), "--val-size", "100", "--epochs", "1", "--no-report"]
+    pixels = _train("cifar100-lt:100", tmp_path / "px", *common, "--batch-size", "50")
+    feats = _train(
+        "cifar100-lt:100", tmp_path / "ft", *common, *FROZEN, "--cache-dir", str(tmp_path / "c")
+    )
+    ds = load_cifar100(lt_cifar, False, 0, 100)
+    want = long_tail_counts(100)
+    have = torch.bincount(ds.train.labels, minlength=100).tolist()
+    expected = sum(min(w, h) for w, h in zip(want, have, strict=True))
+    assert pixels["data"]["n"]["train"] == feats["data"]["n"]["train"] == expected
+    assert pixels["test"]["per_class"][0]["support"] == 1  # the test split stays balanced

@@ -152,6 +152,10 @@ class DataConfig:
         if self.dataset.startswith("cifar100-lt:"):
             lt_imbalance_ratio(self.dataset)  # a bad IR fails here, before anything is read
         _check(
+            not (self.dataset.startswith("cifar100-lt:") and self.train_subset),
+            "--train-subset does not combine with --data cifar100-lt:IR (already a subset)",
+        )
+        _check(
             self.folds == 0 or self.folds >= 2,
             f"--folds must be at least 2 (0 = off); got {self.folds}",
         )

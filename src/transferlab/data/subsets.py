@@ -79,3 +79,34 @@ def select_per_class(
     """
     idx = nested_stratified_indices(labels.cpu(), per_class, seed).to(labels.device)
     return features[idx], labels[idx]
+
+
+LT_MAX_PER_CLASS = 500  # CIFAR-100's images per class: n_0 of the long-tailed profile
+
+
+def long_tail_counts(ir: float, num_classes: int = 100, n_max: int = LT_MAX_PER_CLASS) -> list[int]:
+    """Images of class i in CIFAR-100-LT: floor(n_max * IR^(-i / (C - 1))) (Cao et al., LDAM,
+    NeurIPS 2019, and Cui et al. 2019: the exponential profile; IR = n_0 / n_{C-1})."""
+    return [int(n_max * ir ** (-i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def long_tail_indices(labels: torch.Tensor, ir: float) -> torch.Tensor:
+    """Sorted indices of the long-tailed subset of a training split (deterministic).
+
+    Class i keeps its first min(n_i, available) images in split order. The split order is
+    already the seeded permutation of ``--split-seed``, so that is a seeded draw; and it depends
+    on the labels alone, so pixels and cached features pick the same images.
+    """
+    num_classes = int(labels.max()) + 1
+    want = long_tail_counts(ir, num_classes)
+    chosen = []
+    for c, n in enumerate(want):
+        members = torch.nonzero(labels == c, as_tuple=False).flatten()
+        chosen.append(members[:n])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def long_tail_split(split, ir: float):
+    """The long-tailed subset of an in-memory training split (a new ``Split``)."""
+    idx = long_tail_indices(split.labels, ir)
+    return type(split)(split.images[idx], split.labels[idx])

@@ -21,10 +21,11 @@ from collections.abc import Callable
 
 import torch
 
-from transferlab.config import Config
+from transferlab.config import Config, lt_imbalance_ratio
 from transferlab.data.augment import augment_batch
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.pipeline import make_loader, prepare_fn, train_sample_weights
+from transferlab.data.subsets import long_tail_indices
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import (
     DistEnv,
@@ -258,6 +259,9 @@ def build_feature_pipeline(
     t0 = time.perf_counter()
     for name in ("train", "val", "test"):
         f, y, meta = split_features(cfg, plan, ds, name, env, engines, stop_requested)
+        if name == "train" and cfg.data.dataset.startswith("cifar100-lt:"):  # rows, like below
+            idx = long_tail_indices(y.cpu(), lt_imbalance_ratio(cfg.data.dataset))
+            f, y = f[idx.to(f.device)], y[idx.to(y.device)]
         if name == "train" and cfg.data.per_class:  # the whole split is cached once; a study's
             from transferlab.data.subsets import select_per_class  # sizes and seeds pick rows
 
