@@ -23,7 +23,7 @@ from transferlab.errors import UserError
 from transferlab.features.engines import ENGINES
 from transferlab.models.classifier import HEADS
 
-MODES = ("frozen", "finetune", "gradual", "scratch")
+MODES = ("frozen", "partial", "finetune", "gradual", "scratch")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -193,7 +193,8 @@ class ModelConfig:
         "imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)"
     )  # imagenet | none | PATH to a state dict (ignored by cnn)
     mode: str = opt(
-        "", "frozen | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)"
+        "",
+        "frozen | partial | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)",
     )  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
     head_hidden: int = opt(
         256, "hidden units of the head (256 = the seed's; 0 = linear)"
@@ -212,6 +213,11 @@ class ModelConfig:
         "sgd (the --optimizer) or lbfgs (full-batch linear probe on cached features)",
         choices=SOLVERS,
     )  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
+    train_stages: int = opt(
+        1,
+        "partial: the last K backbone stages train (with conv_head, bn2 and the head) on the "
+        "cached output of the frozen stages before them",
+    )
     freeze_epochs: int = opt(
         1, "gradual: epochs with the backbone frozen before unfreezing"
     )  # gradual: epochs with the backbone frozen before unfreezing
@@ -242,6 +248,12 @@ class ModelConfig:
             not (self.drop_path and self.mode == "frozen"),
             "--drop-path regularises a backbone that trains; use it with --mode finetune, "
             "gradual or scratch",
+        )
+        _check(self.train_stages >= 1, f"--train-stages must be >= 1; got {self.train_stages}")
+        _check(
+            not (self.name == "cnn" and self.mode == "partial"),
+            "--mode partial needs a backbone with stages it knows (timm EfficientNet-style: "
+            "timm:tf_efficientnet_lite0, ...); the cnn trains from scratch",
         )
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
         _check(
@@ -454,8 +466,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.run.feature_views > 1:
             _check(
-                self.model.mode == "frozen" and self.run.feature_cache,
-                "--feature-views needs --mode frozen with the feature cache on",
+                self.model.mode in ("frozen", "partial") and self.run.feature_cache,
+                "--feature-views needs --mode frozen or partial with the feature cache on",
             )
         _check(
             not (self.model.solver == "lbfgs" and not self.run.feature_cache),
@@ -463,11 +475,11 @@ class Config:
         )
         if self.optim.tune:
             _check(
-                self.model.mode == "frozen"
+                self.model.mode in ("frozen", "partial")
                 and self.run.feature_cache
                 and self.model.solver == "sgd",
-                "--tune searches heads on cached features; use it with --mode frozen, the "
-                "feature cache on and --solver sgd",
+                "--tune searches heads on cached features; use it with --mode frozen or "
+                "partial, the feature cache on and --solver sgd",
             )
         if self.model.mode == "gradual":
             _check(

@@ -126,7 +126,8 @@ def uses_feature_cache(cfg: Config) -> bool:
     """Frozen backbone and no per-batch randomness on its input (augmented views are cached)."""
     d = cfg.data
     random_input = bool(d.crop_padding or d.flip or d.cutout) and cfg.run.feature_views == 1
-    return cfg.model.mode == "frozen" and cfg.run.feature_cache and not random_input
+    frozen_part = cfg.model.mode in ("frozen", "partial")  # partial: the prefix's output
+    return frozen_part and cfg.run.feature_cache and not random_input
 
 
 def use_channels_last(requested: bool, size: int, device: torch.device) -> bool:
@@ -193,8 +194,10 @@ def resolve_plan(
     crop_pct = weights_crop_pct(cfg.model.name, cfg.model.weights, model.backbone)
     train_precision = resolve_precision(cfg.run.precision, env.device)
     path = "features" if uses_feature_cache(cfg) else "pixels"
-    # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16
-    head_precision = "fp32" if env.device.type == "cpu" else train_precision
+    # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16;
+    # partial mode trains convolutions on them, as fast in bf16 as on pixels
+    cpu_head = env.device.type == "cpu" and cfg.model.mode != "partial"
+    head_precision = "fp32" if cpu_head else train_precision
     return Plan(
         image_size=size,
         preprocessing=make_preprocessing(model, crop_pct, size, on_device_resize=pixels_in_memory),

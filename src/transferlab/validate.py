@@ -50,8 +50,25 @@ def check_model(cfg: Config, env: DistEnv) -> None:
         raise UserError(
             "--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn"
         )
+    if cfg.model.mode == "partial":
+        _check_stages(source, arch, cfg.model.name, cfg.model.train_stages)
     if cfg.model.drop_path:
         check_drop_path(cfg.model.name)
+
+
+def _check_stages(source: str, arch: str, name: str, k: int) -> None:
+    """--mode partial: the backbone has stages this tool knows and --train-stages fits them
+    (a timm model is built on the meta device: no memory, no weights)."""
+    import timm
+    import torch
+
+    from transferlab.models.partial import check_stages
+
+    net = torch.nn.Identity()  # no stages: check_stages names the supported models
+    if source == "timm":
+        with torch.device("meta"):
+            net = timm.create_model(arch, pretrained=False, num_classes=0)
+    check_stages(net, name, k)
 
 
 def check_extras(cfg: Config) -> None:
@@ -198,5 +215,5 @@ def check_paths(cfg: Config) -> None:
     if root is None:
         return
     rundir.refuse_inside(run_dir, root, "run dir")
-    if cfg.model.mode == "frozen" and cfg.run.feature_cache:
+    if cfg.model.mode in ("frozen", "partial") and cfg.run.feature_cache:
         rundir.refuse_inside(cache, root, "cache dir")

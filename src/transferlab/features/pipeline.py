@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 
@@ -41,6 +43,7 @@ from transferlab.features.content import content_digest
 from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
 from transferlab.features.extract import extract_with_engine
 from transferlab.models.classifier import Classifier
+from transferlab.models.partial import PartialTrainer, StagePrefix, cut_shape
 from transferlab.pipeline import FeatureInfo, Pipeline, SplitFeatures
 from transferlab.plan import ExtractPlan, Plan
 
@@ -58,10 +61,11 @@ def choose_extraction(
     choice = None
     if env.is_main:
         root = fcache.cache_root(cfg.run.cache_dir)
+        cut = f"@cut-{cfg.model.train_stages}" if cfg.model.mode == "partial" else ""
         choice = resolve_engine(
             cfg.run.engine,
-            model.backbone,
-            cfg.model.name,
+            extraction_module(cfg, model),
+            cfg.model.name + cut,  # the engine's memo: the prefix is another network
             size,
             env.device,
             root,
@@ -70,6 +74,21 @@ def choose_extraction(
         )
     choice = broadcast_object(choice, env)
     return ExtractPlan(engine=choice.name, precision=choice.precision, batch_size=choice.batch_size)
+
+
+def extraction_module(cfg: Config, model: Classifier) -> torch.nn.Module:
+    """What the engine runs: the frozen backbone, or (``--mode partial``) its prefix up to the
+    cut, whose activations come out flattened to (N, C*H*W)."""
+    if cfg.model.mode == "partial":
+        return StagePrefix(model.backbone, cfg.model.train_stages)
+    return model.backbone
+
+
+def storage_dtype(cfg: Config) -> torch.dtype:
+    """How cached features are stored: float32, but partial mode's cut activations (tens of
+    times larger) in bf16, unless --precision fp32 asks for exact ones."""
+    exact = cfg.model.mode != "partial" or cfg.run.precision == "fp32"
+    return torch.float32 if exact else torch.bfloat16
 
 
 class _Engines:
@@ -84,7 +103,7 @@ class _Engines:
             ext, cfg = self.plan.extract, self.cfg
             self.engine = build_engine(
                 EngineChoice(ext.engine, ext.precision, ext.batch_size),
-                self.model.backbone,
+                extraction_module(cfg, self.model),
                 self.plan.image_size,
                 self.env.device,
                 fcache.cache_root(cfg.run.cache_dir),
@@ -137,6 +156,9 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
         key["resize"], key["crop"] = pp.resize, pp.crop
     if cfg.data.test_subset and split == "test":
         key["test_subset"] = cfg.data.test_subset
+    if cfg.model.mode == "partial":  # the cut's activations: where the cut is, how stored
+        key["cut"] = f"blocks[:-{cfg.model.train_stages}]"
+        key["storage"] = str(storage_dtype(cfg)).removeprefix("torch.")
     return key
 
 
@@ -213,7 +235,7 @@ def split_features(
         f, speed = extract_with_engine(
             engines.get(), prepare, loader, env, len(split), cfg.run.progress, desc, stop_requested
         )
-        outs.append(f)
+        outs.append(f.to(storage_dtype(cfg)))
     feats = torch.stack(outs, 1) if views > 1 else outs[0]
     labels = split.labels.clone()
     if env.is_main:
@@ -239,6 +261,48 @@ def split_features(
     return feats, labels, SplitFeatures(False, key, round(speed, 1))
 
 
+def _human(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def check_cut_space(
+    cfg: Config, plan: Plan, ds: ImageDataset, whash: str, shape: tuple[int, int, int]
+) -> None:
+    """Partial mode: say how large the cut's activations are, and refuse before extracting
+    when the cache dir's disk cannot hold the splits not cached yet."""
+    root = fcache.cache_root(cfg.run.cache_dir)
+    per_image = math.prod(shape) * torch.finfo(storage_dtype(cfg)).bits // 8
+    need, sizes = 0, []
+    for name in ("train", "val", "test"):
+        views = cfg.run.feature_views if name == "train" else 1
+        size = len(getattr(ds, name)) * views * per_image
+        sizes.append(f"{name} {_human(size)}")
+        if not fcache.entry_path(root, split_cache_key(cfg, plan, ds, name, whash)).is_file():
+            need += size
+    c, h, w = shape
+    log.info(
+        "partial cache: the cut's activations are %dx%dx%d (%s) per image: %s; %s to "
+        "extract into %s",
+        c,
+        h,
+        w,
+        str(storage_dtype(cfg)).removeprefix("torch."),
+        ", ".join(sizes),
+        _human(need),
+        root,
+    )
+    probe = root
+    while not probe.exists() and probe != probe.parent:  # the cache dir may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(
+            f"the partial cache needs {_human(need)} in {root} and {_human(free)} is "
+            "free; free space, pass --cache-dir on a larger disk, or use fewer "
+            "--train-stages/--feature-views"
+        )
+
+
 def build_feature_pipeline(
     cfg: Config,
     plan: Plan,
@@ -255,6 +319,10 @@ def build_feature_pipeline(
     broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one key
     model.eval()
     engines = _Engines(cfg, plan, model, env, fcache.weights_hash(model.backbone))
+    shape = None
+    if cfg.model.mode == "partial":
+        shape = cut_shape(model.backbone, cfg.model.train_stages, plan.image_size)
+        check_cut_space(cfg, plan, ds, engines.whash, shape)
     data, splits = {}, {}
     t0 = time.perf_counter()
     for name in ("train", "val", "test"):
@@ -295,14 +363,17 @@ def build_feature_pipeline(
 
     views = cfg.run.feature_views
     weights = train_sample_weights(cfg, data["train"][1], len(ds.classes))
+    module = model.head  # what trains on the cached tensors
+    if shape is not None:  # partial: the last stages and the head
+        module = PartialTrainer(model, cfg.model.train_stages, shape, plan.channels_last)
     return Pipeline(
         train_loader=loader(
             "train", plan.batch_per_rank, True, pick_view if views > 1 else None, weights
         ),
         val_loader=loader("val", plan.eval_batch_per_rank, False),
         test_loader=loader("test", plan.eval_batch_per_rank, False),
-        train_module=wrap_ddp(model.head, env),
-        eval_module=model.head,
+        train_module=wrap_ddp(module, env),
+        eval_module=module,
         prepare=lambda f: f,
         features=info,
     )

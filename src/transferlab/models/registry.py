@@ -42,6 +42,7 @@ from transferlab.models.lite import (
     lite_weights_path,
     load_lite_pretrained,
 )
+from transferlab.models.partial import check_stages, set_partial_trainable
 from transferlab.models.weights import load_matching, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         cfg.name,
     )
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
+    if cfg.mode == "partial":  # the last stages train; the frozen prefix's output is cached
+        check_stages(backbone, cfg.name, cfg.train_stages)
+        set_partial_trainable(model, cfg.train_stages)
     return model
 
 

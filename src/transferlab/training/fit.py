@@ -110,7 +110,8 @@ def enter_phase(job: Job, phase: str) -> OptimParts:
         job.pipe.train_module = rewrap_ddp(job.pipe.train_module, job.env)
     cfg = job.cfg
     # discriminative lrs only when a pretrained backbone is tuned; scratch trains all at --lr
-    div = cfg.model.backbone_lr_div if cfg.model.mode in ("finetune", "gradual") else 1.0
+    tuned = cfg.model.mode in ("finetune", "gradual", "partial")
+    div = cfg.model.backbone_lr_div if tuned else 1.0
     optimizer = build_optimizer(unwrap(job.pipe.train_module), cfg.optim, div)
     scheduler = build_scheduler(
         optimizer, cfg.optim, len(job.pipe.train_loader), phase_epochs(cfg, phase)

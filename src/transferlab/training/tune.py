@@ -36,6 +36,7 @@ from transferlab.distributed import wrap_ddp
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.io import atomic_write_text
 from transferlab.models.classifier import make_head
+from transferlab.models.partial import PartialTrainer
 from transferlab.training.fit import FitState, Job, enter_phase, selection_score
 from transferlab.training.loop import OptimParts, StepGuard, evaluate, train_one_epoch
 
@@ -133,8 +134,12 @@ def apply_config(job: Job, cfg: Config) -> Job:
     torch.manual_seed(cfg.run.seed)
     head = make_head(job.model.feature_dim, hidden, n_classes, cfg.model.head_dropout)
     job.model.head = head.to(job.env.device)
-    job.pipe.train_module = wrap_ddp(job.model.head, job.env)
-    job.pipe.eval_module = job.model.head
+    module = job.model.head
+    if isinstance(job.pipe.eval_module, PartialTrainer):  # partial: the last stages + the head
+        module = job.pipe.eval_module
+        module.head = job.model.head
+    job.pipe.train_module = wrap_ddp(module, job.env)
+    job.pipe.eval_module = module
     ctx = dataclasses.replace(job.ctx, label_smoothing=cfg.optim.label_smoothing)
     return dataclasses.replace(job, cfg=cfg, ctx=ctx)
 
@@ -189,9 +194,12 @@ def run_search(job: Job) -> tuple[dict[str, Any], float, str, int]:
     )
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     quiet = dataclasses.replace(job, ctx=dataclasses.replace(job.ctx, progress=False))
+    # partial mode trains backbone stages too: every trial (and the final run) starts from these
+    pretrained = {k: v.clone() for k, v in job.model.backbone.state_dict().items()}
 
     def objective(trial) -> float:
         values = suggest(trial, cfg)
+        job.model.backbone.load_state_dict(pretrained)
         tjob = apply_config(quiet, with_values(cfg, values, keep_search=True))
         try:
             score = _train_trial(tjob, trial, optuna)
@@ -206,11 +214,14 @@ def run_search(job: Job) -> tuple[dict[str, Any], float, str, int]:
     done = len(study.get_trials(deepcopy=False, states=finished))
     if done:
         log.info("search %s: %d of %d trials already done in %s", name, done, cfg.optim.tune, url)
-    study.optimize(
-        objective,
-        n_trials=max(0, cfg.optim.tune - done),
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.optim.tune, states=finished)],
-    )
+    try:
+        study.optimize(
+            objective,
+            n_trials=max(0, cfg.optim.tune - done),
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.optim.tune, states=finished)],
+        )
+    finally:
+        job.model.backbone.load_state_dict(pretrained)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise TrainingStopped(f"search {name}: no trial completed; check the data and --lr range")
