@@ -129,10 +129,11 @@ def with_values(cfg: Config, values: dict[str, Any], keep_search: bool) -> Confi
 def apply_config(job: Job, cfg: Config) -> Job:
     """``job`` with ``cfg``'s head (freshly initialised from the run's seed, so a rerun of the
     best trial trains the same head) and loss settings."""
-    hidden = 0 if cfg.model.head == "linear" else cfg.model.head_hidden
-    n_classes = len(job.data.classes)
+    m = cfg.model
     torch.manual_seed(cfg.run.seed)
-    head = make_head(job.model.feature_dim, hidden, n_classes, cfg.model.head_dropout)
+    head = make_head(
+        m.head, job.model.feature_dim, len(job.data.classes), m.head_hidden, m.head_dropout
+    )
     job.model.head = head.to(job.env.device)
     module = job.model.head
     if isinstance(job.pipe.eval_module, PartialTrainer):  # partial: the last stages + the head
