@@ -173,6 +173,8 @@ def test_killed_study_resumes_without_rerunning_finished_cells(data4, tmp_path):
     assert is_study_dir(study)
     md = (study / "report.md").read_text()
     assert "Verdict" in md and "Validation is the full validation split" in md
+    assert all(0 <= float(r["test_balanced_acc"]) <= 1 for r in rows.values())
+    assert "Test balanced accuracy (%, mean per-class recall)" in md  # beside accuracy
     html = (study / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and 'src="data_' not in html
 

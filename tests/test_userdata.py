@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import metrics_rows, write_png_tree
+from transferlab.api import Run, run_card_html
 from transferlab.cli import main
 from transferlab.data.balance import class_weights, sample_weights, suggest_balance
 from transferlab.data.cifar import load_cifar100, write_cifar_like
 from transferlab.data.subsets import long_tail_counts, long_tail_indices
 from transferlab.data.tensor_loader import TensorLoader
+from transferlab.report.mlflow_log import summary_metrics
 
 TINY = ["--no-progress", "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]
 
@@ -60,7 +62,14 @@ def test_summary_and_metrics_hold_per_class_metrics(imbalanced, tmp_path):
     best = max(rows, key=lambda r: float(r["val_balanced_acc"]))
     assert s["best_epoch"] == int(best["epoch"])
     report = (run / "report.md").read_text()
-    assert "Per-class" in report and "rare" in report
+    assert "Per-class results (test, worst first)" in report and "confusion.png" in report
+    assert (run / "confusion.png").is_file()
+    api_run = Run(run)  # the API's Run.summary is summary.json: the same per-class figures
+    assert api_run.summary["test"]["per_class"] == s["test"]["per_class"]
+    assert "test balanced acc" in run_card_html(api_run)
+    logged = summary_metrics(s)  # what MLflow logs at the end of a run
+    assert logged["test_balanced_acc_final"] == s["test"]["balanced_acc"]
+    assert {"val_macro_f1_final", "test_top5_acc_final"} <= set(logged)
 
 
 @pytest.mark.parametrize(

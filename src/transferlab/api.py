@@ -292,6 +292,7 @@ def run_card_html(run: Run) -> str:
     params = s.get("params") or {}
     rows = [
         ("test acc", _pct((s.get("test") or {}).get("acc"))),
+        ("test balanced acc", _pct((s.get("test") or {}).get("balanced_acc"))),
         ("best val acc", _pct(fit.get("best_val_acc", (s.get("val") or {}).get("acc")))),
         (
             "epochs",

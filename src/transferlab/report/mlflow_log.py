@@ -120,7 +120,7 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     """The final figures of summary.json as single-value metrics."""
     out = {}
     for split in ("train", "val", "test"):
-        for key in ("loss", "acc"):
+        for key in ("loss", "acc", "balanced_acc", "macro_f1", "top5_acc"):
             value = (summary.get(split) or {}).get(key)
             if isinstance(value, (int, float)):
                 out[f"{split}_{key}_final"] = float(value)

@@ -79,9 +79,10 @@ def _f(v) -> float | None:
         return None
 
 
-def points(rows: list[dict]) -> list[Point]:
-    """Aggregate the ok rows over seeds into one Point per (arm, size)."""
-    ok = [r for r in rows if r["status"] == "ok"]
+def points(rows: list[dict], metric: str = "test_acc") -> list[Point]:
+    """Aggregate the ok rows over seeds into one Point per (arm, size), on ``metric`` (a
+    study.csv column: test_acc or test_balanced_acc)."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) not in (None, "")]
     extract = {}  # arm -> its cold extraction seconds (the largest over its cells)
     for r in ok:
         if r.get("cache") in ("miss", "partial"):
@@ -90,7 +91,7 @@ def points(rows: list[dict]) -> list[Point]:
     for arm in dict.fromkeys(r["arm"] for r in ok):
         for size in dict.fromkeys(r["per_class"] for r in ok if r["arm"] == arm):
             rs = [r for r in ok if r["arm"] == arm and r["per_class"] == size]
-            m, h = t_interval([float(r["test_acc"]) for r in rs])
+            m, h = t_interval([float(r[metric]) for r in rs])
             own = [(_f(r["wall_s"]) or 0.0) - (_f(r["extract_s"]) or 0.0) for r in rs]
             classes = max(1, round(int(rs[0]["n_train"]) / int(size))) if size != "all" else None
             x = float(size) if size != "all" else int(rs[0]["n_train"]) / _n_classes(rows, classes)
@@ -370,6 +371,19 @@ def _means_table(pts: list[Point]) -> list[str]:
     return lines
 
 
+def _balanced_table(rows: list[dict]) -> list[str]:
+    """The means table on balanced accuracy (mean per-class recall), beside accuracy's."""
+    pts = points(rows, "test_balanced_acc")
+    if not pts:
+        return []
+    return [
+        "Test balanced accuracy (%, mean per-class recall), mean ± 95% interval over seeds:",
+        "",
+        *_means_table(pts),
+        "",
+    ]
+
+
 def _gain_tables(rows: list[dict], pts: list[Point]) -> list[str]:
     arms = {r["arm"]: r["mode"] for r in rows}
     scratch = [a for a in arms if arms[a] == "scratch"]
@@ -502,6 +516,7 @@ def write_study_report(study_dir: str | Path) -> Path:
             "",
             *_means_table(pts),
             "",
+            *_balanced_table(rows),
             "## What pretraining buys",
             "",
             *_gain_tables(rows, pts),

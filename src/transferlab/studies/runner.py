@@ -58,6 +58,7 @@ CSV_COLUMNS = (
     "status",
     "message",
     "test_acc",
+    "test_balanced_acc",  # mean per-class recall (issue 22)
     "val_acc",
     "best_epoch",
     "epochs",
@@ -378,6 +379,7 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
         row.update(
             status="ok",
             test_acc=s["test"]["acc"],
+            test_balanced_acc=s["test"].get("balanced_acc", ""),  # runs before issue 22: none
             val_acc=s["val"]["acc"],
             best_epoch=s.get("best_epoch"),
             epochs=s.get("epochs_run"),
