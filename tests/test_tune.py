@@ -164,3 +164,24 @@ def test_two_concurrent_searches_share_trials(data, tmp_path):
     numbers = sorted(t.number for t in trials)
     assert numbers == list(range(len(trials))) and 4 <= len(trials) <= 5  # one may overlap
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+
+
+def test_study_arm_tune_suffix():
+    from transferlab.errors import UserError
+    from transferlab.studies.grid import cell_config, make_grid, parse_arm
+
+    arm = parse_arm("timm:tf_efficientnet_lite0:frozen:tune20")
+    assert (arm.model, arm.mode, arm.preset, arm.tune) == (
+        "timm:tf_efficientnet_lite0",
+        "frozen",
+        "",
+        20,
+    )
+    assert parse_arm("timm:tf_efficientnet_lite0:partial:tune5").tune == 5
+    assert parse_arm("timm:tf_efficientnet_lite0:partial").tune == 0
+    grid = make_grid(["timm:tf_efficientnet_lite0:frozen:tune20"], "4", seeds=1)
+    cfg = cell_config(grid, grid.arms[0], 4, 0, Path("run"), 400)
+    assert cfg.optim.tune == 20
+    for bad in ("cnn:scratch:tune3", "timm:tf_efficientnet_lite0:frozen:tune0"):
+        with pytest.raises(UserError, match="tuneN"):
+            parse_arm(bad)

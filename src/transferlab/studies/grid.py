@@ -1,10 +1,12 @@
 """A study's grid: arms x data sizes x seeds, parsed and checked before anything runs.
 
-An arm is ``MODEL:MODE[:PRESET]`` where MODEL is ``cnn``, a torchvision classifier name or
-``timm:NAME`` (``cnn:scratch``, ``cnn:scratch:cnn-best``, ``timm:tf_efficientnet_lite0:frozen``,
-``resnet18:finetune``). Sizes are images per class (``4,16,64,all``) or fractions of the smallest
-class (``0.01,0.1,all``). Seed ``s`` draws the nested subset (``data.subset_seed``) and seeds the
-run (``run.seed``).
+An arm is ``MODEL:MODE[:PRESET][:tuneN]`` where MODEL is ``cnn``, a torchvision classifier name
+or ``timm:NAME`` (``cnn:scratch``, ``cnn:scratch:cnn-best``, ``timm:tf_efficientnet_lite0:frozen``,
+``resnet18:finetune``, ``timm:tf_efficientnet_lite0:partial``). A last ``tuneN`` searches each
+cell's head for N trials first (``--tune N``; frozen and partial arms):
+``timm:tf_efficientnet_lite0:frozen:tune20``. Sizes are images per class (``4,16,64,all``) or
+fractions of the smallest class (``0.01,0.1,all``). Seed ``s`` draws the nested subset
+(``data.subset_seed``) and seeds the run (``run.seed``).
 
 The training protocol (a fair budget for tiny subsets): a cell trains for at least
 ``min_steps`` optimiser steps; its epoch count is raised to ``ceil(min_steps / steps per
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ class Arm:
     model: str  # config model.name: "cnn", "resnet18", "timm:tf_efficientnet_lite0"
     mode: str  # scratch | frozen | finetune | gradual
     preset: str = ""  # preset name or YAML path ("" = none)
+    tune: int = 0  # trials of each cell's head search (0 = none)
 
     @property
     def key(self) -> str:
@@ -106,10 +110,13 @@ def size_label(per_class: int) -> str:
 
 
 def parse_arm(text: str) -> Arm:
-    """``MODEL:MODE[:PRESET]`` -> Arm; unknown model, mode or preset -> UserError."""
+    """``MODEL:MODE[:PRESET][:tuneN]`` -> Arm; unknown model, mode or preset -> UserError."""
     from transferlab.models.registry import resolve_name
 
     parts = text.strip().split(":")
+    tune = re.fullmatch(r"tune(\d+)", parts[-1]) if len(parts) > 2 else None
+    if tune:
+        parts = parts[:-1]
     model, rest = (
         (f"timm:{parts[1]}", parts[2:])
         if parts[0] == "timm" and len(parts) > 1
@@ -128,7 +135,13 @@ def parse_arm(text: str) -> Arm:
         ModelConfig(name=model, mode=rest[0])
     except UserError as e:
         raise UserError(f"arm {text!r}: {e}") from None
-    return Arm(spec=text.strip(), model=model, mode=rest[0], preset=preset)
+    n_trials = int(tune.group(1)) if tune else 0
+    if tune and (n_trials < 1 or rest[0] not in ("frozen", "partial")):
+        raise UserError(
+            f"arm {text!r}: tuneN searches heads on cached features: N >= 1, with a frozen or "
+            "partial arm (e.g. timm:tf_efficientnet_lite0:frozen:tune20)"
+        )
+    return Arm(spec=text.strip(), model=model, mode=rest[0], preset=preset, tune=n_trials)
 
 
 def parse_sizes(text: str) -> tuple[str, ...]:
@@ -199,7 +212,8 @@ def resolve_sizes(sizes: tuple[str, ...], class_counts: dict[int, int]) -> tuple
 
 def _arm_base(arm: Arm, grid: Grid) -> dict[str, Any]:
     base = load_yaml(resolve_preset(arm.preset)) if arm.preset else {}
-    return merge_dicts(base, grid.overrides)
+    tune = {"optim": {"tune": arm.tune}} if arm.tune else {}
+    return merge_dicts(merge_dicts(base, grid.overrides), tune)
 
 
 def cell_config(
