@@ -162,6 +162,10 @@ class Run:
     """A finished run directory, read from its files (config.yaml, summary.json, metrics.csv)."""
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserError(
+                f"load_run needs a run dir path (str or Path); got {type(path).__name__}"
+            )
         self.dir = Path(path)
         if not self.dir.is_dir():
             raise UserError(f"{self.dir} is not a folder; pass a run dir such as runs/<name>")

@@ -28,11 +28,19 @@ from transferlab.errors import NothingToDo, TrainingStopped, UserError, describe
 
 log = logging.getLogger("transferlab")
 
+
 # Every config flag comes from the config dataclasses (field type, default and help in one place:
 # ``config.opt``). Each is (flag, "section.field", kind, help); kind is int, float, str, "bool"
 # (store_true) or "nobool" (--no-x sets the field False). Aliases follow their flag.
+def _flag_help(o, flag: str) -> str:
+    """A field's help describes the field (what True means); a --no-x flag turns it off."""
+    if flag != o.flag:
+        return f"the same as {o.flag}"
+    return f"turn off: {o.help} (on by default)" if o.kind == "nobool" else o.help
+
+
 FLAGS: list[tuple[str, str, object, str]] = [
-    (flag, o.path, o.kind, o.help if flag == o.flag else f"the same as {o.flag}")
+    (flag, o.path, o.kind, _flag_help(o, flag))
     for o in cli_options()
     for flag in (o.flag, *o.aliases)
 ]

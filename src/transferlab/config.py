@@ -653,6 +653,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of sections {sorted(SECTIONS)}")
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise UserError(
+                f"{path}: section {name!r} must be a mapping of options (key: value); "
+                f"got {type(section).__name__}"
+            )
     return data
 
 

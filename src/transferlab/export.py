@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -204,8 +205,8 @@ def export_run(
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    if tolerance < 0:
-        raise UserError(f"--tolerance must be >= 0; got {tolerance}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance must be a finite number >= 0; got {tolerance}")
     rm: RunModel = load_run_model(run_dir, "cpu")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()

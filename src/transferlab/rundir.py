@@ -523,14 +523,22 @@ def expand_user(path: str | Path, what: str) -> Path:
         raise UserError(f"{what} {path}: no such user for '~'; write the full path") from None
 
 
-def _inside(path: Path, root: Path) -> bool:
-    p, r = path.resolve(), root.resolve()
+def resolve_path(path: Path, what: str) -> Path:
+    """``path.resolve()``; a symbolic link loop is a UserError (Python raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{what} {path}: cannot resolve it ({e}); fix or remove the link") from None
+
+
+def _inside(path: Path, root: Path, what: str = "path") -> bool:
+    p, r = resolve_path(path, what), resolve_path(root, "data root")
     return p == r or r in p.parents
 
 
 def refuse_inside(path: Path, root: Path, what: str) -> None:
     """UserError if ``path`` is (inside) the data root ``root``: it would be read as data."""
-    if _inside(Path(path), Path(root)):
+    if _inside(Path(path), Path(root), what):
         raise UserError(
             f"{what} {path} is inside the data root {root}: its files would be read as data "
             f"by later runs; choose a {what} outside {root}"

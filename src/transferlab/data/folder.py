@@ -134,6 +134,8 @@ def check_regular_file(path: str | Path) -> None:
     except FileNotFoundError:
         kind = "a broken symbolic link" if os.path.islink(path) else "missing"
         raise ValueError(f"{kind}: no file at {path}") from None
+    except OSError as e:  # a symbolic link loop (ELOOP), a name too long, no permission
+        raise ValueError(f"{path} cannot be opened: {e.strerror or e}") from None
     if not stat.S_ISREG(mode):
         kind = (
             "a FIFO"
@@ -316,10 +318,26 @@ def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
     Every non-folder entry is listed, broken symlinks and special files (FIFOs, devices)
     included, so the screen counts and lists them as bad files instead of dropping them unseen.
     """
+    _log_hidden_dirs(split_dir)
     return {
         c.name: sorted(f for f in c.rglob("*") if not f.name.startswith(".") and not f.is_dir())
         for c in _visible_dirs(split_dir)
     }
+
+
+def _log_hidden_dirs(split_dir: Path) -> None:
+    """Say which folders are not classes because their name starts with '.' (``...``, ``.git``):
+    a warning when one holds image files (a class the user meant), else an info line."""
+    hidden = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("."))
+    for d in hidden:
+        near = (*d.glob("*"), *d.glob("*/*"))  # two levels: a .git tree is not walked whole
+        has_images = any(_is_image_name(f) for f in near)
+        (log.warning if has_images else log.info)(
+            "%s: folder %r is not a class (its name starts with '.')%s",
+            split_dir,
+            d.name,
+            "; it holds images: rename it to use them" if has_images else "",
+        )
 
 
 def stratified_split(labels: list[int], fracs: tuple[float, ...], seed: int) -> list[list[int]]:
@@ -471,7 +489,8 @@ def _build_splits(
             labels = [pool_labels[i] for i in carved[s]]
         if not paths:
             raise UserError(
-                f"folder data {root}: the {s} split is empty; add images or raise --{s}-frac"
+                f"folder data {root}: the {s} split is empty; add images"
+                + (" or lower --val-frac/--test-frac" if s == "train" else f" or raise --{s}-frac")
             )
         splits[s] = FolderSplit(
             paths,

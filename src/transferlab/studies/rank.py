@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from transferlab.errors import UserError
+from transferlab.validate import MAX_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +82,29 @@ def parse_candidates(text: str) -> list[Candidate]:
         if not part:
             continue
         name, _, size = part.partition("@")
+        if not name.strip():
+            raise UserError(f"candidate {part!r}: name a model before the @ (e.g. resnet18@224)")
         if name == "cnn":
             raise UserError(
                 "rank compares pretrained backbones; the cnn has no pretrained features"
             )
         resolve_name(name)
+        if "@" in part and not size.strip():
+            raise UserError(
+                f"candidate {part!r}: give a size after @ (e.g. {name or 'resnet18'}@224), or "
+                "drop the @ for the model's own size"
+            )
         try:
             side = int(size) if size else 0
         except ValueError:
             raise UserError(
                 f"candidate {part!r}: the size after @ must be an integer (px)"
             ) from None
-        if size and side < 16:
-            raise UserError(f"candidate {part!r}: the input size must be at least 16 px")
+        if size and not 16 <= side <= MAX_IMAGE_SIZE:
+            raise UserError(
+                f"candidate {part!r}: the input size must be 16 to {MAX_IMAGE_SIZE} px "
+                "(the --image-size range of train)"
+            )
         out.append(Candidate(name, side))
     if not out:
         raise UserError(

@@ -1,0 +1,156 @@
+"""Issue 24 ("Nothing lost, round 3"): each class the hostile trial found, one test or more.
+
+Validation gaps that reached an "internal error" line become one line and exit 2 (UserError in
+the API); wrong help texts and advice; a dropped class folder is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+
+import transferlab as tl
+from conftest import write_png_tree
+from transferlab.cli import main
+from transferlab.data.cifar import write_cifar_like
+from transferlab.studies.rank import parse_candidates
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would land here, not in the repo
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_cifar_like(tmp_path_factory.mktemp("nl"), n_train=60, n_test=20, n_classes=5)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "yaml_text", ["data: [1, 2]\n", "data: 3\n", "optim: text\n", "run: [a]\nmodel: {}\n"]
+)
+def test_a_preset_whose_sections_are_not_mappings_is_one_line(tmp_path, capsys, cifar, yaml_text):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml_text)
+    args = ["train", "--data-dir", str(cifar), "--preset", str(preset), "--run-dir", "r"]
+    assert main(args) == 2
+    assert "must be a mapping" in _one_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("resnet18@0", "16 to 1024"),
+        ("resnet18@-5", "16 to 1024"),
+        ("resnet18@2000", "16 to 1024"),
+        ("resnet18@", "give a size after @"),
+        ("@", "name a model before"),
+        ("@224", "name a model before"),
+        ("resnet18@nan", "integer"),
+    ],
+)
+def test_rank_candidate_sizes_are_checked_like_train(text, words):
+    with pytest.raises(tl.UserError, match=words):
+        parse_candidates(text)
+
+
+def test_rank_cli_at_a_bad_size_is_one_line(cifar, capsys):
+    args = ["rank", "--data-dir", str(cifar), "--val-size", "10", "--candidates", "resnet18@0"]
+    assert main(args) == 2
+    assert "16 to 1024" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("bad", [None, 42, 1.5, ["runs/x"]])
+def test_load_run_of_a_non_path_is_a_user_error(bad):
+    with pytest.raises(tl.UserError, match="needs a run dir path"):
+        tl.load_run(bad)
+
+
+def test_api_per_class_nan_is_a_user_error(cifar, tmp_path):
+    with pytest.raises(tl.UserError, match="per_class"):
+        tl.train(data_dir=str(cifar), per_class=math.nan, run_dir=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_per_class_nan_is_one_line(cifar, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data-dir", str(cifar), "--per-class", "nan"])
+    assert e.value.code == 2
+    assert "--per-class" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("tol", ["nan", "inf", "-1"])
+def test_export_tolerance_nan_is_one_line(tmp_path, capsys, tol):
+    assert main(["export", str(tmp_path), "--format", "onnx", "--tolerance", tol]) == 2
+    assert "--tolerance must be a finite number" in _one_line(capsys)
+
+
+def test_a_symlink_loop_as_run_dir_is_one_line(tmp_path, cifar, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for run_dir in ("a", "a/sub"):
+        assert main(["train", "--data-dir", str(cifar), "--run-dir", run_dir]) == 2
+        assert "symlink loop" in _one_line(capsys).lower()
+
+
+def test_a_symlink_loop_as_image_is_skipped(tmp_path, caplog):
+    from transferlab.config import DataConfig
+    from transferlab.data.folder import load_folder_dataset
+
+    root = write_png_tree(tmp_path / "imgs", {"a": 6, "b": 6})
+    os.symlink(root / "a" / "l2.png", root / "a" / "l1.png")
+    os.symlink(root / "a" / "l1.png", root / "a" / "l2.png")
+    ds = load_folder_dataset(DataConfig(dataset=f"folder:{root}", num_workers=0))
+    assert ds.info["bad_images"] == 2
+    assert all("l1.png" not in p and "l2.png" not in p for p in ds.train.paths)
+    with pytest.raises(tl.UserError, match="l1.png"):
+        load_folder_dataset(
+            DataConfig(dataset=f"folder:{root}", num_workers=0, on_bad_image="error")
+        )
+
+
+def test_a_dropped_class_folder_is_logged(tmp_path, caplog):
+    from transferlab.config import DataConfig
+    from transferlab.data.folder import load_folder_dataset
+
+    root = write_png_tree(tmp_path / "imgs", {"a": 6, "b": 6, "...": 6})
+    (root / ".git").mkdir()
+    with caplog.at_level(logging.INFO, logger="transferlab.data.folder"):
+        ds = load_folder_dataset(DataConfig(dataset=f"folder:{root}", num_workers=0))
+    assert ds.classes == ["a", "b"]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'...'" in r.getMessage() and "rename" in r.getMessage() for r in warned)
+    assert not any("'.git'" in r.getMessage() for r in warned)  # logged, at info level
+    assert "'.git'" in caplog.text
+
+
+def test_the_empty_split_advice_names_real_flags(tmp_path):
+    from transferlab.config import DataConfig
+    from transferlab.data.folder import load_folder_dataset
+
+    root = write_png_tree(tmp_path / "imgs", {"a": 1, "b": 1})
+    with pytest.raises(tl.UserError) as e:
+        load_folder_dataset(DataConfig(dataset=f"folder:{root}", num_workers=0))
+    assert "--train-frac" not in str(e.value)
+    assert "--val-frac" in str(e.value) or "--test-frac" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--no-channels-last", "--no-feature-cache", "--no-report", "--no-progress"]
+)
+def test_no_flag_help_says_it_turns_the_thing_off(capsys, flag):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"{flag} turn off:" in out
