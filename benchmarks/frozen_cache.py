@@ -164,8 +164,8 @@ def run_cached(args, ds, env, work: Path, cache_dir: Path) -> dict:
         s = run_experiment(make_cfg(args, work / name, cache_dir, True), dataset=ds, env=env)
         runs[name] = {
             "wall_s": time.perf_counter() - t0,
-            "test_acc": s["test"]["acc"],
-            "summary": s,
+            "test_acc": s.test["acc"],
+            "summary": s.to_dict(),
         }
     return runs
 

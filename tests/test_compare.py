@@ -20,6 +20,7 @@ from transferlab.comparison import experiment_configs
 from transferlab.config import CompareConfig
 from transferlab.data.cifar import write_cifar_like
 from transferlab.report.compare_report import observations, write_compare_report
+from transferlab.rundir import Summary
 
 RUNS = ("cnn", "resnet18-frozen", "cnn-chase")
 ARTEFACTS = (
@@ -178,15 +179,23 @@ def test_report_rebuilds_from_files_alone(compare_dir, tmp_path):
     assert (copy / "cnn" / "curves.png").is_file()  # re-plotted from metrics.csv
 
 
-def _fake(acc: float, seconds: float = 10.0) -> dict:
+def _fake(acc: float, seconds: float = 10.0) -> Summary:
     split = {"loss": 1.0, "acc": acc}
-    return {
-        "model": "resnet18",
-        "train": split,
-        "val": split,
-        "test": split,
-        "time_s": {"total": seconds},
-    }
+    return Summary(
+        model="resnet18",
+        mode="frozen",
+        run_dir="",
+        weights="",
+        params={},
+        train=split,
+        val=split,
+        test=split,
+        best_epoch=1,
+        epochs_run=1,
+        stop_reason="",
+        time_s={"total": seconds},
+        data={},
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,9 +249,10 @@ def test_experiment_configs_share_everything_but_the_model(tmp_path):
 
 def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     """The chase resumed from experiment 1's checkpoint equals a chase trained from scratch."""
-    from transferlab.comparison import CONTINUED_FROM, chase_can_continue, continue_from
+    from transferlab.comparison import chase_can_continue, continue_from
     from transferlab.config import Config, DataConfig, OptimConfig, RunConfig
     from transferlab.experiment import run_experiment
+    from transferlab.rundir import RunDir
 
     data = write_cifar_like(tmp_path / "data", n_train=120, n_test=30)
 
@@ -268,7 +278,7 @@ def test_chase_continues_experiment_one_bit_for_bit(tmp_path):
     other_seed.run.seed = 5  # an independent replicate is not the same computation
     assert not chase_can_continue(first, other_seed, tmp_path / "cnn")
     continue_from(tmp_path / "cnn", chase)
-    assert (tmp_path / "chase" / CONTINUED_FROM).is_file()
+    assert RunDir(tmp_path / "chase").continued_from.is_file()
     run_experiment(chase, resume=True)
     fresh = cfg("fresh", 4, patience=5, target=0.99)
     run_experiment(fresh)

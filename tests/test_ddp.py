@@ -31,7 +31,7 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
 from transferlab.features.engines import EngineChoice, TorchEngine
 from transferlab.features.extract import extract_with_engine
-from transferlab.rundir import LOCK_NAME
+from transferlab.rundir import RunDir
 from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.loop import StepContext, evaluate
 
@@ -116,8 +116,8 @@ class _StopAt:
 
 def _scenarios(env: DistEnv, tmp: Path) -> dict:
     out = {}
-    out["head"] = run_experiment(_cfg(tmp, "ddp-head", *HEAD), env=env)
-    out["gradual"] = run_experiment(_cfg(tmp, "ddp-gradual", *_gradual(tmp)), env=env)
+    out["head"] = run_experiment(_cfg(tmp, "ddp-head", *HEAD), env=env).to_dict()
+    out["gradual"] = run_experiment(_cfg(tmp, "ddp-gradual", *_gradual(tmp)), env=env).to_dict()
     # Resume: rank 0 alone asks to stop mid-epoch 1 (step 3 of 4); both ranks must stop there.
     stop = _StopAt(2) if env.is_main else (lambda: False)
     cfg = _cfg(tmp, "ddp-resume", *HEAD, "--ckpt-every-steps", "1")
@@ -127,7 +127,7 @@ def _scenarios(env: DistEnv, tmp: Path) -> dict:
         out["stopped"] = None
     except TrainingStopped as e:
         out["stopped"] = e.exit_code
-    out["resumed"] = run_experiment(_cfg(tmp, "ddp-resume"), resume=True, env=env)
+    out["resumed"] = run_experiment(_cfg(tmp, "ddp-resume"), resume=True, env=env).to_dict()
     out.update(_unit_checks(env))
     return out
 
@@ -199,8 +199,8 @@ def runs(tmp_path_factory):
         timm.create_model("convnext_atto", num_classes=0).state_dict(), tmp / "atto.pth"
     )  # "pretrained"
     single = {
-        "head": run_experiment(_cfg(tmp, "one-head", *HEAD)),
-        "gradual": run_experiment(_cfg(tmp, "one-gradual", *_gradual(tmp))),
+        "head": run_experiment(_cfg(tmp, "one-head", *HEAD)).to_dict(),
+        "gradual": run_experiment(_cfg(tmp, "one-gradual", *_gradual(tmp))).to_dict(),
     }
     mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
     ddp = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -250,8 +250,10 @@ def test_only_rank_0_writes_and_cache_is_in_sample_order(runs):
         "curves.png",
     } <= names
     assert not [
-        p for p in (tmp / "ddp-head").iterdir() if p.name.startswith(".") and p.name != LOCK_NAME
-    ]  # no stray temp files (the run-dir lock stays: it is how a second writer is refused)
+        p
+        for p in (tmp / "ddp-head").iterdir()
+        if p.name.startswith(".") and p.name not in (RunDir.LOCK, RunDir.MARKER)
+    ]  # no stray temp files (the lock stays: it is how a second writer is refused)
     from transferlab.features import cache as fcache
 
     for split in ("train", "val", "test"):  # sharded extraction == single-process extraction

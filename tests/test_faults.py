@@ -25,6 +25,7 @@ import torch
 from conftest import metrics_rows
 from transferlab.cli import main
 from transferlab.features import cache as fcache
+from transferlab.rundir import RunDir
 
 COMMON = ["--no-progress", "--device", "cpu", "--precision", "fp32"]
 AUG = ["--crop-padding", "4", "--flip"]  # augmentation RNG must survive an interrupt too
@@ -638,14 +639,14 @@ def test_disk_full_during_metrics_append_leaves_no_torn_row(
 def test_disk_full_writing_summary_is_one_line(tiny_cifar, tmp_path, capsys, monkeypatch):
     from transferlab import io
 
-    real = io.atomic_write
+    real = io.write_atomic
 
-    def atomic_write(path, write):  # the seam every run file goes through
-        if Path(path).name == "summary.json":
+    def write_atomic(path, data):  # the seam every run file goes through
+        if Path(path).name == RunDir.SUMMARY:
             enospc()
-        return real(path, write)
+        return real(path, data)
 
-    monkeypatch.setattr(io, "atomic_write", atomic_write)
+    monkeypatch.setattr(io, "write_atomic", write_atomic)
     rc, err = run_cli(capsys, train_argv(tiny_cifar, tmp_path / "run", epochs=1))
     assert rc == 1
     assert_one_line_error(err, "summary.json", "No space left on device")
@@ -704,11 +705,11 @@ def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
     from transferlab.training import fit
 
     saved = []
-    real = fit.atomic_save
+    real = fit.write_torch
     monkeypatch.setattr(
         fit,
-        "atomic_save",
-        lambda obj, path: (
+        "write_torch",
+        lambda path, obj: (
             saved.append(
                 (
                     Path(path).name,
@@ -716,7 +717,7 @@ def test_checkpoints_every_n_steps(tiny_cifar, tmp_path, capsys, monkeypatch):
                     obj["fit_state"]["partial"].get("step"),
                 )
             ),
-            real(obj, path),
+            real(path, obj),
         )[1],
     )
     assert (

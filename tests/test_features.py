@@ -168,13 +168,13 @@ def test_cache_list_and_clear(setup, capsys):
 def test_best_is_a_hard_link_that_survives_the_next_last(tmp_path):
     from types import SimpleNamespace
 
-    from transferlab.training.checkpoint import atomic_save
+    from transferlab.io import write_torch
     from transferlab.training.fit import link_best
 
     job = SimpleNamespace(env=SimpleNamespace(is_main=True), run_dir=tmp_path)
-    atomic_save({"epoch": 1}, tmp_path / "last.pt")
+    write_torch(tmp_path / "last.pt", {"epoch": 1})
     link_best(job, state=None, opt=None)
-    atomic_save({"epoch": 2}, tmp_path / "last.pt")  # the next epoch replaces last.pt, not best.pt
+    write_torch(tmp_path / "last.pt", {"epoch": 2})  # the next epoch replaces last.pt, not best.pt
     assert torch.load(tmp_path / "best.pt", weights_only=True) == {"epoch": 1}
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

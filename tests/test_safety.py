@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferlab import rundir
+from transferlab import io, rundir
 from transferlab.errors import NothingToDo, RunFailure, TrainingStopped, UserError, describe_failure
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def _snapshot(run: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(run)): p.read_bytes()
         for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name != rundir.LOCK_NAME
+        if p.is_file() and p.name not in (rundir.LOCK_NAME, rundir.RunDir.MARKER)
     }
 
 
@@ -47,10 +47,11 @@ def test_overwrite_rollback_restores_the_old_run_intact(tmp_path):
     before = _old_run(run)
     h = rundir.prepare_run_dir(run, resume=False, overwrite=True)
     assert _snapshot(run) == {}  # set aside, not deleted
+    assert rundir.RunDir.is_ours(run)  # the new run's marker, written first
     (run / "config.yaml").write_text("new")  # the new run starts writing, then fails
     h.rollback()
     h.release()
-    assert _snapshot(run) == before
+    assert _snapshot(run) == before and not rundir.RunDir.is_ours(run)  # the old run had none
     assert os.path.samefile(run / "best.pt", run / "last.pt")  # the hard link survived the move
     assert not list(tmp_path.glob(".precious.old-*"))
 
@@ -271,14 +272,14 @@ def test_output_guard(tmp_path):
         rundir.check_output_path(tmp_path, run, force=True)
 
 
-def test_write_via_temp_never_writes_through_a_hard_link(tmp_path):
+def test_temp_path_never_writes_through_a_hard_link(tmp_path):
     a, b = tmp_path / "best.pt", tmp_path / "last.pt"
     a.write_bytes(b"checkpoint")
     os.link(a, b)
-    with rundir.write_via_temp(a) as tmp:
+    with io.temp_path(a) as tmp:
         tmp.write_bytes(b"export")
     assert a.read_bytes() == b"export" and b.read_bytes() == b"checkpoint"
-    with pytest.raises(RuntimeError), rundir.write_via_temp(tmp_path / "x") as tmp:
+    with pytest.raises(RuntimeError), io.temp_path(tmp_path / "x") as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp left
@@ -594,6 +595,7 @@ def test_cache_clear_removes_only_our_entries(tmp_path, capsys):
 
     from transferlab.cli import main
     from transferlab.features import cache as fcache
+    from transferlab.io import TMP_MARK
 
     host = socket.gethostname()
     ours = fcache.save_entry(tmp_path, "a" * 24, {"features": torch.ones(2, 3)}, {"split": "train"})
@@ -601,9 +603,9 @@ def test_cache_clear_removes_only_our_entries(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     user_tmp = tmp_path / ".draft.tmp"  # a user's hidden temp file: not ours either
     user_tmp.write_text("x")
-    live = tmp_path / f".{'b' * 24}.safetensors{fcache.TEMP_MARK}{host}-{os.getpid()}-ab12"
+    live = tmp_path / f".{'b' * 24}.safetensors{TMP_MARK}{host}-{os.getpid()}-ab12"
     live.write_text("being written")
-    dead = tmp_path / f".{'c' * 24}.safetensors{fcache.TEMP_MARK}{host}-999999-cd34"
+    dead = tmp_path / f".{'c' * 24}.safetensors{TMP_MARK}{host}-999999-cd34"
     dead.write_text("left by a killed run")
     assert main(["cache", "list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

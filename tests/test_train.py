@@ -27,8 +27,9 @@ from transferlab.data.cifar import write_cifar_like
 from transferlab.distributed import DistEnv
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
+from transferlab.io import write_torch
 from transferlab.models.registry import build_model
-from transferlab.training.checkpoint import atomic_save, load_checkpoint
+from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.loop import OptimParts, StepContext, StepGuard, evaluate, train_one_epoch
 from transferlab.training.optim import build_optimizer, build_scheduler
 from transferlab.training.precision import autocast, make_scaler, resolve_precision
@@ -300,9 +301,9 @@ def test_checkpoint_round_trip(tmp_path):
     opt = build_optimizer(model, OptimConfig(), 1.0)
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     opt.step()
-    atomic_save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"x": 1}},
+    write_torch(
         tmp_path / "c.pt",
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"x": 1}},
     )
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
     ckpt = load_checkpoint(tmp_path / "c.pt")  # weights_only=True inside

@@ -508,7 +508,7 @@ def train(
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
             summary = run_experiment(cfg, stop_requested=stop)
-    return Run(summary["run_dir"])  # the run wrote its report and tracking itself (outputs.py)
+    return Run(summary.run_dir)  # the run wrote its report and tracking itself (outputs.py)
 
 
 def _resume_config(resume, progress, given: dict, config, preset):
@@ -613,7 +613,7 @@ def compare(
     )
     with keep_matplotlib_backend(), _stop_flag() as stop:
         summaries = run_compare(cfg, cc, stop_requested=stop)
-    return Comparison(Path(next(iter(summaries.values()))["run_dir"]).parent)
+    return Comparison(Path(next(iter(summaries.values())).run_dir).parent)
 
 
 class Study:

@@ -256,12 +256,12 @@ def cmd_train(args) -> int:
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
             summary = run_experiment(config_from_args(args), stop_requested=stop)
-    t = summary["time_s"]["total"]
+    t = summary.time_s["total"]
     sys.stdout.write(
-        f"run dir:      {summary['run_dir']}\n"
-        f"best val acc: {summary['val']['acc']:.4f} (epoch {summary['best_epoch']})\n"
-        f"test acc:     {summary['test']['acc']:.4f} "
-        f"(balanced {summary['test'].get('balanced_acc', float('nan')):.4f})\n"
+        f"run dir:      {summary.run_dir}\n"
+        f"best val acc: {summary.val['acc']:.4f} (epoch {summary.best_epoch})\n"
+        f"test acc:     {summary.test['acc']:.4f} "
+        f"(balanced {summary.test.get('balanced_acc', float('nan')):.4f})\n"
         f"time:         {t:.1f} s\n"
     )
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import json
 import logging
 import shutil
 from datetime import datetime
@@ -42,10 +41,10 @@ from transferlab.config import (
 )
 from transferlab.distributed import init_distributed
 from transferlab.errors import UserError
+from transferlab.io import write_atomic, write_json, write_torch
+from transferlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-CONTINUED_FROM = "continued_from.json"  # in a chase dir that resumed experiment 1's checkpoint
 
 
 def _variant(base: Config, root: Path, dir_name: str, name: str, mode: str) -> Config:
@@ -79,7 +78,7 @@ def experiment_configs(
 
 
 def _val_accs(run_dir: Path) -> list[float]:
-    with open(run_dir / "metrics.csv", newline="") as f:
+    with open(RunDir(run_dir).metrics, newline="") as f:
         return [float(r["val_acc"]) for r in csv.DictReader(f)]
 
 
@@ -90,7 +89,7 @@ def chase_can_continue(first: Config, chase: Config, first_dir: Path) -> bool:
     for d in (a, b):
         d["optim"].update(epochs=0, patience=0, target_val_acc=0.0)
         d["run"]["run_dir"] = ""
-    if a != b or chase.optim.schedule != "none" or not (first_dir / "last.pt").is_file():
+    if a != b or chase.optim.schedule != "none" or not RunDir(first_dir).last.is_file():
         return False
     best, bad = -1.0, 0
     for acc in _val_accs(first_dir):  # replay the chase's stopping rules on experiment 1's curve
@@ -102,15 +101,14 @@ def chase_can_continue(first: Config, chase: Config, first_dir: Path) -> bool:
 
 def continue_from(first_dir: Path, chase: Config) -> None:
     """Make the chase dir a resumable copy of experiment 1 under the chase's config."""
-    from transferlab.io import atomic_save, atomic_write_text
     from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
     from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 
-    dst = Path(chase.run.run_dir)
-    dst.mkdir(parents=True, exist_ok=True)
+    first, dst = RunDir(first_dir), RunDir(chase.run.run_dir)
+    dst.path.mkdir(parents=True, exist_ok=True)
     text = ""
-    for name in ("last.pt", "best.pt"):
-        ck = load_checkpoint(first_dir / name, require=RESUME_KEYS)
+    for name in (RunDir.LAST, RunDir.BEST):
+        ck = load_checkpoint(first / name, require=RESUME_KEYS)
         plan = Plan.from_dict(ck["plan"])
         text = resolved_config_text(chase, plan)
         ck["config"] = {
@@ -118,12 +116,12 @@ def continue_from(first_dir: Path, chase: Config) -> None:
         }
         ck["config_hash"] = hashlib.sha256(text.encode()).hexdigest()
         ck["fit_state"]["stop_reason"] = ""
-        atomic_save(ck, dst / name)
+        write_torch(dst / name, ck)
         del ck
-    atomic_write_text(dst / "config.yaml", text)
-    for name in ("metrics.csv", "model_summary.txt"):
-        shutil.copyfile(first_dir / name, dst / name)
-    atomic_write_text(dst / CONTINUED_FROM, json.dumps({"run_dir": str(first_dir)}))
+    write_atomic(dst.config, text)
+    for name in (RunDir.METRICS, RunDir.MODEL_SUMMARY):
+        shutil.copyfile(first / name, dst / name)
+    write_json(dst.continued_from, {"run_dir": str(first_dir)}, indent=None)
 
 
 def _cnn_best(base: Config, root: Path) -> Config:
@@ -161,7 +159,7 @@ def run_compare(base: Config, cc: CompareConfig, stop_requested=lambda: False) -
         summaries[key] = run_experiment(
             cfgs[key], dataset=data, env=env, stop_requested=stop_requested
         )
-    target = summaries["frozen"]["fit_state"]["best_val_acc"]
+    target = summaries["frozen"].fit_state["best_val_acc"]
     chase = experiment_configs(base, cc, root, chase_target=target)["chase"]
     first = Path(cfgs["cnn"].run.run_dir)
     resume = env.is_main and not env.enabled and chase_can_continue(cfgs["cnn"], chase, first)

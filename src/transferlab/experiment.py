@@ -31,7 +31,7 @@ from transferlab.models.registry import build_model
 from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolve_plan, saved_plan, use_channels_last, uses_feature_cache
-from transferlab.rundir import check_config_unchanged, data_root, prepare_run_dir
+from transferlab.rundir import RunDir, check_config_unchanged, data_root, prepare_run_dir
 from transferlab.threads import threads_restored, use_threads
 from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 from transferlab.training.fit import DataInfo, Job, fit, save_checkpoint, start_state
@@ -65,7 +65,7 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
     if not resume:
         return cfg, None, handle
     # every rank reads last.pt (multi-node: the run dir must be shared)
-    ckpt = run_checked(lambda: load_checkpoint(run_dir / "last.pt", require=RESUME_KEYS), env)
+    ckpt = run_checked(lambda: load_checkpoint(RunDir(run_dir).last, require=RESUME_KEYS), env)
     if env.is_main:
         check_config_unchanged(run_dir, ckpt.get("config_hash"), ckpt["config"])
     try:
@@ -190,7 +190,7 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
             write_run_header(job, ds)
         # a checkpoint before the first step: a run killed in its first epoch can be resumed,
         # and an --overwrite's old run can go
-        run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), env, main_only=True)
+        run_checked(lambda: save_checkpoint(job, state, opt, RunDir.LAST), env, main_only=True)
         if handle is not None:
             handle.commit()
     if cfg.optim.tune and state.epoch == 0 and not state.partial:
@@ -200,7 +200,7 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
         if env.is_main:
             write_run_header(job, ds)
         torch.manual_seed(cfg.run.seed)  # each trial trained from here: the best one runs again
-        run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), env, main_only=True)
+        run_checked(lambda: save_checkpoint(job, state, opt, RunDir.LAST), env, main_only=True)
     if cfg.model.solver == "lbfgs":
         from transferlab.features.probe import fit_linear_probe
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.rundir import make_output_dir
+from transferlab.io import write_atomic
+from transferlab.rundir import RunDir, make_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,9 @@ def plot_rows(
             ax.imshow(tile)
             ax.set_title(cap, fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    write_atomic(
+        out_png, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    )
     return out_png
 
 
@@ -282,12 +285,12 @@ def report_figures(
             )
             for img, m, i in zip(images, res.maps, pick, strict=True)
         ]
-        plot_rows(rows, run_dir / "gradcam_mistakes.png")
+        plot_rows(rows, RunDir(run_dir).gradcam_mistakes)
         out += [
             f"The {len(pick)} most confident mistakes: the image, the map for the predicted class, "
             "the map for the true class.",
             "",
-            "![Grad-CAM on mistakes](gradcam_mistakes.png)",
+            f"![Grad-CAM on mistakes]({RunDir.GRADCAM_MISTAKES})",
             "",
         ]
     correct_rows = _correct_examples(preds, pairs, n_correct)
@@ -309,12 +312,12 @@ def report_figures(
                 )
                 for img, m, (i, c) in zip(images, res.maps, correct_rows, strict=True)
             ]
-            plot_rows(rows, run_dir / "gradcam_correct.png")
+            plot_rows(rows, RunDir(run_dir).gradcam_correct)
             out += [
                 "One correct example per most-confused true class: the map for its class, and the "
                 "map for the class it is most often mistaken for.",
                 "",
-                "![Grad-CAM on correct examples](gradcam_correct.png)",
+                f"![Grad-CAM on correct examples]({RunDir.GRADCAM_CORRECT})",
                 "",
             ]
     return out

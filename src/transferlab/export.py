@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
+from transferlab.io import temp_path, write_json
 from transferlab.predict import RunModel, load_run_model
-from transferlab.rundir import check_output_path, expand_user, make_output_dir, write_via_temp
+from transferlab.rundir import check_output_path, expand_user, make_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def export_run(
 
             check = export_openvino(wrapped, rm.image_size, output, meta, tolerance)
         else:
-            with write_via_temp(output) as tmp:
+            with temp_path(output) as tmp:
                 writer = export_onnx if fmt == "onnx" else export_torchscript
                 writer(wrapped, rm.image_size, tmp, meta)
                 check = check_export(wrapped, tmp, fmt, rm.image_size, tolerance)
@@ -249,8 +250,7 @@ def export_run(
             "tolerance": tolerance,
             "ok": check.ok,
         }
-        with write_via_temp(sidecar) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        write_json(sidecar, meta)
     except OSError as e:
         raise _write_failure(e, output) from None
     return output, check

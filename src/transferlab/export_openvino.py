@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features.engines import engine_module
-from transferlab.io import atomic_write
+from transferlab.io import temp_dir, write_atomic
 from transferlab.sigstack import keep_signal_stack
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"  # as in export.py
@@ -53,12 +52,12 @@ def write_openvino_ir(wrapped: nn.Module, size: int, output: Path, metadata: dic
     for key, value in metadata.items():
         model.set_rt_info(json.dumps(value), ["transferlab", key])
     bin_path = output.with_suffix(".bin")
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".openvino-") as tmp:
+    with temp_dir(output) as tmp:
         xml_tmp = Path(tmp) / "model.xml"
         ov.save_model(model, str(xml_tmp), compress_to_fp16=False)
         xml_bytes, bin_bytes = xml_tmp.read_bytes(), xml_tmp.with_suffix(".bin").read_bytes()
-    atomic_write(bin_path, lambda f: f.write(bin_bytes))
-    atomic_write(output, lambda f: f.write(xml_bytes))
+    write_atomic(bin_path, bin_bytes)
+    write_atomic(output, xml_bytes)
     return bin_path
 
 

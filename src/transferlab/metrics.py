@@ -7,7 +7,7 @@ with :func:`truncate_metrics`; TensorBoard gets the same row as scalars.
 Usage:
     row = epoch_row(1, train=(2.3, 0.4), val=(2.1, 0.45), lr=1e-3, seconds=12.5, img_s=3600.0,
                     val_balanced_acc=0.41)
-    append_metrics(run_dir / "metrics.csv", row)
+    append_metrics(RunDir(run_dir).metrics, row)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from transferlab.errors import TrainingStopped, UserError
-from transferlab.io import atomic_write
+from transferlab.io import write_atomic
 
 COLUMNS = [
     "epoch",
@@ -103,7 +103,7 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    write_atomic(path, buf.getvalue())
 
 
 def log_epoch_scalars(tb_dir: Path, row: dict) -> None:

@@ -12,7 +12,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -24,10 +23,10 @@ from transferlab import __version__
 from transferlab.classmetrics import class_metrics, confusion_matrix
 from transferlab.distributed import broadcast_module, run_checked
 from transferlab.errors import TrainingStopped
-from transferlab.io import atomic_write_text
+from transferlab.io import write_atomic
 from transferlab.models.classifier import count_params
 from transferlab.plan import save_resolved_config
-from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
+from transferlab.rundir import RunDir, Summary
 from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.fit import FitState, Job
 from transferlab.training.loop import evaluate
@@ -38,10 +37,11 @@ log = logging.getLogger(__name__)
 
 def write_run_header(job: Job, ds) -> None:
     """config.yaml, model_summary.txt and (folder data) data_manifest.json; rank 0 only."""
-    save_resolved_config(job.cfg, job.plan, job.run_dir / "config.yaml")
-    write_model_summary(job.model, job.cfg, job.plan.image_size, job.run_dir / "model_summary.txt")
+    files = job.files
+    save_resolved_config(job.cfg, job.plan, files.config)
+    write_model_summary(job.model, job.cfg, job.plan.image_size, files.model_summary)
     if hasattr(ds, "write_manifest"):
-        ds.write_manifest(job.run_dir / "data_manifest.json")
+        ds.write_manifest(files.manifest)
 
 
 def write_model_summary(model, cfg, size: int, path) -> None:
@@ -64,11 +64,11 @@ def write_model_summary(model, cfg, size: int, path) -> None:
         )
     finally:
         model.train(was_training)
-    path.write_text(f"{cfg.model.name} ({cfg.model.mode})\n{text}\n")
+    write_atomic(path, f"{cfg.model.name} ({cfg.model.mode})\n{text}\n")
 
 
 def _restore_best(job: Job) -> None:
-    best = job.run_dir / "best.pt"
+    best = job.files.best
     if best.is_file() or not job.env.is_main:  # rank 0 reads; a bad file stops every rank
         run_checked(
             lambda: job.model.load_state_dict(load_checkpoint(best)["model"]),
@@ -117,21 +117,23 @@ def test_metrics(loss: float, preds: dict, classes: list[str]) -> dict:
     return split_metrics(loss, cm, classes, top5)
 
 
-def build_summary(job: Job, state: FitState, results: dict, times: dict) -> dict:
-    """summary.json's content."""
+def build_summary(job: Job, state: FitState, results: dict, times: dict) -> Summary:
+    """summary.json's content (``results``: train/val/test metrics; ``times``: seconds)."""
     cfg, fc = job.cfg, job.pipe.features
-    return {
-        "model": cfg.model.name,
-        "mode": cfg.model.mode,
-        "run_dir": str(job.run_dir),
-        "weights": "n/a (scratch)" if cfg.model.mode == "scratch" else cfg.model.weights,
-        "params": count_params(job.model),
-        **results,
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "stop_reason": state.stop_reason,
-        "time_s": times,
-        "data": {
+    return Summary(
+        model=cfg.model.name,
+        mode=cfg.model.mode,
+        run_dir=str(job.run_dir),
+        weights="n/a (scratch)" if cfg.model.mode == "scratch" else cfg.model.weights,
+        params=count_params(job.model),
+        train=results["train"],
+        val=results["val"],
+        test=results["test"],
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stop_reason=state.stop_reason,
+        time_s=times,
+        data={
             "md5": job.data.md5,
             "split_seed": job.data.split_seed,
             "source": job.data.source,
@@ -141,20 +143,20 @@ def build_summary(job: Job, state: FitState, results: dict, times: dict) -> dict
             "per_class": cfg.data.per_class or None,
             "subset_seed": cfg.data.subset_seed if cfg.data.per_class else None,
         },
-        "precision": job.plan.step_precision,
-        "image_size": job.plan.image_size,
-        "plan": job.plan.to_dict(),
-        "feature_cache": _feature_summary(fc) if fc else None,
-        "probe": state.probe or None,
-        "seed": cfg.run.seed,
-        "world_size": job.env.world_size,
-        "versions": {
+        precision=job.plan.step_precision,
+        image_size=job.plan.image_size,
+        plan=job.plan.to_dict(),
+        feature_cache=_feature_summary(fc) if fc else None,
+        probe=state.probe or None,
+        seed=cfg.run.seed,
+        world_size=job.env.world_size,
+        versions={
             "transferlab": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "fit_state": asdict(state),
-    }
+        fit_state=asdict(state),
+    )
 
 
 def _feature_summary(fc) -> dict:
@@ -163,7 +165,7 @@ def _feature_summary(fc) -> dict:
     return out
 
 
-def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> dict:
+def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> Summary:
     """Restore the best weights, evaluate train/val/test, write the end-of-run files."""
     _restore_best(job)
     t0 = time.perf_counter()
@@ -189,24 +191,20 @@ def finish(job: Job, state: FitState, t_start: float, setup_s: float) -> dict:
     return summary
 
 
-def _write_end_files(job: Job, summary: dict, preds: dict) -> None:
-    path = job.run_dir / "summary.json"
+def _write_end_files(job: Job, summary: Summary, preds: dict) -> None:
+    files = job.files
     try:
-        atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+        summary.write(files.summary)
     except OSError as e:
         raise TrainingStopped(
-            f"could not write {path} ({e.strerror or e}); last.pt, best.pt and "
-            "metrics.csv are intact"
+            f"could not write {files.summary} ({e.strerror or e}); {RunDir.LAST}, "
+            f"{RunDir.BEST} and {RunDir.METRICS} are intact"
         ) from None
-    save_predictions(job.run_dir / PREDICTIONS_FILE, preds, list(job.data.classes))
+    save_predictions(files.predictions, preds, list(job.data.classes))
     from transferlab.report.plots import plot_curves
 
     cfg = job.cfg
-    plot_curves(
-        job.run_dir / "metrics.csv",
-        job.run_dir / "curves.png",
-        title=f"{cfg.model.name} ({cfg.model.mode})",
-    )
+    plot_curves(files.metrics, files.curves, title=f"{cfg.model.name} ({cfg.model.mode})")
     if cfg.run.report:
         from transferlab.report.run_report import write_reports
 

@@ -27,6 +27,7 @@ import torch
 from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
+from transferlab.io import write_atomic
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import weights_crop_pct
 from transferlab.training.precision import resolve_precision
@@ -235,6 +236,4 @@ def resolved_config_text(cfg: Config, plan: Plan) -> str:
 
 def save_resolved_config(cfg: Config, plan: Plan, path: Path) -> None:
     """Write config.yaml with its ``resolved:`` section (atomically)."""
-    from transferlab.io import atomic_write_text
-
-    atomic_write_text(path, resolved_config_text(cfg, plan))
+    write_atomic(path, resolved_config_text(cfg, plan))

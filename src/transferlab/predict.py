@@ -37,6 +37,7 @@ from transferlab.errors import UserError
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import build_model
 from transferlab.plan import Plan, Preprocessing
+from transferlab.rundir import RunDir
 from transferlab.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     """Rebuild the best model of ``run_dir`` (weights from best.pt; no download, no pretrained
     load)."""
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "best.pt"
+    ckpt_path = RunDir(run_dir).best
     if not ckpt_path.is_file():
         raise UserError(
             f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>"

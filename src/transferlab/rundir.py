@@ -18,8 +18,8 @@ Rules (issue 16), one function each:
   run is left untouched, exit 0), :func:`config_hash` / :func:`check_config_unchanged`
   (``config.yaml`` edited since the run started is refused, naming what differs).
 * Outputs: :func:`check_output_path` refuses a run's own files and files we did not create
-  (unless ``--force``); :func:`write_via_temp` writes a temp file and renames it over the
-  target, so an output never goes through a hard link (best.pt and last.pt share an inode).
+  (unless ``--force``); outputs are written through ``io.write_atomic``/``io.temp_path``, so an
+  output never goes through a hard link (best.pt and last.pt share an inode).
 * :func:`read_json_file`: a damaged summary.json is one line, not a traceback.
 
 Usage:
@@ -38,55 +38,328 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
+
+import yaml
+from filelock import FileLock, Timeout
 
 from transferlab.errors import NothingToDo, UserError
+from transferlab.io import sweep_stale_temps, write_json
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".transferlab.lock"
+
+# ---------------------------------------------------------------------------------------------
+# The layout: every file name of a run dir and of a study dir
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run dir (README "Run files"): the one place that spells their names."""
+
+    path: Path
+
+    CONFIG: ClassVar[str] = "config.yaml"
+    SUMMARY: ClassVar[str] = "summary.json"
+    METRICS: ClassVar[str] = "metrics.csv"
+    LAST: ClassVar[str] = "last.pt"
+    BEST: ClassVar[str] = "best.pt"
+    MODEL_SUMMARY: ClassVar[str] = "model_summary.txt"
+    PREDICTIONS: ClassVar[str] = "test_predictions.npz"
+    MANIFEST: ClassVar[str] = "data_manifest.json"
+    CURVES: ClassVar[str] = "curves.png"
+    CONFUSION: ClassVar[str] = "confusion.png"
+    MISCLASSIFIED: ClassVar[str] = "misclassified.png"
+    GRADCAM_MISTAKES: ClassVar[str] = "gradcam_mistakes.png"
+    GRADCAM_CORRECT: ClassVar[str] = "gradcam_correct.png"
+    REPORT_MD: ClassVar[str] = "report.md"
+    REPORT_HTML: ClassVar[str] = "report.html"
+    TENSORBOARD: ClassVar[str] = "tb"
+    TUNE_DB: ClassVar[str] = "tune.db"  # --tune: Optuna's SQLite storage
+    TUNE: ClassVar[str] = "tune.json"  # --tune: the search's outcome
+    MLFLOW: ClassVar[str] = "mlflow.json"
+    CONTINUED_FROM: ClassVar[str] = "continued_from.json"  # a chase that resumed experiment 1
+    FAILED: ClassVar[str] = "failed.json"  # a study cell that failed, with its message
+    LOCK: ClassVar[str] = ".transferlab.lock"
+    MARKER: ClassVar[str] = ".transferlab-run"  # written first: this folder is a run of ours
+    MARKER_FORMAT: ClassVar[str] = "transferlab-run"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    config = property(lambda self: self.path / self.CONFIG)
+    summary = property(lambda self: self.path / self.SUMMARY)
+    metrics = property(lambda self: self.path / self.METRICS)
+    last = property(lambda self: self.path / self.LAST)
+    best = property(lambda self: self.path / self.BEST)
+    model_summary = property(lambda self: self.path / self.MODEL_SUMMARY)
+    predictions = property(lambda self: self.path / self.PREDICTIONS)
+    manifest = property(lambda self: self.path / self.MANIFEST)
+    curves = property(lambda self: self.path / self.CURVES)
+    confusion = property(lambda self: self.path / self.CONFUSION)
+    misclassified = property(lambda self: self.path / self.MISCLASSIFIED)
+    gradcam_mistakes = property(lambda self: self.path / self.GRADCAM_MISTAKES)
+    gradcam_correct = property(lambda self: self.path / self.GRADCAM_CORRECT)
+    report_md = property(lambda self: self.path / self.REPORT_MD)
+    report_html = property(lambda self: self.path / self.REPORT_HTML)
+    tensorboard = property(lambda self: self.path / self.TENSORBOARD)
+    tune_db = property(lambda self: self.path / self.TUNE_DB)
+    tune = property(lambda self: self.path / self.TUNE)
+    mlflow = property(lambda self: self.path / self.MLFLOW)
+    continued_from = property(lambda self: self.path / self.CONTINUED_FROM)
+    failed = property(lambda self: self.path / self.FAILED)
+    lock = property(lambda self: self.path / self.LOCK)
+    marker = property(lambda self: self.path / self.MARKER)
+
+    def write_marker(self) -> None:
+        """Mark the folder as a run of ours (``--overwrite`` replaces only marked folders)."""
+        write_marker(self.marker, self.MARKER_FORMAT)
+
+    @classmethod
+    def is_ours(cls, path: Path | str) -> bool:
+        """True when ``path`` holds our run marker (written by every run since the marker)."""
+        return read_marker(Path(path) / cls.MARKER) == cls.MARKER_FORMAT
+
+    def is_finished(self) -> bool:
+        """summary.json exists: the run went through its last epoch and its test."""
+        return self.summary.is_file()
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """The files of a study dir (its cells are run dirs below it): their one place."""
+
+    path: Path
+
+    STUDY: ClassVar[str] = "study.json"  # the grid, compared on every later start
+    CELLS: ClassVar[str] = "cells.json"  # class counts and the planned cells
+    COSTS: ClassVar[str] = "costs.json"  # per arm: MACs, parameters, inference img/s
+    CSV: ClassVar[str] = "study.csv"  # one row per cell
+    REPORT_MD: ClassVar[str] = "report.md"
+    REPORT_HTML: ClassVar[str] = "report.html"
+    EFFICIENCY_PNG: ClassVar[str] = "data_efficiency.png"
+    COST_PNG: ClassVar[str] = "accuracy_vs_cost.png"
+    MARKER: ClassVar[str] = ".transferlab-study"
+    MARKER_FORMAT: ClassVar[str] = "transferlab-study"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    study = property(lambda self: self.path / self.STUDY)
+    cells = property(lambda self: self.path / self.CELLS)
+    costs = property(lambda self: self.path / self.COSTS)
+    csv = property(lambda self: self.path / self.CSV)
+    report_md = property(lambda self: self.path / self.REPORT_MD)
+    report_html = property(lambda self: self.path / self.REPORT_HTML)
+    efficiency_png = property(lambda self: self.path / self.EFFICIENCY_PNG)
+    cost_png = property(lambda self: self.path / self.COST_PNG)
+    marker = property(lambda self: self.path / self.MARKER)
+
+    def write_marker(self) -> None:
+        """Mark the folder as a study of ours."""
+        write_marker(self.marker, self.MARKER_FORMAT)
+
+    @classmethod
+    def is_ours(cls, path: Path | str) -> bool:
+        """True when ``path`` holds our study marker."""
+        return read_marker(Path(path) / cls.MARKER) == cls.MARKER_FORMAT
+
+
+MARKER_VERSION = 1
+
+
+def write_marker(path: Path, fmt: str) -> None:
+    """``{"format": fmt, "version": 1}`` at ``path`` (atomically)."""
+    write_json(path, {"format": fmt, "version": MARKER_VERSION}, newline=True)
+
+
+def read_marker(path: Path) -> str | None:
+    """The ``format`` tag of a marker file; None if it is missing or not one of ours."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+LOCK_NAME = RunDir.LOCK
 # files the tool itself keeps in a run dir that do not make it "non-empty"
 INTERNAL_NAMES = frozenset({LOCK_NAME, ".write-test"})
 # what a run writes (README "Run files"); an output path onto one of these is refused
 RUN_FILES = frozenset(
     {
-        "best.pt",
-        "last.pt",
-        "metrics.csv",
-        "summary.json",
-        "config.yaml",
-        "model_summary.txt",
-        "data_manifest.json",
-        "test_predictions.npz",
-        "curves.png",
-        "report.md",
-        "report.html",
+        RunDir.BEST,
+        RunDir.LAST,
+        RunDir.METRICS,
+        RunDir.SUMMARY,
+        RunDir.CONFIG,
+        RunDir.MODEL_SUMMARY,
+        RunDir.MANIFEST,
+        RunDir.PREDICTIONS,
+        RunDir.CURVES,
+        RunDir.CONFUSION,
+        RunDir.TUNE_DB,
+        RunDir.TUNE,
+        RunDir.REPORT_MD,
+        RunDir.REPORT_HTML,
+        RunDir.MARKER,
         LOCK_NAME,
     }
 )
 # a folder holding one of these is a run (of ours) that --overwrite may replace
-RUN_MARKERS = frozenset({"config.yaml", "last.pt", "best.pt", "summary.json", "metrics.csv"})
+RUN_MARKERS = frozenset(
+    {RunDir.MARKER, RunDir.CONFIG, RunDir.LAST, RunDir.BEST, RunDir.SUMMARY, RunDir.METRICS}
+)
 ASIDE_INFIX = ".old-"  # .RUN.old-<pid>: an old run set aside by --overwrite
-TEMP_INFIX = ".transferlab-"  # .NAME.transferlab-<pid>.tmp: our temp files
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.json
+
+
+SUMMARY_VERSION = 1  # 1: the "version" field itself (0: the files written before it)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """summary.json: a finished run's results, times, data and versions (written once, at the end).
+
+    ``train``/``val``/``test`` are ``{"loss", "acc"}``; ``params`` is ``{"total", "trainable"}``;
+    ``time_s`` is seconds ``{"total", "train", "eval", "setup"}``. Read older files through
+    :meth:`read` (or :meth:`from_dict`), which upgrades them with :func:`upgrade_summary`.
+    """
+
+    model: str
+    mode: str
+    run_dir: str
+    weights: str
+    params: dict
+    train: dict
+    val: dict
+    test: dict
+    best_epoch: int
+    epochs_run: int
+    stop_reason: str
+    time_s: dict
+    data: dict
+    precision: str | None = None
+    image_size: int | None = None
+    plan: dict | None = None
+    feature_cache: dict | None = None
+    probe: dict | None = None
+    seed: int | None = None
+    world_size: int = 1
+    versions: dict = field(default_factory=dict)
+    fit_state: dict = field(default_factory=dict)
+    version: int = SUMMARY_VERSION
+
+    def to_dict(self) -> dict:
+        """The JSON object, keys in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def write(self, path: Path) -> None:
+        """Write summary.json atomically (``path``: the file or its run dir)."""
+        path = Path(path)
+        write_json(path / RunDir.SUMMARY if path.is_dir() else path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: Path | None = None) -> Summary:
+        """A Summary from a parsed summary.json (at ``path``) of any version; damage: UserError."""
+        where = str(path or RunDir.SUMMARY)
+        d = upgrade_summary(raw, path)
+        names = {f.name for f in fields(cls)}
+        required = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise UserError(
+                f"{where} is damaged or from another version (no {', '.join(missing)}); rerun "
+                "the training to rewrite it"
+            )
+        s = cls(**{k: v for k, v in d.items() if k in names})
+        bad = [
+            k
+            for k in ("params", "train", "val", "test", "time_s", "data")
+            if not isinstance(getattr(s, k), dict)
+        ]
+        if bad:
+            raise UserError(
+                f"{where} is damaged or from another version ({', '.join(bad)} not an object); "
+                "rerun the training to rewrite it"
+            )
+        return s
+
+    @classmethod
+    def read(cls, path: Path) -> Summary:
+        """Read summary.json (``path``: the file or its run dir); any damage is one UserError."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RunDir.SUMMARY
+        return cls.from_dict(read_json_file(path, "summary"), path)
+
+
+def upgrade_summary(raw: dict, path: Path | None = None) -> dict:
+    """A summary.json object (read from ``path``) of any version as the current version's dict.
+
+    The one place that knows older files. Version 0 (no ``version`` field): early runs nested the
+    per-split feature-cache info under ``feature_cache.splits``, and had no ``weights`` field
+    (read from the run's config.yaml instead).
+    """
+    where = str(path or RunDir.SUMMARY)
+    d = dict(raw)
+    version = d.get("version", 0)
+    if not isinstance(version, int) or version > SUMMARY_VERSION:
+        raise UserError(
+            f"{where} is from a newer transferlab (summary version {version!r}, this one reads "
+            f"up to {SUMMARY_VERSION}); upgrade transferlab"
+        )
+    if version == 0:
+        fc = d.get("feature_cache")
+        if isinstance(fc, dict) and isinstance(fc.get("splits"), dict):
+            fc = {k: v for k, v in fc.items() if k != "splits"}
+            fc.update(raw["feature_cache"]["splits"])
+            d["feature_cache"] = fc
+        if not d.get("weights"):
+            d["weights"] = _weights_from_config(path.parent) if path else "?"
+        d["version"] = SUMMARY_VERSION
+    return d
+
+
+def _weights_from_config(run_dir: Path) -> str:
+    """Weights of a run whose summary.json predates the field, from its config.yaml ("?")."""
+    try:
+        model = yaml.safe_load((run_dir / RunDir.CONFIG).read_text())["model"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "?"
+    return "n/a (scratch)" if model.get("mode") == "scratch" else str(model.get("weights", "?"))
 
 
 # ---------------------------------------------------------------------------------------------
 # The lock
 
 
-def _holder(fd: int) -> str:
+def _holder(path: Path) -> str:
+    """Who holds the lock, from the "PID HOST" line its holder wrote into the lock file."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        text = path.read_text(errors="replace").split()
     except OSError:
         text = []
     if not text:
@@ -97,56 +370,50 @@ def _holder(fd: int) -> str:
 
 @dataclass
 class RunLock:
-    """An exclusive ``flock`` on a file; released on :meth:`release` or process exit."""
+    """An exclusive ``filelock.FileLock`` (``flock`` on Unix) on a file; the kernel frees it when
+    its holder exits, killed or not. Released on :meth:`release` or process exit."""
 
     path: Path
-    fd: int = -1
+    lock: FileLock | None = None  # None: the file system has no locks (warned)
 
     @classmethod
     def acquire(cls, path: Path, what: str) -> RunLock:
         """Lock ``path`` now or raise a UserError naming the holder (never waits)."""
-        import fcntl
-
-        for _ in range(5):  # retry if the file was replaced between open and flock
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
+        lock = FileLock(path, timeout=0, mode=0o644)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(
+                f"{what} {path.parent} is in use by {_holder(path)} (lock {path}); wait for it "
+                "to finish, or choose another --run-dir"
+            ) from None
+        except OSError as e:
+            if e.errno != errno.ENOLCK:
                 raise UserError(
                     f"cannot write to {what} {path.parent} ({e.strerror or e}); "
                     "choose another location"
                 ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise UserError(
-                    f"{what} {path.parent} is in use by {holder} (lock {path}); wait for it "
-                    "to finish, or choose another --run-dir"
-                ) from None
-            except OSError as e:  # ENOLCK: a file system without locks (some NFS mounts)
-                log.warning(
-                    "cannot lock %s (%s); make sure no other process writes %s",
-                    path,
-                    e.strerror or e,
-                    path.parent,
-                )
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-                return cls(path, fd)
-            os.close(fd)
-        raise UserError(f"could not lock {path}: it keeps being replaced by another process")
+            # a file system without locks (some NFS mounts): go on, and say so
+            log.warning(
+                "cannot lock %s (%s); make sure no other process writes %s",
+                path,
+                e.strerror or e,
+                path.parent,
+            )
+            return cls(path, None)
+        try:  # for the message of the next process that tries (the lock keeps this inode)
+            with open(path, "r+") as f:
+                f.truncate(0)
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        except OSError:
+            pass
+        return cls(path, lock)
 
     def release(self) -> None:
         """Drop the lock (the file stays: deleting it would race with the next writer)."""
-        if self.fd >= 0:
-            os.close(self.fd)  # closing the last descriptor releases the flock
-            self.fd = -1
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +592,16 @@ def prepare_run_dir(
         if data_root is not None:
             refuse_inside(runs_root, data_root, "run dir")
         run_dir = unique_run_dir(runs_root, stem)
-        return RunDirHandle(run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), created=True)
+        handle = RunDirHandle(
+            run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), created=True
+        )
+        try:
+            _mark(handle)
+        except BaseException:
+            handle.rollback()
+            handle.release()
+            raise
+        return handle
     if resume:
         return _prepare_resume(run_dir, requested_epochs)
     if run_dir.exists() and not run_dir.is_dir():
@@ -343,6 +619,7 @@ def prepare_run_dir(
     handle = RunDirHandle(run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), created=created)
     try:
         _take_over(handle, overwrite, data_root)
+        _mark(handle)
     except BaseException:
         handle.rollback()
         handle.release()
@@ -350,9 +627,21 @@ def prepare_run_dir(
     return handle
 
 
+def _mark(handle: RunDirHandle) -> None:
+    """Write the run marker first, so that a run dir of ours is recognisable from its start."""
+    try:
+        RunDir(handle.run_dir).write_marker()
+    except OSError as e:
+        raise UserError(
+            f"cannot write to run dir {handle.run_dir} ({e.strerror or e}); choose another "
+            "--run-dir"
+        ) from None
+
+
 def _take_over(handle: RunDirHandle, overwrite: bool, data_root: Path | None) -> None:
     """Refuse a non-empty dir unless it is a run and ``overwrite``; then set the old run aside."""
     run_dir = handle.run_dir
+    sweep_stale_temps(run_dir)  # the temp files of a killed writer (we hold the lock now)
     names = [p.name for p in _visible(run_dir)]
     handle.keep = frozenset(names)  # until they are set aside below
     if names and not overwrite:
@@ -398,15 +687,24 @@ def _probe_writable(run_dir: Path) -> None:
 def _prepare_resume(run_dir: Path, requested_epochs: int | None) -> RunDirHandle:
     if not run_dir.is_dir():
         raise UserError(f"cannot resume: {run_dir} is not a folder; pass the run dir to continue")
-    if not (run_dir / "last.pt").is_file():
+    files = RunDir(run_dir)
+    if not files.last.is_file():
         raise UserError(
-            f"cannot resume: {run_dir / 'last.pt'} does not exist (the run never wrote a "
+            f"cannot resume: {files.last} does not exist (the run never wrote a "
             "checkpoint); start it again without --resume"
         )
     message = finished_message(run_dir, requested_epochs)
     if message:
         raise NothingToDo(message)
-    return RunDirHandle(run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), committed=True)
+    handle = RunDirHandle(run_dir, RunLock.acquire(files.lock, "run dir"), committed=True)
+    try:
+        sweep_stale_temps(run_dir)
+        if not RunDir.is_ours(run_dir):  # a run from before the marker
+            _mark(handle)
+    except BaseException:
+        handle.release()
+        raise
+    return handle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,13 +727,12 @@ def finished_message(run_dir: Path, requested_epochs: int | None = None) -> str:
     Finished: summary.json (written after the last epoch and the test) is newer than last.pt and
     records a stop reason, and no larger ``--epochs`` than it ran is asked for.
     """
-    summary, last = run_dir / "summary.json", run_dir / "last.pt"
-    try:
-        s = json.loads(summary.read_text())
-        newer = summary.stat().st_mtime >= last.stat().st_mtime
-    except (OSError, ValueError):
+    files = RunDir(run_dir)
+    try:  # only the fit state matters here: a summary damaged elsewhere does not block a resume
+        state = upgrade_summary(read_json_file(files.summary), files.summary).get("fit_state")
+        newer = files.summary.stat().st_mtime >= files.last.stat().st_mtime
+    except (OSError, UserError):
         return ""
-    state = s.get("fit_state") if isinstance(s, dict) else None
     if not newer or not isinstance(state, dict) or not state.get("stop_reason"):
         return ""
     epochs = int(state.get("epoch") or 0)
@@ -468,9 +765,7 @@ def check_config_unchanged(run_dir: Path, saved_hash: str | None, saved_config: 
     ``saved_hash``: the checkpoint's config hash (None for checkpoints older than the hash: no
     check). ``saved_config``: the checkpoint's config dict, to say what differs.
     """
-    import yaml
-
-    path = run_dir / "config.yaml"
+    path = run_dir / RunDir.CONFIG
     if not saved_hash:
         return
     if not path.is_file():
@@ -581,23 +876,6 @@ def _is_run_file(path: Path, run_dir: Path) -> bool:
     return any(
         c.exists() and os.path.samefile(c, path) for c in candidates
     )  # a hard or soft link to one
-
-
-@contextlib.contextmanager
-def write_via_temp(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success rename it over ``path`` (never through a link).
-
-    The temp name (``.NAME.transferlab-<pid>.tmp``) is ours alone; it is removed on failure.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)  # replaces the directory entry: a hard-linked old file keeps its data
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def read_json_file(path: Path, what: str = "") -> dict:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -52,6 +51,7 @@ from transferlab.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from transferlab.data.cifar import ImageDataset
 from transferlab.distributed import DistEnv, augment_seed, shard_order
 from transferlab.errors import UserError
+from transferlab.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class FolderDataset(ImageDataset):
                 for name, s in (("train", self.train), ("val", self.val), ("test", self.test))
             },
         }
-        path.write_text(json.dumps(out))
+        write_json(path, out, indent=None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,16 +2,16 @@
 
 The key hashes backbone name, a hash of its weights, image size, normalisation, precision,
 the data files' md5, the split, and the augmented-view settings. Files are written atomically
-(temp file + fsync + ``os.replace``), so concurrent writers of one key cannot corrupt it and a
-full disk leaves no partial file. Each file carries a sha256 of its tensors; a truncated or
-garbled file is detected on load, deleted and rebuilt.
+(``io.write_atomic``: temp file + fsync + ``os.replace``), so concurrent writers of one key cannot
+corrupt it and a full disk leaves no partial file. Each file carries a sha256 of its tensors;
+a truncated or garbled file is detected on load, deleted and rebuilt.
 
 Ownership: the cache dir may hold other files (a user's own safetensors models, say). Every
 entry we write carries ``format: transferlab-features/1`` in its safetensors metadata, and
 ``cache clear`` deletes only entries that carry it (and entries of older versions, recognised by
 their 24-hex-digit key name plus a verified checksum); everything else is listed as "not ours"
-and left alone. Temp files are named ``.KEY.safetensors.transferlab-tmp-HOST-PID-XXXX`` and
-are swept only when stale (their process on this host is gone, or older than a day).
+and left alone. Temp files carry io's one marker (``.KEY.safetensors.transferlab-tmp-HOST-PID-X``)
+and are swept only when stale (their process on this host is gone, or older than a day).
 
 Location: ``--cache-dir``, else ``$TRANSFERLAB_CACHE_DIR``, else ``~/.cache/transferlab/features``.
 
@@ -24,15 +24,11 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -41,14 +37,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from transferlab.errors import UserError
+from transferlab.io import sweep_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "TRANSFERLAB_CACHE_DIR"
 SUFFIX = ".safetensors"
 FORMAT_KEY, FORMAT_TAG = "format", "transferlab-features/1"  # in every entry's metadata
-TEMP_MARK = ".transferlab-tmp-"  # .KEY.safetensors.transferlab-tmp-HOST-PID-XXXX
-STALE_TEMP_S = 24 * 3600  # a temp file older than this is stale even if its process lives
 # memos of ours in the cache root: the engine choice (features/engines.py), the extraction
 # precision (features/extract.py), the data files' digests (features/content.py)
 ENGINE_MEMO, PRECISION_MEMO, DIGEST_MEMO = "engines.json", "precision.json", "file_digests.json"
@@ -113,24 +108,8 @@ def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor], meta: dic
     info[FORMAT_KEY] = FORMAT_TAG
     data = st_save(tensors, metadata=info)
     path = entry_path(root, key)
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file with our marker beside ``path``, fsync, rename; no temp outlives a failure."""
-    prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def load_entry(root: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -217,39 +196,14 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _stale_temp(path: Path, now: float) -> bool:
-    """A temp file of ours whose writer is gone (same host, dead pid) or that is a day old."""
-    rest = path.name.split(TEMP_MARK, 1)[1]  # HOST-PID-XXXX (the host may contain '-')
-    host, _, tail = rest.rpartition("-")[0].rpartition("-")
-    pid = int(tail) if tail.isdigit() else -1
-    try:
-        age = now - path.stat().st_mtime
-    except OSError:
-        return False
-    if age > STALE_TEMP_S:
-        return True
-    if host != socket.gethostname() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
-
-
 def clear_entries(root: Path) -> tuple[int, int]:
     """Delete our entries and our stale temp files; returns (files, bytes) freed.
 
     Files that are not ours stay (see :func:`list_entries`); so do temp files being written.
     """
-    files = freed = 0
-    now = time.time()
-    doomed = [Path(e["path"]) for e in list_entries(root) if e["ours"]]
-    for folder in (root, root / "engines"):
-        doomed += [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file() and _stale_temp(p, now)]
-    for path in doomed:
+    swept = {**sweep_stale_temps(root), **sweep_stale_temps(root / "engines")}
+    files, freed = len(swept), sum(swept.values())
+    for path in [Path(e["path"]) for e in list_entries(root) if e["ours"]]:
         try:
             size = path.stat().st_size
             path.unlink()

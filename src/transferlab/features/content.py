@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from transferlab.io import atomic_write_text
+from transferlab.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def content_digest(paths: list[str], memo: Path) -> str:
         )
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo, json.dumps(known))
+            write_json(memo, known, indent=None)
         except OSError as e:
             log.warning("could not remember the file digests in %s (%s)", memo, e.strerror or e)
     return h.hexdigest()

@@ -62,7 +62,7 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
-from transferlab.io import atomic_write
+from transferlab.io import write_json
 from transferlab.sigstack import keep_signal_stack
 from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
@@ -630,7 +630,7 @@ def resolve_engine(
     known[tag] = choice.to_dict()
     try:
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        atomic_write(memo, lambda f: f.write(json.dumps(known, indent=1).encode()))
+        write_json(memo, known, indent=1)
     except OSError as e:
         log.warning("could not remember the engine choice in %s (%s)", memo, e)
     return choice

@@ -22,6 +22,7 @@ from transferlab.classmetrics import balanced_accuracy, confusion_matrix
 from transferlab.distributed import unwrap
 from transferlab.errors import UserError
 from transferlab.metrics import append_metrics, epoch_row
+from transferlab.rundir import RunDir
 from transferlab.training.fit import FitState, Job, link_best, save_checkpoint, selection_score
 from transferlab.training.loop import OptimParts
 
@@ -135,7 +136,7 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
     state.probe = {"l2": l2, "trials": trials, "seconds": round(seconds, 2)}
     if job.env.is_main:  # the row's lr column holds the chosen L2
         append_metrics(
-            job.run_dir / "metrics.csv",
+            job.files.metrics,
             epoch_row(
                 1,
                 (train_loss, train_acc),
@@ -146,6 +147,6 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
                 val_balanced_acc=val_bal,
             ),
         )
-        save_checkpoint(job, state, opt, "last.pt")
+        save_checkpoint(job, state, opt, RunDir.LAST)
         link_best(job, state, opt)
     return state

@@ -17,6 +17,8 @@ import base64
 import html
 from pathlib import Path
 
+from transferlab.io import write_atomic
+
 MIME = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -86,5 +88,4 @@ def write_html(md_path: Path, title: str | None = None) -> Path:
         (ln[2:].strip() for ln in md.splitlines() if ln.startswith("# ")), md_path.parent.name
     )
     out = md_path.with_suffix(".html")
-    out.write_text(markdown_to_html(md, md_path.parent, title or first))
-    return out
+    return write_atomic(out, markdown_to_html(md, md_path.parent, title or first))

@@ -39,12 +39,14 @@ from pathlib import Path
 import yaml
 
 from transferlab.errors import UserError
+from transferlab.io import write_json
+from transferlab.rundir import RunDir, Summary
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "transferlab"
 DEFAULT_STORE = "mlruns"  # relative to the working directory, beside runs/
-ARTIFACTS = ("config.yaml", "summary.json", "metrics.csv", "curves.png", "report.html")
+ARTIFACTS = (RunDir.CONFIG, RunDir.SUMMARY, RunDir.METRICS, RunDir.CURVES, RunDir.REPORT_HTML)
 MODEL_FILES = ("model.onnx", "model.torchscript.pt")  # export.FORMATS' default names
 RETRY_WAIT_S = 2.0
 # Without these, MLflow's HTTP client retries 7 times with exponential backoff (minutes) before
@@ -116,22 +118,22 @@ def epoch_metrics(metrics_csv: Path) -> list[tuple[str, float, int]]:
     return out
 
 
-def summary_metrics(summary: dict) -> dict[str, float]:
+def summary_metrics(summary: Summary) -> dict[str, float]:
     """The final figures of summary.json as single-value metrics."""
     out = {}
-    for split in ("train", "val", "test"):
+    for split, result in (("train", summary.train), ("val", summary.val), ("test", summary.test)):
         for key in ("loss", "acc", "balanced_acc", "macro_f1", "top5_acc"):
-            value = (summary.get(split) or {}).get(key)
+            value = result.get(key)
             if isinstance(value, (int, float)):
                 out[f"{split}_{key}_final"] = float(value)
-    fit = summary.get("fit_state") or {}
+    fit = summary.fit_state
     for key in ("best_val_acc",):
         if isinstance(fit.get(key), (int, float)):
             out[key] = float(fit[key])
     for key in ("best_epoch", "epochs_run"):
-        if isinstance(summary.get(key), (int, float)):
-            out[key] = float(summary[key])
-    for key, value in (summary.get("time_s") or {}).items():
+        if isinstance(getattr(summary, key), (int, float)):
+            out[key] = float(getattr(summary, key))
+    for key, value in summary.time_s.items():
         if isinstance(value, (int, float)):
             out[f"time_{key}_s"] = float(value)
     return out
@@ -162,19 +164,20 @@ def _log_once(run_dir: Path, target: Target) -> str:
         if exp
         else client.create_experiment(EXPERIMENT, artifact_location=target.artifact_location)
     )
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    files = RunDir(run_dir)
+    summary = Summary.read(files.summary)
+    config = yaml.safe_load(files.config.read_text()) or {}
     tags = {
         "transferlab.run_dir": str(run_dir.resolve()),
-        "model": str(summary.get("model")),
-        "mode": str(summary.get("mode")),
+        "model": str(summary.model),
+        "mode": str(summary.mode),
     }
     run = client.create_run(exp_id, run_name=run_dir.name, tags=tags)
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
         params = [Param(k, v[:6000]) for k, v in flatten(config).items()]  # MLflow's value limit
-        metrics = [Metric(k, v, now, step) for k, v, step in epoch_metrics(run_dir / "metrics.csv")]
+        metrics = [Metric(k, v, now, step) for k, v, step in epoch_metrics(files.metrics)]
         metrics += [Metric(k, v, now, 0) for k, v in summary_metrics(summary).items()]
         for i in range(0, max(len(params), 1), 100):  # log_batch takes at most 100 params per call
             client.log_batch(run_id, params=params[i : i + 100])
@@ -202,7 +205,7 @@ def log_run(run_dir: Path, track: str) -> str | None:
     tracking server could not be reached twice (a warning; the run itself is unaffected)."""
     check_tracking_available(track)
     run_dir = Path(run_dir)
-    for name in ("summary.json", "config.yaml"):
+    for name in (RunDir.SUMMARY, RunDir.CONFIG):
         if not (run_dir / name).is_file():
             raise UserError(
                 f"cannot log {run_dir} to MLflow: {name} is missing (is the run finished?)"
@@ -232,7 +235,7 @@ def log_run(run_dir: Path, track: str) -> str | None:
             )
             return None
     record = {"tracking_uri": target.tracking_uri, "experiment": EXPERIMENT, "run_id": run_id}
-    (run_dir / "mlflow.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(RunDir(run_dir).mlflow, record, newline=True)
     log.info("logged %s to MLflow %s (run %s)", run_dir, target.tracking_uri, run_id)
     return run_id
 

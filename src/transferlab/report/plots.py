@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from transferlab.io import write_atomic
+
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """Rows of metrics.csv as floats (empty list if the file is missing)."""
@@ -65,5 +67,5 @@ def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | Non
     keys = ("train_loss", "val_loss", "train_acc", "val_acc")
     fig = Figure(figsize=CURVES_FIGSIZE)
     draw_curves(fig, [r["epoch"] for r in rows], {k: [r[k] for r in rows] for k in keys}, title)
-    fig.savefig(out_png, dpi=100)
+    write_atomic(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     return out_png

@@ -9,7 +9,7 @@ CIFAR the index is the position in the official ``test`` file.
 Written by ``transferlab.training.predictions`` at the end of a run.
 
 Usage:
-    p = load_predictions(run_dir / "test_predictions.npz")
+    p = load_predictions(RunDir(run_dir).predictions)
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.errors import UserError
-
-FILENAME = "test_predictions.npz"
 
 
 def load_predictions(path: Path) -> dict[str, np.ndarray]:

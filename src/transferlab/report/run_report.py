@@ -27,11 +27,11 @@ import numpy as np
 
 from transferlab.classmetrics import class_metrics, confusion_matrix, worst_first
 from transferlab.errors import UserError
+from transferlab.io import write_atomic
 from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves, read_metrics
-from transferlab.report.predictions import FILENAME as PREDICTIONS_FILE
 from transferlab.report.predictions import load_predictions
-from transferlab.rundir import read_json_file
+from transferlab.rundir import RunDir, Summary
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def confused_pairs(
 
 
 def _test_images(
-    run_dir: Path, summary: dict, indices: np.ndarray, size: int = 64
+    run_dir: Path, summary: Summary, indices: np.ndarray, size: int = 64
 ) -> tuple[list, str]:
     """uint8 (3, H, W) test images at ``indices`` and '', or [] and why they are unavailable."""
-    manifest = run_dir / "data_manifest.json"
+    manifest = RunDir(run_dir).manifest
     if manifest.is_file():  # folder data: the test files by index
         from transferlab.data.folder import load_image
 
@@ -79,10 +79,10 @@ def _test_images(
             except Exception as e:  # moved or changed since training
                 return [], f"cannot read {paths[int(i)]} ({type(e).__name__})"
         return images, ""
-    data = summary.get("data") or {}
+    data = summary.data
     source = Path(str(data.get("source") or ""))
     if source.name != "cifar-100-python":
-        return [], f"no data_manifest.json and the source {source} is not a CIFAR-100 folder"
+        return [], f"no {RunDir.MANIFEST} and the source {source} is not a CIFAR-100 folder"
     from transferlab.data.cifar import load_cifar100
 
     try:
@@ -113,7 +113,9 @@ def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols
         ax.imshow(np.transpose(img, (1, 2, 0)), interpolation="nearest")
         ax.set_title(cap, fontsize=7.5)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    write_atomic(
+        out_png, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    )
     return out_png
 
 
@@ -121,13 +123,12 @@ def _fmt(x, spec: str = ".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
-def _results_section(s: dict, preds: dict | None) -> list[str]:
+def _results_section(s: Summary, preds: dict | None) -> list[str]:
     rows = [
         "| split | loss | accuracy | balanced accuracy | macro-F1 | top-5 |",
         "|---|---|---|---|---|---|",
     ]
-    for split in ("train", "val", "test"):
-        m = s[split]
+    for split, m in (("train", s.train), ("val", s.val), ("test", s.test)):
         rows.append(
             f"| {split} | {_fmt(m['loss'])} | {_fmt(m['acc'])} | {_fmt(m.get('balanced_acc'))} "
             f"| {_fmt(m.get('macro_f1'))} | {_fmt(m.get('top5_acc'))} |"
@@ -143,7 +144,7 @@ def _results_section(s: dict, preds: dict | None) -> list[str]:
         out.append(
             f"Test top-{preds['top5'].shape[1]} accuracy: {top5:.4f} "
             f"over {len(preds['true'])} images. "
-            f"Best epoch {s['best_epoch']} of {s['epochs_run']} ({s['stop_reason']})."
+            f"Best epoch {s.best_epoch} of {s.epochs_run} ({s.stop_reason})."
         )
         out.append("")
     return out
@@ -173,11 +174,11 @@ def _class_sections(run_dir: Path, preds: dict, classes: list[str]) -> list[str]
     ]
     out.append("")
     if len(classes) <= MATRIX_MAX_CLASSES:
-        plot_confusion(cm, classes, run_dir / "confusion.png")
+        plot_confusion(cm, classes, RunDir(run_dir).confusion)
         out += [
             "## Confusion matrix",
             "",
-            "![row-normalised test confusion matrix](confusion.png)",
+            f"![row-normalised test confusion matrix]({RunDir.CONFUSION})",
             "",
         ]
     n, _ = per_class_accuracy(true, pred, len(classes))
@@ -223,11 +224,13 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out_png: Path) -> Path:
                 )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    write_atomic(
+        out_png, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    )
     return out_png
 
 
-def _misclassified_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) -> list[str]:
+def _misclassified_section(run_dir: Path, s: Summary, preds: dict, classes: list[str]) -> list[str]:
     wrong = np.flatnonzero(preds["true"] != preds["pred"])
     out = ["## Misclassified test images", ""]
     if len(wrong) == 0:
@@ -243,17 +246,17 @@ def _misclassified_section(run_dir: Path, s: dict, preds: dict, classes: list[st
         f"pred: {classes[preds['pred'][i]]} ({preds['prob'][i]:.2f})"
         for i in pick
     ]
-    plot_grid(images, captions, run_dir / "misclassified.png")
+    plot_grid(images, captions, RunDir(run_dir).misclassified)
     return out + [
         f"The {len(pick)} most confident of {len(wrong)} mistakes (true label, predicted label and "
         "its probability).",
         "",
-        "![misclassified test images](misclassified.png)",
+        f"![misclassified test images]({RunDir.MISCLASSIFIED})",
         "",
     ]
 
 
-def _gradcam_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) -> list[str]:
+def _gradcam_section(run_dir: Path, s: Summary, preds: dict, classes: list[str]) -> list[str]:
     """Grad-CAM overlays on the most confident mistakes and on one correct example per most
     confused class (explain.py), when the ``explain`` extra is installed."""
     from transferlab import explain
@@ -265,8 +268,8 @@ def _gradcam_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) ->
             f"{run_dir}`.",
             "",
         ]
-    if not (run_dir / "best.pt").is_file():
-        return head + ["Not drawn: the run dir has no best.pt.", ""]
+    if not RunDir(run_dir).best.is_file():
+        return head + [f"Not drawn: the run dir has no {RunDir.BEST}.", ""]
     true, pred = preds["true"].astype(np.int64), preds["pred"].astype(np.int64)
     pairs = confused_pairs(true, pred, len(classes))
     try:
@@ -281,8 +284,8 @@ def _gradcam_section(run_dir: Path, s: dict, preds: dict, classes: list[str]) ->
         ]
 
 
-def _timing_section(s: dict, rows: list[dict]) -> list[str]:
-    t = s["time_s"]
+def _timing_section(s: Summary, rows: list[dict]) -> list[str]:
+    t = s.time_s
     other = t["total"] - t["train"] - t["eval"] - t["setup"]
     out = [
         "## Timing",
@@ -296,7 +299,7 @@ def _timing_section(s: dict, rows: list[dict]) -> list[str]:
         f"| other (data load, model build, files) | {other:.1f} |",
         "",
     ]
-    fc = s.get("feature_cache") or {}
+    fc = s.feature_cache or {}
     if fc:
         hits = [k for k in ("train", "val", "test") if (fc.get(k) or {}).get("hit")]
         out += [
@@ -309,25 +312,25 @@ def _timing_section(s: dict, rows: list[dict]) -> list[str]:
         ep = [r.get("epoch_time_s", 0.0) for r in rows]
         ips = [r.get("train_img_s", 0.0) for r in rows]
         out += [
-            f"Per epoch (metrics.csv): {np.mean(ep):.2f} s mean, "
+            f"Per epoch ({RunDir.METRICS}): {np.mean(ep):.2f} s mean, "
             f"training throughput {np.mean(ips):.0f} img/s mean.",
             "",
         ]
     return out
 
 
-def _data_section(run_dir: Path, s: dict) -> list[str]:
-    d = s.get("data") or {}
+def _data_section(run_dir: Path, s: Summary) -> list[str]:
+    d = s.data
     out = [
         "## Data and reproducibility",
         "",
         f"- Data: `{d.get('source')}`, {d.get('classes')} classes, "
         f"split seed {d.get('split_seed')}",
         f"- Data md5: `{json.dumps(d.get('md5', {}))}`",
-        f"- Seed {s.get('seed')}, image size {s.get('image_size')} px, "
-        f"precision {s.get('precision')}, "
-        f"world size {s.get('world_size')}",
-        f"- Versions: `{json.dumps(s.get('versions', {}))}`",
+        f"- Seed {s.seed}, image size {s.image_size} px, "
+        f"precision {s.precision}, "
+        f"world size {s.world_size}",
+        f"- Versions: `{json.dumps(s.versions)}`",
     ]
     folder = d.get("folder") or {}
     if folder:
@@ -342,10 +345,10 @@ def _data_section(run_dir: Path, s: dict) -> list[str]:
         if folder.get("bad_image_paths"):
             out.append("- Bad files: " + ", ".join(f"`{p}`" for p in folder["bad_image_paths"]))
     out.append("")
-    cfg = run_dir / "config.yaml"
+    cfg = RunDir(run_dir).config
     if cfg.is_file():
         out += [
-            "Resolved config (config.yaml):",
+            f"Resolved config ({RunDir.CONFIG}):",
             "",
             "```yaml",
             cfg.read_text().rstrip(),
@@ -357,10 +360,10 @@ def _data_section(run_dir: Path, s: dict) -> list[str]:
 
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     """Write run_dir/report.md and run_dir/report.html; returns both paths."""
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     if not summary_path.is_file():
         raise UserError(f"{summary_path} not found: pass a finished run dir")
-    s = read_json_file(summary_path, "summary")
+    s = Summary.read(summary_path)
     try:
         return _write_run_report(run_dir, s)
     except (KeyError, TypeError, ValueError) as e:  # parses, but not a summary of this version
@@ -371,26 +374,25 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         ) from None
 
 
-def _write_run_report(run_dir: Path, s: dict) -> tuple[Path, Path]:
-    rows = read_metrics(run_dir / "metrics.csv")
+def _write_run_report(run_dir: Path, s: Summary) -> tuple[Path, Path]:
+    files = RunDir(run_dir)
+    rows = read_metrics(files.metrics)
     parts = [
-        f"# {s['model']} ({s['mode']})",
+        f"# {s.model} ({s.mode})",
         "",
         f"Run dir `{run_dir}`."
-        f" {s['params']['total']:,} parameters, {s['params']['trainable']:,} trainable.",
+        f" {s.params['total']:,} parameters, {s.params['trainable']:,} trainable.",
         "",
     ]
     preds = None
-    if (run_dir / PREDICTIONS_FILE).is_file():
-        preds = load_predictions(run_dir / PREDICTIONS_FILE)
+    if files.predictions.is_file():
+        preds = load_predictions(files.predictions)
     parts += _results_section(s, preds)
     parts += ["## Learning curves", ""]
-    if plot_curves(
-        run_dir / "metrics.csv", run_dir / "curves.png", title=f"{s['model']} ({s['mode']})"
-    ):
-        parts += ["![loss and accuracy per epoch](curves.png)", ""]
+    if plot_curves(files.metrics, files.curves, title=f"{s.model} ({s.mode})"):
+        parts += [f"![loss and accuracy per epoch]({RunDir.CURVES})", ""]
     else:
-        parts += ["No metrics.csv rows.", ""]
+        parts += [f"No {RunDir.METRICS} rows.", ""]
     if preds is not None:
         classes = [str(c) for c in preds["classes"]]
         parts += _class_sections(run_dir, preds, classes)
@@ -398,27 +400,27 @@ def _write_run_report(run_dir: Path, s: dict) -> tuple[Path, Path]:
         parts += _gradcam_section(run_dir, s, preds, classes)
     else:
         parts += [
-            f"No {PREDICTIONS_FILE} in the run dir (written by newer runs): no per-class results.",
+            f"No {RunDir.PREDICTIONS} in the run dir (written by newer runs): "
+            "no per-class results.",
             "",
         ]
     parts += _timing_section(s, rows)
     parts += _data_section(run_dir, s)
-    md = run_dir / "report.md"
-    md.write_text("\n".join(parts))
+    md = write_atomic(files.report_md, "\n".join(parts))
     return md, write_html(md)
 
 
 def write_reports(path: Path) -> list[Path]:
     """Reports for a run dir, or for a compare dir (a folder of run dirs)."""
-    if (path / "summary.json").is_file():
+    if RunDir(path).summary.is_file():
         return list(write_run_report(path))
-    if path.is_dir() and any(p.is_file() for p in path.glob("*/summary.json")):
+    if path.is_dir() and any(p.is_file() for p in path.glob(f"*/{RunDir.SUMMARY}")):
         from transferlab.report.compare_report import write_compare_report
 
         md = write_compare_report(path)
         html = md.with_suffix(".html")
         return [md, html] if html.is_file() else [md, write_html(md)]
     raise UserError(
-        f"{path} holds no summary.json (nor sub-folders with one): "
+        f"{path} holds no {RunDir.SUMMARY} (nor sub-folders with one): "
         "pass a finished run dir or a compare dir"
     )

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from transferlab.errors import UserError
-from transferlab.rundir import read_json_file
+from transferlab.rundir import RunDir, read_json_file, upgrade_summary
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ def find_runs(root: Path) -> list[dict]:
             f"{root} is not a folder; pass the folder that holds your run dirs (default runs/)"
         )
     out = []
-    for path in sorted(root.rglob("summary.json")):
-        try:
-            s = read_json_file(path, "summary")
+    for path in sorted(root.rglob(RunDir.SUMMARY)):
+        try:  # lenient on purpose: a damaged file is listed with what it has
+            s = upgrade_summary(read_json_file(path, "summary"), path)
         except UserError as e:
             log.warning("skipping %s", e)
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.errors import UserError
+from transferlab.rundir import StudyDir
 from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def cmd_study(args) -> int:
         len(result.skipped),
         len(result.failed),
         result.seconds,
-        study_dir / "report.html",
+        StudyDir(study_dir).report_html,
     )
     if result.failed:
         for name, message in result.failed:

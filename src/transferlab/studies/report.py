@@ -26,12 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 
-log = logging.getLogger(__name__)
+from transferlab.io import write_atomic
+from transferlab.rundir import StudyDir
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-EFFICIENCY_PNG = "data_efficiency.png"
-COST_PNG = "accuracy_vs_cost.png"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +58,12 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def read_rows(study_dir: Path) -> list[dict]:
     """Rows of study.csv, rebuilt from the run dirs first when the study's cells are known."""
-    from transferlab.studies.runner import CSV_FILE, cell_row, study_cells, write_study_csv
+    from transferlab.studies.runner import cell_row, study_cells, write_study_csv
 
     _, cells, costs = study_cells(study_dir)
     if cells:
         write_study_csv(study_dir, [cell_row(c, costs) for c in cells])
-    path = study_dir / CSV_FILE
+    path = StudyDir(study_dir).csv
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -174,7 +172,7 @@ def plot_efficiency(pts: list[Point], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def plot_cost(pts: list[Point], path: Path) -> None:
@@ -244,7 +242,7 @@ def plot_cost(pts: list[Point], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def _short(arm: str) -> str:
@@ -442,7 +440,7 @@ def _cost_table(rows: list[dict]) -> list[str]:
 def _protocol(study_dir: Path) -> list[str]:
     import json
 
-    grid = json.loads((study_dir / "study.json").read_text())["grid"]
+    grid = json.loads(StudyDir(study_dir).study.read_text())["grid"]
     data = (grid.get("overrides") or {}).get("data") or {}
     val = data.get("val_size", 5000)
     test = (
@@ -488,8 +486,8 @@ def write_study_report(study_dir: str | Path) -> Path:
     rows = read_rows(study_dir)
     pts = points(rows)
     if pts:
-        plot_efficiency(pts, study_dir / EFFICIENCY_PNG)
-        plot_cost(pts, study_dir / COST_PNG)
+        plot_efficiency(pts, StudyDir(study_dir).efficiency_png)
+        plot_cost(pts, StudyDir(study_dir).cost_png)
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pending")}
     md = [
         f"# Study: {study_dir.name}",
@@ -510,7 +508,7 @@ def write_study_report(study_dir: str | Path) -> Path:
     ]
     if pts:
         md += [
-            f"![data efficiency]({EFFICIENCY_PNG})",
+            f"![data efficiency]({StudyDir.EFFICIENCY_PNG})",
             "",
             "Test accuracy (%), mean ± 95% interval over seeds:",
             "",
@@ -522,7 +520,7 @@ def write_study_report(study_dir: str | Path) -> Path:
             *_gain_tables(rows, pts),
             "## Accuracy against cost",
             "",
-            f"![accuracy vs cost]({COST_PNG})",
+            f"![accuracy vs cost]({StudyDir.COST_PNG})",
             "",
             "Time to a result = the cell's own time plus its backbone's cold feature extraction, "
             "counted once "
@@ -548,10 +546,9 @@ def write_study_report(study_dir: str | Path) -> Path:
         "CELL_DIR`).",
         "",
     ]
-    path = study_dir / REPORT_MD
-    path.write_text("\n".join(md))
+    path = write_atomic(StudyDir(study_dir).report_md, "\n".join(md))
     write_html(path, f"Study {study_dir.name}")
-    log.info("wrote %s and %s", path, study_dir / REPORT_HTML)
+    log.info("wrote %s and %s", path, StudyDir(study_dir).report_html)
     return path
 
 
@@ -573,8 +570,9 @@ def write_html(md_path: Path, title: str) -> Path:
                     child.attrSet("src", uri)
     body = md.renderer.render(tokens, md.options, {})
     out = md_path.with_suffix(".html")
-    out.write_text(
+    write_atomic(
+        out,
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{htmllib.escape(title)}</title>"
-        f"<style>{CSS}</style></head><body>\n{body}</body></html>\n"
+        f"<style>{CSS}</style></head><body>\n{body}</body></html>\n",
     )
     return out

@@ -36,17 +36,12 @@ import yaml
 from transferlab.config import SECTIONS, Config, config_to_dict
 from transferlab.data.subsets import subset_split
 from transferlab.errors import TrainingStopped, UserError
+from transferlab.io import write_atomic, write_json
+from transferlab.rundir import RunDir, StudyDir, Summary
 from transferlab.studies.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
 
 log = logging.getLogger(__name__)
 
-STUDY_FILE = "study.json"
-CSV_FILE = "study.csv"
-COSTS_FILE = "costs.json"
-CELLS_FILE = (
-    "cells.json"  # the data's class counts and the planned cells (for report without the data)
-)
-FAILED_FILE = "failed.json"
 CSV_COLUMNS = (
     "arm",
     "model",
@@ -97,7 +92,7 @@ class StudyResult:
 
 def is_study_dir(path: str | Path) -> bool:
     """True when ``path`` holds a study (its study.json)."""
-    return (Path(path) / STUDY_FILE).is_file()
+    return StudyDir(path).study.is_file()
 
 
 def _comparable(d: dict[str, Any], auto_from: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -128,7 +123,7 @@ def _grid_comparable(d: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
     """Create the study dir and write study.json; a different grid there needs --overwrite."""
-    path = study_dir / STUDY_FILE
+    path = StudyDir(study_dir).study
     if path.is_file():
         try:
             saved = json.loads(path.read_text())["grid"]
@@ -148,7 +143,8 @@ def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
         )
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"grid": grid.to_dict(), "version": 1}, indent=2))
+        write_json(path, {"grid": grid.to_dict(), "version": 1})
+        StudyDir(study_dir).write_marker()
     except OSError as e:
         raise UserError(
             f"cannot write the study dir {study_dir} ({e.strerror or e}); choose another --run-dir"
@@ -184,7 +180,7 @@ def load_study_data(grid: Grid):
 def saved_config_matches(run_dir: Path, cfg: Config) -> bool:
     """True when ``run_dir/config.yaml`` holds ``cfg`` (up to fields that do not change results)."""
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = yaml.safe_load(RunDir(run_dir).config.read_text())
     except (OSError, yaml.YAMLError):
         return False
     want = config_to_dict(cfg)
@@ -193,20 +189,20 @@ def saved_config_matches(run_dir: Path, cfg: Config) -> bool:
 
 def cell_state(cell: Cell) -> str:
     """done | resume | new: what a (re)started study does with this cell."""
-    d = cell.run_dir
-    if (d / "summary.json").is_file() and saved_config_matches(d, cell.config):
+    d = RunDir(cell.run_dir)
+    if d.summary.is_file() and saved_config_matches(d.path, cell.config):
         return "done"
-    if (d / "last.pt").is_file() and saved_config_matches(d, cell.config):
+    if d.last.is_file() and saved_config_matches(d.path, cell.config):
         return "resume"
     return "new"
 
 
-def _run_cell(cell: Cell, ds, stop_requested: Callable[[], bool], progress: bool) -> dict:
+def _run_cell(cell: Cell, ds, stop_requested: Callable[[], bool], progress: bool) -> Summary:
     from transferlab.experiment import run_experiment
     from transferlab.plan import uses_feature_cache
 
     state = cell_state(cell)
-    (cell.run_dir / FAILED_FILE).unlink(missing_ok=True)
+    RunDir(cell.run_dir).failed.unlink(missing_ok=True)
     cfg = dataclasses.replace(
         cell.config,
         run=dataclasses.replace(
@@ -221,13 +217,13 @@ def _run_cell(cell: Cell, ds, stop_requested: Callable[[], bool], progress: bool
         ds = copy.copy(ds)
         ds.train = subset_split(ds.train, cell.per_class, cell.seed)
     if state == "resume":
-        log.info("resuming %s from %s", cell.name, cell.run_dir / "last.pt")
+        log.info("resuming %s from %s", cell.name, RunDir(cell.run_dir).last)
         return run_experiment(cfg, resume=True, dataset=ds, stop_requested=stop_requested)
     return run_experiment(cfg, dataset=ds, stop_requested=stop_requested)
 
 
-def _check_subset(cell: Cell, summary: dict) -> None:
-    n = ((summary.get("data") or {}).get("n") or {}).get("train")
+def _check_subset(cell: Cell, summary: Summary) -> None:
+    n = (summary.data.get("n") or {}).get("train")
     if cell.per_class and n is not None and n != cell.n_train:
         raise UserError(
             f"the run trained on {n} images, not {cell.n_train} ({cell.per_class} per class): "
@@ -267,7 +263,7 @@ def run_cells(
         log.info(
             "cell %s: test acc %.4f in %.0f s",
             cell.name,
-            summary["test"]["acc"],
+            summary.test["acc"],
             time.perf_counter() - t0,
         )
     return ran, skipped, failed
@@ -276,8 +272,9 @@ def run_cells(
 def _write_failed(cell: Cell, message: str) -> None:
     try:
         cell.run_dir.mkdir(parents=True, exist_ok=True)
-        (cell.run_dir / FAILED_FILE).write_text(
-            json.dumps({"message": message, "config": config_to_dict(cell.config)}, indent=2)
+        write_json(
+            RunDir(cell.run_dir).failed,
+            {"message": message, "config": config_to_dict(cell.config)},
         )
     except OSError as e:
         log.warning("could not record the failure of %s (%s)", cell.name, e)
@@ -296,7 +293,7 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
     from transferlab.studies.costs import model_cost
     from transferlab.training.precision import resolve_precision
 
-    path = study_dir / COSTS_FILE
+    path = StudyDir(study_dir).costs
     costs = json.loads(path.read_text()) if path.is_file() else {}
     for cell in cells:
         if cell.arm.spec in costs:
@@ -328,7 +325,7 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
             costs[cell.arm.spec]["img_s"],
             precision,
         )
-        path.write_text(json.dumps(costs, indent=2))
+        write_json(path, costs)
     return costs
 
 
@@ -366,42 +363,35 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
         "infer_img_s": cost.get("img_s", ""),
         "run_dir": str(cell.run_dir),
     }
+    files = RunDir(cell.run_dir)
     if cell_state(cell) == "done":
-        s = json.loads((cell.run_dir / "summary.json").read_text())
-        fc = s.get("feature_cache") or {}
-        splits = fc.get("splits") or fc  # per-split info: nested under "splits" since the redesign
-        hit = [
-            splits[k].get("hit")
-            for k in ("train", "val", "test")
-            if isinstance(splits.get(k), dict)
-        ]
-        t = s.get("time_s") or {}
+        s = Summary.read(files.summary)
+        fc = s.feature_cache or {}
+        hit = [fc[k].get("hit") for k in ("train", "val", "test") if isinstance(fc.get(k), dict)]
+        t = s.time_s
         row.update(
             status="ok",
-            test_acc=s["test"]["acc"],
-            test_balanced_acc=s["test"].get("balanced_acc", ""),  # runs before issue 22: none
-            val_acc=s["val"]["acc"],
-            best_epoch=s.get("best_epoch"),
-            epochs=s.get("epochs_run"),
+            test_acc=s.test["acc"],
+            test_balanced_acc=s.test.get("balanced_acc", ""),  # runs before issue 22: none
+            val_acc=s.val["acc"],
+            best_epoch=s.best_epoch,
+            epochs=s.epochs_run,
             wall_s=t.get("total"),
             train_s=t.get("train"),
             eval_s=t.get("eval"),
             extract_s=fc.get("seconds", ""),
             cache=_cache_status(hit),
-            extract_img_s=_mean_speed(splits),
-            params_trainable=s["params"]["trainable"],
-            params_total=s["params"]["total"],
+            extract_img_s=_mean_speed(fc),
+            params_trainable=s.params["trainable"],
+            params_total=s.params["total"],
         )
         try:
             _check_subset(cell, s)
         except UserError as e:
             row.update(status="failed", message=str(e))
-    elif (cell.run_dir / FAILED_FILE).is_file():
+    elif files.failed.is_file():
         try:
-            row.update(
-                status="failed",
-                message=json.loads((cell.run_dir / FAILED_FILE).read_text())["message"],
-            )
+            row.update(status="failed", message=json.loads(files.failed.read_text())["message"])
         except (OSError, ValueError, KeyError):
             row.update(status="failed", message="failed.json unreadable")
     return row
@@ -409,15 +399,11 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
 
 def write_study_csv(study_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """study.csv with one row per cell (written whole, atomically)."""
-    from transferlab.training.checkpoint import atomic_write
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    path = study_dir / CSV_FILE
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-    return path
+    return write_atomic(StudyDir(study_dir).csv, buf.getvalue())
 
 
 def run_study(
@@ -438,22 +424,14 @@ def run_study(
     ds, counts = load_study_data(grid)
     cells = plan_cells(grid, counts, study_dir)  # size checks: before the dir is touched
     prepare_study_dir(study_dir, grid, overwrite)
-    (study_dir / CELLS_FILE).write_text(
-        json.dumps(
-            {
-                "class_counts": counts,
-                "cells": [
-                    {
-                        "arm": c.arm.spec,
-                        "per_class": c.per_class,
-                        "seed": c.seed,
-                        "run_dir": str(c.run_dir),
-                    }
-                    for c in cells
-                ],
-            }
-        )
-    )
+    cells_json = {
+        "class_counts": counts,
+        "cells": [
+            {"arm": c.arm.spec, "per_class": c.per_class, "seed": c.seed, "run_dir": str(c.run_dir)}
+            for c in cells
+        ],
+    }
+    write_json(StudyDir(study_dir).cells, cells_json, indent=None)
     costs = arm_costs(study_dir, cells, len(ds.classes))
     try:
         ran, skipped, failed = run_cells(cells, ds, stop_requested, progress)
@@ -471,7 +449,8 @@ def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
     """The grid, cells and costs of an existing study (no data load: sizes from the run dirs)."""
     from transferlab.studies.grid import make_grid
 
-    saved = json.loads((study_dir / STUDY_FILE).read_text())["grid"]
+    files = StudyDir(study_dir)
+    saved = json.loads(files.study.read_text())["grid"]
     grid = make_grid(
         saved["arms"],
         ",".join(saved["sizes"]),
@@ -480,12 +459,8 @@ def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
         saved.get("min_steps", 0),
         saved.get("patience", 1),
     )
-    cells_path = study_dir / CELLS_FILE
-    costs = (
-        json.loads((study_dir / COSTS_FILE).read_text())
-        if (study_dir / COSTS_FILE).is_file()
-        else {}
-    )
+    cells_path = files.cells
+    costs = json.loads(files.costs.read_text()) if files.costs.is_file() else {}
     if not cells_path.is_file():
         return grid, [], costs
     counts = {int(k): v for k, v in json.loads(cells_path.read_text())["class_counts"].items()}

@@ -2,14 +2,14 @@
 
 A checkpoint holds everything a resume needs: the unwrapped model, optimiser, scheduler,
 scaler, epoch and step counters, RNG states, the resolved config, and the early-stopping state.
-Writes go through ``transferlab.io.atomic_save`` (temp file in the same folder, fsync,
+Writes go through ``transferlab.io.write_torch`` (temp file in the same folder, fsync,
 ``os.replace``), so a crash or a full disk never leaves a half-written checkpoint where a good
 one was.
 Loads use ``weights_only=True``: a pickle payload is refused, never run.
 
 Usage:
-    atomic_save(state, run_dir / "last.pt")
-    state = load_checkpoint(run_dir / "last.pt")
+    write_torch(RunDir(run_dir).last, state)
+    state = load_checkpoint(RunDir(run_dir).last)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from transferlab.errors import UserError
-from transferlab.io import atomic_save, atomic_write  # noqa: F401 - the writers' one home is io.py
 from transferlab.models.weights import safe_torch_load
 
 # What a resume reads from last.pt (``fit.checkpoint_state`` writes these and more).

@@ -24,11 +24,12 @@ from pathlib import Path
 from transferlab.config import Config
 from transferlab.distributed import DistEnv, broadcast_module, rewrap_ddp, run_checked, unwrap
 from transferlab.errors import TrainingStopped, UserError, is_torch_write_failure
-from transferlab.io import atomic_save
+from transferlab.io import temp_path, write_torch
 from transferlab.metrics import append_metrics, epoch_row, log_epoch_scalars, truncate_metrics
 from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
+from transferlab.rundir import RunDir
 from transferlab.training.checkpoint import rng_state, set_rng_state
 from transferlab.training.loop import (
     EpochStats,
@@ -88,6 +89,11 @@ class Job:
     run_dir: Path
     data: DataInfo
 
+    @property
+    def files(self) -> RunDir:
+        """The run dir's files."""
+        return RunDir(self.run_dir)
+
 
 def phase_epochs(cfg: Config, phase: str) -> int:
     """Epochs the schedule of ``phase`` spans."""
@@ -140,10 +146,10 @@ def start_state(job: Job, ckpt: dict | None) -> tuple[FitState, OptimParts]:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another model or version
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            f"{job.run_dir / 'last.pt'} does not fit this run ({type(e).__name__}: {first})"
+            f"{job.files.last} does not fit this run ({type(e).__name__}: {first})"
         ) from None
     if job.env.is_main:
-        truncate_metrics(job.run_dir / "metrics.csv", state.epoch)
+        truncate_metrics(job.files.metrics, state.epoch)
     log.info("resumed %s at epoch %d (phase %s)", job.run_dir, state.epoch, state.phase)
     return state, opt
 
@@ -175,7 +181,7 @@ def save_checkpoint(job: Job, state: FitState, opt: OptimParts, name: str) -> No
         return
     path = job.run_dir / name
     try:
-        atomic_save(checkpoint_state(job, state, opt), path)
+        write_torch(path, checkpoint_state(job, state, opt))
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
         if isinstance(e, RuntimeError) and not is_torch_write_failure(e):
             raise
@@ -194,23 +200,20 @@ def link_best(job: Job, state: FitState, opt: OptimParts) -> None:
     """
     if not job.env.is_main:
         return
-    last, best = job.run_dir / "last.pt", job.run_dir / "best.pt"
-    tmp = job.run_dir / ".best.pt.link"
+    files = RunDir(job.run_dir)
     try:
-        tmp.unlink(missing_ok=True)
-        os.link(last, tmp)
-        os.replace(tmp, best)
+        with temp_path(files.best) as tmp:
+            os.link(files.last, tmp)
     except OSError:  # no hard links on this filesystem: write a copy
-        tmp.unlink(missing_ok=True)
-        save_checkpoint(job, state, opt, "best.pt")
+        save_checkpoint(job, state, opt, RunDir.BEST)
 
 
 def write_epoch(job: Job, state: FitState, opt: OptimParts, row: dict, improved: bool) -> None:
     """The end of an epoch on disk: its metrics row, then last.pt (and best.pt)."""
-    append_metrics(job.run_dir / "metrics.csv", row)
+    append_metrics(job.files.metrics, row)
     if job.cfg.run.tensorboard:  # the same row as TensorBoard scalars, in RUN_DIR/tb
-        log_epoch_scalars(job.run_dir / "tb", row)
-    save_checkpoint(job, state, opt, "last.pt")
+        log_epoch_scalars(job.files.tensorboard, row)
+    save_checkpoint(job, state, opt, RunDir.LAST)
     if improved:
         link_best(job, state, opt)
 
@@ -234,7 +237,7 @@ def _train_epoch(
         if stats.step % every == 0:
             state.partial = asdict(stats)
             run_checked(
-                lambda: save_checkpoint(job, state, opt, "last.pt"), job.env, main_only=True
+                lambda: save_checkpoint(job, state, opt, RunDir.LAST), job.env, main_only=True
             )
 
     job.pipe.train_module.train()
@@ -255,7 +258,7 @@ def _train_epoch(
     if stats.interrupted:
         state.partial = asdict(stats)
         # every rank waits for rank 0's write: an early exit would make torchrun kill rank 0
-        run_checked(lambda: save_checkpoint(job, state, opt, "last.pt"), job.env, main_only=True)
+        run_checked(lambda: save_checkpoint(job, state, opt, RunDir.LAST), job.env, main_only=True)
         code = getattr(job.ctx.stop_requested, "exit_code", 130)
         raise TrainingStopped(
             f"interrupted during epoch {epoch + 1}; checkpoint saved. Resume with: "

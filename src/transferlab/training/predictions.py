@@ -4,7 +4,7 @@ The file format is described in ``transferlab.report.predictions`` (which reads 
 
 Usage:
     loss, acc, preds = collect_predictions(test_forward, test_loader, ctx)
-    save_predictions(run_dir / "test_predictions.npz", preds, classes)
+    save_predictions(RunDir(run_dir).predictions, preds, classes)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.distributed import gather_in_sample_order
+from transferlab.io import write_atomic
 from transferlab.training.loop import StepContext, predict_logits
 
 
@@ -55,6 +56,5 @@ def collect_predictions(
 
 def save_predictions(path: Path, preds: dict[str, np.ndarray], classes: list[str]) -> None:
     """Write the predictions (and class names) as an npz without pickled objects."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, classes=np.array(classes, dtype=str), **preds)
-    tmp.replace(path)
+    classes = np.array(classes, dtype=str)
+    write_atomic(path, lambda f: np.savez_compressed(f, classes=classes, **preds))

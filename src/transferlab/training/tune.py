@@ -34,16 +34,15 @@ import torch
 from transferlab.config import Config, config_to_dict
 from transferlab.distributed import wrap_ddp
 from transferlab.errors import TrainingStopped, UserError
-from transferlab.io import atomic_write_text
+from transferlab.io import write_json
 from transferlab.models.classifier import make_head
 from transferlab.models.partial import PartialTrainer
+from transferlab.rundir import RunDir
 from transferlab.training.fit import FitState, Job, enter_phase, selection_score
 from transferlab.training.loop import OptimParts, StepGuard, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
 
-STORAGE_FILE = "tune.db"  # Optuna's SQLite file in the run dir (the one place of this name)
-RESULT_FILE = "tune.json"  # the search's outcome: study, storage, trials, best values
 HIDDEN_CHOICES = (0, 256, 512, 1024)  # head widths searched; 0 = a linear head
 # what a trial may change, per config section (everything else is the study's identity)
 SEARCHED = {
@@ -181,7 +180,7 @@ def run_search(job: Job) -> tuple[dict[str, Any], float, str, int]:
     optuna = load_optuna()
     cfg = job.cfg
     shared = bool(cfg.optim.tune_storage)
-    url = cfg.optim.tune_storage or f"sqlite:///{job.run_dir / STORAGE_FILE}"
+    url = cfg.optim.tune_storage or f"sqlite:///{RunDir(job.run_dir).tune_db}"
     name = study_name(cfg)
     study = optuna.create_study(
         study_name=name,
@@ -253,10 +252,10 @@ def search_and_apply(job: Job) -> tuple[Job, FitState, OptimParts]:
     if job.env.is_main:
         result = {
             "study": name,
-            "storage": job.cfg.optim.tune_storage or STORAGE_FILE,
+            "storage": job.cfg.optim.tune_storage or RunDir.TUNE_DB,
             "trials": n,
             "best_val_score": score,  # --select-by of the best trial
             "best": values,
         }
-        atomic_write_text(job.run_dir / RESULT_FILE, json.dumps(result, indent=2))
+        write_json(RunDir(job.run_dir).tune, result)
     return job, state, opt
