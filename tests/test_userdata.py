@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import metrics_rows, write_png_tree
 from transferlab.api import Run, run_card_html
@@ -204,3 +208,115 @@ def test_cifar100_lt_pixels_and_features_pick_the_same_images(lt_cifar, tmp_path
     expected = sum(min(w, h) for w, h in zip(want, have, strict=True))
     assert pixels["data"]["n"]["train"] == feats["data"]["n"]["train"] == expected
     assert pixels["test"]["per_class"][0]["support"] == 1  # the test split stays balanced
+
+
+# ---------------------------------------------------------------- check-data
+
+
+def _planted(root):
+    """train/test folders of textured PNGs with planted copies: 2 exact leaks (one renamed),
+    1 near leak (resized + JPEG), 1 exact duplicate inside train, 1 copy under another class,
+    1 corrupt file, 1 grayscale and 1 RGBA image, 1 16-bit PNG."""
+    rng = np.random.default_rng(0)
+
+    def texture(seed, size=32):
+        g = np.random.default_rng(seed)
+        base = g.integers(0, 256, (4, 4, 3)).astype(np.uint8)  # smooth blocks: a stable dHash
+        img = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(img)
+
+    k = 0
+    for split, n in (("train", 6), ("test", 3)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                k += 1
+                Image.fromarray(texture(1000 + k)).save(root / split / cls / f"{i}.png")
+    tr, te = root / "train", root / "test"
+    shutil.copy(tr / "cat/0.png", te / "cat/leak_exact.png")
+    shutil.copy(tr / "dog/1.png", te / "dog/renamed.png")
+    Image.open(tr / "cat/2.png").resize((48, 48)).convert("RGB").save(
+        te / "cat/near.jpg", quality=90
+    )
+    shutil.copy(tr / "cat/3.png", tr / "cat/dup_in_train.png")
+    shutil.copy(tr / "dog/4.png", tr / "cat/wrong_class.png")
+    (tr / "dog/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(40))
+    Image.fromarray(texture(7)).convert("L").save(tr / "dog/gray.png")
+    Image.fromarray(texture(8)).convert("RGBA").save(tr / "dog/alpha.png")
+    Image.fromarray(texture(9)[:, :, 0].astype(np.uint16) * 257).save(tr / "dog/deep.png")
+    return root
+
+
+def test_check_data_finds_every_planted_pair_and_invents_none(tmp_path, capsys):
+    data = _planted(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["check-data", str(data), "--out", str(out), "--json", "--num-workers", "0"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+
+    def names(pairs):
+        return {
+            tuple(
+                sorted(
+                    (
+                        Path(p["a"]).relative_to(data).as_posix(),
+                        Path(p["b"]).relative_to(data).as_posix(),
+                    )
+                )
+            )
+            + (p["kind"],)
+            for p in pairs
+        }
+
+    assert names(r["leaks"]) == {
+        ("test/cat/leak_exact.png", "train/cat/0.png", "exact"),
+        ("test/dog/renamed.png", "train/dog/1.png", "exact"),
+        ("test/cat/near.jpg", "train/cat/2.png", "near"),
+    }
+    assert names(r["exact_within"]) == {
+        ("train/cat/3.png", "train/cat/dup_in_train.png", "exact"),
+        ("train/cat/wrong_class.png", "train/dog/4.png", "exact"),
+    }
+    assert names(r["label_conflicts"]) == {
+        ("train/cat/wrong_class.png", "train/dog/4.png", "exact")
+    }
+    assert [Path(p).name for p in r["bad"]] == ["broken.png"]
+    modes = {m.split()[0]: [Path(f).name for f in fs] for m, fs in r["modes"].items()}
+    assert modes["L"] == ["gray.png"] and modes["RGBA"] == ["alpha.png"]
+    assert any(m.startswith("I") for m in modes) and ["deep.png"] in modes.values()
+    assert r["counts"]["test"] == {"cat": 5, "dog": 4}
+    md = (out / "data_report.md").read_text()
+    assert "leak_exact.png" in md and "near.jpg" in md and (out / "data_report.html").is_file()
+    assert sorted(p.name for p in (data / "test" / "cat").iterdir()) == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "leak_exact.png",
+        "near.jpg",
+    ]  # nothing deleted or moved
+
+
+def test_train_warns_in_one_line_about_exact_test_leaks(tmp_path, caplog):
+    data = _planted(tmp_path / "data")
+    (data / "train/dog/broken.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        _train(f"folder:{data}", tmp_path / "run", "--epochs", "1", "--no-report")
+    lines = [r.getMessage() for r in caplog.records if "exact copies" in r.getMessage()]
+    # 2 planted; one of their train originals may be carved into val (no val/ folder)
+    assert len(lines) == 1 and lines[0][:16] in ("1 test image(s) ", "2 test image(s) ")
+
+
+def test_check_data_bad_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.png").write_bytes(b"x")
+    for c in ("a", "b"):
+        (tmp_path / "texts" / c).mkdir(parents=True)
+        (tmp_path / "texts" / c / "notes.txt").write_text("hello")
+    for target, message in (
+        ("empty", "class folder"),
+        ("file.png", "is a file, not a folder"),
+        ("texts", "no image files"),
+    ):
+        code = main(["check-data", str(tmp_path / target), "--out", str(tmp_path / "o")])
+        assert code == 2, target
+        assert message in _one_line_error(capsys)

@@ -23,6 +23,7 @@ import torch
 
 from transferlab.config import Config, config_from_dict
 from transferlab.data.balance import class_counts, class_weights, suggest_balance
+from transferlab.data.check import warn_test_leaks
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.load import load_data
 from transferlab.distributed import DistEnv, broadcast_object, init_distributed, run_checked
@@ -144,6 +145,8 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     ds = dataset or run_checked(lambda: load_data(cfg), env)  # missing on one node: all say so
+    if env.is_main and cfg.data.check_data and hasattr(ds.test, "paths") and ckpt is None:
+        warn_test_leaks(ds)  # folder data: test files that are train files, one line
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
     # threads from the cores free now, per phase: extraction (with its engine probe), training
     use_threads(cfg.run.threads, "extract" if uses_feature_cache(cfg) else "train")

@@ -61,6 +61,12 @@ def cmd_rank(args) -> int:
     return study["rank"](args)
 
 
+def cmd_check_data(args) -> int:
+    from transferlab.check_data import cmd_check_data as run
+
+    return run(args)
+
+
 def cmd_runs(args) -> int:
     from transferlab.report.tracking import find_runs, format_runs
 
@@ -80,18 +86,20 @@ COMMANDS: dict = {
     "explain": cmd_explain,
     "study": cmd_study,
     "rank": cmd_rank,
+    "check-data": cmd_check_data,
 }
 
 
 def add_subcommands(sub) -> None:
     """Register study, rank, predict, export, explain, report and runs."""
-    from transferlab import explain, export, predict
+    from transferlab import check_data, explain, export, predict
     from transferlab.studies.cli import add_parsers as add_study_parsers
 
     add_study_parsers(sub)
     predict.add_parser(sub)
     export.add_parser(sub)
     explain.add_parser(sub)
+    check_data.add_parser(sub)
     p = sub.add_parser(
         "report",
         help="rebuild report.md and report.html of runs or compare dirs",
