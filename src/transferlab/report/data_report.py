@@ -10,11 +10,10 @@ Usage:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transferlab.data.check import CheckResult, Pair
-from transferlab.io import atomic_write_text
+from transferlab.io import write_atomic, write_json
 from transferlab.report.html import write_html
 
 MD_NAME, JSON_NAME = "data_report.md", "data_report.json"
@@ -102,6 +101,6 @@ def write_data_report(r: CheckResult, out_dir: Path) -> tuple[Path, Path, Path]:
     """data_report.md, .html and .json in ``out_dir``, written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / MD_NAME, out_dir / JSON_NAME
-    atomic_write_text(md, data_report_md(r))
-    atomic_write_text(js, json.dumps(r.to_dict(), indent=2))
+    write_atomic(md, data_report_md(r))
+    write_json(js, r.to_dict())
     return md, write_html(md), js
