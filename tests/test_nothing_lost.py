@@ -154,3 +154,107 @@ def test_no_flag_help_says_it_turns_the_thing_off(capsys, flag):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert f"{flag} turn off:" in out
+
+
+# ---------------------------------------------------------------- item 1: the old run comes back
+
+TINY = ["--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20"]
+TINY += ["--device", "cpu", "--no-progress", "--no-report"]
+
+
+@pytest.fixture
+def old_run(tmp_path, cifar):
+    """A finished tiny run, and a snapshot of its files (name -> bytes)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY]) == 0
+    return run, _files(run)
+
+
+def _files(run) -> dict[str, bytes]:
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.suffix != ".lock"
+    }
+
+
+def _kill_in_first_epoch(monkeypatch, how: str) -> None:
+    """The new run's first epoch starts, then ``how`` happens (a real signal where it can)."""
+    import signal
+
+    from transferlab.training import fit
+
+    real = fit.train_one_epoch
+
+    def first_epoch(*args, **kwargs):
+        if how == "keyboard":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
+        return real(*args, **kwargs)  # sees the stop flag at its first step
+
+    monkeypatch.setattr(fit, "train_one_epoch", first_epoch)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigterm"])
+def test_a_signal_in_the_first_epoch_of_an_overwrite_puts_the_old_run_back(
+    old_run, cifar, monkeypatch, capsys, how
+):
+    run, before = old_run
+    _kill_in_first_epoch(monkeypatch, how)
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    assert main(args) == (130 if how == "sigint" else 143)
+    err = _one_line(capsys)
+    assert "previous run" in err and "back as it was" in err and "--resume" not in err
+    assert _files(run) == before
+
+
+def test_a_keyboard_interrupt_in_tl_train_overwrite_puts_the_old_run_back(
+    old_run, cifar, monkeypatch
+):
+    run, before = old_run
+    _kill_in_first_epoch(monkeypatch, "keyboard")
+    with pytest.raises(KeyboardInterrupt):
+        tl.train(
+            data_dir=str(cifar),
+            run_dir=str(run),
+            model="cnn",
+            epochs=1,
+            batch_size=20,
+            val_size=20,
+            device="cpu",
+            progress=False,
+            overwrite=True,
+        )
+    assert _files(run) == before
+
+
+def test_divergence_in_the_first_epoch_of_an_overwrite_puts_the_old_run_back(
+    old_run, cifar, capsys
+):
+    run, before = old_run
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    assert main([*args, "--lr", "1e30", "--nan-patience", "1"]) == 1
+    err = _one_line(capsys)
+    assert "diverged" in err and "back as it was" in err
+    assert _files(run) == before
+
+
+def test_tensorboard_missing_is_refused_before_the_run_dir_is_touched(
+    old_run, cifar, monkeypatch, capsys
+):
+    import sys
+
+    run, before = old_run
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    assert main([*args, "--tensorboard"]) == 2
+    assert "pip install 'transferlab[tensorboard]'" in _one_line(capsys)
+    assert _files(run) == before
+
+
+def test_an_overwrite_commits_after_its_first_epoch(old_run, cifar):
+    run, before = old_run
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    assert main([*args, "--seed", "1"]) == 0
+    assert _files(run)["config.yaml"] != before["config.yaml"]
+    assert not [p for p in run.parent.iterdir() if ".old-" in p.name]  # nothing left aside

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from transferlab.data.check import warn_test_leaks
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.load import load_data
 from transferlab.distributed import DistEnv, broadcast_object, init_distributed, run_checked
-from transferlab.errors import UserError
+from transferlab.errors import TrainingStopped, UserError
 from transferlab.models.registry import build_model
 from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import Pipeline
@@ -120,8 +121,9 @@ def run_experiment(
     """Run (or resume) one experiment; returns the summary written to summary.json.
 
     ``resume_epochs``: a new epoch budget for a resumed run (``--resume RUN --epochs N``).
-    A failure before the first checkpoint undoes the run dir (an ``--overwrite``'s old run is
-    put back, a new empty dir removed); the run dir stays locked while the run goes on.
+    A failure before the first checkpoint undoes the run dir (a new empty dir is removed); an
+    ``--overwrite``'s old run is put back on any failure or stop before the new run's first
+    epoch is on disk. The run dir stays locked while the run goes on.
     """
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.run.device)
@@ -130,9 +132,20 @@ def run_experiment(
     try:
         with threads_restored():  # an in-process caller keeps its own torch thread count
             return _run(cfg, ckpt, handle, dataset, env, stop_requested, t_start)
+    except TrainingStopped as e:
+        if handle is None or handle.committed:
+            raise
+        handle.rollback()  # an --overwrite stopped in its first epoch: the old run is back
+        # the reason stays, its "resume with ..." does not: the new run's files are gone
+        why = re.split(r"[;.] (?:checkpoint saved|last\.pt|Resume|Continue|Free)", str(e))[0]
+        raise TrainingStopped(
+            f"{why}; the new run had not finished an epoch, so the previous run in "
+            f"{handle.run_dir} is back as it was. Rerun the same command to replace it",
+            exit_code=e.exit_code,
+        ) from None
     except BaseException:
         if handle is not None:
-            handle.rollback()  # a no-op once the first checkpoint committed the run
+            handle.rollback()  # a no-op once the run is committed
         raise
     finally:
         if handle is not None:
@@ -186,15 +199,16 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
         folder=getattr(ds, "info", None),
         n_train=n_train,
     )
-    job = Job(cfg, plan, model, pipe, ctx, env, Path(cfg.run.run_dir), data)
+    commit = handle.commit if handle is not None else (lambda: None)
+    job = Job(cfg, plan, model, pipe, ctx, env, Path(cfg.run.run_dir), data, commit)
     state, opt = start_state(job, ckpt)
     if ckpt is None:
         if env.is_main:
             write_run_header(job, ds)
-        # a checkpoint before the first step: a run killed in its first epoch can be resumed,
-        # and an --overwrite's old run can go
+        # a checkpoint before the first step: a run killed in its first epoch can be resumed.
+        # An --overwrite's old run stays set aside until the first epoch is on disk (fit commits)
         run_checked(lambda: save_checkpoint(job, state, opt, RunDir.LAST), env, main_only=True)
-        if handle is not None:
+        if handle is not None and handle.aside is None:
             handle.commit()
     if cfg.optim.tune and state.epoch == 0 and not state.partial:
         # the head search (resumed from its storage after a kill); then the best trial's config

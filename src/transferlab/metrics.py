@@ -106,15 +106,21 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
-    """Write one epoch's metrics row to TensorBoard event files under ``tb_dir`` (rank 0 only)."""
+def load_tensorboard():
+    """TensorBoard's SummaryWriter class; without the extra a one-line UserError (validate calls
+    this before the run dir is touched, so a missing extra never costs an --overwrite's run)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError(
             "--tensorboard needs the tensorboard package: pip install 'transferlab[tensorboard]'"
         ) from None
-    writer = SummaryWriter(log_dir=str(tb_dir))
+    return SummaryWriter
+
+
+def log_epoch_scalars(tb_dir: Path, row: dict) -> None:
+    """Write one epoch's metrics row to TensorBoard event files under ``tb_dir`` (rank 0 only)."""
+    writer = load_tensorboard()(log_dir=str(tb_dir))
     try:
         for column, tag in SCALARS.items():
             if row.get(column) not in (None, ""):

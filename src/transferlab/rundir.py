@@ -504,8 +504,8 @@ class RunDirHandle:
                     os.rename(self.aside / name, self.run_dir / name)
                 self.aside.rmdir()
                 log.warning(
-                    "the new run failed before its first checkpoint: the previous run in %s is "
-                    "back as it was",
+                    "the new run stopped before its first epoch was done: the previous run in %s "
+                    "is back as it was",
                     self.run_dir,
                 )
                 self.aside = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
+from transferlab.metrics import load_tensorboard
 from transferlab.threads import usable_cores
 
 
@@ -73,6 +74,8 @@ def _check_stages(source: str, arch: str, name: str, k: int) -> None:
 
 def check_extras(cfg: Config) -> None:
     """Optional extras the config asks for are installed (one line naming the extra)."""
+    if cfg.run.tensorboard:
+        load_tensorboard()
     if cfg.run.track:
         from transferlab.report.mlflow_log import check_tracking_available
 

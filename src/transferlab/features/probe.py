@@ -149,4 +149,5 @@ def fit_linear_probe(job: Job, state: FitState, opt: OptimParts) -> FitState:
         )
         save_checkpoint(job, state, opt, RunDir.LAST)
         link_best(job, state, opt)
+        job.commit_run_dir()
     return state

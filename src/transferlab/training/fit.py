@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,9 @@ class Job:
     env: DistEnv
     run_dir: Path
     data: DataInfo
+    # called once an epoch is on disk: an --overwrite's old run goes only when the new one has
+    # earned it (rundir.RunDirHandle.commit; idempotent); a stop before that puts it back
+    commit_run_dir: Callable[[], None] = lambda: None
 
     @property
     def files(self) -> RunDir:
@@ -216,6 +220,7 @@ def write_epoch(job: Job, state: FitState, opt: OptimParts, row: dict, improved:
     save_checkpoint(job, state, opt, RunDir.LAST)
     if improved:
         link_best(job, state, opt)
+    job.commit_run_dir()
 
 
 def _should_stop(cfg: Config, state: FitState) -> str:
