@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferlab.entry import reuse_freed_memory
 from transferlab.features import cache as fcache
 from transferlab.features.engines import (
     EngineChoice,
@@ -50,7 +51,6 @@ from transferlab.features.engines import (
     build_engine,
     engine_installed,
     resolve_engine,
-    reuse_freed_memory,
 )
 
 CIFAR_DIR = os.environ.get("TRANSFERLAB_CIFAR_DIR", "/work/shared/datasets")

@@ -17,9 +17,6 @@ from transferlab.data.cifar import write_cifar_like
 # tests. (The SIGSEGV once blamed on it was OpenVINO's signal stack: transferlab/sigstack.py.)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-# The extraction's glibc tuning (features/engines.reuse_freed_memory) is process-wide; tests keep
-# the process's default allocator. (It was suspected of the SIGSEGV too, wrongly: see above.)
-os.environ.setdefault("TRANSFERLAB_MALLOPT", "0")
 # Runs pick their torch threads from the cores free at each phase (transferlab/threads.py); a
 # neighbour's burst could then change a thread count between a run and its resume, and with it
 # the last bits of a reduction. Tests pin torch's default count (as before) unless the caller did.

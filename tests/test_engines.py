@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from transferlab import entry
 from transferlab.distributed import DistEnv
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.features import cache as fcache
@@ -359,3 +362,47 @@ def test_a_signal_after_an_openvino_engine_is_freed_is_handled(tmp_path):
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "survived True" in out.stdout
+
+
+def test_only_the_command_tunes_the_allocator(tmp_path, monkeypatch):
+    """glibc's heap tuning is process-wide, so it belongs to the ``transferlab`` process
+    (entry.main), never to a library caller's (a notebook) that builds and runs an engine."""
+    calls = []
+    monkeypatch.setattr(entry, "reuse_freed_memory", lambda: calls.append(1) or True)
+    _build("torch", tiny_backbone(), tmp_path)(torch.rand(2, 3, SIZE, SIZE))
+    assert calls == []
+    with pytest.raises(SystemExit):
+        entry.main(["--version"])
+    assert calls == [1]
+
+
+def test_engines_run_the_same_under_the_commands_allocator(tmp_path):
+    """The production setting (the tuned heap) with every installed engine, in one process:
+    each engine's features equal the untuned torch features of the parent."""
+    net, x = (
+        tiny_backbone(),
+        torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),
+    )
+    torch.save({"net": net, "x": x}, tmp_path / "case.pt")
+    code = (
+        "import sys, torch\n"
+        "from transferlab import entry\n"
+        "from transferlab.features import cache as fcache, engines as E\n"
+        "assert entry.reuse_freed_memory()\n"
+        f"case = torch.load({str(tmp_path / 'case.pt')!r}, weights_only=False)\n"
+        "for name in E.ENGINE_SPECS:\n"
+        "    if not E.engine_installed(name):\n"
+        "        continue\n"
+        "    net, cpu = case['net'], torch.device('cpu')\n"
+        "    choice = E.EngineChoice(name, 'fp32', 4)\n"
+        "    e = E.build_engine(choice, net, 16, cpu, sys.argv[1], fcache.weights_hash(net))\n"
+        "    got = torch.cat(list(e.map(case['x'].split(4))))\n"
+        "    torch.save(got, f'{sys.argv[1]}/{name}.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=300)
+    with torch.no_grad():
+        ref = net(x)
+    for name in engines.ENGINE_SPECS:
+        if engines.engine_installed(name):
+            got = torch.load(tmp_path / f"{name}.pt")
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
+from transferlab.extras import load_extra
 from transferlab.io import temp_path, write_json
 from transferlab.predict import RunModel, load_run_model
 from transferlab.rundir import check_output_path, expand_user, make_output_dir
@@ -77,8 +78,7 @@ class ExportCheck:
 
 def export_onnx(wrapped: nn.Module, size: int, path: Path, metadata: dict) -> None:
     """Write an ONNX model with a dynamic batch axis and the metadata as metadata_props."""
-    import onnx
-
+    onnx = load_extra("onnx", "export", "--format onnx")
     example = torch.rand(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
@@ -126,8 +126,7 @@ def check_export(
     """Max abs logit difference between the exported file and PyTorch on random [0, 1] inputs."""
     g = torch.Generator().manual_seed(seed)
     if fmt == "onnx":
-        import onnxruntime as ort
-
+        ort = load_extra("onnxruntime", "export", "--format onnx")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         run = lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])  # noqa: E731
         runtime = f"onnxruntime {ort.__version__}"
@@ -208,6 +207,9 @@ def export_run(
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
         raise UserError(f"--tolerance must be a finite number >= 0; got {tolerance}")
+    if fmt == "onnx":  # both before any work: the check runs the file with onnxruntime
+        load_extra("onnx", "export", "--format onnx")
+        load_extra("onnxruntime", "export", "--format onnx")
     rm: RunModel = load_run_model(run_dir, "cpu")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()

@@ -23,9 +23,9 @@ file each (model bytes + metadata + sha256), keyed by the weights hash, the arch
 size and the library versions; written atomically, checked on load, deleted and rebuilt when
 corrupt, exactly like the feature files (features/cache.py).
 
-On the CPU, ``reuse_freed_memory()`` stops glibc from returning freed activation buffers to the
-kernel: without it every batch maps fresh pages and half the extraction time went to page faults
-(issue 13: 4 min of system time next to 3m40s of user time at batch 200).
+The ``transferlab`` command's process keeps freed memory in its heap (``entry.py``'s glibc
+tuning): without it every batch maps fresh pages and half the extraction time went to page
+faults (issue 13). A library user's process is left as it is.
 
 Usage:
     choice = resolve_engine("auto", model.backbone, "timm:tf_efficientnet_lite0", 224, device,
@@ -37,16 +37,12 @@ Usage:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib
 import importlib.util
 import io
 import json
 import logging
-import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -338,28 +334,6 @@ def engine_module(name: str) -> ModuleType:
     return importlib.import_module(ENGINE_SPECS[name].package)
 
 
-def reuse_freed_memory() -> bool:
-    """Keep freed memory in the process heap (glibc): no mmap/munmap + page faults per batch.
-
-    Frozen-backbone activations are tens of MB per layer, above glibc's mmap threshold, so each
-    one was mapped fresh and returned on free; measured on lite0 bf16 at 224 px: ~1.2M minor faults
-    and 2 s of system time per 400 images, ~1.8x slower (benchmarks/RESULTS.md, issue 13).
-    Process-wide and idempotent; returns False where it does not apply (not glibc), or with
-    ``TRANSFERLAB_MALLOPT=0`` (the test suite sets it: one long pytest process that builds many
-    engines crashed in CI with it on; a run's own process is short-lived).
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("TRANSFERLAB_MALLOPT") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    ok = mallopt(m_mmap_threshold, 1 << 30) == 1  # blocks up to 1 GiB come from the heap
-    return bool(mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok)  # and are never trimmed
-
-
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -450,8 +424,6 @@ def build_engine(
     ``engine.choice`` for what was built (it belongs in the feature cache key)."""
     spec = ENGINE_SPECS[choice.name]
     if spec.converter is None:  # runs the backbone itself
-        if device.type == "cpu":
-            reuse_freed_memory()
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         return spec.runner(backbone, choice, device, channels_last)
@@ -461,7 +433,6 @@ def build_engine(
             f"--engine {choice.name} runs on the CPU only; use --engine torch or auto "
             f"with --device {device.type}"
         )
-    reuse_freed_memory()  # the batches prepared in torch between inferences
     try:
         blob = converted_model(choice.name, backbone, size, cache_root, weights_hash)
     except Exception as e:  # noqa: BLE001 - converters raise many types; all mean "cannot convert"

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 
+from scipy.stats import t as student_t
+
 from transferlab.io import write_atomic
 from transferlab.rundir import StudyDir
 
@@ -51,9 +53,7 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     m = mean(values)
     if len(values) < 2:
         return m, 0.0
-    from scipy.stats import t
-
-    return m, float(t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
+    return m, float(student_t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
 
 
 def read_rows(study_dir: Path) -> list[dict]:
