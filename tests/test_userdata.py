@@ -22,6 +22,7 @@ from transferlab.data.cifar import load_cifar100, write_cifar_like
 from transferlab.data.subsets import long_tail_counts, long_tail_indices
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.report.mlflow_log import summary_metrics
+from transferlab.rundir import Summary
 
 TINY = ["--no-progress", "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]
 
@@ -71,7 +72,7 @@ def test_summary_and_metrics_hold_per_class_metrics(imbalanced, tmp_path):
     api_run = Run(run)  # the API's Run.summary is summary.json: the same per-class figures
     assert api_run.summary["test"]["per_class"] == s["test"]["per_class"]
     assert "test balanced acc" in run_card_html(api_run)
-    logged = summary_metrics(s)  # what MLflow logs at the end of a run
+    logged = summary_metrics(Summary.from_dict(s))  # what MLflow logs at the end of a run
     assert logged["test_balanced_acc_final"] == s["test"]["balanced_acc"]
     assert {"val_macro_f1_final", "test_top5_acc_final"} <= set(logged)
 

@@ -241,8 +241,10 @@ SUMMARY_VERSION = 1  # 1: the "version" field itself (0: the files written befor
 class Summary:
     """summary.json: a finished run's results, times, data and versions (written once, at the end).
 
-    ``train``/``val``/``test`` are ``{"loss", "acc"}``; ``params`` is ``{"total", "trainable"}``;
-    ``time_s`` is seconds ``{"total", "train", "eval", "setup"}``. Read older files through
+    ``train`` is ``{"loss", "acc"}``; ``val``/``test`` add ``balanced_acc``, ``macro_f1``,
+    ``top5_acc`` and ``per_class`` (``outputs.split_metrics``: precision, recall, F1, support);
+    ``params`` is ``{"total", "trainable"}``; ``time_s`` is seconds ``{"total", "train", "eval",
+    "setup"}``. Read older files through
     :meth:`read` (or :meth:`from_dict`), which upgrades them with :func:`upgrade_summary`.
     """
 
