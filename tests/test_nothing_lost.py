@@ -258,3 +258,22 @@ def test_an_overwrite_commits_after_its_first_epoch(old_run, cifar):
     assert main([*args, "--seed", "1"]) == 0
     assert _files(run)["config.yaml"] != before["config.yaml"]
     assert not [p for p in run.parent.iterdir() if ".old-" in p.name]  # nothing left aside
+
+
+@pytest.mark.parametrize(
+    "names", [["config.yaml"], ["metrics.csv", "notes.txt"], [".git/HEAD", "config.yaml"]]
+)
+def test_overwrite_refuses_a_folder_without_our_marker(tmp_path, cifar, capsys, names):
+    """A config.yaml (or a .git) does not make a run: the marker file does."""
+    home = tmp_path / "project"
+    for name in names:
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text("mine")
+    before = _files(home)
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(home), *TINY, "--overwrite"]
+    assert main(args) == 2
+    err = _one_line(capsys)
+    assert "not a transferlab run" in err and names[0].split("/")[0] in err
+    assert _files(home) == before and sorted(p.name for p in home.iterdir()) == sorted(
+        {n.split("/")[0] for n in names}
+    )

@@ -31,6 +31,7 @@ def _old_run(run: Path) -> dict[str, bytes]:
     os.link(run / "best.pt", run / "last.pt")
     (run / "tb").mkdir()
     (run / "tb" / "events").write_bytes(b"e")
+    rundir.RunDir(run).write_marker()  # a run of ours (--overwrite replaces only those)
     return {**files, "last.pt": b"best", "tb/events": b"e"}
 
 
@@ -51,7 +52,7 @@ def test_overwrite_rollback_restores_the_old_run_intact(tmp_path):
     (run / "config.yaml").write_text("new")  # the new run starts writing, then fails
     h.rollback()
     h.release()
-    assert _snapshot(run) == before and not rundir.RunDir.is_ours(run)  # the old run had none
+    assert _snapshot(run) == before and rundir.RunDir.is_ours(run)  # its own marker is back
     assert os.path.samefile(run / "best.pt", run / "last.pt")  # the hard link survived the move
     assert not list(tmp_path.glob(".precious.old-*"))
 
@@ -633,7 +634,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError, match="holds no transferlab run"):
+    with pytest.raises(UserError, match="not a transferlab run"):
         rundir.prepare_run_dir(home, resume=False, overwrite=True)
     assert (home / "thesis.tex").read_text() == "years of work"
     _old_run(tmp_path / "r")

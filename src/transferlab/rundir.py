@@ -223,10 +223,6 @@ RUN_FILES = frozenset(
         LOCK_NAME,
     }
 )
-# a folder holding one of these is a run (of ours) that --overwrite may replace
-RUN_MARKERS = frozenset(
-    {RunDir.MARKER, RunDir.CONFIG, RunDir.LAST, RunDir.BEST, RunDir.SUMMARY, RunDir.METRICS}
-)
 ASIDE_INFIX = ".old-"  # .RUN.old-<pid>: an old run set aside by --overwrite
 
 
@@ -618,6 +614,8 @@ def prepare_run_dir(
         raise UserError(
             f"cannot create run dir {run_dir} ({e.strerror or e}); choose another --run-dir"
         ) from None
+    if not created:  # refused before the lock: a refusal leaves no lock file in a user's folder
+        _refuse_foreign(run_dir, [p.name for p in _visible(run_dir)], overwrite)
     handle = RunDirHandle(run_dir, RunLock.acquire(run_dir / LOCK_NAME, "run dir"), created=created)
     try:
         _take_over(handle, overwrite, data_root)
@@ -646,17 +644,7 @@ def _take_over(handle: RunDirHandle, overwrite: bool, data_root: Path | None) ->
     sweep_stale_temps(run_dir)  # the temp files of a killed writer (we hold the lock now)
     names = [p.name for p in _visible(run_dir)]
     handle.keep = frozenset(names)  # until they are set aside below
-    if names and not overwrite:
-        raise UserError(
-            f"run dir {run_dir} is not empty; pass --overwrite to replace it (the old run is "
-            f"kept until the new one has a checkpoint) or --resume {run_dir} to continue"
-        )
-    if names and not any(n in RUN_MARKERS for n in names):
-        raise UserError(
-            f"run dir {run_dir} is not empty and holds no transferlab run (no "
-            f"{', '.join(sorted(RUN_MARKERS))}); --overwrite only replaces runs: choose "
-            "another --run-dir"
-        )
+    _refuse_foreign(run_dir, names, overwrite)  # again, under the lock
     if names and data_root is not None and _inside(Path(data_root), run_dir):
         raise UserError(
             f"run dir {run_dir} holds the data root {data_root}; --overwrite would move "
@@ -673,6 +661,29 @@ def _take_over(handle: RunDirHandle, overwrite: bool, data_root: Path | None) ->
             len(names),
             handle.aside,
         )
+
+
+def _refuse_foreign(run_dir: Path, names: list[str], overwrite: bool) -> None:
+    """A non-empty dir needs --overwrite, and --overwrite replaces only a run of ours."""
+    if names and not overwrite:
+        raise UserError(
+            f"run dir {run_dir} is not empty; pass --overwrite to replace it (the old run is "
+            f"kept until the new one has finished an epoch) or --resume {run_dir} to continue"
+        )
+    if names and not RunDir.is_ours(run_dir):  # a config.yaml, .git or a thesis is not a run
+        raise UserError(
+            f"run dir {run_dir} holds {_listing(names)} and no {RunDir.MARKER} marker: it is "
+            "not a transferlab run, and --overwrite only replaces runs. Choose another "
+            "--run-dir (or empty it yourself)"
+        )
+
+
+def _listing(names: list[str], show: int = 4) -> str:
+    """'.git, config.yaml, notes.txt and 3 more': what a folder holds, for a refusal."""
+    found = sorted(names)
+    shown = found[:show]
+    more = f" and {len(found) - show} more" if len(found) > show else ""
+    return ", ".join(shown) + more
 
 
 def _probe_writable(run_dir: Path) -> None:
