@@ -277,3 +277,116 @@ def test_overwrite_refuses_a_folder_without_our_marker(tmp_path, cifar, capsys, 
     assert _files(home) == before and sorted(p.name for p in home.iterdir()) == sorted(
         {n.split("/")[0] for n in names}
     )
+
+
+# ---------------------------------------------------------------- item 2: studies
+
+
+def _grid(cifar, tmp_path, arms=("cnn:scratch",), **kw):
+    from transferlab.studies.grid import make_grid
+
+    over = {
+        "data": {"data_dir": str(cifar), "val_size": 10, "image_size": 32, **kw},
+        "optim": {"epochs": 1, "batch_size": 16},
+        "run": {"progress": False, "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+    }
+    return make_grid(list(arms), "2", seeds=1, overrides=over, min_steps=2)
+
+
+def test_equal_arms_are_one_arm_and_arm_folders_never_collide(tmp_path):
+    from transferlab.studies.grid import make_grid, parse_arm
+
+    assert parse_arm(" cnn:scratch: ").spec == parse_arm("cnn:scratch").spec == "cnn:scratch"
+    assert parse_arm("cnn:scratch").key == "cnn-scratch"  # stable: existing studies keep theirs
+    with pytest.raises(tl.UserError, match="twice"):
+        make_grid(["cnn:scratch", "cnn:scratch:"], "2", seeds=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.yaml").write_text("optim:\n  lr: 0.01\n")
+    (tmp_path / "a-b.yaml").write_text("optim:\n  lr: 0.02\n")
+    one, two = (
+        parse_arm(f"cnn:scratch:{tmp_path}/a/b.yaml"),
+        parse_arm(f"cnn:scratch:{tmp_path}/a-b.yaml"),
+    )
+    assert one.key != two.key and "/" not in one.key + two.key
+    assert one.key == parse_arm(f"cnn:scratch:{tmp_path}/a/b.yaml").key  # stable
+
+
+def test_a_study_dir_inside_a_folder_data_root_is_refused_before_writing(tmp_path):
+    from transferlab.studies.grid import make_grid
+    from transferlab.studies.runner import run_study
+
+    root = write_png_tree(tmp_path / "imgs", {"a": 6, "b": 6})
+    grid = make_grid(
+        ["cnn:scratch"], "2", seeds=1, overrides={"data": {"dataset": f"folder:{root}"}}
+    )
+    with pytest.raises(tl.UserError, match="inside the data root"):
+        run_study(grid, root / "study")
+    assert not (root / "study").exists()
+
+
+@pytest.mark.parametrize("damage", ["", "{", "[]", '{"grid": 3}', "\x00\xff"])
+def test_a_damaged_study_json_is_one_line_never_trusted(cifar, tmp_path, damage):
+    from transferlab.rundir import StudyDir
+    from transferlab.studies.report import write_study_report
+    from transferlab.studies.runner import prepare_study_dir
+
+    study = tmp_path / "study"
+    study.mkdir()
+    StudyDir(study).write_marker()  # a study of ours whose study.json got damaged
+    StudyDir(study).study.write_text(damage)
+    grid = _grid(cifar, tmp_path)
+    with pytest.raises(tl.UserError, match="study.json is damaged.*--overwrite"):
+        prepare_study_dir(study, grid, overwrite=False)
+    with pytest.raises(tl.UserError, match="study.json is damaged"):
+        write_study_report(study)
+    prepare_study_dir(study, grid, overwrite=True)  # rewritten, not trusted
+    assert StudyDir.is_ours(study)
+
+
+def test_study_overwrite_of_a_foreign_folder_is_refused(cifar, tmp_path):
+    from transferlab.studies.runner import prepare_study_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(tl.UserError, match="not a transferlab study"):
+        prepare_study_dir(home, _grid(cifar, tmp_path), overwrite=True)
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+
+
+def test_damaged_cells_costs_and_csv_are_rebuilt_or_named(cifar, tmp_path, caplog):
+    from transferlab.rundir import StudyDir
+    from transferlab.studies.report import read_rows
+    from transferlab.studies.runner import read_costs, run_study
+
+    study = tmp_path / "study"
+    grid = _grid(cifar, tmp_path)
+    run_study(grid, study, write_report=False)
+    files = StudyDir(study)
+    files.costs.write_text("[1, 2")
+    assert read_costs(files.costs) == {} and "measured again" in caplog.text
+    files.csv.write_bytes(b"\x00\xff\xfe")
+    assert len(read_rows(study)) == 1  # rebuilt from the run dirs
+    files.cells.write_text('{"class_counts": 7}')
+    with pytest.raises(tl.UserError, match="cells.json is damaged"):
+        read_rows(study)
+    result = run_study(grid, study, write_report=False)  # a rerun writes every file again
+    assert result.skipped and read_rows(study)[0]["status"] == "ok"
+
+
+def test_sigint_in_a_study_says_rerun_the_study(cifar, tmp_path):
+    from transferlab.errors import TrainingStopped
+    from transferlab.studies.runner import run_study
+
+    class StopInCell:
+        exit_code = 130
+        calls = 0
+
+        def __call__(self):  # asked first between cells, then in the cell's first step
+            self.calls += 1
+            return self.calls > 1
+
+    with pytest.raises(TrainingStopped) as e:
+        run_study(_grid(cifar, tmp_path), tmp_path / "study", stop_requested=StopInCell())
+    assert "rerun the same `transferlab study` command" in str(e.value)
+    assert "--resume" not in str(e.value)

@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -59,8 +60,13 @@ class Arm:
 
     @property
     def key(self) -> str:
-        """File-name-safe form of the spec (a folder name)."""
-        return self.spec.replace(":", "-").replace("/", "-")
+        """The arm's folder name: the spec with ':' as '-', stable across runs. A spec with other
+        characters than letters, digits and ``._-:`` (a preset path) gets a short hash of the
+        spec too, so that two arms never share a folder (``a/b.yaml`` vs ``a-b.yaml``)."""
+        slug = re.sub(r"[^A-Za-z0-9._-]", "-", self.spec.replace(":", "-"))
+        if re.fullmatch(r"[A-Za-z0-9._:-]+", self.spec):
+            return slug
+        return f"{slug}-{hashlib.sha256(self.spec.encode()).hexdigest()[:8]}"
 
     @property
     def pretrained(self) -> bool:
@@ -141,7 +147,11 @@ def parse_arm(text: str) -> Arm:
             f"arm {text!r}: tuneN searches heads on cached features: N >= 1, with a frozen or "
             "partial arm (e.g. timm:tf_efficientnet_lite0:frozen:tune20)"
         )
-    return Arm(spec=text.strip(), model=model, mode=rest[0], preset=preset, tune=n_trials)
+    # the canonical spec: equal arms ("cnn:scratch", " cnn:scratch:") are one arm, one folder
+    spec = ":".join(
+        [model, rest[0], *([preset] if preset else []), *([f"tune{n_trials}"] * bool(tune))]
+    )
+    return Arm(spec=spec, model=model, mode=rest[0], preset=preset, tune=n_trials)
 
 
 def parse_sizes(text: str) -> tuple[str, ...]:
@@ -180,7 +190,18 @@ def make_grid(
             "the study has no arms; give --arms like cnn:scratch,timm:tf_efficientnet_lite0:frozen"
         )
     if len({a.spec for a in parsed}) != len(parsed):
-        raise UserError(f"--arms lists an arm twice: {', '.join(a.spec for a in parsed)}")
+        given = ", ".join(a.strip() for a in arms if a.strip())
+        raise UserError(
+            f"--arms lists an arm twice (perhaps written two ways): {given} are "
+            f"{', '.join(a.spec for a in parsed)}"
+        )
+    by_key: dict[str, str] = {}
+    for a in parsed:
+        if by_key.setdefault(a.key.lower(), a.spec) != a.spec:  # a case-insensitive file system
+            raise UserError(
+                f"arms {by_key[a.key.lower()]!r} and {a.spec!r} would share the folder {a.key}; "
+                "rename one preset file"
+            )
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1; got {seeds}")
     if min_steps < 0 or patience < 1:

@@ -28,8 +28,16 @@ from statistics import mean, stdev
 
 from scipy.stats import t as student_t
 
+from transferlab.errors import UserError
 from transferlab.io import write_atomic
 from transferlab.rundir import StudyDir
+from transferlab.studies.runner import (
+    cell_row,
+    is_study_dir,
+    read_study_file,
+    study_cells,
+    write_study_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +66,20 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def read_rows(study_dir: Path) -> list[dict]:
     """Rows of study.csv, rebuilt from the run dirs first when the study's cells are known."""
-    from transferlab.studies.runner import cell_row, study_cells, write_study_csv
-
     _, cells, costs = study_cells(study_dir)
     if cells:
         write_study_csv(study_dir, [cell_row(c, costs) for c in cells])
     path = StudyDir(study_dir).csv
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}); rerun the same `transferlab study` command "
+            "to rebuild it"
+        ) from None
 
 
 def _f(v) -> float | None:
@@ -438,9 +450,9 @@ def _cost_table(rows: list[dict]) -> list[str]:
 
 
 def _protocol(study_dir: Path) -> list[str]:
-    import json
-
-    grid = json.loads(StudyDir(study_dir).study.read_text())["grid"]
+    grid = read_study_file(
+        StudyDir(study_dir).study, "grid", "rerun the same `transferlab study` command"
+    )
     data = (grid.get("overrides") or {}).get("data") or {}
     val = data.get("val_size", 5000)
     test = (
@@ -475,9 +487,6 @@ def _protocol(study_dir: Path) -> list[str]:
 
 def write_study_report(study_dir: str | Path) -> Path:
     """Write report.md and report.html (images inlined) for the study in ``study_dir``."""
-    from transferlab.errors import UserError
-    from transferlab.studies.runner import is_study_dir
-
     study_dir = Path(study_dir)
     if not is_study_dir(study_dir):
         raise UserError(

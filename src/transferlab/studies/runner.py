@@ -33,11 +33,11 @@ from typing import Any
 
 import yaml
 
-from transferlab.config import SECTIONS, Config, config_to_dict
+from transferlab.config import SECTIONS, Config, config_from_dict, config_to_dict
 from transferlab.data.subsets import subset_split
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.io import write_atomic, write_json
-from transferlab.rundir import RunDir, StudyDir, Summary
+from transferlab.rundir import RunDir, StudyDir, Summary, data_root, refuse_inside
 from transferlab.studies.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
 
 log = logging.getLogger(__name__)
@@ -121,26 +121,60 @@ def _grid_comparable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_study_file(path: Path, key: str, what_to_do: str) -> Any:
+    """``json[key]`` of one of the study's files, never trusted: a missing, empty, truncated or
+    foreign file is a one-line UserError that names it and says ``what_to_do``."""
+    try:
+        data = json.loads(path.read_text())
+        value = data[key]
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {what_to_do}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{path} is damaged ({why}); {what_to_do}") from None
+    return value
+
+
+def _saved_grid(path: Path) -> dict:
+    grid = read_study_file(path, "grid", "pass --overwrite to start the study again")
+    if not isinstance(grid, dict) or not isinstance(grid.get("arms"), list):
+        raise UserError(f"{path} is damaged (no grid of arms); pass --overwrite to start again")
+    return grid
+
+
 def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
-    """Create the study dir and write study.json; a different grid there needs --overwrite."""
-    path = StudyDir(study_dir).study
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())["grid"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(
-                f"{path} is unreadable ({e}); pass --overwrite to start the study again"
-            ) from None
+    """Create the study dir and write study.json; a different grid there needs --overwrite.
+
+    A damaged study.json is refused (one line), or rewritten under --overwrite; --overwrite of a
+    non-empty folder needs our study marker (or a readable study.json from before the marker).
+    """
+    files = StudyDir(study_dir)
+    path = files.study
+    saved = None
+    try:
+        saved = _saved_grid(path) if path.is_file() else None
+    except UserError:
+        if not overwrite:
+            raise
+        log.warning("%s is damaged; --overwrite: writing it again", path)
+    if saved is not None:
         if _grid_comparable(saved) != _grid_comparable(grid.to_dict()) and not overwrite:
             raise UserError(
                 f"{study_dir} holds a different study grid (see {path}); use another --run-dir or "
                 "pass --overwrite to rerun the cells whose config changed"
             )
-    elif study_dir.exists() and any(study_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"{study_dir} is not empty and is not a study; choose another --run-dir or pass "
-            "--overwrite"
-        )
+    elif study_dir.exists() and any(study_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{study_dir} is not empty and is not a study; choose another --run-dir or pass "
+                "--overwrite"
+            )
+        if not StudyDir.is_ours(study_dir):
+            found = ", ".join(sorted(p.name for p in study_dir.iterdir())[:4])
+            raise UserError(
+                f"{study_dir} holds {found} and no {StudyDir.MARKER} marker: it is not a "
+                "transferlab study, and --overwrite only replaces studies. Choose another --run-dir"
+            )
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, {"grid": grid.to_dict(), "version": 1})
@@ -242,8 +276,8 @@ def run_cells(
             continue
         if stop_requested():  # a signal during the last cell's test: start no new cell
             raise TrainingStopped(
-                f"stopped before {cell.name}; rerun the same study command to go on "
-                "(finished cells are kept)",
+                f"stopped before {cell.name}; rerun the same `transferlab study` command to go "
+                "on (finished cells are kept)",
                 exit_code=getattr(stop_requested, "exit_code", 130),
             )
         log.info("cell %d/%d: %s", i + 1, len(cells), cell.name)
@@ -252,8 +286,12 @@ def run_cells(
             summary = _run_cell(cell, ds, stop_requested, progress)
             _check_subset(cell, summary)
         except (TrainingStopped, UserError, Exception) as e:  # noqa: BLE001 - a cell's failure ends only the cell
-            if stop_requested():
-                raise
+            if stop_requested():  # the cell's "train --resume CELL" is not what to do here
+                raise TrainingStopped(
+                    f"stopped during {cell.name}; rerun the same `transferlab study` command to "
+                    "go on (finished cells are kept, this one resumes from its checkpoint)",
+                    exit_code=getattr(stop_requested, "exit_code", 130),
+                ) from None
             message = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
             log.warning("cell %s failed: %s", cell.name, message)
             _write_failed(cell, message)
@@ -286,6 +324,20 @@ def _write_failed(cell: Cell, message: str) -> None:
 COST_BATCH_CPU, COST_BATCH_GPU = 16, 256
 
 
+def read_costs(path: Path) -> dict[str, dict]:
+    """costs.json, or {} when missing; a damaged one is measured again (a warning says so)."""
+    if not path.is_file():
+        return {}
+    try:
+        costs = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        costs = e
+    if isinstance(costs, dict) and all(isinstance(v, dict) for v in costs.values()):
+        return costs
+    log.warning("%s is damaged; the costs are measured again", path)
+    return {}
+
+
 def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
     from transferlab.models.registry import build_model
@@ -294,7 +346,7 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
     from transferlab.training.precision import resolve_precision
 
     path = StudyDir(study_dir).costs
-    costs = json.loads(path.read_text()) if path.is_file() else {}
+    costs = read_costs(path)
     for cell in cells:
         if cell.arm.spec in costs:
             continue
@@ -406,6 +458,14 @@ def write_study_csv(study_dir: Path, rows: list[dict[str, Any]]) -> Path:
     return write_atomic(StudyDir(study_dir).csv, buf.getvalue())
 
 
+def refuse_study_in_data(study_dir: Path, grid: Grid) -> None:
+    """A study dir inside the data root would be read as data (a ``folder:`` class of runs)."""
+    data = config_from_dict({"data": grid.overrides.get("data") or {}}).data
+    root = data_root(data.dataset, data.data_dir)
+    if root is not None:
+        refuse_inside(study_dir, root, "study dir")
+
+
 def run_study(
     grid: Grid,
     study_dir: str | Path,
@@ -421,6 +481,7 @@ def run_study(
     """
     t0 = time.perf_counter()
     study_dir = Path(study_dir)
+    refuse_study_in_data(study_dir, grid)  # before anything is read or written, as train does
     ds, counts = load_study_data(grid)
     cells = plan_cells(grid, counts, study_dir)  # size checks: before the dir is touched
     prepare_study_dir(study_dir, grid, overwrite)
@@ -450,18 +511,27 @@ def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
     from transferlab.studies.grid import make_grid
 
     files = StudyDir(study_dir)
-    saved = json.loads(files.study.read_text())["grid"]
-    grid = make_grid(
-        saved["arms"],
-        ",".join(saved["sizes"]),
-        saved["seeds"],
-        saved.get("overrides") or {},
-        saved.get("min_steps", 0),
-        saved.get("patience", 1),
-    )
-    cells_path = files.cells
-    costs = json.loads(files.costs.read_text()) if files.costs.is_file() else {}
-    if not cells_path.is_file():
+    again = "rerun the same `transferlab study` command to rebuild it"
+    saved = read_study_file(files.study, "grid", again)
+    if not isinstance(saved, dict):
+        raise UserError(f"{files.study} is damaged (no grid); {again}")
+    try:
+        grid = make_grid(
+            saved["arms"],
+            ",".join(saved["sizes"]),
+            saved["seeds"],
+            saved.get("overrides") or {},
+            saved.get("min_steps", 0),
+            saved.get("patience", 1),
+        )
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{files.study} is damaged ({type(e).__name__}: {e}); {again}") from None
+    costs = read_costs(files.costs)
+    if not files.cells.is_file():
         return grid, [], costs
-    counts = {int(k): v for k, v in json.loads(cells_path.read_text())["class_counts"].items()}
+    raw = read_study_file(files.cells, "class_counts", again)
+    try:
+        counts = {int(k): int(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"{files.cells} is damaged (class_counts); {again}") from None
     return grid, plan_cells(grid, counts, study_dir), costs
