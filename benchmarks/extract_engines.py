@@ -16,11 +16,24 @@ bare throughput on ready float batches, alternating, for torch bf16 and OpenVINO
 ``auto`` choice). ``--churn``: torch bf16 lite0 at batch 200 in two fresh processes, with and
 without ``reuse_freed_memory()``: img/s, user/system seconds and minor page faults.
 
+``--int8`` (issue 25), in one run on this CPU:
+1. extraction img/s of lite0, lite1 and lite2 (real weights, each at its own size: 224, 240,
+   260 px) on OpenVINO fp32, bf16 and int8 (async, batch 32, ready float batches of real CIFAR
+   images, alternating rounds); int8 is the tool's own: NNCF on 300 seeded training images;
+2. the frozen head's test accuracy on real CIFAR-100 for each model and precision, all/class and
+   16/class: real ``transferlab train`` runs (``--feature-precision P --engine openvino``), one
+   feature cache shared by the per-class runs;
+3. predict's top-1 agreement between lite0's int8 and bf16 runs (all/class) on the first
+   ``--agree-n`` test images, each run through ``load_run_model`` (its own engine and head);
+4. with ``--main-job``: the README's main job, cold, with ``--feature-precision int8``.
+
 Usage (2 cores, shared; a few minutes each):
     nice -n 5 python benchmarks/extract_engines.py                  # engines table + accuracy
     nice -n 5 python benchmarks/extract_engines.py --pipeline       # extract path vs bare engine
     python benchmarks/extract_engines.py --churn
     python benchmarks/extract_engines.py --rounds 5 --n-batches 6 --probe-train 5000  # longer
+    python benchmarks/extract_engines.py --int8 --main-job --out /tmp/int8      # issue 25 (long)
+    python benchmarks/extract_engines.py --int8 --smoke --out /tmp/int8s        # a quick check
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -448,6 +462,180 @@ def churn_rows(rounds: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- int8 (issue 25)
+
+LITES = {"lite0": 224, "lite1": 240, "lite2": 260}  # timm tf_efficientnet_liteN, native size
+INT8_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def lite_model(name: str) -> nn.Module:
+    """A lite with its ImageNet weights through transferlab.models (offline package)."""
+    from transferlab.config import ModelConfig
+    from transferlab.models.registry import build_model
+
+    return build_model(ModelConfig(name=f"timm:tf_efficientnet_{name}", weights="imagenet"), 100)
+
+
+def int8_speed_rows(args, root: Path, log) -> list[dict]:
+    """img/s of OpenVINO fp32, bf16 and int8 per lite, alternating rounds, ready float batches."""
+    from transferlab.data.preprocess import to_float_normalized
+    from transferlab.features.quantize import CALIBRATION_MAX, Calibration, calibration_indices
+
+    (x_tr, _), _ = cifar_subset(args.int8_speed_n + CALIBRATION_MAX, 1)
+    cal_idx = calibration_indices(len(x_tr), 0)
+    rows = []
+    for name in args.lites:
+        size = LITES[name]
+        model = lite_model(name).eval()
+        pp = model.preprocess
+        prep = lambda x, s=size, pp=pp: to_float_normalized(x, pp.mean, pp.std, s, pp.interpolation)  # noqa: E731
+        cal_batches = [prep(b) for b in x_tr[cal_idx].split(50)]
+        cal = Calibration(f"bench-{name}", lambda cb=cal_batches: cb)
+        whash = fcache.weights_hash(model.backbone)
+        xs = [prep(b) for b in x_tr[: args.int8_speed_n].split(32)]
+        engines = {}
+        for prec in INT8_PRECISIONS:
+            t = time.perf_counter()
+            engines[prec] = build_engine(
+                EngineChoice("openvino", prec, 32),
+                model.backbone,
+                size,
+                torch.device("cpu"),
+                root,
+                whash,
+                calibration=cal if prec == "int8" else None,
+            )
+            list(engines[prec].map(iter(xs[:1])))  # compile and warm outside the timing
+            log(f"  {name} {prec}: built in {time.perf_counter() - t:.1f}s")
+        speeds: dict[str, list[float]] = {}
+        for rnd in range(args.rounds):
+            for prec, e in engines.items():
+                dt = timed(lambda e=e, xs=xs: list(e.map(iter(xs))))
+                speeds.setdefault(prec, []).append(sum(len(x) for x in xs) / dt)
+            log(
+                f"  {name} round {rnd + 1}: "
+                + ", ".join(f"{p} {v[-1]:.0f}" for p, v in speeds.items())
+            )
+        for prec, v in speeds.items():
+            rows.append(
+                {
+                    "model": name,
+                    "size": size,
+                    "precision": prec,
+                    "img_s_best": round(max(v), 1),
+                    "img_s_median": round(statistics.median(v), 1),
+                    "vs_bf16_median": round(
+                        statistics.median(v) / statistics.median(speeds["bf16"]), 2
+                    ),
+                }
+            )
+    return rows
+
+
+def train_run(args, name: str, prec: str, per_class: int) -> Path:
+    """One real frozen run (a child ``transferlab train``): its run dir."""
+    run = Path(args.out) / f"{name}-{prec}-pc{per_class or 'all'}"
+    cmd = [sys.executable, "-m", "transferlab", "train", "--data-dir", CIFAR_DIR]
+    cmd += ["--model", f"timm:tf_efficientnet_{name}", "--feature-precision", prec]
+    cmd += ["--engine", "openvino", "--cache-dir", str(Path(args.out) / "cache")]
+    cmd += ["--run-dir", str(run), "--overwrite", "--no-progress", "--no-report"]
+    cmd += ["--per-class", str(per_class), "--device", "cpu"]
+    if args.acc_train_subset:
+        cmd += ["--train-subset", str(args.acc_train_subset)]
+    if args.acc_test_subset:
+        cmd += ["--test-subset", str(args.acc_test_subset)]
+    if args.acc_epochs:
+        cmd += ["--epochs", str(args.acc_epochs)]
+    subprocess.run(cmd, check=True)
+    return run
+
+
+def int8_accuracy_rows(args, log) -> tuple[list[dict], dict]:
+    """Head test accuracy per lite, precision and per-class size; and the run dirs."""
+    rows, runs = [], {}
+    for name in args.lites:
+        for per_class in (0, 16):
+            accs = {}
+            for prec in INT8_PRECISIONS:
+                t = time.perf_counter()
+                run = train_run(args, name, prec, per_class)
+                runs[(name, prec, per_class)] = run
+                summary = json.loads((run / "summary.json").read_text())
+                accs[prec] = 100 * summary["test"]["acc"]
+                log(f"  {run.name}: test {accs[prec]:.2f} ({time.perf_counter() - t:.0f}s)")
+            for prec, acc in accs.items():
+                rows.append(
+                    {
+                        "model": name,
+                        "per_class": per_class or "all",
+                        "precision": prec,
+                        "test_acc": round(acc, 2),
+                        "vs_bf16_points": round(acc - accs["bf16"], 2),
+                    }
+                )
+    return rows, runs
+
+
+def int8_agreement(args, runs: dict, log) -> dict:
+    """predict's top-1 agreement between lite0's int8 and bf16 runs (all/class), test images."""
+    from transferlab.data.cifar import load_cifar100
+    from transferlab.data.preprocess import to_float_normalized
+    from transferlab.predict import load_run_model
+
+    ds = load_cifar100(CIFAR_DIR, download=False, split_seed=0, val_size=5000)
+    images, labels = ds.test.images[: args.agree_n], ds.test.labels[: args.agree_n]
+    preds = {}
+    for prec in ("int8", "bf16"):
+        rm = load_run_model(runs[("lite0", prec, 0)], "cpu")
+        pre = rm.preprocessing
+        out = []
+        with torch.inference_mode():
+            for x in images.split(250):
+                x = to_float_normalized(x, pre.mean, pre.std, rm.image_size, pre.interpolation)
+                out.append(rm.logits(x).argmax(1))
+        preds[prec] = torch.cat(out)
+    row = {
+        "images": len(labels),
+        "top1_agreement_pct": round(pct(preds["int8"], preds["bf16"]), 2),
+        "int8_acc": round(pct(preds["int8"], labels), 2),
+        "bf16_acc": round(pct(preds["bf16"], labels), 2),
+    }
+    log(f"  predict agreement: {row}")
+    return row
+
+
+def main_job_int8(args, log) -> dict:
+    """The README's main job, cold (empty cache dir), with --feature-precision int8: wall s."""
+    cache = Path(args.out) / "main-job-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cmd = [sys.executable, "-m", "transferlab", "compare", "--data-dir", CIFAR_DIR]
+    cmd += ["--backbone", "timm:tf_efficientnet_lite0", "--feature-precision", "int8"]
+    cmd += ["--run-dir", str(Path(args.out) / "main-job"), "--overwrite"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TRANSFERLAB_CACHE_DIR": str(cache)})
+    wall = time.perf_counter() - t
+    frozen = Path(args.out) / "main-job" / "timm-tf_efficientnet_lite0-frozen" / "summary.json"
+    row = {
+        "wall_s": round(wall, 1),
+        "frozen_test_acc": json.loads(frozen.read_text())["test"]["acc"],
+    }
+    log(f"  main job cold, int8: {row}")
+    return row
+
+
+def int8_results(args, root: Path, log) -> dict:
+    out: dict = {"speed": int8_speed_rows(args, root, log)}
+    print_rows(out["speed"], log)
+    if not args.no_accuracy:
+        out["accuracy"], runs = int8_accuracy_rows(args, log)
+        print_rows(out["accuracy"], log)
+        if "lite0" in args.lites:
+            out["agreement"] = int8_agreement(args, runs, log)
+    if args.main_job:
+        out["main_job"] = main_job_int8(args, log)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -467,8 +655,23 @@ def parse_args(argv=None):
     p.add_argument("--churn-child", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default="", help="converted models (default: a temp dir)")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--int8", action="store_true", help="issue 25: fp32/bf16/int8 speed+accuracy")
+    p.add_argument("--lites", default="lite0,lite1,lite2", help="--int8: which lites")
+    p.add_argument("--int8-speed-n", type=int, default=640, help="--int8: images per timing")
+    p.add_argument("--acc-train-subset", type=int, default=0, help="--int8: 0 = all 45,000")
+    p.add_argument("--acc-test-subset", type=int, default=0, help="--int8: 0 = all 10,000")
+    p.add_argument("--acc-epochs", type=int, default=0, help="--int8: 0 = the seed's 10")
+    p.add_argument("--agree-n", type=int, default=2000, help="--int8: test images for predict")
+    p.add_argument("--main-job", action="store_true", help="--int8: also the main job, cold")
+    p.add_argument("--out", default="/tmp/int8-bench", help="--int8: runs and caches")
+    p.add_argument("--smoke", action="store_true", help="--int8: lite0, tiny subsets")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.lites = args.lites.split(",")
+    if args.smoke:
+        args.lites, args.int8_speed_n, args.rounds = ["lite0"], 64, 1
+        args.acc_train_subset, args.acc_test_subset, args.acc_epochs = 400, 200, 1
+        args.agree_n = 200
     return args
 
 
@@ -494,6 +697,8 @@ def main(argv=None) -> int:
         results["churn"] = churn_rows(args.rounds)
         for r in results["churn"]:
             log(json.dumps(r))
+    elif args.int8:
+        results["int8"] = int8_results(args, Path(args.out) / "engines", log)
     elif args.pipeline:
         results["pipeline"] = pipeline_rows(args, root, log)
         print_rows(results["pipeline"], log)

@@ -42,6 +42,7 @@ from transferlab.config import (
 from transferlab.distributed import init_distributed
 from transferlab.errors import UserError
 from transferlab.io import write_atomic, write_json, write_torch
+from transferlab.plan import only_where_features_are_cached
 from transferlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _variant(base: Config, root: Path, dir_name: str, name: str, mode: str) -> C
     if name == "cnn":  # --image-size is the backbone's; the cnn always takes 32 px
         d["data"]["image_size"] = 0
     d["run"]["run_dir"] = str(root / dir_name)
-    return config_from_dict(d)
+    return only_where_features_are_cached(config_from_dict(d))
 
 
 def experiment_configs(
@@ -129,7 +130,7 @@ def _cnn_best(base: Config, root: Path) -> Config:
     d["run"]["run_dir"] = str(root / "cnn-best")
     d["data"]["image_size"] = 0
     d["model"].update(name="cnn", mode="scratch")
-    return config_from_dict(d)
+    return only_where_features_are_cached(config_from_dict(d))
 
 
 def _prepare_root(base: Config, cc: CompareConfig) -> Path:

@@ -20,7 +20,12 @@ from typing import Any
 import yaml
 
 from transferlab.errors import UserError
-from transferlab.features.engines import ENGINES
+from transferlab.features.engines import (
+    ENGINES,
+    FEATURE_PRECISIONS,
+    INT8_ENGINES,
+    int8_engine_message,
+)
 from transferlab.models.classifier import HEADS
 
 MODES = ("frozen", "partial", "finetune", "gradual", "scratch")
@@ -422,6 +427,13 @@ class RunConfig:
         f"frozen-feature extraction engine: {' | '.join(ENGINES)}",
         choices=ENGINES,
     )
+    feature_precision: str = opt(
+        "auto",
+        "frozen-feature extraction precision: auto (what --precision allows, the faster on this "
+        "CPU; never int8), fp32, bf16, or int8 (OpenVINO quantised by NNCF on <= 300 training "
+        "images drawn with --split-seed; the int8 extra)",
+        choices=FEATURE_PRECISIONS,
+    )
     threads: int = opt(
         0,
         "CPU threads of torch (0 = the cores other processes leave free, measured at the start "
@@ -437,6 +449,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
         _choice(self.engine, ENGINES, "--engine")
+        _choice(self.feature_precision, FEATURE_PRECISIONS, "--feature-precision")
+        _check(
+            not (self.feature_precision == "int8" and self.engine not in ("auto", *INT8_ENGINES)),
+            int8_engine_message(self.engine),
+        )
         _check(self.threads >= 0, f"--threads must be >= 0 (0 = auto); got {self.threads}")
         _check(
             self.track == "" or self.track == "mlflow" or self.track.startswith("mlflow:"),

@@ -91,7 +91,7 @@ def _plan(cfg: Config, model, ds: ImageDataset, env: DistEnv, ckpt: dict | None)
 
         size = cfg.data.image_size or model.preprocess.input_size
         layout = use_channels_last(cfg.run.channels_last, size, env.device)
-        extract = choose_extraction(cfg, model, size, env, layout)
+        extract = choose_extraction(cfg, model, ds, size, env, layout)
     in_memory = hasattr(ds.train, "images")
     return broadcast_object(resolve_plan(cfg, model, env, in_memory, extract), env)
 

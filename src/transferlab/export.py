@@ -38,6 +38,7 @@ from torch import nn
 
 from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
 from transferlab.extras import load_extra
+from transferlab.features import quantize
 from transferlab.io import temp_path, write_json
 from transferlab.predict import RunModel, load_run_model
 from transferlab.rundir import check_output_path, expand_user, make_output_dir
@@ -64,15 +65,21 @@ class NormalizedModel(nn.Module):
 
 @dataclass
 class ExportCheck:
-    """How the exported model compares with PyTorch on random inputs."""
+    """How the exported model compares with PyTorch: on random inputs (max abs logit
+    difference within ``tolerance``), or for an int8 IR on the run's validation images (top-1
+    ``agreement`` at least ``min_agreement``)."""
 
     runtime: str
     max_abs_diff: float
     tolerance: float
     batch_sizes: tuple[int, ...]
+    agreement: float | None = None  # int8: share of images with PyTorch's top-1 class
+    min_agreement: float = 0.0
 
     @property
     def ok(self) -> bool:
+        if self.agreement is not None:
+            return self.agreement >= self.min_agreement
         return self.max_abs_diff <= self.tolerance
 
 
@@ -196,12 +203,15 @@ def export_run(
     output: Path | None = None,
     tolerance: float = 1e-4,
     force: bool = False,
+    int8: bool = False,
+    min_agreement: float = 0.95,
 ) -> tuple[Path, ExportCheck]:
     """Export ``run_dir``'s best model to ``fmt``, write the metadata JSON, and check it.
 
     Both files are written to temp files and renamed over the targets, never through an
     existing file (a hard link would carry the write into its twin). An output onto one of the
     run's own files, or onto a file that no export wrote, is refused unless ``force``.
+    ``int8`` (OpenVINO only): the IR is NNCF's int8 quantisation, checked by top-1 agreement.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -210,6 +220,10 @@ def export_run(
     if fmt == "onnx":  # both before any work: the check runs the file with onnxruntime
         load_extra("onnx", "export", "--format onnx")
         load_extra("onnxruntime", "export", "--format onnx")
+    if int8 and fmt != "openvino":
+        raise UserError(f"--int8 quantises an OpenVINO IR; use --format openvino (got {fmt})")
+    if not 0 <= min_agreement <= 1:
+        raise UserError(f"--min-agreement must be in [0, 1]; got {min_agreement}")
     rm: RunModel = load_run_model(run_dir, "cpu")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
@@ -238,9 +252,18 @@ def export_run(
     meta["writer"] = WRITER
     try:
         if fmt == "openvino":  # xml + bin, each written atomically: see export_openvino.py
-            from transferlab.export_openvino import export_openvino
+            from transferlab.export_openvino import export_openvino, int8_data
 
-            check = export_openvino(wrapped, rm.image_size, output, meta, tolerance)
+            data = int8_data(rm.config, rm.plan) if int8 else None
+            if data is not None:
+                meta["int8"] = {
+                    "calibration": data.calibration.key,
+                    "nncf": quantize.nncf_version(),
+                    "quantiser": "nncf.quantize (post-training, <= 300 seeded training images)",
+                }
+            check = export_openvino(
+                wrapped, rm.image_size, output, meta, tolerance, data, min_agreement
+            )
         else:
             with temp_path(output) as tmp:
                 writer = export_onnx if fmt == "onnx" else export_torchscript
@@ -252,6 +275,10 @@ def export_run(
             "tolerance": tolerance,
             "ok": check.ok,
         }
+        if check.agreement is not None:
+            meta["check"]["top1_agreement"] = check.agreement
+            meta["check"]["min_agreement"] = check.min_agreement
+            meta["check"]["images"] = check.batch_sizes[0]
         write_json(sidecar, meta)
     except OSError as e:
         raise _write_failure(e, output) from None
@@ -261,11 +288,30 @@ def export_run(
 def cmd_export(args) -> int:
     """``transferlab export``: write the model, print the check; exit 1 if it fails tolerance."""
     path, check = export_run(
-        Path(args.run_dir), args.format, args.output or None, args.tolerance, force=args.force
+        Path(args.run_dir),
+        args.format,
+        args.output or None,
+        args.tolerance,
+        force=args.force,
+        int8=args.int8,
+        min_agreement=args.min_agreement,
     )
     verdict = "OK" if check.ok else "FAILED"
+    sys.stdout.write(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n")
+    if check.agreement is not None:
+        sys.stdout.write(
+            f"check: {check.runtime} vs PyTorch on {check.batch_sizes[0]} validation images: "
+            f"top-1 agreement {check.agreement:.3f} (minimum {check.min_agreement:g}), "
+            f"max abs diff {check.max_abs_diff:.3g} {verdict}\n"
+        )
+        if not check.ok:
+            sys.stderr.write(
+                f"transferlab: export check failed: top-1 agreement {check.agreement:.3f} < "
+                f"{check.min_agreement:g}\n"
+            )
+            return 1
+        return 0
     sys.stdout.write(
-        f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) + {path.name}.json\n"
         f"check: {check.runtime} vs PyTorch on random inputs "
         f"(batch {', '.join(map(str, check.batch_sizes))}): "
         f"max abs diff {check.max_abs_diff:.3g} (tolerance {check.tolerance:g}) {verdict}\n"
@@ -304,6 +350,19 @@ def add_parser(sub) -> None:
         type=float,
         default=1e-4,
         help="max abs logit difference allowed (default 1e-4)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --format openvino: write NNCF's int8 quantisation of the IR, calibrated on "
+        "the run's own <= 300 seeded training images, checked by top-1 agreement with PyTorch "
+        "on its validation images (needs the run's data and the int8 extra)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="--int8: the least top-1 agreement with PyTorch that passes (default 0.95)",
     )
     p.add_argument(
         "--force",

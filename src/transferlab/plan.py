@@ -61,8 +61,9 @@ class ExtractPlan:
     """How frozen features are extracted: engine, its precision, and the measured batch."""
 
     engine: str  # torch | openvino | onnxruntime
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16 | int8 (openvino)
     batch_size: int  # per rank, images per engine call
+    calibration: str = ""  # int8: the calibration set's id (features/quantize.calibration_id)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,15 @@ def uses_feature_cache(cfg: Config) -> bool:
     random_input = bool(d.crop_padding or d.flip or d.cutout) and cfg.run.feature_views == 1
     frozen_part = cfg.model.mode in ("frozen", "partial")  # partial: the prefix's output
     return frozen_part and cfg.run.feature_cache and not random_input
+
+
+def only_where_features_are_cached(cfg: Config) -> Config:
+    """``cfg`` with ``--feature-precision`` back at auto where the run extracts no cached
+    features: compare's CNN runs and a study's scratch/finetune arms take the flag given for the
+    frozen backbone (a single run given it in vain gets an error: validate.py)."""
+    if uses_feature_cache(cfg) or cfg.run.feature_precision == "auto":
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, feature_precision="auto"))
 
 
 def use_channels_last(requested: bool, size: int, device: torch.device) -> bool:

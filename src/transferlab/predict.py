@@ -29,11 +29,16 @@ from pathlib import Path
 
 import torch
 
-from transferlab.config import config_from_dict
+from transferlab.config import Config, config_from_dict
 from transferlab.data.folder import IMAGE_EXTENSIONS, load_image
+from transferlab.data.load import load_data
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.distributed import resolve_device
 from transferlab.errors import UserError
+from transferlab.features import cache as fcache
+from transferlab.features.engines import EngineChoice, engine_backbone_forward
+from transferlab.features.pipeline import calibration_set
+from transferlab.features.quantize import Calibration
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import build_model
 from transferlab.plan import Plan, Preprocessing
@@ -52,6 +57,8 @@ class RunModel:
     preprocessing: Preprocessing  # the plan's eval transform (resize, crop, mean, std)
     name: str  # --model of the run
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits; None = the model
+    config: Config | None = None  # the run's config and plan (an int8 export reads its data)
+    plan: Plan | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return (self.forward or self.model)(x)
@@ -106,27 +113,43 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     model.eval().to(device)
     # the plan's preprocessing as the run evaluated: the weights' eval transform for decoded
     # files, the whole-image resize (no crop) for a run on in-memory images (CIFAR); load_image
-    forward = _engine_forward(model, plan, torch.device(device), cfg.run.cache_dir)
-    return RunModel(model, classes, plan.preprocessing, cfg.model.name, forward)
+    forward = _engine_forward(model, plan, torch.device(device), cfg)
+    return RunModel(model, classes, plan.preprocessing, cfg.model.name, forward, cfg, plan)
 
 
-def _engine_forward(model: Classifier, plan: Plan, device: torch.device, cache_dir: str):
+def _engine_forward(model: Classifier, plan: Plan, device: torch.device, cfg: Config):
     """On the CPU, a frozen-feature run's backbone runs on the engine (and precision) that
-    extracted its training features, so predictions see the features the head was trained on."""
+    extracted its training features, so predictions see the features the head was trained on.
+
+    An int8 run predicts in int8: its quantised model comes from the cache (keyed by the
+    calibration set the plan names), or is quantised again from the run's own training data."""
     ext = plan.extract
     if ext is None or device.type != "cpu":
+        if ext is not None and ext.precision == "int8":
+            raise UserError(
+                "this run's features were extracted in int8 on the CPU (OpenVINO); predict "
+                "with --device cpu so the head sees the features it was trained on"
+            )
         return None
-    from transferlab.features import cache as fcache
-    from transferlab.features.engines import EngineChoice, engine_backbone_forward
-
+    calibration = None
+    if ext.precision == "int8":
+        calibration = Calibration(ext.calibration, lambda: _run_calibration(cfg, plan))
     features = engine_backbone_forward(
         EngineChoice(ext.engine, ext.precision, ext.batch_size),
         model.backbone,
         plan.image_size,
-        fcache.cache_root(cache_dir),
+        fcache.cache_root(cfg.run.cache_dir),
         fcache.weights_hash(model.backbone),
+        calibration,
     )
     return lambda x: model.head(features(x))
+
+
+def _run_calibration(cfg: Config, plan: Plan):
+    """The int8 calibration images of a run whose quantised model is not in the cache: drawn
+    again from its own training data (a UserError when that data is gone or changed)."""
+    log.info("the run's int8 model is not in the cache; quantising it again from its data")
+    return calibration_set(cfg, plan, load_data(cfg)).batches()
 
 
 def expand_inputs(items: list[str]) -> list[Path]:

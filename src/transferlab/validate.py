@@ -24,6 +24,7 @@ def check_before_data(cfg: Config, env: DistEnv) -> None:
     check_ranges(cfg)
     check_paths(cfg)
     check_extras(cfg)
+    check_feature_precision(cfg)
     n_train = expected_train_images(cfg)
     if n_train is not None:
         check_batch_size(cfg.optim.batch_size, n_train, env.world_size)
@@ -90,6 +91,28 @@ def check_extras(cfg: Config) -> None:
         from transferlab.features.engines import require_engine
 
         require_engine(cfg.run.engine)
+    if cfg.run.feature_precision == "int8":
+        from transferlab.features.quantize import require_int8
+
+        require_int8()
+
+
+def check_feature_precision(cfg: Config) -> None:
+    """``--feature-precision`` sets the extraction of cached frozen features: elsewhere it would
+    be ignored, so it is an error."""
+    from transferlab.plan import uses_feature_cache
+
+    if cfg.run.feature_precision == "int8" and cfg.model.mode != "frozen":
+        raise UserError(
+            f"--feature-precision int8 quantises a frozen backbone (--mode frozen); --mode "
+            f"{cfg.model.mode} trains on other features: drop the flag"
+        )
+    if cfg.run.feature_precision != "auto" and not uses_feature_cache(cfg):
+        raise UserError(
+            f"--feature-precision {cfg.run.feature_precision} sets how cached frozen features "
+            "are extracted; this run has none (it needs --mode frozen with the feature cache "
+            "and no per-batch augmentation); drop the flag or use --precision"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

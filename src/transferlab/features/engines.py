@@ -15,8 +15,11 @@ optional extras: without them ``auto`` uses torch and says so; asking for one ex
 one-line :class:`UserError` naming the extra. On CUDA only torch runs.
 
 Every engine is one :class:`EngineSpec` in :data:`ENGINE_SPECS` (package, extra, CPU
-precisions, runner, converter, loader); everything else here, and ``--engine``'s choices in
-config.py, reads the specs.
+precisions, runner, converter, loader, quantizer); everything else here, and ``--engine``'s and
+``--feature-precision``'s choices in config.py, read the specs. int8 is a precision of the
+OpenVINO spec: its quantizer is NNCF's post-training quantisation of the converted IR on the
+run's calibration images (features/quantize.py); it is never probed against the others (``auto``
+never picks it), and its model is cached with the calibration set's id in its key.
 
 Converted models (OpenVINO IR, ONNX) are cached under ``cache_root/engines/`` in one safetensors
 file each (model bytes + metadata + sha256), keyed by the weights hash, the architecture, the
@@ -58,6 +61,8 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
+from transferlab.features import quantize
+from transferlab.features.quantize import Calibration
 from transferlab.io import write_json
 from transferlab.sigstack import keep_signal_stack
 from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
@@ -67,6 +72,7 @@ log = logging.getLogger(__name__)
 PROBE_BATCHES = (16, 32, 64)  # extraction batch candidates on the CPU (images per forward)
 GPU_BATCH = 256  # extraction batch on CUDA (not probed: large batches are fast there)
 FORMAT_VERSION = 1  # bump when the converted-model file layout changes
+INT8_BATCH = 32  # int8 extraction batch (not probed: quantising needs the run's images)
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class EngineChoice:
     """The resolved extraction engine: part of the feature cache key and the run plan."""
 
     name: str  # torch | openvino | onnxruntime
-    precision: str  # fp32 | bf16 (fp16 on CUDA)
+    precision: str  # fp32 | bf16 | int8 (OpenVINO) (fp16 on CUDA)
     batch_size: int  # images per engine call
 
     def to_dict(self) -> dict:
@@ -197,6 +203,12 @@ def _convert_openvino(backbone: nn.Module, example: torch.Tensor) -> bytes:
     with torch.no_grad():
         model = ov.convert_model(backbone, example_input=example)
     model.reshape([-1, *example.shape[1:]])  # dynamic batch, fixed C, H, W
+    return _openvino_blob(model)
+
+
+def _openvino_blob(model) -> bytes:
+    """An ``openvino.Model`` as one blob: the xml's length (8 bytes), the xml, the weights."""
+    ov = engine_module("openvino")
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
@@ -209,18 +221,36 @@ def _split_openvino(blob: bytes) -> tuple[bytes, bytes]:
     return blob[8 : 8 + n], blob[8 + n :]
 
 
-def _load_openvino(blob: bytes, precision: str):
-    """A compiled OpenVINO model for the CPU plugin at ``precision``."""
+def _read_openvino(blob: bytes):
     ov = engine_module("openvino")
     xml, weights = _split_openvino(blob)
+    return ov.Core().read_model(
+        model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8))
+    )
+
+
+def _quantize_openvino(blob: bytes, calibration: Calibration) -> bytes:
+    """The IR blob quantised to int8 by NNCF on the calibration images (features/quantize.py)."""
+    return _openvino_blob(quantize.quantize_model(_read_openvino(blob), calibration.batches()))
+
+
+# OpenVINO's inference precision per extraction precision. int8: NNCF's quantised convolutions
+# run in int8 whatever the hint; the ops left unquantised run in f32
+_OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def _load_openvino(blob: bytes, precision: str):
+    """A compiled OpenVINO model for the CPU plugin at ``precision``, on as many threads as
+    torch was given for this phase (transferlab/threads.py), not on every core."""
+    ov = engine_module("openvino")
     core = ov.Core()
-    weights_t = ov.Tensor(np.frombuffer(weights, np.uint8))
-    model = core.read_model(model=xml.decode(), weights=weights_t)
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO's names
+    config = {
+        "INFERENCE_PRECISION_HINT": _OV_HINT[precision],
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    }
     with keep_signal_stack():  # the CPU plugin swaps the thread's signal stack (sigstack.py)
-        return core.compile_model(
-            model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
-        )
+        return core.compile_model(_read_openvino(blob), "CPU", config)
 
 
 def _convert_onnx(backbone: nn.Module, example: torch.Tensor) -> bytes:
@@ -257,16 +287,18 @@ class EngineSpec:
     ``converter`` (backbone, example batch) -> model bytes, cached under ``cache_root/engines``;
     ``loader`` (bytes, precision) -> the loaded model that ``runner(loaded, choice)`` runs. An
     engine without a converter (torch) runs the backbone itself, on any device; converted
-    engines run on the CPU.
+    engines run on the CPU. ``quantizer`` (bytes, calibration) -> int8 model bytes, for an
+    engine with int8 among its precisions.
     """
 
     name: str
     package: str  # the Python package it imports (its version joins the cache keys)
     extra: str  # the pyproject extra that installs it ("" when the base install has it)
-    precisions: tuple[str, ...]  # what it runs on the CPU, among fp32 | bf16
+    precisions: tuple[str, ...]  # what it runs on the CPU, among fp32 | bf16 | int8
     runner: type  # the Engine class: runner(backbone, ...) for torch, runner(loaded, choice)
     converter: Callable[[nn.Module, torch.Tensor], bytes] | None = None
     loader: Callable[[bytes, str], object] | None = None  # (bytes, precision) -> loaded model
+    quantizer: Callable[[bytes, Calibration], bytes] | None = None  # int8 (needs int8 extra)
 
 
 # Adding an engine: its runner (a class with __call__ and map), converter and loader above, one
@@ -279,10 +311,11 @@ ENGINE_SPECS: dict[str, EngineSpec] = {
             "openvino",
             "openvino",
             "openvino",
-            ("fp32", "bf16"),
+            ("fp32", "bf16", "int8"),
             OpenVINOEngine,
             _convert_openvino,
             _load_openvino,
+            _quantize_openvino,
         ),
         EngineSpec(
             "onnxruntime",
@@ -296,6 +329,13 @@ ENGINE_SPECS: dict[str, EngineSpec] = {
     )
 }
 ENGINES = ("auto", *ENGINE_SPECS)  # the --engine choices
+INT8_ENGINES = tuple(s.name for s in ENGINE_SPECS.values() if s.quantizer)  # int8 runs there
+# the --feature-precision choices: auto (fp32 or bf16, measured; never int8), then every
+# precision some engine runs on the CPU
+FEATURE_PRECISIONS = (
+    "auto",
+    *dict.fromkeys(p for spec in ENGINE_SPECS.values() for p in spec.precisions),
+)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -370,14 +410,23 @@ def _convert(engine: str, backbone: nn.Module, size: int) -> bytes:
 
 
 def converted_model(
-    engine: str, backbone: nn.Module, size: int, cache_root: Path, weights_hash: str
+    engine: str,
+    backbone: nn.Module,
+    size: int,
+    cache_root: Path,
+    weights_hash: str,
+    calibration: Calibration | None = None,
 ) -> bytes:
     """The converted backbone, from the cache when a matching, intact file is there.
 
     A file whose metadata does not match (other weights, size or library versions) is never
     used; a corrupt one is deleted (by ``load_entry``) and rebuilt. Raises the converter's error.
+    With ``calibration``: the spec's int8 quantisation of it, keyed also by the calibration set
+    and nncf's version.
     """
     parts = _converted_key(engine, backbone, size, weights_hash)
+    if calibration is not None:
+        parts["int8"] = {"calibration": calibration.key, "nncf": quantize.nncf_version()}
     key = fcache.cache_key(parts)
     root = Path(cache_root) / "engines"
     hit = fcache.load_entry(root, key)
@@ -392,7 +441,14 @@ def converted_model(
         fcache.entry_path(root, key).unlink(missing_ok=True)
     t0 = time.perf_counter()
     blob = _convert(engine, backbone, size)
-    log.info("converted the backbone for %s in %.1fs", engine, time.perf_counter() - t0)
+    if calibration is not None:
+        blob = ENGINE_SPECS[engine].quantizer(blob, calibration)
+    log.info(
+        "converted the backbone for %s%s in %.1fs",
+        engine,
+        " int8" if calibration is not None else "",
+        time.perf_counter() - t0,
+    )
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     try:
         fcache.save_entry(
@@ -409,7 +465,7 @@ def converted_model(
 # ----------------------------------------------------------------------------- building
 
 
-def build_engine(
+def build_engine(  # noqa: PLR0913 - the model, where to cache it, and how to quantise it
     choice: EngineChoice,
     backbone: nn.Module,
     size: int,
@@ -418,10 +474,15 @@ def build_engine(
     weights_hash: str,
     channels_last: bool = False,
     fallback: bool = False,
+    calibration: Calibration | None = None,
 ) -> Engine:
     """An engine for ``choice``. A failed conversion raises UserError, or with ``fallback``
     (``--engine auto``) warns once naming the op and returns a torch engine; read
-    ``engine.choice`` for what was built (it belongs in the feature cache key)."""
+    ``engine.choice`` for what was built (it belongs in the feature cache key).
+
+    int8 needs ``calibration``: the quantised model is built from it on a cache miss. It never
+    falls back: the user asked for int8.
+    """
     spec = ENGINE_SPECS[choice.name]
     if spec.converter is None:  # runs the backbone itself
         if channels_last:
@@ -433,11 +494,20 @@ def build_engine(
             f"--engine {choice.name} runs on the CPU only; use --engine torch or auto "
             f"with --device {device.type}"
         )
+    int8 = choice.precision == "int8"
+    if int8:
+        quantize.require_int8()
+        if spec.quantizer is None or calibration is None:
+            raise ValueError(f"int8 on {choice.name} needs its quantizer and a calibration set")
     try:
-        blob = converted_model(choice.name, backbone, size, cache_root, weights_hash)
+        blob = converted_model(
+            choice.name, backbone, size, cache_root, weights_hash, calibration if int8 else None
+        )
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - converters raise many types; all mean "cannot convert"
         what = _failed_op(e)
-        if not fallback:
+        if not fallback or int8:
             raise UserError(
                 f"--engine {choice.name} cannot convert this backbone ({what}); use --engine torch"
             ) from None
@@ -457,10 +527,16 @@ def build_engine(
 
 
 def engine_backbone_forward(
-    choice: EngineChoice, backbone: nn.Module, size: int, cache_root: Path, weights_hash: str
+    choice: EngineChoice,
+    backbone: nn.Module,
+    size: int,
+    cache_root: Path,
+    weights_hash: str,
+    calibration: Calibration | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable for predict: float NCHW batch (normalised, at ``size``) -> float32 features,
-    run in chunks of ``choice.batch_size`` on the chosen engine (CPU)."""
+    run in chunks of ``choice.batch_size`` on the chosen engine (CPU). int8 takes the run's
+    ``calibration`` (its quantised model is usually in the cache already)."""
     engine = build_engine(
         choice,
         backbone,
@@ -469,6 +545,7 @@ def engine_backbone_forward(
         cache_root,
         weights_hash,
         channels_last=choice.name == "torch",
+        calibration=calibration,
     )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -581,6 +658,8 @@ def resolve_engine(
         return EngineChoice("torch", resolve_precision(precision_requested, device), GPU_BATCH)
     if requested != "auto":
         require_engine(requested)
+    if precision_requested == "int8":  # asked for, never probed against the others
+        return _int8_choice(requested)
     optional = [s.name for s in ENGINE_SPECS.values() if s.extra]
     if requested == "auto" and not any(engine_installed(n) for n in optional):
         log.info(
@@ -605,6 +684,22 @@ def resolve_engine(
     except OSError as e:
         log.warning("could not remember the engine choice in %s (%s)", memo, e)
     return choice
+
+
+def _int8_choice(requested: str) -> EngineChoice:
+    """The engine that runs int8 (the one spec with a quantizer, OpenVINO), when asked for."""
+    if requested != "auto" and requested not in INT8_ENGINES:
+        raise UserError(int8_engine_message(requested))
+    quantize.require_int8()
+    return EngineChoice(requested if requested != "auto" else INT8_ENGINES[0], "int8", INT8_BATCH)
+
+
+def int8_engine_message(engine: str) -> str:
+    """Why ``--engine engine`` cannot extract int8 (config.py's check says it too)."""
+    return (
+        f"--feature-precision int8 runs on {' or '.join(INT8_ENGINES)} (NNCF's quantised model); "
+        f"--engine {engine} has no int8 path here: use --engine {INT8_ENGINES[0]} or auto"
+    )
 
 
 def _probe(

@@ -8,7 +8,7 @@ the loaders over cached tensors:
 - every rank extracts its shard with rank 0's backbone, rank 0 writes the entry.
 
 Usage:
-    choice = choose_extraction(cfg, model, size, env, root)     # before the plan
+    choice = choose_extraction(cfg, model, ds, size, env, root)     # before the plan
     pipe = build_feature_pipeline(cfg, plan, model, ds, env, stop_requested)
 """
 
@@ -42,6 +42,7 @@ from transferlab.features import cache as fcache
 from transferlab.features.content import content_digest
 from transferlab.features.engines import EngineChoice, build_engine, resolve_engine
 from transferlab.features.extract import extract_with_engine
+from transferlab.features.quantize import Calibration, calibration_id, calibration_indices
 from transferlab.models.classifier import Classifier
 from transferlab.models.partial import PartialTrainer, StagePrefix, cut_shape
 from transferlab.pipeline import FeatureInfo, Pipeline, SplitFeatures
@@ -52,12 +53,21 @@ log = logging.getLogger(__name__)
 KEY_VERSION = 1
 
 
+def extraction_precision(cfg: Config) -> str:
+    """The precision asked of the extraction: ``--feature-precision``, or with ``auto`` what
+    ``--precision`` asks (``auto``: the faster of fp32 and bf16 on this machine). ``auto`` never
+    means int8: quantisation costs accuracy, so the user asks for it."""
+    fp = cfg.run.feature_precision
+    return cfg.run.precision if fp == "auto" else fp
+
+
 def choose_extraction(
-    cfg: Config, model: Classifier, size: int, env: DistEnv, channels_last: bool
+    cfg: Config, model: Classifier, ds: ImageDataset, size: int, env: DistEnv, channels_last: bool
 ) -> ExtractPlan:
     """The extraction engine, precision and batch: rank 0 measures them (``--engine auto``,
     ``--precision auto``) once per backbone, size, device and library versions, remembers the
-    choice in the cache dir (so cache keys stay stable), and every rank uses its choice."""
+    choice in the cache dir (so cache keys stay stable), and every rank uses its choice.
+    int8 also names its calibration set (the plan and the cache keys carry it)."""
     choice = None
     if env.is_main:
         root = fcache.cache_root(cfg.run.cache_dir)
@@ -69,11 +79,67 @@ def choose_extraction(
             size,
             env.device,
             root,
-            cfg.run.precision,
+            extraction_precision(cfg),
             channels_last,
         )
     choice = broadcast_object(choice, env)
-    return ExtractPlan(engine=choice.name, precision=choice.precision, batch_size=choice.batch_size)
+    calibration = ""
+    if choice.precision == "int8":
+        calibration = calibration_id(
+            train_identity(cfg, ds), calibration_indices(len(ds.train), cfg.data.split_seed)
+        )
+    return ExtractPlan(
+        engine=choice.name,
+        precision=choice.precision,
+        batch_size=choice.batch_size,
+        calibration=calibration,
+    )
+
+
+def train_identity(cfg: Config, ds: ImageDataset) -> dict:
+    """What names the training split's images (as in the feature cache key)."""
+    return {
+        "data_md5": ds.md5,
+        "data_source": ds.source,
+        "split_seed": ds.split_seed,
+        "val_size": cfg.data.val_size,
+        "train_subset": cfg.data.train_subset,
+        "n_train": len(ds.train),
+    }
+
+
+def calibration_set(
+    cfg: Config, plan: Plan, ds: ImageDataset, normalised: bool = True
+) -> Calibration:
+    """The int8 calibration set of this run: at most 300 images of its training split, drawn
+    with its split seed (a study's replicates share it),
+    prepared like the features' input (the plan's resize and normalisation, NCHW), or with
+    ``normalised=False`` as [0, 1] pixels (an export's input, its normalisation folded in).
+    A run planned in int8 must find the same images (its plan names them)."""
+    idx = calibration_indices(len(ds.train), cfg.data.split_seed)
+    key = calibration_id(train_identity(cfg, ds), idx)
+    planned = plan.extract.calibration if plan.extract else ""
+    if planned and key != planned:
+        raise UserError(
+            "the training data differs from the data this run was planned with (its int8 "
+            "calibration set changed); use the run's own data"
+        )
+    return Calibration(key, lambda: unit_batches(cfg, plan, ds.train, idx, normalised))
+
+
+def unit_batches(cfg: Config, plan: Plan, split, idx: torch.Tensor, normalised: bool = True):
+    """The images ``idx`` of ``split`` as float NCHW batches at the plan's size: normalised like
+    the features' input, or [0, 1] pixels. Read in one process (every DDP rank reads them all)."""
+    pp = plan.preprocessing
+    if not normalised:
+        pp = dataclasses.replace(pp, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    prepare = prepare_fn(dataclasses.replace(plan, channels_last=False, preprocessing=pp))
+    if hasattr(split, "images"):
+        sub = type(split)(split.images[idx], split.labels[idx])
+    else:  # folder files: decoded by the plan's eval transform (predict and export set none)
+        sub = dataclasses.replace(split.subset(idx), preprocessing=plan.preprocessing)
+    for x, _ in make_loader(sub, 50, False, DistEnv(), cfg.run.seed):
+        yield prepare(x)
 
 
 def extraction_module(cfg: Config, model: Classifier) -> torch.nn.Module:
@@ -94,8 +160,17 @@ def storage_dtype(cfg: Config) -> torch.dtype:
 class _Engines:
     """Builds the plan's engine on the first cache miss (a warm cache needs none)."""
 
-    def __init__(self, cfg: Config, plan: Plan, model: Classifier, env: DistEnv, whash: str):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: Plan,
+        model: Classifier,
+        env: DistEnv,
+        whash: str,
+        ds: ImageDataset | None = None,
+    ):
         self.cfg, self.plan, self.model, self.env, self.whash = cfg, plan, model, env, whash
+        self.ds = ds  # int8: the calibration images come from its training split
         self.engine = None
 
     def get(self):
@@ -110,6 +185,7 @@ class _Engines:
                 self.whash,
                 self.plan.channels_last,
                 fallback=cfg.run.engine == "auto",
+                calibration=self._calibration(),
             )
             if self.engine.choice.name != ext.engine:  # the plan (and cache key) said otherwise
                 raise UserError(
@@ -117,6 +193,13 @@ class _Engines:
                     "now; rerun with --engine torch"
                 )
         return self.engine
+
+    def _calibration(self) -> Calibration | None:
+        if self.plan.extract.precision != "int8":
+            return None
+        if self.ds is None:
+            raise UserError("int8 extraction needs the run's training data to calibrate")
+        return calibration_set(self.cfg, self.plan, self.ds)
 
 
 def view_augment(cfg: Config) -> tuple[int, bool]:
@@ -152,6 +235,8 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
     }
     if ext.engine != "torch":  # engines differ slightly in their features
         key["engine"] = ext.engine
+    if ext.precision == "int8":  # the quantised model depends on its calibration images
+        key["calibration"] = ext.calibration
     if not pp.on_device_resize:  # decoded images: the eval transform shapes the pixels
         key["resize"], key["crop"] = pp.resize, pp.crop
     if cfg.data.test_subset and split == "test":
@@ -318,7 +403,7 @@ def build_feature_pipeline(
     """
     broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one key
     model.eval()
-    engines = _Engines(cfg, plan, model, env, fcache.weights_hash(model.backbone))
+    engines = _Engines(cfg, plan, model, env, fcache.weights_hash(model.backbone), ds)
     shape = None
     if cfg.model.mode == "partial":
         shape = cut_shape(model.backbone, cfg.model.train_stages, plan.image_size)

@@ -42,6 +42,7 @@ from transferlab.config import (
     resolve_preset,
 )
 from transferlab.errors import UserError
+from transferlab.plan import only_where_features_are_cached
 
 ALL = "all"
 DEFAULT_MIN_STEPS = 300  # optimiser steps every cell gets at least (see the module docstring)
@@ -251,7 +252,7 @@ def cell_config(
             "run": {"seed": seed, "run_dir": str(run_dir), "report": False},
         },
     )
-    cfg = config_from_dict(d)
+    cfg = only_where_features_are_cached(config_from_dict(d))
     return apply_protocol(cfg, n_train, grid.min_steps, grid.patience)
 
 

@@ -192,7 +192,7 @@ def split_of(st: Setup, ds, name: str, env):
     (features.pipeline.split_features: the cache, the plan's engine and precision)."""
     from transferlab.features import pipeline as fp
 
-    engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash)
+    engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash, ds)
     return fp.split_features(st.cfg, st.plan, ds, name, env, engines, lambda: False)
 
 
