@@ -18,6 +18,7 @@ from transferlab.errors import UserError
 from transferlab.features.engines import (
     ENGINE_SPECS,
     ENGINES,
+    FEATURE_PRECISIONS,
     EngineChoice,
     build_engine,
     engine_installed,
@@ -39,7 +40,8 @@ def _backbone() -> nn.Module:
 def test_each_engine_spec_runs_and_matches_torch(name, tmp_path):
     spec = ENGINE_SPECS[name]
     assert spec.name == name and name in ENGINES
-    assert set(spec.precisions) <= {"fp32", "bf16"} and "fp32" in spec.precisions
+    assert set(spec.precisions) <= {"fp32", "bf16", "int8"} and "fp32" in spec.precisions
+    assert ("int8" in spec.precisions) == (spec.quantizer is not None)  # int8 needs a quantizer
     assert (spec.converter is None) == (spec.loader is None)
     if spec.extra:  # the README's install line for it exists
         extra = re.search(rf"^{spec.extra} = \[(.*?)\]", PYPROJECT, re.M | re.S)
@@ -58,6 +60,7 @@ def test_each_engine_spec_runs_and_matches_torch(name, tmp_path):
 
 def test_engine_choices_derive_from_the_specs():
     assert ENGINES == ("auto", *ENGINE_SPECS)
+    assert FEATURE_PRECISIONS == ("auto", "fp32", "bf16", "int8")
     with pytest.raises(UserError, match="--engine must be one of auto, torch"):
         RunConfig(engine="tensorrt")
 
