@@ -16,11 +16,14 @@ from PIL import Image
 
 from conftest import metrics_rows, write_png_tree
 from transferlab.api import Run, run_card_html
+from transferlab.classmetrics import t_interval
 from transferlab.cli import main
 from transferlab.data.balance import class_weights, sample_weights, suggest_balance
 from transferlab.data.cifar import load_cifar100, write_cifar_like
 from transferlab.data.subsets import long_tail_counts, long_tail_indices
 from transferlab.data.tensor_loader import TensorLoader
+from transferlab.errors import UserError
+from transferlab.folds import check_fold_counts, stratified_folds
 from transferlab.report.mlflow_log import summary_metrics
 from transferlab.rundir import Summary
 
@@ -321,3 +324,75 @@ def test_check_data_bad_input(tmp_path, capsys):
         code = main(["check-data", str(tmp_path / target), "--out", str(tmp_path / "o")])
         assert code == 2, target
         assert message in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- --folds
+
+
+def test_stratified_folds_deal_each_class_evenly():
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    fold = stratified_folds(labels, 3, seed=0)
+    for c, n in ((0, 10), (1, 7), (2, 3)):
+        per = torch.bincount(fold[labels == c], minlength=3).tolist()
+        assert sum(per) == n and max(per) - min(per) <= 1
+    assert torch.equal(fold, stratified_folds(labels, 3, seed=0))
+
+
+def test_fold_counts_refuse_with_the_class_named():
+    with pytest.raises(UserError, match="class 'solo' has 1 image"):
+        check_fold_counts(torch.tensor([0, 0, 0, 1]), ["many", "solo"], 2)
+    with pytest.raises(UserError, match="--folds 4: class 'few' has only 3 images.*--folds 3"):
+        check_fold_counts(torch.tensor([0] * 9 + [1] * 3), ["many", "few"], 4)
+    check_fold_counts(torch.tensor([0] * 9 + [1] * 3), ["many", "few"], 3)
+
+
+def test_fold_interval_is_student_t():
+    m, h = t_interval([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and h == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_folds_run_k_fold_dirs_and_the_best_fold_is_the_model(imbalanced, tmp_path, frozen):
+    run = tmp_path / "k3"
+    extra = [*FROZEN, "--cache-dir", str(tmp_path / "cache")] if frozen else []
+    s = _train(f"folder:{imbalanced}", run, "--folds", "3", "--epochs", "2", *extra)
+    folds = s["folds"]
+    assert folds["k"] == 3 and len(folds["per_fold"]) == 3
+    for i in (1, 2, 3):
+        fs = json.loads((run / f"fold-{i}" / "summary.json").read_text())
+        assert fs["test"]["acc"] == folds["per_fold"][i - 1]["test_acc"]
+    accs = [p["test_acc"] for p in folds["per_fold"]]
+    assert folds["test_acc"]["mean"] == pytest.approx(sum(accs) / 3)
+    assert folds["test_acc"]["low"] <= folds["test_acc"]["mean"] <= folds["test_acc"]["high"]
+    best = folds["final_model"]["fold"]
+    assert (run / "best.pt").read_bytes() == (run / f"fold-{best}" / "best.pt").read_bytes()
+    assert "3-fold estimate" in (run / "report.md").read_text()
+    # the val splits of the folds are disjoint and cover train+val
+    n_val = [json.loads((run / f"fold-{i}" / "summary.json").read_text())["val"] for i in (1, 2, 3)]
+    assert sum(sum(r["support"] for r in v["per_class"]) for v in n_val) > 0
+    if frozen:  # one extraction shared by every fold: train, val, test in the cache once each
+        from transferlab.features import cache as fcache
+
+        entries = fcache.list_entries(tmp_path / "cache")
+        assert sorted(e["split"] for e in entries if e.get("split")) == ["test", "train", "val"]
+    code = main(["predict", str(run), str(imbalanced / "rare")])
+    assert code == 0
+
+
+def test_folds_bad_input_is_one_line(capsys, tmp_path):
+    data = write_png_tree(tmp_path / "d", {"many": 12, "few": 3})
+    code = main(
+        [
+            "train",
+            "--data",
+            f"folder:{data}",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--folds",
+            "5",
+            *TINY,
+        ]
+    )
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert "'few'" in err and "--folds" in err

@@ -497,6 +497,7 @@ def train(
     larger budget) may change, as with ``--resume``.
     """
     from transferlab.experiment import run_experiment
+    from transferlab.folds import run_training
 
     epochs = None
     if resume is not None:
@@ -507,7 +508,7 @@ def train(
         if resume is not None:
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
-            summary = run_experiment(cfg, stop_requested=stop)
+            summary = run_training(cfg, stop_requested=stop)
     return Run(summary.run_dir)  # the run wrote its report and tracking itself (outputs.py)
 
 

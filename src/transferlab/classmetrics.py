@@ -19,8 +19,12 @@ Usage:
 
 from __future__ import annotations
 
+import math
+from statistics import mean, stdev
+
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 
 
 def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
@@ -118,3 +122,11 @@ def most_confused(confusion: np.ndarray, classes: list[str], k: int = 20) -> lis
 def worst_first(per_class: list[dict]) -> list[dict]:
     """Per-class rows sorted by recall, then F1, worst first (ties: class order)."""
     return sorted(per_class, key=lambda r: (r["recall"], r["f1"]))
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) with Student's t (k-fold and seed intervals); 0 for one value."""
+    m = mean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, float(student_t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values)))

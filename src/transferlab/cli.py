@@ -249,13 +249,14 @@ def _resume_config(args):
 
 def cmd_train(args) -> int:
     from transferlab.experiment import run_experiment
+    from transferlab.folds import run_training
 
     with _StopFlag() as stop:
         if args.resume is not None:
             cfg, epochs = _resume_config(args)
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
-            summary = run_experiment(config_from_args(args), stop_requested=stop)
+            summary = run_training(config_from_args(args), stop_requested=stop)
     t = summary.time_s["total"]
     sys.stdout.write(
         f"run dir:      {summary.run_dir}\n"
@@ -264,6 +265,11 @@ def cmd_train(args) -> int:
         f"(balanced {summary.test.get('balanced_acc', float('nan')):.4f})\n"
         f"time:         {t:.1f} s\n"
     )
+    if summary.folds:
+        f = summary.folds
+        for key in ("test_acc", "test_balanced_acc"):
+            m, h = f[key]["mean"], f[key]["half_width_95"]
+            sys.stdout.write(f"{f['k']}-fold {key}: {m:.4f} +- {h:.4f} (95% interval)\n")
     return 0
 
 

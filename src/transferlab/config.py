@@ -498,6 +498,12 @@ class Config:
                 "--tune searches heads on cached features; use it with --mode frozen or "
                 "partial, the feature cache on and --solver sgd",
             )
+        if self.data.folds:
+            _check(
+                not (self.data.per_class or self.data.dataset.startswith("cifar100-lt:")),
+                "--folds pools train and val as they are; drop --per-class / cifar100-lt",
+            )
+            _check(self.run.feature_views == 1, "--folds works with one feature view")
         if self.model.mode == "gradual":
             _check(
                 self.model.freeze_epochs < self.optim.epochs,

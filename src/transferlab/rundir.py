@@ -266,6 +266,7 @@ class Summary:
     world_size: int = 1
     versions: dict = field(default_factory=dict)
     fit_state: dict = field(default_factory=dict)
+    folds: dict | None = None  # --folds K: per fold, mean and 95% interval, the final model
     version: int = SUMMARY_VERSION
 
     def to_dict(self) -> dict:

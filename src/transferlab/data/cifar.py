@@ -92,6 +92,16 @@ class Split:
         return int(self.labels.shape[0])
 
 
+@dataclass(frozen=True)
+class FoldRows:
+    """One fold of ``--folds`` on cached features: rows of train + val (pooled, in that order)
+    that the fold trains on and validates on (the splits themselves stay whole, so their cache
+    keys, and their one extraction, are shared by every fold)."""
+
+    train: torch.Tensor  # int64 indices into cat(train, val)
+    val: torch.Tensor
+
+
 @dataclass
 class ImageDataset:
     """Train/val/test splits plus what the run metadata records about them."""
@@ -103,6 +113,7 @@ class ImageDataset:
     md5: dict[str, str] = field(default_factory=dict)
     split_seed: int = 0
     source: str = "cifar100"
+    fold: FoldRows | None = None  # --folds on cached features (folds.py)
 
 
 def cifar_paths(data_dir: str | Path) -> dict[str, Path]:

@@ -421,6 +421,11 @@ def build_feature_pipeline(
             f, y = select_per_class(f, y, cfg.data.per_class, cfg.data.subset_seed)
         data[name] = (f.to(env.device), y.to(env.device))
         splits[name] = meta
+    if ds.fold is not None:  # --folds: this fold's rows of the pooled train + val features
+        f = torch.cat([data["train"][0], data["val"][0]])
+        y = torch.cat([data["train"][1], data["val"][1]])
+        rows = {"train": ds.fold.train.to(f.device), "val": ds.fold.val.to(f.device)}
+        data.update({name: (f[idx], y[idx]) for name, idx in rows.items()})
     info = FeatureInfo(
         root=str(fcache.cache_root(cfg.run.cache_dir)),
         precision=plan.extract.precision,

@@ -123,6 +123,45 @@ def _fmt(x, spec: str = ".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
+def _folds_section(s: Summary) -> list[str]:
+    """--folds K: every fold, and the mean with its 95% Student-t interval."""
+    f = s.folds
+    if not f:
+        return []
+    out = [
+        f"## {f['k']}-fold estimate",
+        "",
+        "| fold | best epoch | val acc | val balanced | test acc | test balanced | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in f["per_fold"]:
+        out.append(
+            f"| {p['fold']} | {p['best_epoch']} | {_fmt(p['val_acc'])} "
+            f"| {_fmt(p['val_balanced_acc'])} | {_fmt(p['test_acc'])} "
+            f"| {_fmt(p['test_balanced_acc'])} | {_fmt(p['time_s'], '.1f')} |"
+        )
+    out.append("")
+    for key, label in (
+        ("val_acc", "val accuracy"),
+        ("val_balanced_acc", "val balanced accuracy"),
+        ("test_acc", "test accuracy"),
+        ("test_balanced_acc", "test balanced accuracy"),
+    ):
+        a = f[key]
+        out.append(
+            f"- {label}: {a['mean']:.4f} ± {a['half_width_95']:.4f} "
+            f"(95% interval over {f['k']} folds: {a['low']:.4f} to {a['high']:.4f})"
+        )
+    fm = f["final_model"]
+    out += [
+        "",
+        f"The model in this run dir is fold {fm['fold']} (the {fm['choice']}, by {fm['by']}): "
+        f"{fm['note']}.",
+        "",
+    ]
+    return out
+
+
 def _results_section(s: Summary, preds: dict | None) -> list[str]:
     rows = [
         "| split | loss | accuracy | balanced accuracy | macro-F1 | top-5 |",
@@ -387,6 +426,7 @@ def _write_run_report(run_dir: Path, s: Summary) -> tuple[Path, Path]:
     preds = None
     if files.predictions.is_file():
         preds = load_predictions(files.predictions)
+    parts += _folds_section(s)
     parts += _results_section(s, preds)
     parts += ["## Learning curves", ""]
     if plot_curves(files.metrics, files.curves, title=f"{s.model} ({s.mode})"):

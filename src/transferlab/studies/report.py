@@ -24,10 +24,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 
-from scipy.stats import t as student_t
-
+from transferlab.classmetrics import t_interval
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
 from transferlab.rundir import StudyDir
@@ -54,14 +53,6 @@ class Point:
     n: int
     cost_s: float  # mean time to this result here, the arm's cold extraction included once
     macs: float
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, 95% half-width) with Student's t; half-width 0 for a single value."""
-    m = mean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, float(student_t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
 
 
 def read_rows(study_dir: Path) -> list[dict]:
