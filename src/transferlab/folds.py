@@ -41,7 +41,6 @@ from transferlab.rundir import RunDir, Summary, data_root, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
-FOLD_DIR = "fold-{}"  # RUN_DIR/fold-1 ... fold-K
 # the best fold's files that make RUN_DIR a run of its own (summary.json is rewritten)
 LINKED = (
     RunDir.CONFIG,
@@ -188,7 +187,7 @@ def _run_folds(cfg: Config, files: RunDir, handle, stop_requested) -> Summary:
     for i in range(k):
         sub = copy.deepcopy(cfg)
         sub.data.folds = 0
-        sub.run.run_dir = str(files / FOLD_DIR.format(i + 1))
+        sub.run.run_dir = str(files.fold(i + 1))
         sub.run.report = cfg.run.report
         sub.run.track = ""  # the final run is tracked, not each fold
         log.info("--folds %d: fold %d of %d in %s", k, i + 1, k, sub.run.run_dir)

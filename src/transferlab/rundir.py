@@ -91,6 +91,7 @@ class RunDir:
     MLFLOW: ClassVar[str] = "mlflow.json"
     CONTINUED_FROM: ClassVar[str] = "continued_from.json"  # a chase that resumed experiment 1
     FAILED: ClassVar[str] = "failed.json"  # a study cell that failed, with its message
+    FOLD: ClassVar[str] = "fold-{}"  # --folds K: RUN/fold-1 ... fold-K, each a run dir
     LOCK: ClassVar[str] = ".transferlab.lock"
     MARKER: ClassVar[str] = ".transferlab-run"  # written first: this folder is a run of ours
     MARKER_FORMAT: ClassVar[str] = "transferlab-run"
@@ -124,6 +125,10 @@ class RunDir:
     failed = property(lambda self: self.path / self.FAILED)
     lock = property(lambda self: self.path / self.LOCK)
     marker = property(lambda self: self.path / self.MARKER)
+
+    def fold(self, i: int) -> Path:
+        """The run dir of fold ``i`` (1-based) of a ``--folds`` run."""
+        return self.path / self.FOLD.format(i)
 
     def write_marker(self) -> None:
         """Mark the folder as a run of ours (``--overwrite`` replaces only marked folders)."""
