@@ -338,8 +338,8 @@ def predict_fifo(ctx: Ctx) -> Result:
 
 def stop_flag(ctx: Ctx) -> Result:
     code = (
-        "import os, signal; from transferlab.cli import _StopFlag\n"
-        "with _StopFlag() as s:\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "import os, signal; from transferlab.stopflag import StopFlag\n"
+        "with StopFlag() as s:\n    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print(getattr(s, 'exit_code', 'no exit_code'))"
     )
     p = subprocess.run([sys.executable, "-c", code], env=ctx.env, capture_output=True, text=True)

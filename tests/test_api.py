@@ -1,7 +1,8 @@
-"""The Python API: options from the CLI table, Run objects read from files, errors as UserError."""
+"""The Python API: options derived from the config fields (as the CLI's), Runs read from files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from PIL import Image
 
 import transferlab as tl
 from transferlab import api
-from transferlab.cli import FLAGS, main
+from transferlab.cli import build_parser, config_from_args, main
+from transferlab.config import COMPARE, TRAIN, flag_of, keyword_of
 from transferlab.predict import load_run_model, predict_files
 
 
@@ -40,28 +42,35 @@ def test_import_is_cheap_and_lazy():
         "assert not logging.getLogger().handlers;"
         "assert t.load_run.__module__ == 'transferlab.api';"
         "assert t.api.train.__module__ == 'transferlab.api';"
+        "assert t.Run.__module__ == 'transferlab.results';"
         "assert issubclass(t.UserError, Exception)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_every_cli_flag_is_a_keyword():
-    table = api.options()
-    for flag, dest, _, _ in FLAGS:
-        keyword = flag[2:].replace("-", "_")
-        assert keyword in table and f"{table[keyword].section}.{table[keyword].field}" == dest
+def _flags(command: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {f for a in sub.choices[command]._actions for f in a.option_strings}
+
+
+@pytest.mark.parametrize(("command", "options"), [("train", TRAIN), ("compare", COMPARE)])
+def test_every_cli_flag_is_a_keyword_and_back(command, options):
+    keywords = options.keywords()
+    flags = {flag_of(k) for k in keywords}
+    # every keyword is a flag, but a --no-x field's own name (progress=False)
+    assert {keywords[keyword_of(f)].field.default for f in flags - _flags(command)} <= {True}
+    assert _flags(command) - flags <= {"-h", "--help", "--preset", "--resume"}
     for name in ("model", "mode", "epochs", "data", "data_dir", "image_size", "no_channels_last"):
-        assert name in table
+        assert name in TRAIN.keywords()
 
 
 def test_options_match_cli_config():
-    from transferlab.cli import build_parser, config_from_args
-
     argv = [
         "train",
         "--model",
         "resnet18",
-        "--epochs",
+        "--max-epochs",
         "3",
         "--image-size",
         "64",
@@ -75,7 +84,7 @@ def test_options_match_cli_config():
     cli_cfg = config_from_args(build_parser().parse_args(argv))
     api_cfg = api.build_config(
         model="resnet18",
-        epochs=3,
+        max_epochs=3,
         image_size=64,
         no_channels_last=True,
         flip=True,
@@ -84,7 +93,36 @@ def test_options_match_cli_config():
     )
     assert api_cfg == cli_cfg
     assert api_cfg.run.channels_last is False and api_cfg.model.mode == "frozen"
+    assert api_cfg.optim.epochs == 3
     assert api.build_config(progress=False).run.progress is False
+    assert api.build_config(channels_last=False) == api.build_config(no_channels_last=True)
+
+
+PRESET = """
+optim: {optimizer: sgd, lr: 0.05, epochs: 7}
+data: {flip: true}
+"""
+
+
+def test_layers_defaults_preset_flags_on_cli_and_api(tmp_path):
+    """defaults < preset < flags: a flag beats the preset, an unset flag keeps the preset, and a
+    field neither sets keeps its default. The same for the CLI and the API."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(PRESET)
+    cli = config_from_args(
+        build_parser().parse_args(["train", "--preset", str(preset), "--lr", "0.2"])
+    )
+    via_api = api.build_config(preset=str(preset), lr=0.2)
+    via_config = api.build_config(config=preset, lr=0.2)
+    for cfg in (cli, via_api, via_config):
+        assert cfg.optim.lr == 0.2  # the flag beats the preset
+        assert (cfg.optim.optimizer, cfg.optim.epochs, cfg.data.flip) == ("sgd", 7, True)
+        assert cfg.optim.batch_size == 200 and cfg.model.name == "cnn"  # neither: the default
+    assert cli == via_api == via_config
+    plain = config_from_args(build_parser().parse_args(["train", "--preset", str(preset)]))
+    assert plain.optim.lr == 0.05  # no flag: the preset's value
+    with pytest.raises(tl.UserError, match="not both"):
+        api.build_config(config=preset, preset="cnn-best")
 
 
 def test_unknown_keyword_lists_valid_ones():
@@ -95,12 +133,14 @@ def test_unknown_keyword_lists_valid_ones():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"epochs": "ten"}, r"epochs= \(CLI --epochs\) must be an int; got 'ten'"),
+        ({"epochs": "ten"}, r"--epochs \(epochs=\) must be an int; got 'ten'"),
         ({"epochs": 2.5}, "must be an int"),
-        ({"lr": "fast"}, "lr= .* must be a number"),
-        ({"flip": "yes"}, "flip= .* must be True or False"),
-        ({"model": 3}, "model= .* must be a string"),
-        ({"progress": 0}, "progress= .* must be True or False"),
+        ({"epochs": True}, "must be an int"),
+        ({"lr": "fast"}, r"--lr \(lr=\) must be a number"),
+        ({"lr": float("inf")}, "must be a finite number"),
+        ({"flip": "yes"}, "--flip .* must be True or False"),
+        ({"model": 3}, "--model .* must be a string"),
+        ({"progress": 0}, "progress= must be True or False"),
         ({"mode": "warm"}, "--mode must be one of"),  # the config's own check, as on the CLI
     ],
 )
@@ -184,7 +224,7 @@ def test_resume_extends_the_budget(tiny_cifar, tmp_path):
 
 
 def test_config_roundtrip_and_resume(run, tmp_path):
-    with pytest.raises(tl.UserError, match="drop lr"):
+    with pytest.raises(tl.UserError, match="drop --lr"):
         api.train(resume=run.dir, lr=0.1, epochs=3)
     cfg = api.build_config(config=run.dir / "config.yaml", epochs=3)
     assert cfg.optim.epochs == 3 and cfg.model.name == "cnn"
@@ -226,8 +266,8 @@ def test_export_returns_the_checked_file(run, tmp_path):
 def test_compare_rejects_train_only_options():
     with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
         api.compare(model="cnn")
-    with pytest.raises(tl.UserError, match=r"chase_patience= \(CLI --chase-patience\) must be"):
-        api.compare(chase_patience="5")
+    with pytest.raises(tl.UserError, match=r"--chase-patience \(chase_patience=\) must be"):
+        api.compare(chase_patience="five")
 
 
 def test_study_runs_cells_and_reads_the_csv(tiny_cifar, tmp_path):

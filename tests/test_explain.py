@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from transferlab import api, explain
+from transferlab.cli import build_parser
 from transferlab.config import ModelConfig
 from transferlab.errors import UserError
 from transferlab.models.registry import build_model
@@ -89,9 +88,7 @@ def test_explain_images_and_cli(frozen_run, tmp_path, caplog):
     assert "cannot read bad" in caplog.text
     with pytest.raises(UserError, match="is not a class"):
         explain.explain_images(frozen_run.dir, [tmp_path / "a.png"], tmp_path / "o", target="nope")
-    parser = argparse.ArgumentParser()
-    explain.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["explain", str(frozen_run.dir), str(tmp_path / "a.png"), "--out", str(tmp_path / "c")]
     )
     assert explain.cmd_explain(args) == 0 and (tmp_path / "c" / "a_gradcam.png").is_file()

@@ -349,13 +349,13 @@ def test_a_bug_is_not_described():
 
 
 def test_stop_flag_records_the_signal_and_exit_code():
-    from transferlab.cli import _StopFlag
+    from transferlab.stopflag import StopFlag
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         assert not stop() and stop.exit_code == 130
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop() and stop.signal_name == "SIGTERM" and stop.exit_code == 143
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop() and stop.exit_code == 130
 

@@ -3,7 +3,6 @@ finished cell, failed cells recorded, --plan commands, the report's numbers, and
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from contextlib import redirect_stdout
@@ -213,14 +212,12 @@ def test_failed_cell_is_recorded_and_the_study_goes_on(data4, tmp_path):
 
 
 def _study_cli(argv: list[str]) -> tuple[int, str]:
-    from transferlab.studies.cli import COMMANDS, add_parsers
+    from transferlab.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = io.StringIO()
     with redirect_stdout(out):
-        code = COMMANDS[args.command](args)
+        code = args.command.run(args)
     return code, out.getvalue()
 
 

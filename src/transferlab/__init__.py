@@ -25,9 +25,9 @@ _LAZY = {
     "compare": "transferlab.api",
     "study": "transferlab.api",
     "load_run": "transferlab.api",
-    "Run": "transferlab.api",
-    "Comparison": "transferlab.api",
-    "Study": "transferlab.api",
+    "Run": "transferlab.results",
+    "Comparison": "transferlab.results",
+    "Study": "transferlab.results",
     "UserError": "transferlab.errors",
     "TrainingStopped": "transferlab.errors",
 }

@@ -15,36 +15,26 @@ from __future__ import annotations
 import json
 import sys
 
-from transferlab.config import DataConfig, field_options
+from transferlab.config import DataConfig, OptionSet
 from transferlab.data.check import check_folder
 from transferlab.report.data_report import summary_line, write_data_report
 from transferlab.rundir import expand_user, refuse_inside
 
 # the DataConfig fields that decide how a folder is split and read, as train's flags
-SPLIT_FIELDS = ("val_frac", "test_frac", "split_seed", "max_image_pixels", "num_workers")
+CHECK = OptionSet(only=("val_frac", "test_frac", "split_seed", "max_image_pixels", "num_workers"))
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "check-data",
-        help="check a folder data set: counts, broken files, modes, duplicates, leaks",
-        description="Check a folder data set before training: class counts and imbalance, "
-        "unreadable files, image sizes and modes, exact duplicates (content hash) within and "
-        "across splits, and near duplicates across splits (difference hash). Writes "
-        "data_report.md/.html/.json; changes nothing in DATA.",
-    )
+def add_arguments(p) -> None:
+    """The arguments of ``transferlab check-data`` (registered in ``cli.COMMANDS``); the split
+    flags come from ``CHECK``."""
     p.add_argument("data", metavar="DATA", help="PATH or folder:PATH (as train's --data)")
     p.add_argument("--out", default=".", help="folder for the data_report files (default: .)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
-    for o in field_options(DataConfig, ""):
-        if o.path in SPLIT_FIELDS:
-            default = DataConfig.__dataclass_fields__[o.path].default
-            p.add_argument(o.flag, dest=o.path, type=o.kind, default=default, help=o.help)
 
 
 def cmd_check_data(args) -> int:
     data = args.data if args.data.startswith("folder:") else f"folder:{args.data}"
-    cfg = DataConfig(dataset=data, **{k: getattr(args, k) for k in SPLIT_FIELDS})
+    cfg = DataConfig(dataset=data, **CHECK.from_namespace(args).get("data", {}))
     out = expand_user(args.out, "--out")
     refuse_inside(out.resolve(), expand_user(data[len("folder:") :], "DATA").resolve(), "--out")
     result = check_folder(cfg)

@@ -1,7 +1,8 @@
-"""Command line: ``transferlab {compare,train,cache,models,...}``.
+"""Command line: ``transferlab COMMAND``, each command registered once, in ``COMMANDS``.
 
-Flags map one-to-one onto the config dataclasses (see ``FLAGS``); only flags the user gives
-override the preset and the defaults. Bad input ends with one line on stderr and exit code 2.
+The config flags of train, compare, study and rank are derived from the config dataclasses
+(``config.OptionSet``): only flags the user gives override the preset and the defaults. Bad input
+ends with one line on stderr and exit code 2.
 
 Usage:
     transferlab compare --data-dir ../shared/datasets
@@ -14,40 +15,42 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from transferlab import __version__
+from transferlab import __version__, check_data, explain, export, predict
+from transferlab.comparison import run_compare
 from transferlab.config import (
+    COMPARE,
+    SECTIONS,
+    TRAIN,
     CompareConfig,
-    cli_options,
-    resolve_preset,  # noqa: F401 - kept importable from here
+    Config,
+    OptionSet,
+    config_from_layers,
+    resume_config,
 )
+from transferlab.distributed import cleanup, describe_dist_error
 from transferlab.errors import NothingToDo, TrainingStopped, UserError, describe_failure
+from transferlab.experiment import run_experiment
+from transferlab.features import cache
+from transferlab.folds import run_training
+from transferlab.models import registry
+from transferlab.models.lite import LITE_VARIANTS
+from transferlab.report.run_report import write_reports
+from transferlab.report.tracking import find_runs, format_runs
+from transferlab.rundir import check_resume_arg
+from transferlab.stopflag import StopFlag
+from transferlab.studies import cli as studies_cli
+from transferlab.studies.report import write_study_report
+from transferlab.studies.runner import is_study_dir
+from transferlab.validate import check_dist_env
 
 log = logging.getLogger("transferlab")
-
-
-# Every config flag comes from the config dataclasses (field type, default and help in one place:
-# ``config.opt``). Each is (flag, "section.field", kind, help); kind is int, float, str, "bool"
-# (store_true) or "nobool" (--no-x sets the field False). Aliases follow their flag.
-def _flag_help(o, flag: str) -> str:
-    """A field's help describes the field (what True means); a --no-x flag turns it off."""
-    if flag != o.flag:
-        return f"the same as {o.flag}"
-    return f"turn off: {o.help} (on by default)" if o.kind == "nobool" else o.help
-
-
-FLAGS: list[tuple[str, str, object, str]] = [
-    (flag, o.path, o.kind, _flag_help(o, flag))
-    for o in cli_options()
-    for flag in (o.flag, *o.aliases)
-]
-# train flags that compare sets itself (per experiment)
-COMPARE_SKIPS = ("--model", "--mode", "--patience", "--target-val-acc", "--max-epochs", "--run-dir")
-# what a --resume may change: where it runs, the bars, and a larger epoch budget
-RESUME_FLAGS = ("run.device", "run.progress", "optim.epochs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,203 +60,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"transferlab: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    p.add_argument(
-        "--preset",
-        help="preset name (cnn-best, ...) or path to a YAML config "
-        "(a run's config.yaml reruns it); flags win over it",
-    )
-    for flag, dest, kind, help_ in FLAGS:
-        if flag in skip:
-            continue
-        dest_name = "cfg:" + dest
-        if kind in ("bool", "nobool"):
-            p.add_argument(
-                flag,
-                dest=dest_name,
-                action="store_const",
-                const=kind == "bool",
-                default=None,
-                help=help_,
-            )
-        else:
-            p.add_argument(
-                flag,
-                dest=dest_name,
-                type=kind,
-                default=None,
-                help=help_,
-                metavar=flag[2:].upper().replace("-", "_"),
-            )
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults < preset < flags, validated into a Config (train's and compare's flags)."""
+    over = args.command.options.from_namespace(args)
+    tune = over.get("optim", {}).get("tune")
+    if tune is not None and tune < 1:  # 0 in a config file means "no search"; a flag asks for one
+        raise UserError(f"--tune must be a number of trials >= 1; got {tune}")
+    return config_from_layers(args.preset, {s: v for s, v in over.items() if s in SECTIONS})
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
-    """Flags of a non-run dataclass (CompareConfig), with its defaults."""
-    from transferlab.config import field_options
-
-    for o in field_options(cls, ""):
-        if o.kind == "bool":
-            p.add_argument(o.flag, dest=o.path, action="store_true", help=o.help)
-        else:
-            p.add_argument(
-                o.flag,
-                dest=o.path,
-                type=o.kind,
-                help=o.help,
-                default=cls.__dataclass_fields__[o.path].default,
-            )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="transferlab",
-        description="Transfer learning for image classification, measured: "
-        "how much does a pretrained network buy you over a CNN trained from scratch?",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="show the Python traceback of a failure (also TRANSFERLAB_DEBUG=1)",
-    )
-    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser(
-        "compare",
-        help="the seed study: CNN vs frozen pretrained backbone, with report.md",
-        description="Run the seed study's three experiments and write report.md: (1) the CNN for "
-        "--epochs, (2) a frozen pretrained backbone for --epochs (through the feature cache), "
-        "(3) the CNN until it reaches (2)'s best val accuracy, with patience 5.",
-    )
-    _add_config_flags(p, skip=COMPARE_SKIPS)
-    _add_dataclass_flags(p, CompareConfig)
-
-    p = sub.add_parser(
-        "train", help="train one experiment", description="Train one model; writes a run dir."
-    )
-    _add_config_flags(p)
+def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last checkpoint (with --epochs N: extend it to N epochs)",
     )
 
-    p = sub.add_parser("cache", help="list or clear the feature cache")
-    p.add_argument("action", choices=("list", "clear"))
-    p.add_argument(
-        "--cache-dir",
-        default="",
-        help="cache dir (default $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)",
-    )
-
-    p = sub.add_parser("models", help="list backbones and which have weights usable offline")
-    p.add_argument(
-        "--timm", metavar="PATTERN", help="list timm models matching PATTERN (e.g. '*resnet*')"
-    )
-
-    from transferlab import tools
-
-    tools.add_subcommands(sub)
-    return parser
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, dict]:
-    """{section: {field: value}} of the config flags the user gave (None = not given)."""
-    overrides: dict = {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg:") and value is not None:
-            section, name = key[4:].split(".")
-            overrides.setdefault(section, {})[name] = value
-    return overrides
-
-
-def config_from_args(args: argparse.Namespace):
-    """Defaults < preset < flags, validated into a Config."""
-    from transferlab.config import config_from_layers
-
-    overrides = config_overrides(args)
-    tune = overrides.get("optim", {}).get("tune")
-    if tune is not None and tune < 1:  # 0 in a config file means "no search"; a flag asks for one
-        raise UserError(f"--tune must be a number of trials >= 1; got {tune}")
-    return config_from_layers(getattr(args, "preset", None), overrides)
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop checkpoints and exits cleanly at the next step.
-
-    ``exit_code`` is the shell's convention for the signal received (128 + number: SIGINT 130,
-    SIGTERM 143); code that stops on the flag raises ``TrainingStopped(..., stop.exit_code)``.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self.exit_code = 128 + signal.SIGINT
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            if self.requested:  # second signal: stop now
-                raise KeyboardInterrupt
-            self.requested = True
-            self.signal_name = signal.Signals(signum).name
-            self.exit_code = 128 + signum
-            log.warning(
-                "got %s: stopping at the next batch (a checkpoint is saved when training)",
-                self.signal_name,
-            )
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-
-    def __enter__(self) -> _StopFlag:
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.install()
-        return self
-
-    def __exit__(self, *exc) -> None:  # an in-process caller (tests, notebooks): handlers back
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-def _resume_config(args):
-    """The small config a resume starts from: the run dir, plus the flags a resume may change."""
-    from transferlab.config import Config
-    from transferlab.rundir import check_resume_arg
-
-    run_dir = check_resume_arg(args.resume)
-    given = {"cfg:" + dest: flag for flag, dest, _, _ in reversed(FLAGS)}
-    refused = sorted(
-        {
-            given[k]
-            for k, v in vars(args).items()
-            if k in given and v is not None and k[4:] not in RESUME_FLAGS
-        }
-    )
-    if refused or args.preset:
-        raise UserError(
-            f"--resume continues with the run's saved config; drop "
-            f"{', '.join(refused) or '--preset'} (only --device, --no-progress and "
-            "--epochs may change)"
-        )
-    cfg = Config()
-    cfg.run.run_dir = str(run_dir)
-    for section, values in config_overrides(args).items():
-        for name, value in values.items():
-            setattr(getattr(cfg, section), name, value)
-    return cfg, vars(args).get("cfg:optim.epochs")
-
 
 def cmd_train(args) -> int:
-    from transferlab.experiment import run_experiment
-    from transferlab.folds import run_training
-
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         if args.resume is not None:
-            cfg, epochs = _resume_config(args)
+            given = {k: v for k, v in vars(args).items() if k in TRAIN.keywords()}
+            given["preset"] = args.preset
+            cfg, epochs = resume_config(check_resume_arg(args.resume), given)
             summary = run_experiment(cfg, resume=True, stop_requested=stop, resume_epochs=epochs)
         else:
             summary = run_training(config_from_args(args), stop_requested=stop)
@@ -274,20 +103,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import dataclasses
-
-    from transferlab.comparison import run_compare
-
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)}
-    with _StopFlag() as stop:
-        run_compare(config_from_args(args), CompareConfig(**fields), stop_requested=stop)
+    cc = CompareConfig(**COMPARE.from_namespace(args).get("compare", {}))
+    with StopFlag() as stop:
+        run_compare(config_from_args(args), cc, stop_requested=stop)
     return 0
 
 
 def cmd_cache(args) -> int:
     """``cache list`` / ``cache clear``: only entries we wrote (format tag) are ours to delete."""
-    from transferlab.features import cache
-
     root = cache.cache_root(args.cache_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"cache dir {root} is a file, not a folder; pass --cache-dir with a folder")
@@ -323,9 +146,6 @@ def cmd_cache(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from transferlab.models import registry
-    from transferlab.models.lite import LITE_VARIANTS
-
     if args.timm is not None:
         names = registry.timm_names(args.timm)
         if not names:
@@ -346,6 +166,201 @@ def cmd_models(args) -> int:
         sys.stdout.write(f"{name:30s}{'yes' if ok else 'no (use --weights PATH or none)'}\n")
     sys.stdout.write("Any timm model works as timm:<name>; list them with --timm PATTERN.\n")
     return 0
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="cache dir (default $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)",
+    )
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timm", metavar="PATTERN", help="list timm models matching PATTERN (e.g. '*resnet*')"
+    )
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+
+
+def cmd_report(args) -> int:
+    for run_dir in args.run_dirs:
+        if is_study_dir(run_dir):  # a study: built from whichever cells exist
+            paths = [write_study_report(run_dir)]
+        else:
+            paths = write_reports(Path(run_dir))
+        for path in paths:
+            sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def _add_runs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "root",
+        nargs="?",
+        default="runs",
+        metavar="DIR",
+        help="folder searched recursively (default runs/)",
+    )
+
+
+def cmd_runs(args) -> int:
+    rows = find_runs(Path(args.root))
+    if not rows:
+        sys.stdout.write(f"no finished runs (summary.json) under {args.root}\n")
+        return 0
+    sys.stdout.write(format_runs(rows))
+    return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``transferlab NAME``, its help, its own arguments and its handler.
+
+    ``options``: the config flags it takes (derived from the config dataclasses); ``preset``:
+    whether it takes ``--preset`` under them.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+    options: OptionSet | None = None
+    preset: bool = False
+
+
+COMMANDS = (
+    Command(
+        "compare",
+        "the seed study: CNN vs frozen pretrained backbone, with report.md",
+        None,
+        cmd_compare,
+        "Run the seed study's three experiments and write report.md: (1) the CNN for --epochs, "
+        "(2) a frozen pretrained backbone for --epochs (through the feature cache), (3) the CNN "
+        "until it reaches (2)'s best val accuracy, with patience 5.",
+        COMPARE,
+        preset=True,
+    ),
+    Command(
+        "train",
+        "train one experiment",
+        _add_train,
+        cmd_train,
+        "Train one model; writes a run dir.",
+        TRAIN,
+        preset=True,
+    ),
+    Command("cache", "list or clear the feature cache", _add_cache, cmd_cache),
+    Command(
+        "models", "list backbones and which have weights usable offline", _add_models, cmd_models
+    ),
+    Command(
+        "study",
+        "a grid of arms x data sizes x seeds, with study.csv and a report",
+        studies_cli.add_study_arguments,
+        studies_cli.cmd_study,
+        "Train every cell (arm x images per class x seed) as a run dir inside --run-dir, write "
+        "study.csv and report.md/html. A restarted study reruns no finished cell.",
+        studies_cli.STUDY,
+    ),
+    Command(
+        "rank",
+        "rank backbones (and input sizes) for this data before full training",
+        studies_cli.add_rank_arguments,
+        studies_cli.cmd_rank,
+        "Per candidate: features of a stratified train subsample and of the validation split "
+        "(through the feature cache), LogME score, L-BFGS probe on the subsample scored on "
+        "validation, extraction img/s, MACs, parameters, estimated full extraction time.",
+        studies_cli.RANK,
+    ),
+    Command(
+        "predict",
+        "top-k classes for image files with a trained run",
+        predict.add_arguments,
+        predict.cmd_predict,
+        "Classify images with RUN_DIR/best.pt, using the run's own preprocessing. Exit code 0 "
+        "if at least one file was predicted, 1 if none.",
+    ),
+    Command(
+        "export",
+        "export a run's model to ONNX or TorchScript, checked against PyTorch",
+        export.add_arguments,
+        export.cmd_export,
+        "Export RUN_DIR/best.pt (backbone + head, normalisation folded in; input float [0,1] "
+        "NCHW at the run's image size; output logits) and check it against PyTorch.",
+    ),
+    Command(
+        "explain",
+        "Grad-CAM overlays of a trained run for your images",
+        explain.add_arguments,
+        explain.cmd_explain,
+        "For each image: the image, the Grad-CAM map of the predicted class (and of --target), "
+        "from RUN_DIR/best.pt. Needs transferlab[explain].",
+    ),
+    Command(
+        "check-data",
+        "check a folder data set: counts, broken files, modes, duplicates, leaks",
+        check_data.add_arguments,
+        check_data.cmd_check_data,
+        "Check a folder data set before training: class counts and imbalance, unreadable files, "
+        "image sizes and modes, exact duplicates (content hash) within and across splits, and "
+        "near duplicates across splits (difference hash). Writes data_report.md/.html/.json; "
+        "changes nothing in DATA.",
+        check_data.CHECK,
+    ),
+    Command(
+        "report",
+        "rebuild report.md and report.html of runs or compare dirs",
+        _add_report,
+        cmd_report,
+        "Write report.md and a self-contained report.html for each RUN_DIR (a run dir, a "
+        "compare dir holding run dirs, or a study dir), from the saved files alone.",
+    ),
+    Command(
+        "runs",
+        "list past runs with model, mode, epochs, best val, test acc and time",
+        _add_runs,
+        cmd_runs,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``transferlab`` parser: one subparser per entry of ``COMMANDS``."""
+    parser = _Parser(
+        prog="transferlab",
+        description="Transfer learning for image classification, measured: "
+        "how much does a pretrained network buy you over a CNN trained from scratch?",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of a failure (also TRANSFERLAB_DEBUG=1)",
+    )
+    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.description or command.help
+        )
+        p.set_defaults(command=command)
+        if command.preset:
+            p.add_argument(
+                "--preset",
+                help="preset name (cnn-best, ...) or path to a YAML config "
+                "(a run's config.yaml reruns it); flags win over it",
+            )
+        if command.options is not None:
+            command.options.add_arguments(p)
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+    return parser
 
 
 DEBUG_ENV = "TRANSFERLAB_DEBUG"  # 1: show tracebacks, as --debug
@@ -371,10 +386,6 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 def _report_failure(e: BaseException, debug: bool) -> int:
     """One line on stderr for ``e`` and its exit code (plus the traceback with --debug)."""
-    import traceback
-
-    from transferlab.distributed import describe_dist_error
-
     if debug:
         traceback.print_exception(e)
     described = describe_failure(e)
@@ -404,32 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     Exit codes: 0 done (or nothing to do), 2 bad input or environment, 1 run-time failure (disk
     full, out of memory) or an internal error, 130/143 stopped by SIGINT/SIGTERM.
     """
-    import warnings
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
+    if not args.command_name:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    commands = {
-        "train": cmd_train,
-        "compare": cmd_compare,
-        "cache": cmd_cache,
-        "models": cmd_models,
-    }
     with warnings.catch_warnings():
         warnings.showwarning = _log_warning  # restored on exit (in-process callers, tests)
         try:
-            from transferlab import tools
-            from transferlab.validate import check_dist_env
-
             check_dist_env(os.environ)
             _setup_logging(args.verbose)
-            commands.update(tools.COMMANDS)
-            code = commands[args.command](args)
-            from transferlab.distributed import cleanup
-
+            code = args.command.run(args)
             cleanup()  # leave the torchrun process group cleanly (no-op in a single process)
             return code
         except NothingToDo as e:

@@ -4,18 +4,26 @@ Precedence: dataclass defaults (the seed study's recipe) < YAML preset (``--pres
 The resolved config is saved as ``config.yaml`` in every run directory and inside every
 checkpoint, so any run can be rebuilt from its own files.
 
+Each field is declared once, with ``opt(default, help)``: a command's ``OptionSet`` derives both
+the CLI's flags and the API's keywords from the fields, so a new field is all it takes to add a
+``train`` option.
+
 Usage:
     cfg = Config(model=ModelConfig(name="cnn"), optim=OptimConfig(epochs=10))
+    cfg = config_from_layers("cnn-best", TRAIN.overrides({"epochs": 2, "no_report": True}))
     cfg2 = config_from_dict(load_yaml(run_dir / "config.yaml"))
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -50,8 +58,9 @@ def opt(
 ) -> Any:
     """A config field with its command-line face: the one source of its default and help.
 
-    ``flag``: the CLI flag when it is not ``--<field-name>`` (``--no-x`` for a True default sets
-    it False); ``aliases``: more flags for the same field; ``choices``: listed in ``--help``.
+    Its CLI flag is ``--<field-name>`` (``--no-<field-name>`` for a True bool, which sets it
+    False) and its API keyword the flag in snake_case (see :func:`keywords`). ``flag``: another
+    flag name; ``aliases``: more flags for the same field; ``choices``: listed in ``--help``.
     """
     meta = {"help": help, "flag": flag, "aliases": aliases, "choices": choices}
     return field(default=default, metadata=meta)
@@ -89,55 +98,31 @@ class DataConfig:
         "cifar100",
         "cifar100, or folder:PATH (PATH/{train,val,test}/<class>/ or PATH/<class>/)",
         flag="--data",
-    )  # "cifar100" or "folder:PATH"
-    data_dir: str = opt("data", "parent folder of cifar-100-python/")  # parent of cifar-100-python/
-    download: bool = opt(
-        False, "download CIFAR-100 with torchvision if the files are missing"
-    )  # fetch CIFAR-100 with torchvision's downloader if missing
-    split_seed: int = opt(
-        0, "seed of the 45,000/5,000 train/val split"
-    )  # seeds the 45,000 / 5,000 train/val permutation (seed study split)
-    val_size: int = opt(
-        5000, "CIFAR validation images held out of the 50,000"
-    )  # images held out of the 50,000 CIFAR training images
-    val_frac: float = opt(
-        0.1, "folder data without val/: stratified validation fraction"
-    )  # folder datasets without val/: stratified fraction for validation
-    test_frac: float = opt(
-        0.1, "folder data without test/: stratified test fraction"
-    )  # folder datasets without test/: stratified fraction for test
-    train_subset: int = opt(
-        0, "train on a seeded random subset of N images (0 = all)"
-    )  # >0: use only this many training images (seeded), for quick studies
-    per_class: int = opt(
-        0, "train on a stratified, nested subset of N images per class (0 = all)"
-    )  # >0: stratified, nested subset of this many training images per class (study)
-    subset_seed: int = opt(
-        0, "seed of the --per-class draw (a study's replicate)"
-    )  # seeds the --per-class draw (a study's replicate seed)
-    test_subset: int = opt(
-        0, "evaluate on the first N test images, for quick runs (0 = all)"
-    )  # >0: evaluate on a seeded subset of this many test images (quick runs)
+    )
+    data_dir: str = opt("data", "parent folder of cifar-100-python/")
+    download: bool = opt(False, "download CIFAR-100 with torchvision if the files are missing")
+    split_seed: int = opt(0, "seed of the 45,000/5,000 train/val split")
+    val_size: int = opt(5000, "CIFAR validation images held out of the 50,000")
+    val_frac: float = opt(0.1, "folder data without val/: stratified validation fraction")
+    test_frac: float = opt(0.1, "folder data without test/: stratified test fraction")
+    train_subset: int = opt(0, "train on a seeded random subset of N images (0 = all)")
+    per_class: int = opt(0, "train on a stratified, nested subset of N images per class (0 = all)")
+    subset_seed: int = opt(0, "seed of the --per-class draw (a study's replicate)")
+    test_subset: int = opt(0, "evaluate on the first N test images, for quick runs (0 = all)")
     max_image_pixels: int = opt(
         DEFAULT_MAX_IMAGE_PIXELS,
         "folder data and predict: skip images with more pixels (PIL's limit)",
-    )  # folder/predict: larger images are skipped
+    )
     image_size: int = opt(
         0, "input side in px (0 = the model's own: 32 for cnn, the weights' size otherwise)"
-    )  # model input side in px; 0 = the model's own (32 CNN, 224 pretrained)
-    crop_padding: int = opt(
-        0, "random crop with this padding in px (0 = off; the seed used none)"
-    )  # random-crop padding in px (0 = off; the seed used no augmentation)
-    flip: bool = opt(False, "random horizontal flips")  # random horizontal flip
-    cutout: int = opt(
-        0, "cutout square side in px at the training resolution (0 = off)"
-    )  # cutout square side in px at the training resolution (0 = off)
+    )
+    crop_padding: int = opt(0, "random crop with this padding in px (0 = off; the seed used none)")
+    flip: bool = opt(False, "random horizontal flips")
+    cutout: int = opt(0, "cutout square side in px at the training resolution (0 = off)")
     on_bad_image: str = opt(
         "skip", "folder data: skip (warn and count) or error", choices=BAD_IMAGE_POLICIES
-    )  # folder datasets: skip (warn and count) or error
-    num_workers: int = opt(
-        2, "DataLoader workers for folder data (CIFAR needs none)"
-    )  # DataLoader workers for folder datasets (CIFAR needs none)
+    )
+    num_workers: int = opt(2, "DataLoader workers for folder data (CIFAR needs none)")
     folds: int = opt(
         0,
         "K >= 2: K stratified folds of train+val (test untouched), each a run in RUN_DIR/fold-i, "
@@ -146,7 +131,6 @@ class DataConfig:
     check_data: bool = opt(
         True,
         "folder data: before training, count test images that are exact copies of train images",
-        flag="--no-check-data",
     )
 
     def __post_init__(self) -> None:
@@ -193,45 +177,33 @@ class ModelConfig:
         "cnn",
         "cnn, a torchvision classifier (resnet18, ...), or timm:<name> (see `transferlab models`)",
         flag="--model",
-    )  # cnn, any torchvision classifier (resnet18, ...), or timm:<name>
-    weights: str = opt(
-        "imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)"
-    )  # imagenet | none | PATH to a state dict (ignored by cnn)
+    )
+    weights: str = opt("imagenet", "imagenet, none, or PATH to a local state dict (not for cnn)")
     mode: str = opt(
         "",
         "frozen | partial | finetune | gradual | scratch ('' = scratch for cnn, frozen otherwise)",
-    )  # frozen | finetune | gradual | scratch; "" = scratch for cnn, frozen otherwise
-    head_hidden: int = opt(
-        256, "hidden units of the head (256 = the seed's; 0 = linear)"
-    )  # hidden units of the head; 256 is the seed's, 0 = a linear head
+    )
+    head_hidden: int = opt(256, "hidden units of the head (256 = the seed's; 0 = linear)")
     head: str = opt(
         "mlp", " or ".join(f"{h.name} ({h.help})" for h in HEADS.values()), choices=tuple(HEADS)
     )
-    head_dropout: float = opt(
-        0.0, "dropout in the head (the seed used none)"
-    )  # dropout in the head (0 = none, as in the seed)
+    head_dropout: float = opt(0.0, "dropout in the head (the seed used none)")
     drop_path: float = opt(
         0.0, "stochastic depth rate of a backbone that trains (timm drop_path_rate)"
-    )  # stochastic depth rate of a backbone that trains (timm drop_path_rate)
+    )
     solver: str = opt(
         "sgd",
         "sgd (the --optimizer) or lbfgs (full-batch linear probe on cached features)",
         choices=SOLVERS,
-    )  # sgd (the optimiser below) or lbfgs (full-batch probe on cached features)
+    )
     train_stages: int = opt(
         1,
         "partial: the last K backbone stages train (with conv_head, bn2 and the head) on the "
         "cached output of the frozen stages before them",
     )
-    freeze_epochs: int = opt(
-        1, "gradual: epochs with the backbone frozen before unfreezing"
-    )  # gradual: epochs with the backbone frozen before unfreezing
-    backbone_lr_div: float = opt(
-        10.0, "finetune/gradual: backbone lr = lr / this"
-    )  # finetune/gradual: backbone lr = head lr / this
-    sync_bn: bool = opt(
-        False, "SyncBatchNorm under DDP (CUDA only)"
-    )  # convert BatchNorm to SyncBatchNorm under DDP
+    freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")
+    backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")
+    sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only)")
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "--model must not be empty")
@@ -289,35 +261,21 @@ class OptimConfig:
 
     optimizer: str = opt(
         "adam", "adam (the seed's) | adamw | sgd (Nesterov momentum)", choices=OPTIMIZERS
-    )  # adam (seed) | adamw | sgd (Nesterov momentum)
+    )
     lr: float = opt(
         1e-3, "learning rate of the head, or of the whole model from scratch (seed: Adam 1e-3)"
-    )  # head lr (and the whole model's for scratch); seed: Adam 1e-3
-    weight_decay: float = opt(
-        0.0, "weight decay, never on norms and biases"
-    )  # never applied to norms and biases
-    momentum: float = opt(0.9, "SGD momentum")  # sgd only
-    schedule: str = opt(
-        "none", "none (the seed's) | cosine | onecycle", choices=SCHEDULES
-    )  # none (seed) | cosine | onecycle
-    warmup_epochs: float = opt(
-        0.0, "linear warm-up length in epochs"
-    )  # linear warm-up length in epochs (cosine)
+    )
+    weight_decay: float = opt(0.0, "weight decay, never on norms and biases")
+    momentum: float = opt(0.9, "SGD momentum")
+    schedule: str = opt("none", "none (the seed's) | cosine | onecycle", choices=SCHEDULES)
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs")
     label_smoothing: float = opt(0.0, "label smoothing of the training loss")
-    batch_size: int = opt(
-        200, "global batch size, split across processes (the seed's 200)"
-    )  # GLOBAL batch size (split across DDP ranks); seed: 200
+    batch_size: int = opt(200, "global batch size, split across processes (the seed's 200)")
     eval_batch_size: int = opt(500, "evaluation batch size")
-    epochs: int = opt(
-        10, "epoch budget (the seed's 10)", aliases=("--max-epochs",)
-    )  # epoch budget (also --max-epochs); seed: 10
-    patience: int = opt(
-        0, "early stop after N epochs without val-acc gain (0 = off)"
-    )  # stop after this many epochs without val-acc improvement (0 = off)
-    target_val_acc: float = opt(
-        0.0, "stop once val accuracy reaches this (0 = off)"
-    )  # stop once val acc reaches this (0 = off)
-    grad_clip: float = opt(0.0, "clip the gradient norm (0 = off)")  # max grad norm (0 = off)
+    epochs: int = opt(10, "epoch budget (the seed's 10)", aliases=("--max-epochs",))
+    patience: int = opt(0, "early stop after N epochs without val-acc gain (0 = off)")
+    target_val_acc: float = opt(0.0, "stop once val accuracy reaches this (0 = off)")
+    grad_clip: float = opt(0.0, "clip the gradient norm (0 = off)")
     select_by: str = opt(
         "val_acc",
         "the val metric that picks best.pt and drives --patience (balanced = mean class recall)",
@@ -385,43 +343,31 @@ class OptimConfig:
 class RunConfig:
     """Where and how the run executes: device, precision, caching, checkpoints, logging."""
 
-    run_dir: str = opt(
-        "", "run directory ('' = runs/<model>-<timestamp>)"
-    )  # "" = runs/<model>-<timestamp>
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")  # auto | cpu | cuda | cuda:N
-    seed: int = opt(
-        0, "seed of init, shuffling and augmentation"
-    )  # seeds init, shuffling and augmentation
+    run_dir: str = opt("", "run directory ('' = runs/<model>-<timestamp>)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = opt(0, "seed of init, shuffling and augmentation")
     precision: str = opt(
         "auto",
         "auto (bf16 on AMX/AVX512-BF16 CPUs and CUDA, fp16 on old GPUs) | fp32 | bf16 | fp16",
         choices=PRECISIONS,
-    )  # auto: bf16 autocast on AMX/avx512_bf16 CPUs and CUDA; fp16 on old GPUs
-    channels_last: bool = opt(True, "channels_last memory layout", flag="--no-channels-last")
-    compile: bool = opt(False, "torch.compile the model")  # torch.compile the model
-    feature_cache: bool = opt(
-        True, "frozen mode: extract features once and cache them", flag="--no-feature-cache"
-    )  # frozen + no input randomness: extract features once
+    )
+    channels_last: bool = opt(True, "channels_last memory layout")
+    compile: bool = opt(False, "torch.compile the model")
+    feature_cache: bool = opt(True, "frozen mode: extract features once and cache them")
     cache_dir: str = opt(
         "", "feature cache dir ('' = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)"
-    )  # "" = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features
-    feature_views: int = opt(
-        1, "cache K augmented views per training image"
-    )  # augmented views per training image in the feature cache
-    ckpt_every_steps: int = opt(
-        0, "also checkpoint every N optimiser steps (0 = per epoch only)"
-    )  # also checkpoint every N optimiser steps (0 = per epoch only)
-    nan_patience: int = opt(
-        0, "non-finite losses skipped before the run stops"
-    )  # non-finite losses tolerated (skipped) before the run stops
+    )
+    feature_views: int = opt(1, "cache K augmented views per training image")
+    ckpt_every_steps: int = opt(0, "also checkpoint every N optimiser steps (0 = per epoch only)")
+    nan_patience: int = opt(0, "non-finite losses skipped before the run stops")
     overwrite: bool = opt(
         False,
         "replace a non-empty run dir (the old run is kept until the new one has a checkpoint)",
-    )  # allow a non-empty run dir that is not being resumed
+    )
     tensorboard: bool = opt(False, "write TensorBoard scalars to RUN_DIR/tb")
     track: str = opt(
         "", "log the run to MLflow: mlflow or mlflow:URI (URI default ./mlruns, offline)"
-    )  # "" = off; mlflow or mlflow:URI (default URI: ./mlruns, a local file store)
+    )
     engine: str = opt(
         "auto",
         f"frozen-feature extraction engine: {' | '.join(ENGINES)}",
@@ -439,12 +385,8 @@ class RunConfig:
         "CPU threads of torch (0 = the cores other processes leave free, measured at the start "
         "of each phase)",
     )
-    report: bool = opt(
-        True, "write report.md and report.html at the end of the run", flag="--no-report"
-    )  # write report.md and report.html at the end of the run
-    progress: bool = opt(
-        True, "progress bars (img/s and ETA)", flag="--no-progress"
-    )  # progress bars (img/s and ETA)
+    report: bool = opt(True, "write report.md and report.html at the end of the run")
+    progress: bool = opt(True, "progress bars (img/s and ETA)")
 
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
@@ -516,63 +458,6 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-@dataclass(frozen=True)
-class Option:
-    """One command-line flag of a config field, derived from the field itself."""
-
-    flag: str
-    path: str  # "section.field"
-    kind: Any  # int | float | str | "bool" (store_true) | "nobool" (--no-x sets False)
-    help: str
-    aliases: tuple[str, ...] = ()
-
-
-def field_options(cls: type, section: str) -> list[Option]:
-    """The flags of a config dataclass's fields: name, type, default and help from one place."""
-    out = []
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if "help" not in meta:
-            continue
-        kind = {"int": int, "float": float, "str": str, "bool": "bool"}[str(f.type)]
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        if kind == "bool" and f.default is True:
-            kind = "nobool"  # a True default is turned off by its --no-x flag
-        help_ = meta["help"]
-        if meta["choices"]:
-            help_ += f" [{' | '.join(meta['choices'])}]"
-        if kind not in ("bool", "nobool"):
-            help_ += f" (default: {f.default!r})" if f.default != "" else ""
-        path = f"{section}.{f.name}" if section else f.name
-        out.append(Option(flag, path, kind, help_, tuple(meta["aliases"])))
-    return out
-
-
-def cli_options() -> list[Option]:
-    """Every config flag of ``train`` (and, minus a few, ``compare``), in section order."""
-    return [o for name, cls in SECTIONS.items() for o in field_options(cls, name)]
-
-
-def resolve_preset(name: str) -> Path:
-    """A preset name from the package's presets/ folder, or a YAML path."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    builtin = PRESET_DIR / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise UserError(
-        f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file"
-    )
-
-
-def config_from_layers(preset: str | None, overrides: dict[str, dict[str, Any]]) -> Config:
-    """Defaults < preset < overrides ({section: {field: value}}), validated into a Config."""
-    base = load_yaml(resolve_preset(preset)) if preset else {}
-    return config_from_dict(merge_dicts(base, overrides))
-
-
 @dataclass
 class CompareConfig:
     """``transferlab compare``: the seed study's experiments around one base config."""
@@ -594,6 +479,191 @@ class CompareConfig:
             self.chase_max_epochs >= 1 and self.chase_patience >= 1,
             "--chase-max-epochs and --chase-patience must be >= 1",
         )
+
+
+# ---------------------------------------------------------------- options: the CLI and the API
+# Each field's flag, keyword, type, default and help come from the field (``opt``) alone: the
+# CLI's parser (``OptionSet.add_arguments``) and the API's keywords (``OptionSet.overrides``)
+# both walk ``OptionSet.keywords``, so a new field is a new flag and a new keyword, and nothing
+# else needs adding.
+
+
+class Keyword(NamedTuple):
+    """What an option's keyword (its flag in snake_case) sets: ``section.field``, negated for a
+    ``--no-x`` flag."""
+
+    section: str
+    field: dataclasses.Field
+    negated: bool
+
+
+def flags_of(f: dataclasses.Field) -> list[str]:
+    """A field's CLI flags: its own (``--<name>``, ``--no-<name>`` for a True bool) and aliases."""
+    own = f.metadata["flag"] or ("--no-" if _negated(f) else "--") + f.name.replace("_", "-")
+    return [own, *f.metadata["aliases"]]
+
+
+def _negated(f: dataclasses.Field) -> bool:
+    return f.type == "bool" and f.default is True
+
+
+def keyword_of(flag: str) -> str:
+    """The API keyword of a flag: ``--no-channels-last`` -> ``no_channels_last``."""
+    return flag[2:].replace("-", "_")
+
+
+def flag_of(keyword: str) -> str:
+    """The CLI flag of an API keyword: ``image_size`` -> ``--image-size``."""
+    return "--" + keyword.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class OptionSet:
+    """The config options of one command: the train config's fields less ``skip`` (keywords the
+    command sets itself) or, with ``only``, just those; plus the fields of its ``own``
+    dataclasses ((section, class) pairs)."""
+
+    skip: tuple[str, ...] = ()
+    own: tuple[tuple[str, type], ...] = ()
+    only: tuple[str, ...] = ()
+
+    def _sections(self) -> list[tuple[str, type, Callable[[str], bool]]]:
+        def train(k: str) -> bool:
+            return k in self.skip or bool(self.only) and k not in self.only
+
+        sections = [(name, cls, train) for name, cls in SECTIONS.items()]
+        return sections + [(name, cls, lambda k: False) for name, cls in self.own]
+
+    def keywords(self) -> dict[str, Keyword]:
+        """Every flag of the fields in snake_case. A ``--no-x`` field also takes its own name
+        (``progress=False`` as ``no_progress=True``)."""
+        out: dict[str, Keyword] = {}
+        for section, cls, skipped in self._sections():
+            for f in dataclasses.fields(cls):
+                names = [(keyword_of(flag), _negated(f)) for flag in flags_of(f)]
+                names += [(f.name, False)] if _negated(f) else []
+                for name, negated in names:
+                    if skipped(name):
+                        continue
+                    if name in out:  # a programming error, caught by the tests
+                        raise TypeError(f"{flag_of(name)} is claimed by two config fields")
+                    out[name] = Keyword(section, f, negated)
+        return out
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """One flag per field (with its aliases), left out of the namespace unless given; its
+        dest is its keyword. ``--help`` shows the field's help, choices and default."""
+        for _, cls, skipped in self._sections():
+            for f in dataclasses.fields(cls):
+                flags = [flag for flag in flags_of(f) if not skipped(keyword_of(flag))]
+                if not flags:
+                    continue
+                help_ = f.metadata["help"]  # what the field means (True: on)
+                if _negated(f):
+                    help_ = f"turn off: {help_} (on by default)"
+                if f.metadata["choices"]:
+                    help_ += f" [{' | '.join(f.metadata['choices'])}]"
+                common = {"dest": keyword_of(flags[0]), "default": argparse.SUPPRESS}
+                if f.type == "bool":
+                    parser.add_argument(*flags, action="store_true", help=help_, **common)
+                else:
+                    help_ += f" (default: {f.default!r})" if f.default != "" else ""
+                    kind = {"int": int, "float": float, "str": str}[f.type]
+                    parser.add_argument(*flags, type=kind, help=help_, **common)
+
+    def overrides(self, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """{section: {field: value}} of the options given (keyword -> value; None = not given),
+        each coerced to its field's type: the CLI's parsed flags and the API's keywords alike.
+        An unknown keyword is a UserError that lists the valid ones."""
+        table = self.keywords()
+        values = {k: v for k, v in values.items() if v is not None}
+        bad = sorted(k for k in values if k not in table)
+        if bad:
+            raise UserError(
+                f"unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(table))}"
+            )
+        out: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            section, f, negated = table[name]
+            where = f"{name}=" if name == f.name and _negated(f) else f"{flag_of(name)} ({name}=)"
+            value = coerce(value, f, where)
+            out.setdefault(section, {})[f.name] = not value if negated else value
+        return out
+
+    def from_namespace(self, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+        """:meth:`overrides` of the flags given on a command line parsed with
+        :meth:`add_arguments` (the flags not given are not in ``args``)."""
+        given = self.keywords()
+        return self.overrides({k: v for k, v in vars(args).items() if k in given})
+
+
+TRAIN = OptionSet()
+# compare sets the model, its stopping rules and each experiment's run dir itself
+COMPARE = OptionSet(
+    skip=("model", "mode", "patience", "target_val_acc", "max_epochs", "run_dir"),
+    own=(("compare", CompareConfig),),
+)
+# what a resume may change (where it runs, the bars, a larger epoch budget); the rest is the
+# run's saved config
+RESUMABLE = ("run.device", "run.progress", "optim.epochs")
+
+
+def resume_config(run_dir: str | os.PathLike, given: dict[str, Any]) -> tuple[Config, int | None]:
+    """The config a resume starts from (the run dir, and the fields a resume may change: the rest
+    is read from its checkpoint) and the new epoch budget (None: unchanged). ``given``: keyword ->
+    value (None = not given), as for :meth:`OptionSet.overrides`; a preset counts as given."""
+    table = TRAIN.keywords()
+    refused = sorted(
+        flag_of(k)
+        for k, v in given.items()
+        if v is not None
+        and (k not in table or f"{table[k].section}.{table[k].field.name}" not in RESUMABLE)
+    )
+    if refused:
+        raise UserError(
+            f"--resume continues with the run's saved config; drop {', '.join(refused)} "
+            "(only --device, --no-progress and --epochs may change)"
+        )
+    over = TRAIN.overrides(given)
+    cfg = Config()
+    cfg.run.run_dir = os.fspath(run_dir)
+    for section, values in over.items():
+        for name, value in values.items():
+            setattr(getattr(cfg, section), name, value)
+    return cfg, over.get("optim", {}).get("epochs")
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset name from the package's presets/ folder, or a YAML path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    builtin = PRESET_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise UserError(
+        f"unknown preset {name!r}; choices: {', '.join(names)} or a path to a .yaml file"
+    )
+
+
+def config_from_layers(base: Any, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Defaults < ``base`` < overrides ({section: {field: value}}), validated into a Config.
+
+    ``base``: None, a preset name or YAML path (a run's config.yaml reruns it), a dict of
+    sections, or a Config.
+    """
+    if base is None:
+        base = {}
+    elif isinstance(base, Config):
+        base = config_to_dict(base)
+    elif isinstance(base, (str, os.PathLike)):
+        base = load_yaml(resolve_preset(os.fspath(base)))
+    elif not isinstance(base, dict):
+        raise UserError(
+            f"a config must be a Config, a dict, a preset or a YAML path; got {type(base).__name__}"
+        )
+    return config_from_dict(merge_dicts(base, overrides))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -625,39 +695,38 @@ def config_from_dict(d: dict[str, Any]) -> Config:
                 f"unknown key(s) {sorted(map(str, bad))} in config section {name!r}; "
                 f"valid: {sorted(valid)}"
             )
-        parts[name] = cls(**{k: _coerce(v, valid[k]) for k, v in section.items()})
+        parts[name] = cls(
+            **{k: coerce(v, valid[k], f"config key {name}.{k}") for k, v in section.items()}
+        )
     return Config(**parts)
 
 
-def _coerce(value: Any, f: dataclasses.Field) -> Any:
-    """Coerce YAML scalars to the field's type (YAML reads 1e-3 as a string)."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
-    if kind is None or (
-        isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    ):
-        out = value
-    else:
+def coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """``value`` as field ``f``'s type, or a UserError "``where`` must be ...". The one coercion
+    of a config value, from YAML, a flag or an API keyword: numbers may come as strings (YAML
+    reads 1e-3 as one), a bool as true/false, a path as a str; a float must be finite."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    want = {int: "an int", float: "a number", str: "a string", bool: "True or False"}[kind]
+    out = None
+    if isinstance(value, bool) or kind is bool:  # `epochs: true` is a mistake, not 1
+        if kind is bool and isinstance(value, bool):
+            out = value
+        elif kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            out = value.lower() == "true"
+    elif kind is str:
+        out = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    elif isinstance(value, (int, float, str)):
         try:
-            if kind is bool:
-                if isinstance(value, str) and value.lower() in ("true", "false"):
-                    return value.lower() == "true"
-                raise ValueError
-            if kind in (int, float) and isinstance(
-                value, bool
-            ):  # `epochs: true` is a mistake, not 1
-                raise ValueError
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            out = kind(value)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), float(10**400)
-            raise UserError(
-                f"config key {f.name!r} must be {kind.__name__}; got {value!r}"
-            ) from None
+            number = float(value) if kind is float or isinstance(value, float) else int(value)
+        except (ValueError, OverflowError):  # OverflowError: float(10**400)
+            number = None
+        if kind is int and isinstance(number, float):  # 2.0 is 2; 2.5 is no int
+            number = int(number) if number.is_integer() else None
+        out = number
+    if out is None:
+        raise UserError(f"{where} must be {want}; got {value!r}")
     if kind is float and not math.isfinite(out):
-        raise UserError(
-            f"config key {f.name!r} (--{f.name.replace('_', '-')}) must be a finite number; "
-            f"got {value!r}"
-        )
+        raise UserError(f"{where} must be a finite number; got {value!r}")
     return out
 
 

@@ -359,14 +359,8 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """Register ``explain``."""
-    p = sub.add_parser(
-        "explain",
-        help="Grad-CAM overlays of a trained run for your images",
-        description="For each image: the image, the Grad-CAM map of the predicted class "
-        "(and of --target), from RUN_DIR/best.pt. Needs transferlab[explain].",
-    )
+def add_arguments(p) -> None:
+    """The arguments of ``transferlab explain`` (registered in ``cli.COMMANDS``)."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
     p.add_argument(
         "images",

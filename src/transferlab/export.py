@@ -325,14 +325,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """Register ``export``."""
-    p = sub.add_parser(
-        "export",
-        help="export a run's model to ONNX or TorchScript, checked against PyTorch",
-        description="Export RUN_DIR/best.pt (backbone + head, normalisation folded in; input float "
-        "[0,1] NCHW at the run's image size; output logits) and check it against PyTorch.",
-    )
+def add_arguments(p) -> None:
+    """The arguments of ``transferlab export`` (registered in ``cli.COMMANDS``)."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
     p.add_argument(
         "--format",

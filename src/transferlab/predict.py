@@ -247,14 +247,8 @@ def cmd_predict(args) -> int:
     return 0 if len(failed) < len(results) else 1
 
 
-def add_parser(sub) -> None:
-    """Register ``predict``."""
-    p = sub.add_parser(
-        "predict",
-        help="top-k classes for image files with a trained run",
-        description="Classify images with RUN_DIR/best.pt, using the run's own preprocessing. "
-        "Exit code 0 if at least one file was predicted, 1 if none.",
-    )
+def add_arguments(p) -> None:
+    """The arguments of ``transferlab predict`` (registered in ``cli.COMMANDS``)."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run dir (with best.pt)")
     p.add_argument(
         "images",

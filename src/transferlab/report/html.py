@@ -9,6 +9,7 @@ fonts, no remote images, CSS inline. A missing or remote image becomes its alt t
 Usage:
     write_html(Path("runs/x/report.md"))        # -> runs/x/report.html
     html = markdown_to_html(md_text, base_dir=Path("runs/x"), title="run x")
+    card = markdown_fragment(md_text, base_dir=Path("runs/x"))  # no page, no CSS
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _renderer(base_dir: Path):
 
     md.add_render_rule("image", image)
     return md
+
+
+def markdown_fragment(md: str, base_dir: Path) -> str:
+    """Markdown as an HTML fragment (no page, no style: a notebook cell's output)."""
+    return _renderer(base_dir).render(md)
 
 
 def markdown_to_html(md: str, base_dir: Path, title: str) -> str:

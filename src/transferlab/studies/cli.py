@@ -1,6 +1,7 @@
 """``transferlab study`` and ``transferlab rank``: parsers and handlers for the main CLI.
 
-The main CLI registers them with ``add_parsers(subparsers)`` and dispatches through ``COMMANDS``.
+The main CLI's ``COMMANDS`` registers them: their own arguments (``add_study_arguments``,
+``add_rank_arguments``), their config flags (``STUDY``, ``RANK``) and their handlers.
 
 Usage:
     transferlab study --arms cnn:scratch,timm:tf_efficientnet_lite0:frozen \\
@@ -14,56 +15,60 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from transferlab.errors import UserError
+from transferlab.config import (
+    SECTIONS,
+    OptionSet,
+    config_from_dict,
+    config_to_dict,
+    flags_of,
+    load_yaml,
+    resolve_preset,
+)
 from transferlab.rundir import StudyDir
-from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE
+from transferlab.stopflag import StopFlag
+from transferlab.studies.grid import (
+    DEFAULT_MIN_STEPS,
+    DEFAULT_PATIENCE,
+    make_grid,
+    plan_cells,
+)
+from transferlab.studies.rank import format_rank_table, parse_candidates, rank_candidates
+from transferlab.studies.runner import load_study_data, run_study
 
 log = logging.getLogger(__name__)
 
-# config flags a study sets per cell itself (or reads as its own options)
-_STUDY_SKIP = (
-    "--model",
-    "--mode",
-    "--per-class",
-    "--subset-seed",
-    "--seed",
-    "--run-dir",
-    "--overwrite",
-    "--max-epochs",
+# the train options a study sets per cell itself (or reads as its own), as keywords
+STUDY = OptionSet(
+    skip=("model", "mode", "per_class", "subset_seed", "seed", "run_dir", "overwrite", "max_epochs")
 )
-_RANK_SKIP = _STUDY_SKIP + (
-    "--epochs",
-    "--patience",
-    "--target-val-acc",
-    "--head",
-    "--head-hidden",
-    "--solver",
-    "--image-size",
-    "--feature-views",
-    "--crop-padding",
-    "--flip",
-    "--cutout",
-)
-
-
-def add_parsers(sub) -> None:
-    """Add the ``study`` and ``rank`` subcommands to the main parser's subparsers."""
-    from transferlab.cli import _add_config_flags
-
-    p = sub.add_parser(
-        "study",
-        help="a grid of arms x data sizes x seeds, with study.csv and a report",
-        description="Train every cell (arm x images per class x seed) as a run dir inside "
-        "--run-dir, "
-        "write study.csv and report.md/html. A restarted study reruns no finished cell.",
+# rank also fixes the probe (L-BFGS on a linear head, one pass) and the input
+RANK = OptionSet(
+    skip=STUDY.skip
+    + (
+        "epochs",
+        "patience",
+        "target_val_acc",
+        "head",
+        "head_hidden",
+        "solver",
+        "image_size",
+        "feature_views",
+        "crop_padding",
+        "flip",
+        "cutout",
     )
+)
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """The study's own arguments (the config flags come from ``STUDY``)."""
     p.add_argument(
         "--arms",
         required=True,
@@ -110,15 +115,10 @@ def add_parsers(sub) -> None:
         help="early stop of a cell whose "
         f"epochs were raised, after N epochs without val gain (default {DEFAULT_PATIENCE})",
     )
-    _add_config_flags(p, skip=_STUDY_SKIP)
 
-    p = sub.add_parser(
-        "rank",
-        help="rank backbones (and input sizes) for this data before full training",
-        description="Per candidate: features of a stratified train subsample and of the validation "
-        "split (through the feature cache), LogME score, L-BFGS probe on the subsample scored on "
-        "validation, extraction img/s, MACs, parameters, estimated full extraction time.",
-    )
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """Rank's own arguments (the config flags come from ``RANK``)."""
     p.add_argument(
         "--candidates",
         required=True,
@@ -133,52 +133,31 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subsample (default 0)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
-    _add_config_flags(p, skip=_RANK_SKIP)
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    if getattr(args, "preset", None):
-        raise UserError("a study takes presets per arm (cnn:scratch:cnn-best); drop --preset")
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg:") and value is not None:
-            section, field = key[4:].split(".")
-            out.setdefault(section, {})[field] = value
-    return out
 
 
 def train_argv(cell, grid) -> list[str]:
     """The ``transferlab train`` arguments that reproduce ``cell``'s config."""
-    from transferlab.cli import FLAGS
-    from transferlab.config import config_from_dict, config_to_dict, load_yaml, resolve_preset
-
     del grid  # the study's own flags differ from the preset's values, so they are emitted below
     base = config_to_dict(
         config_from_dict(load_yaml(resolve_preset(cell.arm.preset)) if cell.arm.preset else {})
     )
     want = config_to_dict(cell.config)
-    flag_of = {}
-    for flag, dest, kind, help_ in FLAGS:
-        if help_ is not argparse.SUPPRESS:
-            flag_of.setdefault(dest, (flag, kind))
     argv = ["transferlab", "train"] + (["--preset", cell.arm.preset] if cell.arm.preset else [])
-    for section, fields in want.items():
-        for name, value in fields.items():
-            dest = f"{section}.{name}"
-            if dest in ("run.overwrite", "run.progress") or dest not in flag_of:
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            dest, value = f"{section}.{f.name}", want[section][f.name]
+            if dest in ("run.overwrite", "run.progress"):
                 continue
-            if value == base[section][name] and dest not in (
+            if value == base[section][f.name] and dest not in (
                 "model.name",
                 "model.mode",
                 "run.run_dir",
                 "run.seed",
             ):
                 continue
-            flag, kind = flag_of[dest]
-            if kind == "bool":
-                argv += [flag] if value else []
-            elif kind == "nobool":
-                argv += [] if value else [flag]
+            flag = flags_of(f)[0]  # a bool's flag (--x, or --no-x for a True default) flips it
+            if f.type == "bool":
+                argv += [flag] if value != f.default else []
             else:
                 argv += [flag, str(value)]
     return argv
@@ -186,15 +165,11 @@ def train_argv(cell, grid) -> list[str]:
 
 def cmd_study(args) -> int:
     """Run (or --plan) a study; exit 1 listing failed cells, 2 on bad input."""
-    from transferlab.cli import _StopFlag
-    from transferlab.studies.grid import make_grid, plan_cells
-    from transferlab.studies.runner import load_study_data, run_study
-
     grid = make_grid(
         args.arms.split(","),
         args.per_class,
         args.seeds,
-        _overrides(args),
+        STUDY.from_namespace(args),
         args.min_steps,
         args.patience_epochs,
     )
@@ -217,7 +192,7 @@ def cmd_study(args) -> int:
                 + "\n"
             )
         return 0
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         result = run_study(
             grid,
             study_dir,
@@ -243,17 +218,12 @@ def cmd_study(args) -> int:
 
 def cmd_rank(args) -> int:
     """Rank candidate backbones on a subsample: a table (or JSON) sorted by LogME."""
-    from transferlab.studies.rank import format_rank_table, parse_candidates, rank_candidates
-
     candidates = parse_candidates(args.candidates)
     rows = rank_candidates(
-        candidates, _overrides(args), per_class=args.per_class, seed=args.subset_seed
+        candidates, RANK.from_namespace(args), per_class=args.per_class, seed=args.subset_seed
     )
     if args.json:
         sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
     else:
         sys.stdout.write(format_rank_table(rows))
     return 0
-
-
-COMMANDS = {"study": cmd_study, "rank": cmd_rank}
