@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from conftest import metrics_rows, write_png_tree
-from transferlab.api import Run, run_card_html
 from transferlab.classmetrics import t_interval
 from transferlab.cli import main
 from transferlab.data.balance import class_weights, sample_weights, suggest_balance
@@ -25,6 +24,7 @@ from transferlab.data.tensor_loader import TensorLoader
 from transferlab.errors import UserError
 from transferlab.folds import check_fold_counts, stratified_folds
 from transferlab.report.mlflow_log import summary_metrics
+from transferlab.results import Run
 from transferlab.rundir import Summary
 
 TINY = ["--no-progress", "--device", "cpu", "--num-workers", "0", "--batch-size", "16"]
@@ -74,7 +74,7 @@ def test_summary_and_metrics_hold_per_class_metrics(imbalanced, tmp_path):
     assert (run / "confusion.png").is_file()
     api_run = Run(run)  # the API's Run.summary is summary.json: the same per-class figures
     assert api_run.summary["test"]["per_class"] == s["test"]["per_class"]
-    assert "test balanced acc" in run_card_html(api_run)
+    assert "test balanced acc" in api_run._repr_html_()
     logged = summary_metrics(Summary.from_dict(s))  # what MLflow logs at the end of a run
     assert logged["test_balanced_acc_final"] == s["test"]["balanced_acc"]
     assert {"val_macro_f1_final", "test_top5_acc_final"} <= set(logged)
