@@ -520,10 +520,10 @@ def test_version_models_and_torchrun_env(capsys, monkeypatch):
 def test_debug_shows_the_traceback_and_bugs_are_one_line(monkeypatch, capsys):
     from transferlab import cli
 
-    def boom(args):
+    def boom():
         raise KeyError("oops")
 
-    monkeypatch.setattr(cli, "cmd_models", boom)
+    monkeypatch.setattr(cli.registry, "torchvision_names", boom)  # a bug inside `models`
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err
     assert "internal error (KeyError" in err and "Traceback" not in err
@@ -541,7 +541,9 @@ def test_disk_full_and_oom_map_to_exit_1(monkeypatch, capsys):
         OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"),
         RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 10 GB"),
     ):
-        monkeypatch.setattr(cli, "cmd_models", lambda args, exc=exc: (_ for _ in ()).throw(exc))
+        monkeypatch.setattr(
+            cli.registry, "torchvision_names", lambda exc=exc: (_ for _ in ()).throw(exc)
+        )
         assert cli.main(["models"]) == 1
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and ("last.pt" in err or "out of memory" in err)
@@ -553,11 +555,11 @@ def test_third_party_warnings_go_to_the_log(monkeypatch, capsys, caplog):
 
     from transferlab import cli
 
-    def warn(args):
+    def warn():
         warnings.warn("Glyph 8722 missing from current font.", UserWarning, stacklevel=1)
-        return 0
+        return []
 
-    monkeypatch.setattr(cli, "cmd_models", warn)
+    monkeypatch.setattr(cli.registry, "torchvision_names", warn)
     with caplog.at_level(logging.DEBUG, logger="py.warnings"):
         assert cli.main(["models"]) == 0
     assert "Glyph 8722" not in capsys.readouterr().err
