@@ -205,10 +205,10 @@ def resolve_plan(
     crop_pct = weights_crop_pct(cfg.model.name, cfg.model.weights, model.backbone)
     train_precision = resolve_precision(cfg.run.precision, env.device)
     path = "features" if uses_feature_cache(cfg) else "pixels"
-    # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16;
-    # partial mode trains convolutions on them, as fast in bf16 as on pixels
-    cpu_head = env.device.type == "cpu" and cfg.model.mode != "partial"
-    head_precision = "fp32" if cpu_head else train_precision
+    # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16.
+    # Partial mode's last lite0 stage (depthwise convs) on 192x7x7 cut activations: fp32 39 img/s,
+    # bf16 autocast 23 (1 thread, batch 200, this Xeon under load 8; benchmarks/partial_tune.py)
+    head_precision = "fp32" if env.device.type == "cpu" else train_precision
     return Plan(
         image_size=size,
         preprocessing=make_preprocessing(model, crop_pct, size, on_device_resize=pixels_in_memory),
