@@ -164,6 +164,7 @@ def test_views_predict_export_and_resume(data, tmp_path, capsys):
         (("--train-stages", "99"), "stages; use 1 to"),
         (("--model", "resnet18", "--weights", "none"), "supports timm EfficientNet"),
         (("--model", "cnn", "--image-size", "32"), "--mode partial needs a backbone"),
+        (("--feature-precision", "int8", "--engine", "auto"), "int8 quantises a whole"),
     ],
 )
 def test_bad_partial_flags_exit_2(data, tmp_path, capsys, flags, text):

@@ -432,6 +432,11 @@ class Config:
             not (self.model.solver == "lbfgs" and not self.run.feature_cache),
             "--solver lbfgs runs on cached features; drop --no-feature-cache",
         )
+        _check(
+            not (self.model.mode == "partial" and self.run.feature_precision == "int8"),
+            "--feature-precision int8 quantises a whole frozen backbone; --mode partial trains "
+            "its last stages: use --feature-precision fp32 or bf16",
+        )
         if self.optim.tune:
             _check(
                 self.model.mode in ("frozen", "partial")

@@ -152,8 +152,8 @@ def extraction_module(cfg: Config, model: Classifier) -> torch.nn.Module:
 
 def storage_dtype(cfg: Config) -> torch.dtype:
     """How cached features are stored: float32, but partial mode's cut activations (tens of
-    times larger) in bf16, unless --precision fp32 asks for exact ones."""
-    exact = cfg.model.mode != "partial" or cfg.run.precision == "fp32"
+    times larger) in bf16, unless an fp32 extraction asks for exact ones."""
+    exact = cfg.model.mode != "partial" or extraction_precision(cfg) == "fp32"
     return torch.float32 if exact else torch.bfloat16
 
 
