@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 import transferlab as tl
-from transferlab import api
+from transferlab import api, config
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.config import COMPARE, TRAIN, flag_of, keyword_of
 from transferlab.predict import load_run_model, predict_files
@@ -288,3 +289,24 @@ def test_study_runs_cells_and_reads_the_csv(tiny_cifar, tmp_path):
     )
     df = s.table()
     assert len(df) == 1 and not s.failed and "transferlab study" in s._repr_html_()
+
+
+def test_a_new_field_is_a_flag_and_a_keyword(monkeypatch):
+    """Adding a field to a config dataclass is the one step: the CLI flag (with its help and
+    default), the API keyword, the coercion and the layering follow from it."""
+
+    @dataclasses.dataclass
+    class NewRunConfig(config.RunConfig):
+        shiny_level: int = config.opt(3, "a brand-new option")
+        sparkle: bool = config.opt(True, "sparkles")
+
+    monkeypatch.setitem(config.SECTIONS, "run", NewRunConfig)
+    assert {"--shiny-level", "--no-sparkle"} <= _flags("train")
+    args = build_parser().parse_args(["train", "--shiny-level", "5", "--no-sparkle"])
+    cfg = config_from_args(args)
+    assert (cfg.run.shiny_level, cfg.run.sparkle) == (5, False)
+    assert config_from_args(build_parser().parse_args(["train"])).run.shiny_level == 3
+    assert api.build_config(shiny_level=7, sparkle=False).run.shiny_level == 7
+    assert api.build_config(no_sparkle=True).run.sparkle is False
+    with pytest.raises(tl.UserError, match=r"--shiny-level \(shiny_level=\) must be an int"):
+        api.build_config(shiny_level="lots")

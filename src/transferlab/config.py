@@ -508,8 +508,14 @@ def flags_of(f: dataclasses.Field) -> list[str]:
     return [own, *f.metadata["aliases"]]
 
 
+def kind_of(f: dataclasses.Field) -> type:
+    """A config field's type: int, float, str or bool (annotations may be strings)."""
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    return kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
 def _negated(f: dataclasses.Field) -> bool:
-    return f.type == "bool" and f.default is True
+    return kind_of(f) is bool and f.default is True
 
 
 def keyword_of(flag: str) -> str:
@@ -569,12 +575,11 @@ class OptionSet:
                 if f.metadata["choices"]:
                     help_ += f" [{' | '.join(f.metadata['choices'])}]"
                 common = {"dest": keyword_of(flags[0]), "default": argparse.SUPPRESS}
-                if f.type == "bool":
+                if kind_of(f) is bool:
                     parser.add_argument(*flags, action="store_true", help=help_, **common)
                 else:
                     help_ += f" (default: {f.default!r})" if f.default != "" else ""
-                    kind = {"int": int, "float": float, "str": str}[f.type]
-                    parser.add_argument(*flags, type=kind, help=help_, **common)
+                    parser.add_argument(*flags, type=kind_of(f), help=help_, **common)
 
     def overrides(self, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """{section: {field: value}} of the options given (keyword -> value; None = not given),
@@ -710,7 +715,7 @@ def coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """``value`` as field ``f``'s type, or a UserError "``where`` must be ...". The one coercion
     of a config value, from YAML, a flag or an API keyword: numbers may come as strings (YAML
     reads 1e-3 as one), a bool as true/false, a path as a str; a float must be finite."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    kind = kind_of(f)
     want = {int: "an int", float: "a number", str: "a string", bool: "True or False"}[kind]
     out = None
     if isinstance(value, bool) or kind is bool:  # `epochs: true` is a mistake, not 1

@@ -28,6 +28,7 @@ from transferlab.config import (
     config_from_dict,
     config_to_dict,
     flags_of,
+    kind_of,
     load_yaml,
     resolve_preset,
 )
@@ -156,7 +157,7 @@ def train_argv(cell, grid) -> list[str]:
             ):
                 continue
             flag = flags_of(f)[0]  # a bool's flag (--x, or --no-x for a True default) flips it
-            if f.type == "bool":
+            if kind_of(f) is bool:
                 argv += [flag] if value != f.default else []
             else:
                 argv += [flag, str(value)]
