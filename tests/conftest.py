@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from transferlab.cli import main
 from transferlab.data.cifar import write_cifar_like
 
 # MLflow 3 starts a telemetry thread that phones home; offline it only retries. No telemetry in
@@ -21,6 +22,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # neighbour's burst could then change a thread count between a run and its resume, and with it
 # the last bits of a reduction. Tests pin torch's default count (as before) unless the caller did.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+# The one flag list of a tiny CPU run; a test adds (or overrides: later flags win) its own.
+TINY = ["--device", "cpu", "--no-progress", "--precision", "fp32", "--val-size", "50"]
+TINY += ["--batch-size", "50"]
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
@@ -55,3 +60,24 @@ def tiny_cifar(tmp_path_factory):
 def cifar_copy(tmp_path):
     """A private tiny CIFAR copy a test may corrupt (150 train, 50 test images)."""
     return write_cifar_like(tmp_path / "data", n_train=150, n_test=50)
+
+
+def train_argv(data_dir: Path, run_dir: Path, *flags: str) -> list[str]:
+    """``transferlab train`` on CIFAR-format data with :data:`TINY` and ``flags``."""
+    return ["train", "--data-dir", str(data_dir), "--run-dir", str(run_dir), *TINY, *flags]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_cifar):
+    """``trained_run(*flags)`` -> a finished tiny CNN run on ``tiny_cifar`` (TINY + flags),
+    trained once per distinct flags in the session. Shared: copy it before changing it."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(*flags: str) -> Path:
+        if flags not in runs:
+            run = tmp_path_factory.mktemp("trained") / "run"
+            assert main(train_argv(tiny_cifar, run, "--model", "cnn", *flags)) == 0
+            runs[flags] = run
+        return runs[flags]
+
+    return get

@@ -272,7 +272,6 @@ def test_compare_rejects_train_only_options():
 
 
 def test_study_runs_cells_and_reads_the_csv(tiny_cifar, tmp_path):
-    pytest.importorskip("transferlab.studies.runner")
     with pytest.raises(tl.UserError, match=r"unknown option\(s\) model"):
         api.study("cnn:scratch", model="cnn", run_dir=tmp_path / "s0")
     s = api.study(

@@ -9,10 +9,9 @@ import json
 
 import pytest
 
+from conftest import TINY
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.data.cifar import write_cifar_like
-
-TINY = ["--no-progress", "--device", "cpu", "--val-size", "50", "--batch-size", "50"]
 
 
 @pytest.fixture(scope="module")

@@ -158,11 +158,9 @@ def test_hostile_cifar_pickle_is_refused(cifar_copy, tmp_path, capsys, where):
 
 
 @pytest.fixture(scope="module")
-def one_epoch_run(tiny_cifar, tmp_path_factory) -> Path:
-    """A finished 1-epoch cnn run (its checkpoints are copied and damaged by the tests)."""
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    assert main(train_argv(tiny_cifar, run_dir, epochs=1)) == 0
-    return run_dir
+def one_epoch_run(trained_run) -> Path:
+    """A finished 1-epoch cnn run (the tests copy it before damaging its checkpoints)."""
+    return trained_run("--epochs", "1", "--seed", "7")
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -450,45 +449,13 @@ def run_one(ws: Workspace, d, capsys, caplog, monkeypatch) -> dict:
     ]
     record["problems"] = problems
     log_path = os.environ.get("FUZZ_LOG")
-    known = [name for name, match in KNOWN.items() if problems and match(record)]
-    record["known"] = known
     if log_path:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     if os.environ.get("FUZZ_COLLECT"):  # FUZZ_COLLECT=1: log every finding, fail none (for reports)
         return record
-    if known and not os.environ.get("FUZZ_STRICT"):
-        warnings.warn(
-            f"known fuzz finding, fix pending in another module: {known[0]}", stacklevel=1
-        )
-        return record
     assert not problems, record
     return record
-
-
-# Findings in modules this test's author does not own, reported to their owner; each is matched
-# narrowly, tolerated (with a warning) in the default run, and fails under FUZZ_STRICT=1.
-# Remove an entry once its fix lands: the fuzzer then guards it.
-def _bad_device(r: dict) -> bool:
-    markers = (
-        "Invalid device string",
-        "device type at start of device string",
-        "Device string must not be empty",
-    )
-    return r["argv"][:1] == ["predict"] and any(m in r["stderr"] for m in markers)
-
-
-def _damaged_report(r: dict) -> bool:
-    markers = ("JSONDecodeError", "ValueError: could not convert string to float")
-    return r["argv"][:1] == ["report"] and any(m in r["stderr"] for m in markers)
-
-
-KNOWN = {
-    "predict --device with an invalid string: torch's RuntimeError "
-    "(distributed.resolve_device)": _bad_device,
-    "report on a damaged summary.json or metrics.csv: JSONDecodeError/ValueError "
-    "(report/run_report.write_run_report, report/plots.read_metrics)": _damaged_report,
-}
 
 
 # no shrinking: an example can train for seconds; the failing record names the command line

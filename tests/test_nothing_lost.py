@@ -13,7 +13,7 @@ import os
 import pytest
 
 import transferlab as tl
-from conftest import write_png_tree
+from conftest import TINY, write_png_tree
 from transferlab.cli import main
 from transferlab.data.cifar import write_cifar_like
 from transferlab.studies.rank import parse_candidates
@@ -158,15 +158,15 @@ def test_no_flag_help_says_it_turns_the_thing_off(capsys, flag):
 
 # ---------------------------------------------------------------- item 1: the old run comes back
 
-TINY = ["--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20"]
-TINY += ["--device", "cpu", "--no-progress", "--no-report"]
+SMALL = [*TINY, "--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20"]
+SMALL += ["--no-report"]
 
 
 @pytest.fixture
 def old_run(tmp_path, cifar):
     """A finished tiny run, and a snapshot of its files (name -> bytes)."""
     run = tmp_path / "run"
-    assert main(["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY]) == 0
+    assert main(["train", "--data-dir", str(cifar), "--run-dir", str(run), *SMALL]) == 0
     return run, _files(run)
 
 
@@ -201,7 +201,7 @@ def test_a_signal_in_the_first_epoch_of_an_overwrite_puts_the_old_run_back(
 ):
     run, before = old_run
     _kill_in_first_epoch(monkeypatch, how)
-    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *SMALL, "--overwrite"]
     assert main(args) == (130 if how == "sigint" else 143)
     err = _one_line(capsys)
     assert "previous run" in err and "back as it was" in err and "--resume" not in err
@@ -232,7 +232,7 @@ def test_divergence_in_the_first_epoch_of_an_overwrite_puts_the_old_run_back(
     old_run, cifar, capsys
 ):
     run, before = old_run
-    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *SMALL, "--overwrite"]
     assert main([*args, "--lr", "1e30", "--nan-patience", "1"]) == 1
     err = _one_line(capsys)
     assert "diverged" in err and "back as it was" in err
@@ -246,7 +246,7 @@ def test_tensorboard_missing_is_refused_before_the_run_dir_is_touched(
 
     run, before = old_run
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *SMALL, "--overwrite"]
     assert main([*args, "--tensorboard"]) == 2
     assert "pip install 'transferlab[tensorboard]'" in _one_line(capsys)
     assert _files(run) == before
@@ -254,7 +254,7 @@ def test_tensorboard_missing_is_refused_before_the_run_dir_is_touched(
 
 def test_an_overwrite_commits_after_its_first_epoch(old_run, cifar):
     run, before = old_run
-    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *TINY, "--overwrite"]
+    args = ["train", "--data-dir", str(cifar), "--run-dir", str(run), *SMALL, "--overwrite"]
     assert main([*args, "--seed", "1"]) == 0
     assert _files(run)["config.yaml"] != before["config.yaml"]
     assert not [p for p in run.parent.iterdir() if ".old-" in p.name]  # nothing left aside

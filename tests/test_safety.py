@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY
 from transferlab import io, rundir
 from transferlab.errors import NothingToDo, RunFailure, TrainingStopped, UserError, describe_failure
 
@@ -363,20 +364,8 @@ def test_stop_flag_records_the_signal_and_exit_code():
 # ---------------------------------------------------------------------------------------------
 # Through the CLI, on one tiny trained run (the lead's wiring of rundir.py in experiment.py)
 
-TINY = [
-    "--model",
-    "cnn",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "20",
-    "--val-size",
-    "20",
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--no-report",
-]
+SMALL = [*TINY, "--model", "cnn", "--epochs", "1", "--batch-size", "20", "--val-size", "20"]
+SMALL += ["--no-report"]
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +377,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
     data = write_cifar_like(root / "data", n_train=60, n_test=20, n_classes=4)
     run = root / "run"
-    assert main(["train", "--data-dir", str(data), "--run-dir", str(run), *TINY]) == 0
+    assert main(["train", "--data-dir", str(data), "--run-dir", str(run), *SMALL]) == 0
     return data, run
 
 
@@ -406,7 +395,7 @@ def test_overwrite_with_bad_input_keeps_the_old_run(trained, bad, capsys):
 
     data, run = trained
     before = _state(run)
-    args = ["train", "--data-dir", str(data), "--run-dir", str(run), *TINY, "--overwrite", *bad]
+    args = ["train", "--data-dir", str(data), "--run-dir", str(run), *SMALL, "--overwrite", *bad]
     assert main(args) == 2
     assert _state(run) == before
     assert "Traceback" not in capsys.readouterr().err
@@ -419,7 +408,7 @@ def test_second_writer_through_the_cli(trained, capsys):
     before = _state(run)
     held = rundir.RunLock.acquire(run / rundir.LOCK_NAME, "run dir")
     try:
-        args = ["train", "--data-dir", str(data), "--run-dir", str(run), *TINY, "--overwrite"]
+        args = ["train", "--data-dir", str(data), "--run-dir", str(run), *SMALL, "--overwrite"]
         assert main(args) == 2
         assert f"in use by process {os.getpid()}" in capsys.readouterr().err
         assert _state(run) == before

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import metrics_rows
+from conftest import TINY, metrics_rows
 from transferlab.cli import build_parser, config_from_args, main
 from transferlab.config import ModelConfig, OptimConfig
 from transferlab.data.cifar import write_cifar_like
@@ -35,17 +35,6 @@ from transferlab.training.optim import build_optimizer, build_scheduler
 from transferlab.training.precision import autocast, make_scaler, resolve_precision
 
 CPU = torch.device("cpu")
-TINY = [
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--val-size",
-    "50",
-    "--batch-size",
-    "50",
-    "--precision",
-    "fp32",
-]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """examples/seed_study.ipynb runs top to bottom (nbclient) on a tiny CIFAR-format dataset.
 
-Named to run first: it waits ~30 s on a child process, and does it before other tests leave
-threads behind in the pytest process (two CI runs crashed in this wait when it ran mid-suite)."""
+The notebook runs in a child process in its own session, so it depends on no other test and on
+no test order (the mid-suite crashes once blamed on the order were OpenVINO's signal stack:
+transferlab/sigstack.py)."""
 
 from __future__ import annotations
 
