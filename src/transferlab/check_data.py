@@ -16,7 +16,7 @@ import json
 import sys
 
 from transferlab.config import DataConfig, OptionSet
-from transferlab.data.check import check_folder
+from transferlab.data.check import NEAR_METHODS, check_folder
 from transferlab.report.data_report import summary_line, write_data_report
 from transferlab.rundir import expand_user, refuse_inside
 
@@ -30,6 +30,13 @@ def add_arguments(p) -> None:
     p.add_argument("data", metavar="DATA", help="PATH or folder:PATH (as train's --data)")
     p.add_argument("--out", default=".", help="folder for the data_report files (default: .)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    p.add_argument(
+        "--near",
+        default="dhash",
+        choices=NEAR_METHODS,
+        help="near duplicates across splits by a 64-bit dHash (within 6 bits), or by lite0 "
+        "feature cosine >= 0.95 (centred; needs the lite0 extra; not calibrated on photos yet)",
+    )
 
 
 def cmd_check_data(args) -> int:
@@ -37,7 +44,7 @@ def cmd_check_data(args) -> int:
     cfg = DataConfig(dataset=data, **CHECK.from_namespace(args).get("data", {}))
     out = expand_user(args.out, "--out")
     refuse_inside(out.resolve(), expand_user(data[len("folder:") :], "DATA").resolve(), "--out")
-    result = check_folder(cfg)
+    result = check_folder(cfg, args.near)
     md, html, js = write_data_report(result, out)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -20,7 +20,7 @@ MD_NAME, JSON_NAME = "data_report.md", "data_report.json"
 
 
 def _pairs_table(pairs: list[Pair]) -> list[str]:
-    rows = ["| kind | file | split/class | file | split/class | dHash bits |", "|---" * 6 + "|"]
+    rows = ["| kind | file | split/class | file | split/class | near score |", "|---" * 6 + "|"]
     rows += [
         f"| {p.kind} | `{p.a}` | {p.a_split}/{p.a_class} | `{p.b}` | {p.b_split}/{p.b_class} "
         f"| {p.distance if p.kind == 'near' else '-'} |"
