@@ -76,6 +76,19 @@ def _cfg(tmp: Path, name: str, *extra: str):
 
 # Frozen random resnet18 at 32 px with the seed's head, trained on cached features (the fast path).
 HEAD = ("--model", "resnet18", "--weights", "none", "--mode", "frozen", "--image-size", "32")
+# Partial mode: a tiny EfficientNet's last stage and head on cached cut activations (its
+# BatchNorm keeps running statistics, so one process and two see the same normalisation).
+PARTIAL = (
+    "--model",
+    "timm:test_efficientnet",
+    "--weights",
+    "none",
+    "--mode",
+    "partial",
+    "--image-size",
+    "32",
+    "--no-channels-last",
+)
 
 
 def _gradual(tmp: Path) -> tuple[str, ...]:
@@ -118,6 +131,7 @@ def _scenarios(env: DistEnv, tmp: Path) -> dict:
     out = {}
     out["head"] = run_experiment(_cfg(tmp, "ddp-head", *HEAD), env=env).to_dict()
     out["gradual"] = run_experiment(_cfg(tmp, "ddp-gradual", *_gradual(tmp)), env=env).to_dict()
+    out["partial"] = run_experiment(_cfg(tmp, "ddp-partial", *PARTIAL), env=env).to_dict()
     # Resume: rank 0 alone asks to stop mid-epoch 1 (step 3 of 4); both ranks must stop there.
     stop = _StopAt(2) if env.is_main else (lambda: False)
     cfg = _cfg(tmp, "ddp-resume", *HEAD, "--ckpt-every-steps", "1")
@@ -201,6 +215,7 @@ def runs(tmp_path_factory):
     single = {
         "head": run_experiment(_cfg(tmp, "one-head", *HEAD)).to_dict(),
         "gradual": run_experiment(_cfg(tmp, "one-gradual", *_gradual(tmp))).to_dict(),
+        "partial": run_experiment(_cfg(tmp, "one-partial", *PARTIAL)).to_dict(),
     }
     mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
     ddp = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -216,7 +231,7 @@ def _metrics(tmp: Path, name: str) -> list[list[float]]:
     return [[float(v) for v in r.split(",")[:6]] for r in rows]  # epoch .. lr (times differ)
 
 
-@pytest.mark.parametrize("kind", ["head", "gradual"])
+@pytest.mark.parametrize("kind", ["head", "gradual", "partial"])
 def test_two_processes_match_one(runs, kind):
     tmp, single, ddp = runs
     a, b = _model(tmp, f"one-{kind}"), _model(tmp, f"ddp-{kind}")
