@@ -38,8 +38,7 @@ from transferlab.experiment import run_experiment
 from transferlab.folds import run_training
 from transferlab.results import Comparison, Run, Study
 from transferlab.stopflag import StopFlag
-from transferlab.studies.cli import STUDY
-from transferlab.studies.grid import DEFAULT_MIN_STEPS, DEFAULT_PATIENCE, make_grid
+from transferlab.studies.cli import STUDY, study_grid
 from transferlab.studies.runner import run_study
 
 log = logging.getLogger(__name__)
@@ -105,42 +104,33 @@ def compare(config=None, *, preset: str | None = None, **options) -> Comparison:
 
 
 def study(
-    arms: str | Sequence[str],
-    per_class: str | Sequence[str | int] = "all",
-    seeds: int = 1,
-    *,
-    run_dir: str | os.PathLike,
-    overwrite: bool = False,
-    min_steps: int | None = None,
-    patience_epochs: int | None = None,
+    arms: str | Sequence[str] | None = None,
+    per_class: str | Sequence[str | int] | None = None,
+    seeds: int | None = None,
     **options,
 ) -> Study:
-    """``transferlab study``: every arm x images per class x seed as a run dir in ``run_dir``.
+    """``transferlab study``: every arm x images per class x seed as a run dir in ``run_dir=``.
 
     ``arms``: ``"cnn:scratch,timm:tf_efficientnet_lite0:frozen"`` or a list; ``per_class``:
-    ``"4,16,all"`` or a list. Other options are the study's flags in snake_case, applied to
-    every cell. A study dir that is run again reruns no finished cell. Failed cells are logged
-    and listed in ``Study.failed``.
+    ``"4,16,all"`` or a list. Other options are the study's flags in snake_case (``run_dir=``,
+    ``min_steps=``, and the train options it applies to every cell), with the CLI's defaults. A
+    study dir that is run again reruns no finished cell. Failed cells are logged and listed in
+    ``Study.failed``.
     """
-    over = STUDY.overrides(options)
-    arm_list = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
-    sizes = per_class if isinstance(per_class, str) else ",".join(str(x) for x in per_class)
-    grid = make_grid(
-        arm_list,
-        sizes,
-        seeds,
-        over,
-        DEFAULT_MIN_STEPS if min_steps is None else min_steps,
-        DEFAULT_PATIENCE if patience_epochs is None else patience_epochs,
-    )
+    if isinstance(arms, (list, tuple)):
+        arms = ",".join(map(str, arms))
+    if isinstance(per_class, (list, tuple)):
+        per_class = ",".join(map(str, per_class))
+    given = {"arms": arms, "per_class": per_class, "seeds": seeds, **options}
+    sc, grid = study_grid(STUDY.overrides(given))
     with StopFlag() as stop:
         result = run_study(
             grid,
-            Path(run_dir),
-            overwrite=overwrite,
+            Path(sc.run_dir),
+            overwrite=sc.overwrite,
             stop_requested=stop,
-            progress=over.get("run", {}).get("progress", True),
+            progress=grid.overrides.get("run", {}).get("progress", True),
         )
     for name, message in result.failed:
-        log.warning("study %s: failed cell %s: %s", run_dir, name, message)
-    return Study(run_dir, result.failed)
+        log.warning("study %s: failed cell %s: %s", sc.run_dir, name, message)
+    return Study(sc.run_dir, result.failed)

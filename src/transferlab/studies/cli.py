@@ -20,7 +20,9 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transferlab.config import (
     SECTIONS,
@@ -30,13 +32,16 @@ from transferlab.config import (
     flags_of,
     kind_of,
     load_yaml,
+    opt,
     resolve_preset,
 )
+from transferlab.errors import UserError
 from transferlab.rundir import StudyDir
 from transferlab.stopflag import StopFlag
 from transferlab.studies.grid import (
     DEFAULT_MIN_STEPS,
     DEFAULT_PATIENCE,
+    Grid,
     make_grid,
     plan_cells,
 )
@@ -46,8 +51,51 @@ from transferlab.studies.runner import load_study_data, run_study
 log = logging.getLogger(__name__)
 
 # the train options a study sets per cell itself (or reads as its own), as keywords
+
+
+@dataclass
+class StudyConfig:
+    """``transferlab study`` (and ``tl.study``): the grid and where it runs."""
+
+    arms: str = opt(
+        "",
+        "comma-separated MODEL:MODE[:PRESET], e.g. cnn:scratch,cnn:scratch:cnn-best,"
+        "timm:tf_efficientnet_lite0:frozen,resnet18:finetune",
+    )
+    per_class: str = opt(
+        "4,16,64,all",
+        "images per class (4,16,64,all) or fractions of the smallest class (0.01,0.1,all)",
+    )
+    seeds: int = opt(3, "replicates per size: seeds 0..N-1 draw the subset and seed the run")
+    run_dir: str = opt("", "the study directory (one run dir per cell inside)")
+    overwrite: bool = opt(False, "rerun cells whose config changed (a different grid)")
+    min_steps: int = opt(
+        DEFAULT_MIN_STEPS,
+        "optimiser steps every cell gets at least: epochs are raised for small subsets",
+    )
+    patience_epochs: int = opt(
+        DEFAULT_PATIENCE,
+        "early stop of a cell whose epochs were raised, after N epochs without val gain",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.run_dir.strip():
+            raise UserError("a study needs --run-dir (run_dir=): the folder of its cells")
+
+
+# the train options a study sets per cell itself, and the study's own
 STUDY = OptionSet(
-    skip=("model", "mode", "per_class", "subset_seed", "seed", "run_dir", "overwrite", "max_epochs")
+    skip=(
+        "model",
+        "mode",
+        "per_class",
+        "subset_seed",
+        "seed",
+        "run_dir",
+        "overwrite",
+        "max_epochs",
+    ),
+    own=(("study", StudyConfig),),
 )
 # rank also fixes the probe (L-BFGS on a linear head, one pass) and the input
 RANK = OptionSet(
@@ -69,53 +117,23 @@ RANK = OptionSet(
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's own arguments (the config flags come from ``STUDY``)."""
-    p.add_argument(
-        "--arms",
-        required=True,
-        help="comma-separated MODEL:MODE[:PRESET], e.g. cnn:scratch,"
-        "cnn:scratch:cnn-best,timm:tf_efficientnet_lite0:frozen,resnet18:finetune",
-    )
-    p.add_argument(
-        "--per-class",
-        default="4,16,64,all",
-        help="images per class (4,16,64,all) or fractions of the "
-        "smallest class (0.01,0.1,all); default 4,16,64,all",
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=3,
-        help="replicates per size: seeds 0..N-1 draw the subset and seed the run (default 3)",
-    )
-    p.add_argument(
-        "--run-dir", required=True, help="the study directory (one run dir per cell inside)"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="rerun cells whose config changed (a different grid)",
-    )
+    """The study's CLI-only argument (the others come from ``STUDY``)."""
     p.add_argument(
         "--plan",
         action="store_true",
         help="print one JSON line per cell with its `transferlab train` "
         "command, and run nothing (for a cluster scheduler)",
     )
-    p.add_argument(
-        "--min-steps",
-        type=int,
-        default=DEFAULT_MIN_STEPS,
-        help="optimiser steps every cell gets at "
-        f"least: epochs are raised for small subsets (default {DEFAULT_MIN_STEPS})",
+
+
+def study_grid(overrides: dict[str, dict[str, Any]]) -> tuple[StudyConfig, Grid]:
+    """The study's own options and its grid, from ``STUDY.overrides`` (CLI and API alike)."""
+    over = dict(overrides)
+    sc = StudyConfig(**over.pop("study", {}))
+    grid = make_grid(
+        sc.arms.split(","), sc.per_class, sc.seeds, over, sc.min_steps, sc.patience_epochs
     )
-    p.add_argument(
-        "--patience-epochs",
-        type=int,
-        default=DEFAULT_PATIENCE,
-        help="early stop of a cell whose "
-        f"epochs were raised, after N epochs without val gain (default {DEFAULT_PATIENCE})",
-    )
+    return sc, grid
 
 
 def add_rank_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,15 +184,8 @@ def train_argv(cell, grid) -> list[str]:
 
 def cmd_study(args) -> int:
     """Run (or --plan) a study; exit 1 listing failed cells, 2 on bad input."""
-    grid = make_grid(
-        args.arms.split(","),
-        args.per_class,
-        args.seeds,
-        STUDY.from_namespace(args),
-        args.min_steps,
-        args.patience_epochs,
-    )
-    study_dir = Path(args.run_dir)
+    sc, grid = study_grid(STUDY.from_namespace(args))
+    study_dir = Path(sc.run_dir)
     if args.plan:
         _, counts = load_study_data(grid)
         for cell in plan_cells(grid, counts, study_dir):
@@ -197,7 +208,7 @@ def cmd_study(args) -> int:
         result = run_study(
             grid,
             study_dir,
-            overwrite=args.overwrite,
+            overwrite=sc.overwrite,
             stop_requested=stop,
             progress=grid.overrides.get("run", {}).get("progress", True),
         )
