@@ -186,7 +186,7 @@ def test_load_run_names_the_missing_file(tmp_path, run):
 
 def test_run_reads_its_files(run):
     again = tl.load_run(run.dir)
-    assert again.summary == json.loads((run.dir / "summary.json").read_text())
+    assert again.summary.to_dict() == json.loads((run.dir / "summary.json").read_text())
     assert again.config["model"]["name"] == "cnn" and again.config["optim"]["epochs"] == 2
     df = again.metrics
     assert list(df["epoch"]) == [1, 2] and {"train_loss", "val_acc", "lr", "train_img_s"} <= set(
@@ -197,7 +197,7 @@ def test_run_reads_its_files(run):
     card = again._repr_html_()
     assert (
         "cnn" in card
-        and f"{100 * run.summary['test']['acc']:.2f}%" in card
+        and f"{100 * run.summary.test['acc']:.2f}%" in card
         and "data:image/png" in card
     )
 

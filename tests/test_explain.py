@@ -58,7 +58,7 @@ def frozen_run(tmp_path_factory, tiny_cifar):
 
 
 def test_cached_features_run_gets_maps(frozen_run, tmp_path):
-    assert frozen_run.summary["feature_cache"], "the run should have trained on cached features"
+    assert frozen_run.summary.feature_cache, "the run should have trained on cached features"
     rm = load_run_model(frozen_run.dir)
     x = torch.randint(
         0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)

@@ -84,7 +84,7 @@ def test_unreachable_server_warns_after_one_retry_and_training_goes_on(
             device="cpu",
             track="mlflow:http://127.0.0.1:9",
         )
-    assert run.summary["epochs_run"] == 1 and (run.dir / "report.html").is_file()
+    assert run.summary.epochs_run == 1 and (run.dir / "report.html").is_file()
     assert not (run.dir / "mlflow.json").exists()
     assert len(calls) == 2 and time.perf_counter() - t0 < 60
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

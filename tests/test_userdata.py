@@ -73,7 +73,7 @@ def test_summary_and_metrics_hold_per_class_metrics(imbalanced, tmp_path):
     assert "Per-class results (test, worst first)" in report and "confusion.png" in report
     assert (run / "confusion.png").is_file()
     api_run = Run(run)  # the API's Run.summary is summary.json: the same per-class figures
-    assert api_run.summary["test"]["per_class"] == s["test"]["per_class"]
+    assert api_run.summary.test["per_class"] == s["test"]["per_class"]
     assert "test balanced acc" in api_run._repr_html_()
     logged = summary_metrics(Summary.from_dict(s))  # what MLflow logs at the end of a run
     assert logged["test_balanced_acc_final"] == s["test"]["balanced_acc"]

@@ -14,7 +14,6 @@ Usage:
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,11 +30,10 @@ from transferlab.predict import load_run_model, predict_files
 from transferlab.report.card import run_card_html
 from transferlab.report.plots import CURVES_FIGSIZE, draw_curves
 from transferlab.report.run_report import write_run_report
+from transferlab.rundir import RunDir, StudyDir, Summary
 from transferlab.user_images import image_files
 
 log = logging.getLogger(__name__)
-
-RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")  # what makes a folder a finished run
 
 
 def _pandas():
@@ -49,13 +47,6 @@ def _pandas():
     return pandas
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); is the run finished?") from None
-
-
 class Run:
     """A finished run directory, read from its files (config.yaml, summary.json, metrics.csv)."""
 
@@ -65,40 +56,38 @@ class Run:
                 f"load_run needs a run dir path (str or Path); got {type(path).__name__}"
             )
         self.dir = Path(path)
+        self.files = RunDir(self.dir)
         if not self.dir.is_dir():
             raise UserError(f"{self.dir} is not a folder; pass a run dir such as runs/<name>")
-        for name in RUN_FILES:
-            if not (self.dir / name).is_file():
+        for name in RunDir.FINISHED:
+            if not (self.files / name).is_file():
                 raise UserError(f"{self.dir} is not a finished run: {name} is missing")
 
     def __repr__(self) -> str:
         s = self.summary
-        test_acc = (s.get("test") or {}).get("acc")
-        return f"Run({str(self.dir)!r}, model={s.get('model')!r}, test_acc={test_acc})"
+        return f"Run({str(self.dir)!r}, model={s.model!r}, test_acc={s.test.get('acc')})"
 
     @property
     def config(self) -> dict:
         """config.yaml as a dict (with its ``resolved:`` plan where the run recorded one)."""
         try:
-            return yaml.safe_load((self.dir / "config.yaml").read_text()) or {}
+            return yaml.safe_load(self.files.config.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read {self.dir / 'config.yaml'} ({e})") from None
+            raise UserError(f"cannot read {self.files.config} ({e})") from None
 
     @property
-    def summary(self) -> dict:
-        """summary.json as a dict."""
-        return _read_json(self.dir / "summary.json")
+    def summary(self) -> Summary:
+        """summary.json as a :class:`~transferlab.rundir.Summary` (older files upgraded)."""
+        return Summary.read(self.files.summary)
 
     @property
     def metrics(self):
         """metrics.csv as a pandas DataFrame, one row per epoch."""
-        return _pandas().read_csv(self.dir / "metrics.csv")
+        return _pandas().read_csv(self.files.metrics)
 
     def plot(self):
         """The learning curves (loss, accuracy; train and val per epoch) as a matplotlib Figure."""
-        return plot_metrics(
-            self.metrics, title=f"{self.summary.get('model')} ({self.summary.get('mode')})"
-        )
+        return plot_metrics(self.metrics, title=f"{self.summary.model} ({self.summary.mode})")
 
     def predict(
         self, images, top_k: int = 5, device: str = "cpu", batch_size: int = 64
@@ -198,9 +187,11 @@ class Comparison:
 
     def __init__(self, path: str | os.PathLike):
         self.dir = Path(path)
-        found = sorted(p.parent for p in self.dir.glob("*/summary.json"))
+        found = sorted(p.parent for p in self.dir.glob(f"*/{RunDir.SUMMARY}"))
         if not found:
-            raise UserError(f"{self.dir} holds no run dirs with summary.json: pass a compare dir")
+            raise UserError(
+                f"{self.dir} holds no run dirs with {RunDir.SUMMARY}: pass a compare dir"
+            )
         self.runs = {p.name: Run(p) for p in found}
 
     def table(self):
@@ -211,12 +202,12 @@ class Comparison:
             rows.append(
                 {
                     "run": name,
-                    "model": s.get("model"),
-                    "mode": s.get("mode"),
-                    "epochs": s.get("epochs_run"),
-                    "best_val_acc": (s.get("fit_state") or {}).get("best_val_acc"),
-                    "test_acc": s["test"]["acc"],
-                    "time_s": s["time_s"]["total"],
+                    "model": s.model,
+                    "mode": s.mode,
+                    "epochs": s.epochs_run,
+                    "best_val_acc": s.fit_state.get("best_val_acc"),
+                    "test_acc": s.test["acc"],
+                    "time_s": s.time_s["total"],
                 }
             )
         return _pandas().DataFrame(rows).set_index("run")
@@ -224,7 +215,7 @@ class Comparison:
     @property
     def report(self) -> Path:
         """The compare report (report.md)."""
-        return self.dir / "report.md"
+        return self.dir / RunDir.REPORT_MD
 
     def _repr_html_(self) -> str:
         where = html.escape(str(self.dir))
@@ -237,18 +228,19 @@ class Study:
 
     def __init__(self, path: str | os.PathLike, failed: Sequence[tuple[str, str]] = ()):
         self.dir = Path(path)
-        if not (self.dir / "study.csv").is_file():
-            raise UserError(f"{self.dir} is not a study: study.csv is missing")
+        self.files = StudyDir(self.dir)
+        if not self.files.csv.is_file():
+            raise UserError(f"{self.dir} is not a study: {StudyDir.CSV} is missing")
         self.failed = list(failed)  # (cell, message) of the cells that failed in this call
 
     def table(self):
         """study.csv as a pandas DataFrame."""
-        return _pandas().read_csv(self.dir / "study.csv")
+        return _pandas().read_csv(self.files.csv)
 
     @property
     def report(self) -> Path:
         """The study report (report.html)."""
-        return self.dir / "report.html"
+        return self.files.report_html
 
     def _repr_html_(self) -> str:
         where = html.escape(str(self.dir))

@@ -95,6 +95,7 @@ class RunDir:
     LOCK: ClassVar[str] = ".transferlab.lock"
     MARKER: ClassVar[str] = ".transferlab-run"  # written first: this folder is a run of ours
     MARKER_FORMAT: ClassVar[str] = "transferlab-run"
+    FINISHED: ClassVar[tuple[str, ...]] = (CONFIG, SUMMARY, METRICS)  # a finished run has these
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))

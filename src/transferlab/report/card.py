@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 
 from transferlab.report.html import markdown_fragment
-
-CURVES = "curves.png"  # written by every run (outputs.py)
+from transferlab.rundir import RunDir, Summary
 
 
 def _md(text: object) -> str:
@@ -26,38 +25,35 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def card_markdown(s: dict, run_dir: Path) -> str:
+def card_markdown(s: Summary, run_dir: Path) -> str:
     """The card as Markdown: a table of the run's numbers, its curves, its folder."""
-    fit = s.get("fit_state") or {}
-    t = (s.get("time_s") or {}).get("total")
-    params = s.get("params") or {}
+    t = s.time_s.get("total")
     rows = [
-        ("test acc", _pct((s.get("test") or {}).get("acc"))),
-        ("test balanced acc", _pct((s.get("test") or {}).get("balanced_acc"))),
-        ("best val acc", _pct(fit.get("best_val_acc", (s.get("val") or {}).get("acc")))),
+        ("test acc", _pct(s.test.get("acc"))),
+        ("test balanced acc", _pct(s.test.get("balanced_acc"))),
+        ("best val acc", _pct(s.fit_state.get("best_val_acc", s.val.get("acc")))),
+        ("epochs", f"{s.epochs_run} (best {s.best_epoch}, {s.stop_reason or 'budget'})"),
         (
-            "epochs",
-            f"{s.get('epochs_run')} (best {s.get('best_epoch')}, "
-            f"{s.get('stop_reason') or 'budget'})",
+            "parameters",
+            f"{s.params.get('total', 0):,} ({s.params.get('trainable', 0):,} trainable)",
         ),
-        ("parameters", f"{params.get('total', 0):,} ({params.get('trainable', 0):,} trainable)"),
-        ("image size, precision", f"{s.get('image_size')} px, {s.get('precision')}"),
+        ("image size, precision", f"{s.image_size} px, {s.precision}"),
         ("time", "-" if t is None else f"{t:.1f} s"),
     ]
     lines = [
-        f"transferlab run: **{_md(s.get('model'))}** ({_md(s.get('mode'))})",
+        f"transferlab run: **{_md(s.model)}** ({_md(s.mode)})",
         "",
         "| | |",
         "|---|---|",
         *(f"| {_md(k)} | **{_md(v)}** |" for k, v in rows),
         "",
     ]
-    if (run_dir / CURVES).is_file():
-        lines += [f"![learning curves]({CURVES})", ""]
+    if RunDir(run_dir).curves.is_file():
+        lines += [f"![learning curves]({RunDir.CURVES})", ""]
     return "\n".join([*lines, f"`{run_dir}`", ""])
 
 
-def run_card_html(summary: dict, run_dir: Path) -> str:
+def run_card_html(summary: Summary, run_dir: Path) -> str:
     """The card as an HTML fragment (``Run._repr_html_``), images inlined as data URIs."""
     body = markdown_fragment(card_markdown(summary, run_dir), run_dir)
     return f'<div class="transferlab-run">{body}</div>'
