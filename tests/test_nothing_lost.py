@@ -390,3 +390,72 @@ def test_sigint_in_a_study_says_rerun_the_study(cifar, tmp_path):
         run_study(_grid(cifar, tmp_path), tmp_path / "study", stop_requested=StopInCell())
     assert "rerun the same `transferlab study` command" in str(e.value)
     assert "--resume" not in str(e.value)
+
+
+# ---------------------------------------------------------------- item 4: damaged run files
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frun")
+    data = write_png_tree(root / "imgs", {"a": 8, "b": 8})
+    run = root / "run"
+    args = ["train", "--data", f"folder:{data}", "--run-dir", str(run), "--model", "cnn"]
+    assert main([*args, "--epochs", "1", "--batch-size", "4", "--num-workers", "0"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("name", ["test_predictions.npz", "data_manifest.json", "curves.png"])
+@pytest.mark.parametrize("cut", [0, 30])
+def test_report_rebuilds_a_run_with_a_truncated_file(
+    folder_run, tmp_path, capsys, caplog, name, cut
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(folder_run, run)
+    (run / name).write_bytes((run / name).read_bytes()[:cut])
+    with caplog.at_level(logging.WARNING):
+        assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err
+    if name != "curves.png":  # a damaged input is named; curves.png is simply drawn again
+        assert name in caplog.text and "damaged" in caplog.text
+    else:
+        from transferlab.report.plots import intact_png
+
+        assert intact_png(run / name)
+    assert (run / "report.html").is_file()
+
+
+def test_predictions_reader_names_a_damaged_file(tmp_path):
+    import numpy as np
+
+    from transferlab.report.predictions import load_predictions
+
+    path = tmp_path / "test_predictions.npz"
+    for damage in (b"", b"PK\x03\x04junk", b"\x00" * 64):
+        path.write_bytes(damage)
+        with pytest.raises(tl.UserError, match="test_predictions.npz is damaged"):
+            load_predictions(path)
+    np.savez(path, index=np.arange(3), pred=np.arange(2))  # parses, but not ours
+    with pytest.raises(tl.UserError, match="damaged"):
+        load_predictions(path)
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_temp(
+    folder_run, tmp_path, capsys, monkeypatch
+):
+    from collections import namedtuple
+
+    from transferlab import export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    for fmt in ("onnx", "torchscript"):
+        argv = ["export", str(folder_run), "--format", fmt, "--output", str(out / f"m.{fmt}")]
+        assert main(argv) == 1
+        assert "not enough free space" in _one_line(capsys)
+    assert list(out.iterdir()) == []

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -178,6 +179,33 @@ def _output_paths(run_dir: Path, fmt: str, output: Path | None, force: bool) -> 
     return output, sidecar
 
 
+SPACE_MARGIN = 16 << 20  # bytes kept free beyond the estimate (graph, metadata, the sidecar)
+
+
+def export_bytes(model: nn.Module) -> int:
+    """About the size of an exported file: every parameter and buffer, as stored (fp32)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    """RunFailure (one line, exit 1) when ``folder`` has less than ``need`` + margin bytes free.
+
+    The exporters write through C++ (protobuf, TorchScript's archive writer), which can abort the
+    process on a full disk instead of raising, leaving a temp file behind: so we check first.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself will say what is wrong with the folder
+    if free < need + SPACE_MARGIN:
+        raise RunFailure(
+            f"not enough free space for the export in {folder}: it needs about "
+            f"{(need + SPACE_MARGIN) / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; free some "
+            "space or pass --output on another disk"
+        )
+
+
 def _layout(rm: RunModel) -> str:
     """The sidecar's words for the input: the plan's preprocessing as the run evaluated."""
     pre = rm.preprocessing
@@ -226,6 +254,7 @@ def export_run(
         raise UserError(f"--min-agreement must be in [0, 1]; got {min_agreement}")
     rm: RunModel = load_run_model(run_dir, "cpu")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
+    check_free_space(output.parent, export_bytes(rm.model))
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
     meta = {
         "format": fmt,

@@ -17,7 +17,7 @@ from pathlib import Path
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
 from transferlab.report.html import write_html
-from transferlab.report.plots import plot_curves
+from transferlab.report.plots import intact_png, plot_curves
 from transferlab.rundir import RunDir, Summary
 
 TITLES = {
@@ -94,7 +94,7 @@ def _section(kind: str, run_dir: Path, s: Summary, root: Path) -> str:
             "not computed twice; the wall time counts only the epochs after them\n"
         )
     curves = RunDir(run_dir).curves
-    if not curves.is_file():
+    if not curves.is_file() or not intact_png(curves):  # missing or damaged: redrawn
         plot_curves(RunDir(run_dir).metrics, curves, title=s.model)
     return (
         f"## {TITLES.get(kind, kind)}\n\n"

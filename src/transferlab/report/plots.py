@@ -55,6 +55,18 @@ def draw_curves(fig, epochs, series, title: str = "") -> None:
     fig.tight_layout()
 
 
+def intact_png(path: Path) -> bool:
+    """``path`` is a whole PNG (a truncated or garbled curves.png is redrawn, not embedded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # verify() misses a truncated image data stream; decoding does not
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for a damaged file
+        return False
+
+
 def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | None:
     """Loss panel and accuracy panel, train and val, per epoch (as in the seed's plots)."""
     rows = read_metrics(metrics_csv)

@@ -14,11 +14,14 @@ Usage:
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from transferlab.errors import UserError
+
+KEYS = ("index", "true", "pred", "prob", "top5", "classes")  # what every reader may use
 
 
 def load_predictions(path: Path) -> dict[str, np.ndarray]:
@@ -30,6 +33,14 @@ def load_predictions(path: Path) -> dict[str, np.ndarray]:
         )
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}); rerun the training to rewrite it") from None
+            preds = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, not an npz
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {e}); rerun the training to rewrite it"
+        ) from None
+    missing = sorted(set(KEYS) - set(preds))
+    lengths = {len(preds[k]) for k in KEYS if k in preds and k != "classes"}
+    if missing or len(lengths) > 1:
+        why = f"no {', '.join(missing)}" if missing else "arrays of different lengths"
+        raise UserError(f"{path} is damaged ({why}); rerun the training to rewrite it")
+    return preds

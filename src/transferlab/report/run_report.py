@@ -71,7 +71,12 @@ def _test_images(
     if manifest.is_file():  # folder data: the test files by index
         from transferlab.data.folder import load_image
 
-        paths = json.loads(manifest.read_text())["test"]["paths"]
+        try:
+            paths = json.loads(manifest.read_text())["test"]["paths"]
+            paths[0]  # noqa: B018 - a list of at least one path, or damaged
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            log.warning("%s is damaged (%s); no test images in the report", manifest, e)
+            return [], f"{manifest} is damaged ({type(e).__name__}); rerun the training"
         images = []
         for i in indices:
             try:
@@ -423,9 +428,13 @@ def _write_run_report(run_dir: Path, s: Summary) -> tuple[Path, Path]:
         f" {s.params['total']:,} parameters, {s.params['trainable']:,} trainable.",
         "",
     ]
-    preds = None
+    preds, no_preds = None, f"No {RunDir.PREDICTIONS} in the run dir (written by newer runs)"
     if files.predictions.is_file():
-        preds = load_predictions(files.predictions)
+        try:
+            preds = load_predictions(files.predictions)
+        except UserError as e:  # the report rebuilds what it can, and says what it could not
+            log.warning("%s", e)
+            no_preds = f"{RunDir.PREDICTIONS} is damaged (rerun the training to rewrite it)"
     parts += _folds_section(s)
     parts += _results_section(s, preds)
     parts += ["## Learning curves", ""]
@@ -439,11 +448,7 @@ def _write_run_report(run_dir: Path, s: Summary) -> tuple[Path, Path]:
         parts += _misclassified_section(run_dir, s, preds, classes)
         parts += _gradcam_section(run_dir, s, preds, classes)
     else:
-        parts += [
-            f"No {RunDir.PREDICTIONS} in the run dir (written by newer runs): "
-            "no per-class results.",
-            "",
-        ]
+        parts += [f"{no_preds}: no per-class results.", ""]
     parts += _timing_section(s, rows)
     parts += _data_section(run_dir, s)
     md = write_atomic(files.report_md, "\n".join(parts))
