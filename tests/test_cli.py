@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conftest import TINY
-from transferlab.cli import build_parser, config_from_args, main
+from transferlab.cli import COMMANDS, build_parser, config_from_args, main
 from transferlab.data.cifar import write_cifar_like
 
 
@@ -31,13 +31,22 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-def test_top_level_help(capsys):
+def test_top_level_help_lists_every_command_of_the_table(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("compare", "train", "cache", "models"):
-        assert command in out
+    for command in COMMANDS:
+        assert f"    {command.name} " in out and command.help.split()[0] in out
+    assert {c.name for c in COMMANDS} >= {"compare", "train", "cache", "models", "study", "rank"}
+
+
+def test_no_two_fields_claim_one_flag():
+    """Each command's flags and keywords come from its OptionSet; a clash would raise here."""
+    for command in COMMANDS:
+        if command.options is not None:
+            keywords = command.options.keywords()
+            assert keywords and all(k.isidentifier() for k in keywords)
 
 
 @pytest.mark.parametrize("command", ["compare", "train", "cache", "models"])
