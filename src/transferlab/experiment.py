@@ -73,7 +73,7 @@ def _open_run(cfg: Config, resume: bool, env: DistEnv, epochs: int | None):
     try:
         saved = config_from_dict(ckpt["config"])
     except UserError as e:
-        raise UserError(f"{run_dir / 'last.pt'} holds an invalid config: {e}") from None
+        raise UserError(f"{RunDir(run_dir).last} holds an invalid config: {e}") from None
     saved.run.device, saved.run.progress = cfg.run.device, cfg.run.progress
     saved.run.run_dir = str(run_dir)  # the dir being resumed (a copied run writes to itself)
     if epochs is not None:  # --resume RUN --epochs N with a larger N extends a finished run

@@ -87,7 +87,8 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> R
     ckpt_path = RunDir(run_dir).best
     if not ckpt_path.is_file():
         raise UserError(
-            f"{ckpt_path} not found: pass a finished run dir (one with best.pt), e.g. runs/<name>"
+            f"{ckpt_path} not found: pass a finished run dir (one with {RunDir.BEST}), "
+            "e.g. runs/<name>"
         )
     ck = load_checkpoint(ckpt_path, require=("model", "config", "classes", "plan"))
     try:

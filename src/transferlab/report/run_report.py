@@ -202,7 +202,11 @@ def _class_sections(run_dir: Path, preds: dict, classes: list[str]) -> list[str]
     cm = confusion_matrix(true, pred, len(classes))
     rows = [r for r in worst_first(class_metrics(cm, classes)["per_class"]) if r["support"] > 0]
     shown = rows[:MATRIX_MAX_CLASSES]
-    more = f"; the worst {len(shown)} shown (all in summary.json)" if len(shown) < len(rows) else ""
+    more = (
+        f"; the worst {len(shown)} shown (all in {RunDir.SUMMARY})"
+        if len(shown) < len(rows)
+        else ""
+    )
     out = [
         "## Per-class results (test, worst first)",
         "",

@@ -481,7 +481,7 @@ def write_study_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     if not is_study_dir(study_dir):
         raise UserError(
-            f"{study_dir} is not a study dir (no study.json); run `transferlab study` first"
+            f"{study_dir} is not a study dir (no {StudyDir.STUDY}); run `transferlab study` first"
         )
     rows = read_rows(study_dir)
     pts = points(rows)

@@ -445,7 +445,7 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
         try:
             row.update(status="failed", message=json.loads(files.failed.read_text())["message"])
         except (OSError, ValueError, KeyError):
-            row.update(status="failed", message="failed.json unreadable")
+            row.update(status="failed", message=f"{RunDir.FAILED} unreadable")
     return row
 
 

@@ -192,7 +192,7 @@ def save_checkpoint(job: Job, state: FitState, opt: OptimParts, name: str) -> No
         why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         raise TrainingStopped(
             f"could not write checkpoint {path} ({why}); the previous checkpoint and "
-            "metrics.csv are intact. Free disk space, then resume with --resume.",
+            f"{RunDir.METRICS} are intact. Free disk space, then resume with --resume.",
             exit_code=1,
         ) from None
 
@@ -291,8 +291,8 @@ def _validate(job: Job, state: FitState, epoch: int) -> EvalResult:
     val_loss = val.loss
     if math.isnan(val_loss) or math.isinf(val_loss):  # diverged in the last steps: keep last.pt
         raise TrainingStopped(
-            f"epoch {epoch + 1}: validation loss is {val_loss} (the weights diverged); last.pt "
-            f"still holds epoch {state.epoch}. Lower --lr, add --grad-clip, or use "
+            f"epoch {epoch + 1}: validation loss is {val_loss} (the weights diverged); "
+            f"{RunDir.LAST} still holds epoch {state.epoch}. Lower --lr, add --grad-clip, or use "
             "--precision fp32."
         )
     return val
