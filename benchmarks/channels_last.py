@@ -22,8 +22,8 @@ from train_pipeline import make_step  # the same step the pipelines benchmark ti
 from transferlab.config import ModelConfig, OptimConfig
 from transferlab.distributed import resolve_device
 from transferlab.models.registry import build_model
+from transferlab.precision import resolve_precision
 from transferlab.training.optim import build_optimizer
-from transferlab.training.precision import resolve_precision
 
 
 def fresh_step(channels_last: bool, precision: str, device: torch.device):

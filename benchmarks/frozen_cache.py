@@ -34,9 +34,9 @@ from transferlab.distributed import init_distributed
 from transferlab.experiment import load_data, run_experiment
 from transferlab.features.engines import resolve_engine
 from transferlab.models.registry import build_model
+from transferlab.precision import autocast, make_scaler
 from transferlab.training.loop import StepContext, evaluate, train_one_epoch
 from transferlab.training.optim import build_optimizer, build_scheduler
-from transferlab.training.precision import autocast, make_scaler
 
 
 def make_cfg(args, run_dir: Path, cache_dir: Path, feature_cache: bool) -> Config:

@@ -44,7 +44,7 @@ from transferlab.data.cifar import _read_split, _to_tensor, cifar_paths
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.distributed import resolve_device
 from transferlab.features.probe import lbfgs_logreg
-from transferlab.training.precision import autocast, resolve_precision
+from transferlab.precision import autocast, resolve_precision
 
 VARIANTS = (
     "lite0-224",

@@ -19,8 +19,8 @@ import torch
 
 from transferlab.data.cifar import load_cifar100
 from transferlab.data.preprocess import to_float_normalized
+from transferlab.precision import autocast
 from transferlab.predict import load_run_model
-from transferlab.training.precision import autocast
 
 
 @torch.inference_mode()

@@ -35,8 +35,8 @@ from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import resolve_device
 from transferlab.experiment import use_channels_last
 from transferlab.models.registry import build_model
+from transferlab.precision import autocast, resolve_precision
 from transferlab.training.optim import build_optimizer
-from transferlab.training.precision import autocast, resolve_precision
 
 
 class NaiveCifar(torch.utils.data.Dataset):

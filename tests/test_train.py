@@ -29,10 +29,10 @@ from transferlab.errors import TrainingStopped, UserError
 from transferlab.experiment import run_experiment
 from transferlab.io import write_torch
 from transferlab.models.registry import build_model
+from transferlab.precision import autocast, make_scaler, resolve_precision
 from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.loop import OptimParts, StepContext, StepGuard, evaluate, train_one_epoch
 from transferlab.training.optim import build_optimizer, build_scheduler
-from transferlab.training.precision import autocast, make_scaler, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -202,7 +202,7 @@ def test_precision_resolution():
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, fast_bf16, expected):
-    import transferlab.training.precision as precision
+    import transferlab.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
     assert precision.resolve_precision("auto", CPU) == expected

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import EXIT_USER, RunFailure, UserError, describe_oserror
+from transferlab.export_openvino import export_openvino, int8_data
 from transferlab.extras import load_extra
 from transferlab.features import quantize
 from transferlab.io import temp_path, write_json
@@ -281,8 +282,6 @@ def export_run(
     meta["writer"] = WRITER
     try:
         if fmt == "openvino":  # xml + bin, each written atomically: see export_openvino.py
-            from transferlab.export_openvino import export_openvino, int8_data
-
             data = int8_data(rm.config, rm.plan) if int8 else None
             if data is not None:
                 meta["int8"] = {
@@ -290,9 +289,10 @@ def export_run(
                     "nncf": quantize.nncf_version(),
                     "quantiser": "nncf.quantize (post-training, <= 300 seeded training images)",
                 }
-            check = export_openvino(
-                wrapped, rm.image_size, output, meta, tolerance, data, min_agreement
+            runtime, diff, batches, agreement = export_openvino(
+                wrapped, rm.image_size, output, meta, data
             )
+            check = ExportCheck(runtime, diff, tolerance, batches, agreement, min_agreement)
         else:
             with temp_path(output) as tmp:
                 writer = export_onnx if fmt == "onnx" else export_torchscript

@@ -18,8 +18,8 @@ check is the top-1 agreement with PyTorch on up to :data:`INT8_CHECK_IMAGES` of 
 validation images (real images, not the calibration ones), against ``--min-agreement``.
 
 Usage (export.py dispatches here):
-    check = export_openvino(wrapped, size=224, output=Path("runs/x/model.xml"), metadata=meta,
-                            tolerance=1e-4)
+    runtime, diff, batches, agreement = export_openvino(wrapped, 224, Path("runs/x/model.xml"),
+                                                        meta)
 """
 
 from __future__ import annotations
@@ -150,20 +150,17 @@ def export_openvino(
     size: int,
     output: Path,
     metadata: dict,
-    tolerance: float,
     int8: Int8Data | None = None,
-    min_agreement: float = 0.0,
-):
-    """Write the IR and check it; returns export.py's ExportCheck (the caller writes the JSON).
+) -> tuple[str, float, tuple[int, ...], float | None]:
+    """Write the IR and check it: (runtime, max abs logit difference, batch sizes, top-1
+    agreement or None), which export.py turns into its ExportCheck (and the caller's JSON).
     With ``int8`` the IR is quantised and checked by top-1 agreement on validation images."""
-    from transferlab.export import ExportCheck
-
     write_openvino_ir(wrapped, size, Path(output), metadata, int8.calibration if int8 else None)
     if int8 is None:
         runtime, diff = check_openvino_ir(wrapped, Path(output), size)
-        return ExportCheck(runtime, diff, tolerance, (1, 3))
+        return runtime, diff, (1, 3), None
     runtime, agreement, diff, n = check_int8_ir(wrapped, Path(output), int8.check_batches)
-    return ExportCheck(runtime, diff, tolerance, (n,), agreement, min_agreement)
+    return runtime, diff, (n,), agreement
 
 
 def read_ir_metadata(xml: Path) -> dict:

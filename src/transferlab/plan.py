@@ -30,7 +30,7 @@ from transferlab.errors import UserError
 from transferlab.io import write_atomic
 from transferlab.models.classifier import Classifier
 from transferlab.models.registry import weights_crop_pct
-from transferlab.training.precision import resolve_precision
+from transferlab.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ def check_before_data(cfg: Config, env: DistEnv) -> None:
 def check_model(cfg: Config, env: DistEnv) -> None:
     """The model exists, takes the flags given, and the device can run what is asked."""
     from transferlab.models.registry import SOURCES, check_drop_path, resolve_name
-    from transferlab.training.precision import resolve_precision
+    from transferlab.precision import resolve_precision
 
     source, arch = resolve_name(cfg.model.name)  # an unknown name lists the choices
     resolve_precision(cfg.run.precision, env.device)  # fp16 on a CPU

@@ -64,8 +64,8 @@ from transferlab.features import cache as fcache
 from transferlab.features import quantize
 from transferlab.features.quantize import Calibration
 from transferlab.io import write_json
+from transferlab.precision import autocast, cpu_has_fast_bf16, resolve_precision
 from transferlab.sigstack import keep_signal_stack
-from transferlab.training.precision import autocast, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -342,8 +342,8 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
     from transferlab.models.registry import build_model
     from transferlab.plan import use_channels_last
+    from transferlab.precision import resolve_precision
     from transferlab.studies.costs import model_cost
-    from transferlab.training.precision import resolve_precision
 
     path = StudyDir(study_dir).costs
     costs = read_costs(path)

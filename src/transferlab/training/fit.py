@@ -30,6 +30,7 @@ from transferlab.metrics import append_metrics, epoch_row, log_epoch_scalars, tr
 from transferlab.models.classifier import Classifier, set_backbone_frozen
 from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
+from transferlab.precision import make_scaler
 from transferlab.rundir import RunDir
 from transferlab.training.checkpoint import rng_state, set_rng_state
 from transferlab.training.loop import (
@@ -42,7 +43,6 @@ from transferlab.training.loop import (
     train_one_epoch,
 )
 from transferlab.training.optim import build_optimizer, build_scheduler
-from transferlab.training.precision import make_scaler
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from torch import nn
 from transferlab.classmetrics import balanced_accuracy, topk_correct
 from transferlab.distributed import DistEnv, all_reduce_sum
 from transferlab.errors import TrainingStopped
+from transferlab.precision import autocast
 from transferlab.progress import progress
-from transferlab.training.precision import autocast
 
 log = logging.getLogger(__name__)
 
