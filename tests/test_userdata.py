@@ -366,6 +366,8 @@ def test_folds_run_k_fold_dirs_and_the_best_fold_is_the_model(imbalanced, tmp_pa
     accs = [p["test_acc"] for p in folds["per_fold"]]
     assert folds["test_acc"]["mean"] == pytest.approx(sum(accs) / 3)
     assert folds["test_acc"]["low"] <= folds["test_acc"]["mean"] <= folds["test_acc"]["high"]
+    logged = summary_metrics(Summary.from_dict(s))  # MLflow's figures of a k-fold run
+    assert logged["folds_test_acc_mean"] == pytest.approx(folds["test_acc"]["mean"])
     best = folds["final_model"]["fold"]
     assert (run / "best.pt").read_bytes() == (run / f"fold-{best}" / "best.pt").read_bytes()
     assert "3-fold estimate" in (run / "report.md").read_text()

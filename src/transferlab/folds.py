@@ -215,4 +215,8 @@ def _run_folds(cfg: Config, files: RunDir, handle, stop_requested) -> Summary:
         from transferlab.report.run_report import write_reports
 
         write_reports(files.path)
+    if cfg.run.track:  # the run dir's model and the fold aggregate (the folds are not logged)
+        from transferlab.report.mlflow_log import log_run
+
+        log_run(files.path, cfg.run.track)
     return final

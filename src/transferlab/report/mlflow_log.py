@@ -136,6 +136,18 @@ def summary_metrics(summary: Summary) -> dict[str, float]:
     for key, value in summary.time_s.items():
         if isinstance(value, (int, float)):
             out[f"time_{key}_s"] = float(value)
+    out.update(_fold_metrics(summary.folds or {}))
+    return out
+
+
+def _fold_metrics(folds: dict) -> dict[str, float]:
+    """--folds K: the mean and 95% half-width of val/test accuracy and balanced accuracy."""
+    out = {}
+    for key in ("val_acc", "val_balanced_acc", "test_acc", "test_balanced_acc"):
+        agg = folds.get(key) or {}
+        for stat in ("mean", "half_width_95"):
+            if isinstance(agg.get(stat), (int, float)):
+                out[f"folds_{key}_{stat}"] = float(agg[stat])
     return out
 
 
