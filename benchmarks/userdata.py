@@ -3,7 +3,8 @@
 ``imbalanced``: OUT/data/{train,val,test}/<class>/*.png from the first --classes CIFAR-100
 classes; the first half get --common training images each, the rest (the rare classes) --rare
 (4 by default); val gets --val images per class, test the class's 100 official test images
-(balanced). Then ``transferlab train`` with --balance none, weights and sampler (and
+(balanced). Then ``transferlab train`` with --balance none, weights (effective-number and
+inverse-frequency weights: the measurement behind the default) and sampler (all with
 --select-by val_balanced_acc), and a table of test top-1 and balanced accuracy.
 
 ``folds``: a small folder (--per-class images per class in train+val) trained once and with
@@ -75,16 +76,15 @@ def imbalanced(args) -> str:
         "| --balance | test top-1 | test balanced | rare-class recall (mean) | wall (s) |",
         "|---|---|---|---|---|",
     ]
-    for balance in ("none", "weights", "sampler"):
-        s = train(
-            args,
-            data,
-            f"balance-{balance}",
-            "--balance",
-            balance,
-            "--select-by",
-            "val_balanced_acc",
-        )
+    arms = {
+        "none": ["--balance", "none"],
+        "weights (effective, beta 0.999)": ["--balance", "weights"],
+        "weights (inverse frequency)": ["--balance", "weights", "--class-weights", "inverse"],
+        "sampler": ["--balance", "sampler"],
+    }
+    for balance, flags in arms.items():
+        name = "balance-" + balance.split()[0] + ("-inverse" if "inverse" in balance else "")
+        s = train(args, data, name, *flags, "--select-by", "val_balanced_acc")
         rare = [r["recall"] for r in s["test"]["per_class"][half:]]
         lines.append(
             f"| {balance} | {100 * s['test']['acc']:.2f}% | "
