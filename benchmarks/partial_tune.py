@@ -5,7 +5,8 @@ Rows (lite0 unless --models says more):
 - ``tune30``: frozen + ``--tune 30`` (an Optuna head search, scored on val);
 - ``p1v1``, ``p1v2``, ``p2v1``, ``p2v2``: ``--mode partial --train-stages K`` with V cached views
   (AdamW, backbone at lr/10, one-cycle, label smoothing 0.1, 15 epochs, a linear head: the
-  issue's first measurement).
+  issue's first measurement); ``p1v2bn``: p1v2 with ``--partial-bn train`` (BatchNorm on batch
+  statistics, the choice the issue asks to measure against the default frozen statistics).
 
 Each cell is one ``transferlab train`` process (per class N, seed s), so the wall time is end to
 end. Every row has its own cache dir: its first cell extracts (cold), the others read the cache;
@@ -58,6 +59,11 @@ ROWS = {  # name: (flags, epochs)
     "p1v2": ([*PARTIAL, "--train-stages", "1", "--feature-views", "2"], 15),
     "p2v1": ([*PARTIAL, "--train-stages", "2", "--feature-views", "1"], 15),
     "p2v2": ([*PARTIAL, "--train-stages", "2", "--feature-views", "2"], 15),
+    # BatchNorm of the trained stage on batch statistics, against the default frozen ones
+    "p1v2bn": (
+        [*PARTIAL, "--train-stages", "1", "--feature-views", "2", "--partial-bn", "train"],
+        15,
+    ),
 }
 MIN_STEPS = 300  # studies/grid.py's DEFAULT_MIN_STEPS: every cell gets at least this many steps
 BATCH = 200  # the default global batch

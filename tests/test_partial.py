@@ -84,11 +84,12 @@ def _model(run: Path, ckpt_name: str = "best.pt"):
     return net.eval(), Plan.from_dict(ckpt["plan"]), cfg
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_partial_on_cached_activations_equals_live_training(data, tmp_path, k):
+@pytest.mark.parametrize("k, bn", [(1, "frozen"), (2, "frozen"), (1, "train")])
+def test_partial_on_cached_activations_equals_live_training(data, tmp_path, k, bn):
     cached, live = tmp_path / "cached", tmp_path / "live"
-    assert main(_args(data, cached, "--train-stages", str(k))) == 0
-    assert main(_args(data, live, "--train-stages", str(k), "--no-feature-cache")) == 0
+    flags = ("--train-stages", str(k), "--partial-bn", bn)
+    assert main(_args(data, cached, *flags)) == 0
+    assert main(_args(data, live, *flags, "--no-feature-cache")) == 0
     assert json.loads((cached / "summary.json").read_text())["feature_cache"] is not None
     assert json.loads((live / "summary.json").read_text())["feature_cache"] is None
     assert _rows(cached) == _rows(live)  # identical metrics rows, every epoch
@@ -113,6 +114,9 @@ def test_partial_on_cached_activations_equals_live_training(data, tmp_path, k):
         for name in a
         if name.startswith(trained) and name.endswith("weight")
     )
+    # --partial-bn: the trained stages' running statistics stay (frozen) or follow the batches
+    bn2 = "backbone.bn2.running_mean"
+    assert torch.equal(a[bn2], fresh[bn2]) == (bn == "frozen")
 
 
 def test_cache_holds_the_cut_activations(data, tmp_path):

@@ -42,6 +42,7 @@ SCHEDULES = ("none", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SOLVERS = ("sgd", "lbfgs")
 BAD_IMAGE_POLICIES = ("skip", "error")
+PARTIAL_BN = ("frozen", "train")  # --partial-bn: BatchNorm of partial mode's trained stages
 SELECT_BY = ("val_acc", "val_balanced_acc")
 BALANCE = ("none", "weights", "sampler")
 CLASS_WEIGHTS = ("effective", "inverse")
@@ -201,6 +202,12 @@ class ModelConfig:
         "partial: the last K backbone stages train (with conv_head, bn2 and the head) on the "
         "cached output of the frozen stages before them",
     )
+    partial_bn: str = opt(
+        "frozen",
+        "partial: BatchNorm of the trained stages keeps its pretrained statistics (frozen) or "
+        "normalises with batch statistics and updates them (train)",
+        choices=PARTIAL_BN,
+    )
     freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")
     backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")
     sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only)")
@@ -226,6 +233,7 @@ class ModelConfig:
             "--drop-path regularises a backbone that trains; use it with --mode finetune, "
             "gradual or scratch",
         )
+        _choice(self.partial_bn, PARTIAL_BN, "--partial-bn")
         _check(self.train_stages >= 1, f"--train-stages must be >= 1; got {self.train_stages}")
         _check(
             not (self.name == "cnn" and self.mode == "partial"),

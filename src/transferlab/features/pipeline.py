@@ -455,7 +455,13 @@ def build_feature_pipeline(
     weights = train_sample_weights(cfg, data["train"][1], len(ds.classes))
     module = model.head  # what trains on the cached tensors
     if shape is not None:  # partial: the last stages and the head
-        module = PartialTrainer(model, cfg.model.train_stages, shape, plan.channels_last)
+        module = PartialTrainer(
+            model,
+            cfg.model.train_stages,
+            shape,
+            plan.channels_last,
+            bn_train=cfg.model.partial_bn == "train",
+        )
     return Pipeline(
         train_loader=loader(
             "train", plan.batch_per_rank, True, pick_view if views > 1 else None, weights

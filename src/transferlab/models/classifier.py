@@ -101,6 +101,9 @@ class Classifier(nn.Module):
         self.preprocess = preprocess
         self.arch = name
         self.backbone_frozen = False
+        # backbone parts that train in train mode although the backbone is frozen (partial mode
+        # with --partial-bn train); a tuple, so not registered twice in the state dict
+        self.train_mode_parts: tuple[nn.Module, ...] = ()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (N, feature_dim) of a normalised float batch."""
@@ -117,6 +120,8 @@ class Classifier(nn.Module):
         super().train(mode)
         if mode and self.backbone_frozen:
             self.backbone.eval()
+            for part in self.train_mode_parts:
+                part.train()
         return self
 
 

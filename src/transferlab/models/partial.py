@@ -7,12 +7,15 @@ prefix runs once per image through the extraction engine and its output, the cut
 is cached (features/pipeline.py); every epoch after that runs only the trained part.
 
 BatchNorm in the trained stages keeps its pretrained running statistics (eval mode) while its
-weight and bias train. Why: the cached activations are the frozen prefix's, so the trained
-stages see the inputs their statistics were measured on; batch statistics of a few hundred
-images per class (or 4) are noisier than ImageNet's; with frozen statistics epoch 0 of a
-partial run is exactly the frozen model (a partial run starts from the frozen baseline); and
-DDP needs no SyncBatchNorm. The same rule covers the live path (``--no-feature-cache``): the
-backbone of a partial model stays in eval mode, as a frozen one does (models/classifier.py).
+weight and bias train (``--partial-bn frozen``, the default; ``--partial-bn train`` normalises
+with batch statistics and updates the running ones, to measure against). Why the default: the
+cached activations are the frozen prefix's, so the trained stages see the inputs their
+statistics were measured on; batch statistics of a few hundred images per class (or 4) are
+noisier than ImageNet's; with frozen statistics epoch 0 of a partial run is exactly the frozen
+model (a partial run starts from the frozen baseline); and DDP needs no SyncBatchNorm. The same
+rule covers the live path (``--no-feature-cache``): the backbone of a partial model stays in
+eval mode, as a frozen one does (models/classifier.py), but for the trained parts under
+``--partial-bn train``.
 
 Usage:
     check_stages(model.backbone, "timm:tf_efficientnet_lite0", k=1)   # UserError when it can't
@@ -65,12 +68,15 @@ def trained_parts(backbone: nn.Module, k: int) -> nn.ModuleDict:
     )
 
 
-def set_partial_trainable(model: Classifier, k: int) -> None:
+def set_partial_trainable(model: Classifier, k: int, bn_train: bool = False) -> None:
     """Freeze the backbone (eval-mode BatchNorm, see the module docstring), then let the last
-    ``k`` stages, conv_head and bn2 train."""
+    ``k`` stages, conv_head and bn2 train (``bn_train``: in train mode, batch statistics)."""
     set_backbone_frozen(model, True)
-    for p in trained_parts(model.backbone, k).parameters():
+    parts = trained_parts(model.backbone, k)
+    for p in parts.parameters():
         p.requires_grad_(True)
+    model.train_mode_parts = (parts,) if bn_train else ()
+    model.train(model.training)
 
 
 class StagePrefix(nn.Module):
@@ -111,9 +117,11 @@ class PartialTrainer(nn.Module):
         k: int,
         shape: tuple[int, int, int],
         channels_last: bool = False,
+        bn_train: bool = False,
     ):
         super().__init__()
         self.backbone = trained_parts(model.backbone, k)
+        self.bn_train = bn_train
         self.head = model.head
         self.pool = model.backbone.global_pool
         self.shape = tuple(shape)
@@ -121,7 +129,8 @@ class PartialTrainer(nn.Module):
 
     def train(self, mode: bool = True) -> PartialTrainer:
         super().train(mode)
-        self.backbone.eval()  # pretrained BatchNorm statistics (the module docstring says why)
+        if not self.bn_train:
+            self.backbone.eval()  # pretrained BatchNorm statistics (the module docstring says why)
         return self
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     set_backbone_frozen(model, cfg.mode in ("frozen", "gradual"))
     if cfg.mode == "partial":  # the last stages train; the frozen prefix's output is cached
         check_stages(backbone, cfg.name, cfg.train_stages)
-        set_partial_trainable(model, cfg.train_stages)
+        set_partial_trainable(model, cfg.train_stages, bn_train=cfg.partial_bn == "train")
     return model
 
 
