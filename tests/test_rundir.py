@@ -98,6 +98,7 @@ def test_the_one_upgrader_reads_version_0_files(tmp_path):
         ("{", "not valid JSON"),
         ("[]", "holds a list"),
         ('{"model": "cnn", "test": 3}', "no mode"),
+        (json.dumps({**SUMMARY, "tset": {}}), "unknown tset"),
         (json.dumps({**SUMMARY, "test": 3}), "test not an object"),
         (json.dumps({**SUMMARY, "version": 99}), "newer transferlab"),
     ],

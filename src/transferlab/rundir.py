@@ -294,12 +294,17 @@ class Summary:
             f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
         ]
         missing = [k for k in required if k not in d]
-        if missing:
-            raise UserError(
-                f"{where} is damaged or from another version (no {', '.join(missing)}); rerun "
-                "the training to rewrite it"
+        unknown = sorted(k for k in d if k not in names)  # never dropped silently
+        if missing or unknown:
+            what = "; ".join(
+                [f"no {', '.join(missing)}"] * bool(missing)
+                + [f"unknown {', '.join(map(str, unknown))}"] * bool(unknown)
             )
-        s = cls(**{k: v for k, v in d.items() if k in names})
+            raise UserError(
+                f"{where} is damaged or from another version ({what}); rerun the training to "
+                "rewrite it"
+            )
+        s = cls(**d)
         bad = [
             k
             for k in ("params", "train", "val", "test", "time_s", "data")
