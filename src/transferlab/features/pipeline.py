@@ -403,7 +403,9 @@ def build_feature_pipeline(
     """
     broadcast_module(model.backbone, env)  # every rank extracts with rank 0's backbone: one key
     model.eval()
-    engines = _Engines(cfg, plan, model, env, fcache.weights_hash(model.backbone), ds)
+    # the weights that make the features: the probe converted the same module (no second convert)
+    whash = fcache.weights_hash(extraction_module(cfg, model))
+    engines = _Engines(cfg, plan, model, env, whash, ds)
     shape = None
     if cfg.model.mode == "partial":
         shape = cut_shape(model.backbone, cfg.model.train_stages, plan.image_size)
