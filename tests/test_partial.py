@@ -169,6 +169,7 @@ def test_views_predict_export_and_resume(data, tmp_path, capsys):
         (("--model", "resnet18", "--weights", "none"), "supports timm EfficientNet"),
         (("--model", "cnn", "--image-size", "32"), "--mode partial needs a backbone"),
         (("--feature-precision", "int8", "--engine", "auto"), "int8 quantises a whole"),
+        (("--mode", "frozen", "--train-stages", "2"), "apply to --mode partial"),
     ],
 )
 def test_bad_partial_flags_exit_2(data, tmp_path, capsys, flags, text):

@@ -234,6 +234,10 @@ class ModelConfig:
             "gradual or scratch",
         )
         _choice(self.partial_bn, PARTIAL_BN, "--partial-bn")
+        _check(
+            self.mode == "partial" or (self.train_stages == 1 and self.partial_bn == "frozen"),
+            "--train-stages and --partial-bn apply to --mode partial",
+        )
         _check(self.train_stages >= 1, f"--train-stages must be >= 1; got {self.train_stages}")
         _check(
             not (self.name == "cnn" and self.mode == "partial"),
