@@ -113,7 +113,8 @@ def study(
 
     ``arms``: ``"cnn:scratch,timm:tf_efficientnet_lite0:frozen"`` or a list; ``per_class``:
     ``"4,16,all"`` or a list. Other options are the study's flags in snake_case (``run_dir=``,
-    ``min_steps=``, and the train options it applies to every cell), with the CLI's defaults. A
+    ``min_steps=``, ``executor=``, ``cpus_per_cell=``, and the train options it applies to every
+    cell), with the CLI's defaults. A
     study dir that is run again reruns no finished cell. Failed cells are logged and listed in
     ``Study.failed``.
     """
@@ -130,6 +131,8 @@ def study(
             overwrite=sc.overwrite,
             stop_requested=stop,
             progress=grid.overrides.get("run", {}).get("progress", True),
+            executor=sc.executor,
+            resources=sc.resources(),
         )
     for name, message in result.failed:
         log.warning("study %s: failed cell %s: %s", sc.run_dir, name, message)

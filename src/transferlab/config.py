@@ -109,6 +109,12 @@ class DataConfig:
     train_subset: int = opt(0, "train on a seeded random subset of N images (0 = all)")
     per_class: int = opt(0, "train on a stratified, nested subset of N images per class (0 = all)")
     subset_seed: int = opt(0, "seed of the --per-class draw (a study's replicate)")
+    extract_per_class: int = opt(
+        0,
+        "frozen mode: extract only the training images of the --per-class K subsets of seeds "
+        "0..--extract-seeds minus 1, the rows a study without 'all' uses (0 = every image)",
+    )
+    extract_seeds: int = opt(1, "seeds whose --extract-per-class subsets are extracted")
     test_subset: int = opt(0, "evaluate on the first N test images, for quick runs (0 = all)")
     max_image_pixels: int = opt(
         DEFAULT_MAX_IMAGE_PIXELS,
@@ -156,6 +162,21 @@ class DataConfig:
         _check(self.train_subset >= 0, f"--train-subset must be >= 0; got {self.train_subset}")
         _check(self.per_class >= 0, f"--per-class must be >= 0; got {self.per_class}")
         _check(self.test_subset >= 0, f"--test-subset must be >= 0; got {self.test_subset}")
+        _check(
+            self.extract_per_class >= 0 and self.extract_seeds >= 1,
+            "--extract-per-class must be >= 0 and --extract-seeds >= 1; got "
+            f"{self.extract_per_class}, {self.extract_seeds}",
+        )
+        _check(
+            not self.extract_per_class
+            or (
+                0 < self.per_class <= self.extract_per_class
+                and self.subset_seed < self.extract_seeds
+            ),
+            f"--per-class {self.per_class} with --subset-seed {self.subset_seed} is not among the "
+            f"extracted rows (--extract-per-class {self.extract_per_class}, --extract-seeds "
+            f"{self.extract_seeds})",
+        )
         _check(
             self.max_image_pixels > 0,
             f"--max-image-pixels must be positive; got {self.max_image_pixels}",
@@ -368,6 +389,11 @@ class RunConfig:
     feature_cache: bool = opt(True, "frozen mode: extract features once and cache them")
     cache_dir: str = opt(
         "", "feature cache dir ('' = $TRANSFERLAB_CACHE_DIR or ~/.cache/transferlab/features)"
+    )
+    require_feature_cache: bool = opt(
+        False,
+        "frozen mode: fail if a split's features are not in the cache instead of extracting "
+        "them (a study's frozen cells: their arm's extraction task filled the cache first)",
     )
     feature_views: int = opt(1, "cache K augmented views per training image")
     ckpt_every_steps: int = opt(0, "also checkpoint every N optimiser steps (0 = per epoch only)")

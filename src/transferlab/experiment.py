@@ -31,7 +31,7 @@ from transferlab.distributed import DistEnv, broadcast_object, init_distributed,
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.models.registry import build_model
 from transferlab.outputs import finish, write_run_header
-from transferlab.pipeline import Pipeline
+from transferlab.pipeline import FeatureInfo, Pipeline
 from transferlab.plan import Plan, resolve_plan, saved_plan, use_channels_last, uses_feature_cache
 from transferlab.rundir import RunDir, check_config_unchanged, data_root, prepare_run_dir
 from transferlab.threads import threads_restored, use_threads
@@ -150,6 +150,24 @@ def run_experiment(
     finally:
         if handle is not None:
             handle.release()
+
+
+def extract_features(cfg: Config, stop_requested=lambda: False) -> FeatureInfo:
+    """Fill the feature cache with ``cfg``'s three splits and train nothing (no run dir).
+
+    A study's extraction task: a frozen arm's splits are extracted once, before its cells start
+    on any worker; its cells then read the cache.
+    """
+    env = init_distributed(cfg.run.device)
+    check_before_data(cfg, env)
+    if not uses_feature_cache(cfg):
+        raise UserError(f"{cfg.model.name} in {cfg.model.mode} mode does not use the cache")
+    ds = load_data(cfg)
+    model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
+    with threads_restored():
+        use_threads(cfg.run.threads, "extract")
+        plan = _plan(cfg, model, ds, env, None)
+        return _pipeline(cfg, plan, model, ds, env, stop_requested).features
 
 
 def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_start: float) -> dict:

@@ -14,6 +14,7 @@ Usage:
     images, labels = ds.train.images[idx], ds.train.labels[idx]
     train = subset_split(ds.train, per_class=16, seed=0)      # a new split; ds is not changed
     feats, labels = select_per_class(feats, labels, per_class=16, seed=0)
+    rows = union_indices(ds.train.labels, per_class=16, seeds=3)   # what a study extracts
 """
 
 from __future__ import annotations
@@ -67,6 +68,45 @@ def subset_split(split, per_class: int, seed: int):
     if hasattr(split, "subset"):  # folder split: paths + labels
         return split.subset(idx)
     return type(split)(split.images[idx], split.labels[idx])
+
+
+def take_rows(split, idx: torch.Tensor):
+    """A new split of the rows ``idx`` (in-memory ``Split`` or ``FolderSplit``)."""
+    if hasattr(split, "subset"):  # folder split: paths + labels
+        return split.subset(idx)
+    return type(split)(split.images[idx], split.labels[idx])
+
+
+def union_indices(labels: torch.Tensor, per_class: int, seeds: int) -> torch.Tensor:
+    """Sorted indices of every image in the ``per_class`` subsets of seeds ``0..seeds-1``.
+
+    The subsets are nested across sizes, so this union holds every smaller size's subset of
+    those seeds too: the rows a study without ``all`` trains on (its frozen arms extract only
+    these).
+    """
+    parts = [nested_stratified_indices(labels, per_class, s) for s in range(seeds)]
+    return torch.unique(torch.cat(parts))  # sorted
+
+
+def select_rows_per_class(
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    all_labels: torch.Tensor,
+    per_class: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-class subset's rows of features extracted for ``rows`` only (``union_indices``).
+
+    ``all_labels``: the whole training split's labels, from which the subset is drawn as
+    :func:`subset_split` draws it; ``rows``: the sorted split indices the features belong to.
+    """
+    idx = nested_stratified_indices(all_labels.cpu(), per_class, seed)
+    pos = torch.searchsorted(rows, idx).clamp(max=len(rows) - 1)
+    if not torch.equal(rows[pos], idx):
+        raise UserError(
+            f"the {per_class}-per-class subset of seed {seed} is not among the extracted rows"
+        )
+    return features[pos.to(features.device)], all_labels[idx].to(features.device)
 
 
 def select_per_class(

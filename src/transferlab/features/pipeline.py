@@ -27,7 +27,13 @@ from transferlab.config import Config, lt_imbalance_ratio
 from transferlab.data.augment import augment_batch
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.pipeline import make_loader, prepare_fn, train_sample_weights
-from transferlab.data.subsets import long_tail_indices
+from transferlab.data.subsets import (
+    long_tail_indices,
+    select_per_class,
+    select_rows_per_class,
+    take_rows,
+    union_indices,
+)
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import (
     DistEnv,
@@ -244,7 +250,24 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
     if cfg.model.mode == "partial":  # the cut's activations: where the cut is, how stored
         key["cut"] = f"blocks[:-{cfg.model.train_stages}]"
         key["storage"] = str(storage_dtype(cfg)).removeprefix("torch.")
+    if train_rows_recipe(cfg) and split == "train":  # only the rows a study uses
+        key["rows"] = list(train_rows_recipe(cfg))
     return key
+
+
+def train_rows_recipe(cfg: Config) -> tuple[int, int] | None:
+    """(per class, seeds) of the training rows to extract, or None for every row (a long-tail
+    split picks its rows from the whole split's features first)."""
+    d = cfg.data
+    if not d.extract_per_class or d.dataset.startswith("cifar100-lt:"):
+        return None
+    return d.extract_per_class, d.extract_seeds
+
+
+def train_rows(cfg: Config, ds: ImageDataset) -> torch.Tensor | None:
+    """The training rows to extract (sorted split indices), or None for every row."""
+    recipe = train_rows_recipe(cfg)
+    return None if recipe is None else union_indices(ds.train.labels, *recipe)
 
 
 def split_cache_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: str) -> str:
@@ -295,6 +318,9 @@ def split_features(
 ) -> tuple[torch.Tensor, torch.Tensor, SplitFeatures]:
     """(features, labels) of one split, from the cache or freshly extracted (then stored)."""
     split = getattr(ds, name)
+    rows = train_rows(cfg, ds) if name == "train" else None
+    if rows is not None:
+        split = take_rows(split, rows)
     root = fcache.cache_root(cfg.run.cache_dir)
     views = cfg.run.feature_views if name == "train" else 1
     key = broadcast_object(  # rank 0 reads the files once
@@ -306,6 +332,12 @@ def split_features(
             "feature cache hit for %s/%s (key %s): skipping extraction", cfg.model.name, name, key
         )
         return hit[0]["features"], hit[0]["labels"], SplitFeatures(True, key, None)
+    if cfg.run.require_feature_cache:  # a study cell whose arm's extraction task ran first
+        raise UserError(
+            f"the {name} features of {cfg.model.name} (cache key {key}) are not in the feature "
+            f"cache {root}, which this cell was promised; put the cache dir on storage every "
+            "worker sees (--cache-dir), or rerun the study to extract them again"
+        )
     # channels_last only feeds torch's kernels; a converted engine takes contiguous NCHW
     layout = dataclasses.replace(
         plan, channels_last=plan.channels_last and plan.extract.engine == "torch"
@@ -417,10 +449,14 @@ def build_feature_pipeline(
         if name == "train" and cfg.data.dataset.startswith("cifar100-lt:"):  # rows, like below
             idx = long_tail_indices(y.cpu(), lt_imbalance_ratio(cfg.data.dataset))
             f, y = f[idx.to(f.device)], y[idx.to(y.device)]
-        if name == "train" and cfg.data.per_class:  # the whole split is cached once; a study's
-            from transferlab.data.subsets import select_per_class  # sizes and seeds pick rows
-
-            f, y = select_per_class(f, y, cfg.data.per_class, cfg.data.subset_seed)
+        # the whole split (or a study's rows) is cached once; a study's sizes and seeds pick rows
+        if name == "train" and cfg.data.per_class:
+            rows = train_rows(cfg, ds)
+            d = cfg.data
+            if rows is None:
+                f, y = select_per_class(f, y, d.per_class, d.subset_seed)
+            else:
+                f, y = select_rows_per_class(f, rows, ds.train.labels, d.per_class, d.subset_seed)
         data[name] = (f.to(env.device), y.to(env.device))
         splits[name] = meta
     if ds.fold is not None:  # --folds: this fold's rows of the pooled train + val features

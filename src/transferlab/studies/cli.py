@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shlex
@@ -25,19 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.config import (
-    SECTIONS,
     OptionSet,
-    config_from_dict,
-    config_to_dict,
-    flags_of,
-    kind_of,
-    load_yaml,
     opt,
-    resolve_preset,
 )
 from transferlab.errors import UserError
 from transferlab.rundir import StudyDir
 from transferlab.stopflag import StopFlag
+from transferlab.studies.cells import cell_spec, train_argv
+from transferlab.studies.executors import Resources, parse_executor
 from transferlab.studies.grid import (
     DEFAULT_MIN_STEPS,
     DEFAULT_PATIENCE,
@@ -77,10 +71,32 @@ class StudyConfig:
         DEFAULT_PATIENCE,
         "early stop of a cell whose epochs were raised, after N epochs without val gain",
     )
+    executor: str = opt(
+        "local",
+        "where the cells run: local (this process, one at a time), processes:N (N worker "
+        "processes on this machine) or ray[:ADDRESS] (an existing Ray cluster; ADDRESS defaults "
+        "to $RAY_ADDRESS, then auto)",
+    )
+    cpus_per_cell: int = opt(
+        0,
+        "CPUs per cell: the cell's torch threads and Ray's num_cpus (0 = 1 for processes and "
+        "ray; local keeps the run's own --threads)",
+    )
+    gpus_per_cell: float = opt(
+        1.0,
+        "GPUs per cell where cells train on a GPU; below 1 packs several cells on one GPU "
+        "(0.25: four), 0 gives the cells none",
+    )
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
             raise UserError("a study needs --run-dir (run_dir=): the folder of its cells")
+        parse_executor(self.executor)  # bad input: one line before any data is read
+        self.resources()
+
+    def resources(self) -> Resources:
+        """What each cell asks for (checked: a negative count is a UserError)."""
+        return Resources(cpus=self.cpus_per_cell, gpus=self.gpus_per_cell)
 
 
 # the train options a study sets per cell itself, and the study's own
@@ -94,6 +110,9 @@ STUDY = OptionSet(
         "run_dir",
         "overwrite",
         "max_epochs",
+        "extract_per_class",  # a study sets which rows its frozen arms extract
+        "extract_seeds",
+        "require_feature_cache",
     ),
     own=(("study", StudyConfig),),
 )
@@ -154,55 +173,17 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-def train_argv(cell, grid) -> list[str]:
-    """The ``transferlab train`` arguments that reproduce ``cell``'s config."""
-    del grid  # the study's own flags differ from the preset's values, so they are emitted below
-    base = config_to_dict(
-        config_from_dict(load_yaml(resolve_preset(cell.arm.preset)) if cell.arm.preset else {})
-    )
-    want = config_to_dict(cell.config)
-    argv = ["transferlab", "train"] + (["--preset", cell.arm.preset] if cell.arm.preset else [])
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            dest, value = f"{section}.{f.name}", want[section][f.name]
-            if dest in ("run.overwrite", "run.progress"):
-                continue
-            if value == base[section][f.name] and dest not in (
-                "model.name",
-                "model.mode",
-                "run.run_dir",
-                "run.seed",
-            ):
-                continue
-            flag = flags_of(f)[0]  # a bool's flag (--x, or --no-x for a True default) flips it
-            if kind_of(f) is bool:
-                argv += [flag] if value != f.default else []
-            else:
-                argv += [flag, str(value)]
-    return argv
-
-
 def cmd_study(args) -> int:
     """Run (or --plan) a study; exit 1 listing failed cells, 2 on bad input."""
     sc, grid = study_grid(STUDY.from_namespace(args))
     study_dir = Path(sc.run_dir)
     if args.plan:
         _, counts = load_study_data(grid)
-        for cell in plan_cells(grid, counts, study_dir):
-            argv = train_argv(cell, grid)
-            sys.stdout.write(
-                json.dumps(
-                    {
-                        "arm": cell.arm.spec,
-                        "per_class": cell.per_class,
-                        "seed": cell.seed,
-                        "run_dir": str(cell.run_dir),
-                        "argv": argv[1:],
-                        "command": shlex.join(argv),
-                    }
-                )
-                + "\n"
-            )
+        for cell in plan_cells(grid, counts, study_dir):  # the cell's spec and its train command
+            spec = cell_spec(cell, threads=sc.cpus_per_cell or None)
+            argv = train_argv(spec)
+            line = {**spec.to_dict(), "argv": argv[1:], "command": shlex.join(argv)}
+            sys.stdout.write(json.dumps(line) + "\n")
         return 0
     with StopFlag() as stop:
         result = run_study(
@@ -211,6 +192,8 @@ def cmd_study(args) -> int:
             overwrite=sc.overwrite,
             stop_requested=stop,
             progress=grid.overrides.get("run", {}).get("progress", True),
+            executor=sc.executor,
+            resources=sc.resources(),
         )
     log.info(
         "study %s: %d cells run, %d already done, %d failed, %.0f s; report %s",

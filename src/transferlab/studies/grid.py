@@ -42,7 +42,7 @@ from transferlab.config import (
     resolve_preset,
 )
 from transferlab.errors import UserError
-from transferlab.plan import only_where_features_are_cached
+from transferlab.plan import only_where_features_are_cached, uses_feature_cache
 
 ALL = "all"
 DEFAULT_MIN_STEPS = 300  # optimiser steps every cell gets at least (see the module docstring)
@@ -280,8 +280,8 @@ def plan_cells(grid: Grid, class_counts: dict[int, int], study_dir: Path) -> lis
     """Every cell, seed by seed, then arm by arm, then sizes ascending.
 
     Seed-major order: a study stopped early holds whole curves (every arm and size) for its first
-    seeds. A frozen backbone's first cell (seed 0, its smallest size) extracts each split once
-    into the feature cache; every later cell of that backbone reads the cache.
+    seeds. A frozen arm's splits are extracted once, before its cells run (studies.runner); in
+    a grid without ``all`` only the training rows of its subsets are (``data.extract_per_class``).
     """
     sizes = resolve_sizes(grid.sizes, class_counts)
     n_all = sum(class_counts.values())
@@ -291,12 +291,23 @@ def plan_cells(grid: Grid, class_counts: dict[int, int], study_dir: Path) -> lis
             for k in sizes:
                 n = k * len(class_counts) if k else n_all
                 run_dir = study_dir / arm.key / f"pc{size_label(k)}-s{seed}"
-                cells.append(
-                    Cell(arm, k, seed, run_dir, cell_config(grid, arm, k, seed, run_dir, n), n)
-                )
+                cfg = cell_config(grid, arm, k, seed, run_dir, n)
+                if 0 not in sizes and uses_feature_cache(cfg) and not _long_tail(cfg):
+                    # a grid without "all": a frozen arm extracts only the rows its cells use
+                    # (the subsets are nested: the largest size's of every seed)
+                    data = dataclasses.replace(
+                        cfg.data, extract_per_class=max(sizes), extract_seeds=grid.seeds
+                    )
+                    cfg = dataclasses.replace(cfg, data=data)
+                cells.append(Cell(arm, k, seed, run_dir, cfg, n))
     if not cells:
         raise UserError("the study grid is empty; give --arms, --per-class and --seeds")
     return cells
+
+
+def _long_tail(cfg: Config) -> bool:
+    """A long-tail split picks its training rows from the whole split's features."""
+    return cfg.data.dataset.startswith("cifar100-lt:")
 
 
 def data_fields(cfg: Config) -> tuple:

@@ -19,26 +19,50 @@ Usage:
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from transferlab.config import SECTIONS, Config, config_from_dict, config_to_dict
-from transferlab.data.subsets import subset_split
+from transferlab.config import config_from_dict, config_to_dict, merge_dicts
+from transferlab.data.load import load_data
+from transferlab.data.subsets import class_counts
 from transferlab.errors import TrainingStopped, UserError
 from transferlab.io import write_atomic, write_json
-from transferlab.rundir import RunDir, StudyDir, Summary, data_root, refuse_inside
-from transferlab.studies.grid import Arm, Cell, Grid, data_fields, plan_cells, size_label
+from transferlab.plan import uses_feature_cache
+from transferlab.rundir import (
+    LOCK_NAME,
+    RunDir,
+    RunLock,
+    StudyDir,
+    Summary,
+    data_root,
+    refuse_inside,
+)
+from transferlab.studies.cells import (
+    CellSpec,
+    ExtractSpec,
+    Outcome,
+    cell_spec,
+    check_subset,
+    comparable,
+    extract_spec,
+    run_state,
+)
+from transferlab.studies.executors import (
+    Executor,
+    LocalExecutor,
+    Resources,
+    make_executor,
+    parse_executor,
+)
+from transferlab.studies.grid import Arm, Cell, Grid, _arm_base, data_fields, plan_cells, size_label
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +93,6 @@ CSV_COLUMNS = (
     "infer_img_s",
     "run_dir",
 )
-# config fields that do not change a cell's result: a resumed study may differ in them
-_IGNORED = {
-    ("run", "overwrite"),
-    ("run", "progress"),
-    ("run", "device"),
-    ("run", "cache_dir"),
-    ("run", "run_dir"),
-}
 
 
 @dataclass(frozen=True)
@@ -95,29 +111,9 @@ def is_study_dir(path: str | Path) -> bool:
     return StudyDir(path).study.is_file()
 
 
-def _comparable(d: dict[str, Any], auto_from: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The sections of a config dict without the fields that do not change results. Fields that
-    ``auto_from`` (the wanted config) leaves to the run ("auto", image size 0) are dropped too: a
-    run's config.yaml holds what they resolved to (plan.resolved_config_dict)."""
-    ref = auto_from or {}
-
-    def left_to_run(s: str, k: str) -> bool:
-        want = (ref.get(s) or {}).get(k)
-        return want == "auto" or ((s, k) == ("data", "image_size") and want == 0)
-
-    return {
-        s: {
-            k: v
-            for k, v in (d.get(s) or {}).items()
-            if (s, k) not in _IGNORED and not left_to_run(s, k)
-        }
-        for s in SECTIONS
-    }
-
-
 def _grid_comparable(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
-    out["overrides"] = _comparable(d.get("overrides") or {})
+    out["overrides"] = comparable(d.get("overrides") or {})
     return out
 
 
@@ -142,14 +138,13 @@ def _saved_grid(path: Path) -> dict:
     return grid
 
 
-def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
-    """Create the study dir and write study.json; a different grid there needs --overwrite.
+def check_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
+    """A study dir may hold this grid's study (or another with --overwrite), or nothing.
 
     A damaged study.json is refused (one line), or rewritten under --overwrite; --overwrite of a
     non-empty folder needs our study marker (or a readable study.json from before the marker).
     """
-    files = StudyDir(study_dir)
-    path = files.study
+    path = StudyDir(study_dir).study
     saved = None
     try:
         saved = _saved_grid(path) if path.is_file() else None
@@ -163,7 +158,7 @@ def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
                 f"{study_dir} holds a different study grid (see {path}); use another --run-dir or "
                 "pass --overwrite to rerun the cells whose config changed"
             )
-    elif study_dir.exists() and any(study_dir.iterdir()):
+    elif study_dir.exists() and any(p.name != LOCK_NAME for p in study_dir.iterdir()):
         if not overwrite:
             raise UserError(
                 f"{study_dir} is not empty and is not a study; choose another --run-dir or pass "
@@ -175,9 +170,31 @@ def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
                 f"{study_dir} holds {found} and no {StudyDir.MARKER} marker: it is not a "
                 "transferlab study, and --overwrite only replaces studies. Choose another --run-dir"
             )
+
+
+def lock_study_dir(study_dir: Path) -> RunLock:
+    """Create the study dir and lock it for this driver: a second study there fails at once,
+    naming the holder, before it touches any cell."""
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"grid": grid.to_dict(), "version": 1})
+    except OSError as e:
+        raise UserError(
+            f"cannot write the study dir {study_dir} ({e.strerror or e}); choose another --run-dir"
+        ) from None
+    return RunLock.acquire(study_dir / LOCK_NAME, "study dir")
+
+
+def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
+    """Check the study dir (``check_study_dir``), create it, write study.json and our marker."""
+    check_study_dir(study_dir, grid, overwrite)
+    write_study_file(study_dir, grid)
+
+
+def write_study_file(study_dir: Path, grid: Grid) -> None:
+    """study.json: the grid, compared on every later start."""
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        write_json(StudyDir(study_dir).study, {"grid": grid.to_dict(), "version": 1})
         StudyDir(study_dir).write_marker()
     except OSError as e:
         raise UserError(
@@ -186,20 +203,13 @@ def prepare_study_dir(study_dir: Path, grid: Grid, overwrite: bool) -> None:
 
 
 def load_study_data(grid: Grid):
-    """(dataset, class counts): the data every cell shares, loaded once."""
-    from transferlab.data.load import load_data
-    from transferlab.data.subsets import class_counts
-    from transferlab.studies.grid import _arm_base
-
-    cfgs = []
-    for arm in grid.arms:
-        from transferlab.config import config_from_dict, merge_dicts
-
-        cfgs.append(
-            config_from_dict(
-                merge_dicts(_arm_base(arm, grid), {"model": {"name": arm.model, "mode": arm.mode}})
-            )
+    """(dataset, class counts): the data the driver plans the cells with, loaded once."""
+    cfgs = [
+        config_from_dict(
+            merge_dicts(_arm_base(arm, grid), {"model": {"name": arm.model, "mode": arm.mode}})
         )
+        for arm in grid.arms
+    ]
     if len({data_fields(c) for c in cfgs}) > 1:
         raise UserError(
             "the arms' presets load different data (dataset, split or subset); a study "
@@ -211,103 +221,128 @@ def load_study_data(grid: Grid):
     return ds, class_counts(ds.train.labels)
 
 
-def saved_config_matches(run_dir: Path, cfg: Config) -> bool:
-    """True when ``run_dir/config.yaml`` holds ``cfg`` (up to fields that do not change results)."""
-    try:
-        saved = yaml.safe_load(RunDir(run_dir).config.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    want = config_to_dict(cfg)
-    return isinstance(saved, dict) and _comparable(saved, want) == _comparable(want, want)
-
-
 def cell_state(cell: Cell) -> str:
     """done | resume | new: what a (re)started study does with this cell."""
-    d = RunDir(cell.run_dir)
-    if d.summary.is_file() and saved_config_matches(d.path, cell.config):
-        return "done"
-    if d.last.is_file() and saved_config_matches(d.path, cell.config):
-        return "resume"
-    return "new"
+    return run_state(cell.run_dir, cell.config)
 
 
-def _run_cell(cell: Cell, ds, stop_requested: Callable[[], bool], progress: bool) -> Summary:
-    from transferlab.experiment import run_experiment
-    from transferlab.plan import uses_feature_cache
+class Progress:
+    """Cells done, running and failed with an ETA; one log line per finished cell."""
 
-    state = cell_state(cell)
-    RunDir(cell.run_dir).failed.unlink(missing_ok=True)
-    cfg = dataclasses.replace(
-        cell.config,
-        run=dataclasses.replace(
-            cell.config.run,
-            overwrite=cell.run_dir.exists() and any(cell.run_dir.iterdir()),
-            progress=progress,
-        ),
-    )
-    if cell.per_class and not uses_feature_cache(cfg):
-        # pixels: this cell's subset (load_data applies it, but the study loads the data once);
-        # cached features pick their rows from the whole split inside the pipeline
-        ds = copy.copy(ds)
-        ds.train = subset_split(ds.train, cell.per_class, cell.seed)
-    if state == "resume":
-        log.info("resuming %s from %s", cell.name, RunDir(cell.run_dir).last)
-        return run_experiment(cfg, resume=True, dataset=ds, stop_requested=stop_requested)
-    return run_experiment(cfg, dataset=ds, stop_requested=stop_requested)
+    def __init__(self, total: int, slots: int):
+        self.total, self.slots = total, slots
+        self.done = self.failed = 0
+        self.t0 = time.perf_counter()
 
-
-def _check_subset(cell: Cell, summary: Summary) -> None:
-    n = (summary.data.get("n") or {}).get("train")
-    if cell.per_class and n is not None and n != cell.n_train:
-        raise UserError(
-            f"the run trained on {n} images, not {cell.n_train} ({cell.per_class} per class): "
-            "run_experiment did not apply data.per_class"
+    def finished(self, outcome: Outcome) -> None:
+        if outcome.status == "ok":
+            self.done += 1
+        else:
+            self.failed += 1
+        n = self.done + self.failed
+        left = self.total - n
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / n * left  # wall time per finished cell, concurrency included
+        what = (
+            f"test acc {outcome.test_acc:.4f}"
+            if outcome.test_acc is not None
+            else (outcome.message or outcome.status)
+        )
+        log.info(
+            "cell %d/%d %s: %s in %.0f s | %d done, %d running, %d failed, ETA %s",
+            n,
+            self.total,
+            outcome.name,
+            what,
+            outcome.seconds,
+            self.done,
+            min(self.slots, left),
+            self.failed,
+            _duration(eta),
         )
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def extraction_tasks(cells: Sequence[Cell]) -> dict[str, ExtractSpec]:
+    """One extraction task per frozen arm that has cells to run (keyed by the arm's spec)."""
+    tasks = {}
+    for cell in cells:
+        if uses_feature_cache(cell.config) and cell.arm.spec not in tasks:
+            tasks[cell.arm.spec] = extract_spec(cell)
+    return tasks
+
+
 def run_cells(
-    cells: list[Cell], ds, stop_requested: Callable[[], bool] = lambda: False, progress: bool = True
+    cells: list[Cell],
+    executor: Executor | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """Run every cell that is not done; returns (ran, skipped, failed)."""
-    ran, skipped, failed = [], [], []
-    for i, cell in enumerate(cells):
-        if cell_state(cell) == "done":
-            skipped.append(cell.name)
-            continue
-        if stop_requested():  # a signal during the last cell's test: start no new cell
-            raise TrainingStopped(
-                f"stopped before {cell.name}; rerun the same `transferlab study` command to go "
-                "on (finished cells are kept)",
-                exit_code=getattr(stop_requested, "exit_code", 130),
-            )
-        log.info("cell %d/%d: %s", i + 1, len(cells), cell.name)
-        t0 = time.perf_counter()
-        try:
-            summary = _run_cell(cell, ds, stop_requested, progress)
-            _check_subset(cell, summary)
-        except (TrainingStopped, UserError, Exception) as e:  # noqa: BLE001 - a cell's failure ends only the cell
-            if stop_requested():  # the cell's "train --resume CELL" is not what to do here
-                raise TrainingStopped(
-                    f"stopped during {cell.name}; rerun the same `transferlab study` command to "
-                    "go on (finished cells are kept, this one resumes from its checkpoint)",
-                    exit_code=getattr(stop_requested, "exit_code", 130),
-                ) from None
-            message = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
-            log.warning("cell %s failed: %s", cell.name, message)
-            _write_failed(cell, message)
-            failed.append((cell.name, message))
-            continue
-        ran.append(cell.name)
+    """Run every cell that is not done on ``executor``; returns (ran, skipped, failed).
+
+    Each frozen arm's splits are extracted first, as one task per arm; its cells then require
+    the cache. A cell that fails (or whose arm's extraction failed) is recorded in failed.json.
+    """
+    executor = executor or LocalExecutor(Resources())
+    todo = [c for c in cells if cell_state(c) != "done"]
+    skipped = [c.name for c in cells if c not in todo]
+    ran: list[str] = []
+    failed: list[tuple[str, str]] = []
+    extract = extraction_tasks(todo)
+    broken: dict[str, str] = {}  # arm spec -> why its extraction failed
+    if extract:
+        log.info("extracting the features of %d frozen arm(s) first", len(extract))
+        for outcome in executor.run(list(extract.values()), stop_requested):
+            if outcome.status == "failed":
+                log.warning("%s failed: %s", outcome.name, outcome.message)
+                broken[outcome.key.removeprefix("extract ")] = outcome.message
+    by_key = {str(c.run_dir): c for c in todo}
+    specs: list[CellSpec] = []
+    for c in todo:
+        if c.arm.spec in broken:
+            message = f"the arm's feature extraction failed: {broken[c.arm.spec]}"
+            write_failed(c, message)
+            failed.append((c.name, message))
+        else:
+            specs.append(cell_spec(c, require_cache=c.arm.spec in extract))
+    progress = Progress(len(specs), executor.slots)
+    if specs:
         log.info(
-            "cell %s: test acc %.4f in %.0f s",
-            cell.name,
-            summary.test["acc"],
-            time.perf_counter() - t0,
+            "%d cells to run (%d done before), %d at a time",
+            len(specs),
+            len(skipped),
+            executor.slots,
+        )
+    finished = set()
+    for outcome in executor.run(specs, stop_requested):
+        cell = by_key[outcome.key]
+        if outcome.status == "stopped":  # the cell resumes from its checkpoint next time
+            continue
+        finished.add(outcome.key)
+        progress.finished(outcome)
+        if outcome.status == "ok":
+            ran.append(cell.name)
+        else:
+            log.warning("cell %s failed: %s", cell.name, outcome.message)
+            write_failed(cell, outcome.message)
+            failed.append((cell.name, outcome.message))
+    if stop_requested():
+        left = [s.name for s in specs if s.key not in finished]
+        where = f"before {left[0]}" if left else "after the last cell"
+        raise TrainingStopped(
+            f"stopped {where}; rerun the same `transferlab study` command to go on (finished "
+            "cells are kept, a stopped one resumes from its checkpoint)",
+            exit_code=getattr(stop_requested, "exit_code", 130),
         )
     return ran, skipped, failed
 
 
-def _write_failed(cell: Cell, message: str) -> None:
+def write_failed(cell: Cell, message: str) -> None:
+    """The cell's failed.json: its message (study.csv shows it) and config."""
     try:
         cell.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -377,7 +412,7 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
             costs[cell.arm.spec]["img_s"],
             precision,
         )
-        write_json(path, costs)
+        path.write_text(json.dumps(costs, indent=2))
     return costs
 
 
@@ -438,7 +473,7 @@ def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
             params_total=s.params["total"],
         )
         try:
-            _check_subset(cell, s)
+            check_subset(cell.n_train, cell.per_class, s)
         except UserError as e:
             row.update(status="failed", message=str(e))
     elif files.failed.is_file():
@@ -466,44 +501,59 @@ def refuse_study_in_data(study_dir: Path, grid: Grid) -> None:
         refuse_inside(study_dir, root, "study dir")
 
 
-def run_study(
+def run_study(  # noqa: PLR0913 - the study's options, each with its default
     grid: Grid,
     study_dir: str | Path,
-    overwrite: bool = False,  # noqa: PLR0913
+    overwrite: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
     progress: bool = True,
     write_report: bool = True,
+    executor: str = "local",
+    resources: Resources | None = None,
 ) -> StudyResult:
     """Run (or resume) every cell of ``grid`` in ``study_dir``; write study.csv and the report.
 
-    Bad input (unknown arm, a size above the smallest class, a different grid in the dir)
-    raises UserError before any cell runs. Failed cells are listed in the result.
+    ``executor``: local | processes:N | ray[:ADDRESS] (see studies.executors); ``resources``:
+    CPUs (torch threads) and GPUs per cell. Bad input (unknown arm or executor, a size above the
+    smallest class, a different grid in the dir, a study dir in use) raises UserError before any
+    cell runs. Failed cells are listed in the result.
     """
     t0 = time.perf_counter()
     study_dir = Path(study_dir)
+    resources = resources or Resources()
+    parse_executor(executor)  # a bad --executor: before the data is read
     refuse_study_in_data(study_dir, grid)  # before anything is read or written, as train does
     ds, counts = load_study_data(grid)
     cells = plan_cells(grid, counts, study_dir)  # size checks: before the dir is touched
-    prepare_study_dir(study_dir, grid, overwrite)
-    cells_json = {
-        "class_counts": counts,
-        "cells": [
-            {"arm": c.arm.spec, "per_class": c.per_class, "seed": c.seed, "run_dir": str(c.run_dir)}
-            for c in cells
-        ],
-    }
-    write_json(StudyDir(study_dir).cells, cells_json, indent=None)
-    costs = arm_costs(study_dir, cells, len(ds.classes))
+    n_classes = len(ds.classes)
+    del ds  # the cells load their own data
+    check_study_dir(study_dir, grid, overwrite)
+    ex = make_executor(executor, resources, progress)  # e.g. no Ray cluster: nothing written
+    lock = lock_study_dir(study_dir)
     try:
-        ran, skipped, failed = run_cells(cells, ds, stop_requested, progress)
-    finally:
-        rows = [cell_row(c, costs) for c in cells]
-        write_study_csv(study_dir, rows)
-    if write_report:
-        from transferlab.studies.report import write_study_report
+        write_study_file(study_dir, grid)
+        _write_cells_file(study_dir, counts, cells)
+        costs = arm_costs(study_dir, cells, n_classes)
+        try:
+            ran, skipped, failed = run_cells(cells, ex, stop_requested)
+        finally:
+            rows = [cell_row(c, costs) for c in cells]
+            write_study_csv(study_dir, rows)
+        if write_report:
+            from transferlab.studies.report import write_study_report
 
-        write_study_report(study_dir)
+            write_study_report(study_dir)
+    finally:
+        lock.release()
     return StudyResult(rows, ran, skipped, failed, time.perf_counter() - t0)
+
+
+def _write_cells_file(study_dir: Path, counts: dict[int, int], cells: list[Cell]) -> None:
+    planned = [
+        {"arm": c.arm.spec, "per_class": c.per_class, "seed": c.seed, "run_dir": str(c.run_dir)}
+        for c in cells
+    ]
+    write_json(StudyDir(study_dir).cells, {"class_counts": counts, "cells": planned}, indent=None)
 
 
 def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
