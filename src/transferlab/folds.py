@@ -32,6 +32,7 @@ import torch
 
 from transferlab.classmetrics import t_interval
 from transferlab.config import Config
+from transferlab.data.check import warn_test_leaks
 from transferlab.data.cifar import FoldRows, ImageDataset
 from transferlab.data.load import load_data
 from transferlab.errors import UserError
@@ -183,10 +184,12 @@ def _run_folds(cfg: Config, files: RunDir, handle, stop_requested) -> Summary:
     check_fold_counts(pooled.labels, list(ds.classes), k)
     fold = stratified_folds(pooled.labels, k, cfg.data.split_seed)
     features = uses_feature_cache(cfg)
+    if cfg.data.check_data and hasattr(ds.test, "paths"):
+        warn_test_leaks(ds)  # once here, not once per fold
     summaries = []
     for i in range(k):
         sub = copy.deepcopy(cfg)
-        sub.data.folds = 0
+        sub.data.folds, sub.data.check_data = 0, False
         sub.run.run_dir = str(files.fold(i + 1))
         sub.run.report = cfg.run.report
         sub.run.track = ""  # the final run is tracked, not each fold
