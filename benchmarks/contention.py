@@ -97,6 +97,7 @@ def train_args(a, workload: str, run_dir: Path, policy: str) -> list[str]:
     common = ["train", "--data-dir", a.data_dir, "--run-dir", str(run_dir), "--overwrite"]
     common += ["--device", "cpu", "--no-progress", "--no-report", "--test-subset", str(a.test)]
     common += ["--train-subset", str(a.images), "--cache-dir", str(Path(a.out) / "cache")]
+    common += ["--val-size", str(a.val)]
     if policy == "before":
         common += ["--threads", str(len(os.sched_getaffinity(0)))]
     if workload == "cnn":
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/contention")
     p.add_argument("--images", type=int, default=10_000, help="training images per epoch")
     p.add_argument("--test", type=int, default=1000, help="test images of each run")
+    p.add_argument("--val", type=int, default=5000, help="validation images (held out)")
     p.add_argument("--head-epochs", type=int, default=10)
     p.add_argument("--workloads", default="cnn,head")
     p.add_argument("--loads", default=",".join(LOADS))
@@ -138,10 +140,10 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=3.0, help="s between load start and run")
     p.add_argument("--load-limit", type=float, default=1800.0, help="a neighbour's own limit, s")
     p.add_argument("--run-limit", type=float, default=1800.0, help="one run's limit, s")
-    p.add_argument("--smoke", action="store_true", help="400 images, 2 head epochs, 100 test")
+    p.add_argument("--smoke", action="store_true", help="400 images, 2 head epochs, 100 val+test")
     a = p.parse_args()
     if a.smoke:
-        a.images, a.head_epochs, a.test = 400, 2, 100
+        a.images, a.head_epochs, a.test, a.val = 400, 2, 100, 100
     Path(a.out).mkdir(parents=True, exist_ok=True)
     shutil.rmtree(Path(a.out) / "cache", ignore_errors=True)
     workloads, loads, policies = a.workloads.split(","), a.loads.split(","), a.policies.split(",")

@@ -546,6 +546,8 @@ def train_run(args, name: str, prec: str, per_class: int) -> Path:
         cmd += ["--test-subset", str(args.acc_test_subset)]
     if args.acc_epochs:
         cmd += ["--epochs", str(args.acc_epochs)]
+    if args.acc_val_size:
+        cmd += ["--val-size", str(args.acc_val_size)]
     subprocess.run(cmd, check=True)
     return run
 
@@ -554,7 +556,7 @@ def int8_accuracy_rows(args, log) -> tuple[list[dict], dict]:
     """Head test accuracy per lite, precision and per-class size; and the run dirs."""
     rows, runs = [], {}
     for name in args.lites:
-        for per_class in (0, 16):
+        for per_class in args.acc_per_class:
             accs = {}
             for prec in INT8_PRECISIONS:
                 t = time.perf_counter()
@@ -661,6 +663,8 @@ def parse_args(argv=None):
     p.add_argument("--acc-train-subset", type=int, default=0, help="--int8: 0 = all 45,000")
     p.add_argument("--acc-test-subset", type=int, default=0, help="--int8: 0 = all 10,000")
     p.add_argument("--acc-epochs", type=int, default=0, help="--int8: 0 = the seed's 10")
+    p.add_argument("--acc-val-size", type=int, default=0, help="--int8: 0 = the usual 5,000")
+    p.add_argument("--acc-per-class", default="0,16", help="--int8: images per class (0 = all)")
     p.add_argument("--agree-n", type=int, default=2000, help="--int8: test images for predict")
     p.add_argument("--main-job", action="store_true", help="--int8: also the main job, cold")
     p.add_argument("--out", default="/tmp/int8-bench", help="--int8: runs and caches")
@@ -668,9 +672,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.lites = args.lites.split(",")
+    args.acc_per_class = [int(k) for k in args.acc_per_class.split(",")]
     if args.smoke:
         args.lites, args.int8_speed_n, args.rounds = ["lite0"], 64, 1
         args.acc_train_subset, args.acc_test_subset, args.acc_epochs = 400, 200, 1
+        args.acc_val_size, args.acc_per_class = 100, [0, 2]
         args.agree_n = 200
     return args
 

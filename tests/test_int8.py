@@ -233,3 +233,19 @@ def test_export_openvino_int8_writes_a_quantised_ir_and_checks_it(int8_run, caps
     assert meta["int8"]["calibration"] and meta["check"]["images"] == 60
     assert 0 <= meta["check"]["top1_agreement"] <= 1 and meta["check"]["ok"]
     assert "FakeQuantize" in (run / "model.xml").read_text()  # the IR on disk is quantised
+
+
+def test_compare_and_study_keep_int8_for_the_frozen_backbone_only(tmp_path):
+    from transferlab.comparison import experiment_configs
+    from transferlab.config import CompareConfig
+    from transferlab.studies.grid import Arm, Grid, cell_config
+
+    base = Config(run=RunConfig(feature_precision="int8"))
+    cc = CompareConfig(backbone="timm:tf_efficientnet_lite0")
+    cfgs = experiment_configs(base, cc, tmp_path, chase_target=0.5)
+    assert cfgs["frozen"].run.feature_precision == "int8"
+    assert cfgs["cnn"].run.feature_precision == cfgs["chase"].run.feature_precision == "auto"
+    arms = (Arm("cnn:scratch", "cnn", "scratch"), Arm("lite0:frozen", cc.backbone, "frozen"))
+    grid = Grid(arms, ("all",), 1, overrides={"run": {"feature_precision": "int8"}})
+    got = [cell_config(grid, a, 0, 0, tmp_path / a.key, 1000).run.feature_precision for a in arms]
+    assert got == ["auto", "int8"]
