@@ -676,7 +676,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.lites, args.int8_speed_n, args.rounds = ["lite0"], 64, 1
         args.acc_train_subset, args.acc_test_subset, args.acc_epochs = 400, 200, 1
-        args.acc_val_size, args.acc_per_class = 100, [0, 2]
+        args.acc_val_size, args.acc_per_class = 100, [0, 1]
         args.agree_n = 200
     return args
 
