@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -66,15 +67,25 @@ def load_optuna():
     return optuna
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage at ``url``; an unreachable or malformed one is a UserError."""
+def open_storage(url: str, attempts: int = 3):
+    """An Optuna RDB storage at ``url``; an unreachable or malformed one is a UserError.
+
+    Two searches that open a new storage at once race to create its tables (one of them gets
+    an IntegrityError from the schema's version row): a failed open is retried after the other
+    had a moment to finish.
+    """
     optuna = load_optuna()
-    try:
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as e:  # sqlalchemy's errors (bad URL, no server, no driver) vary by backend
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"--tune-storage {url}: cannot open it ({first})") from None
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    error: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.5 * attempt)
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as e:  # sqlalchemy's errors (bad URL, no server, no driver) vary
+            error = e
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    raise UserError(f"--tune-storage {url}: cannot open it ({first})") from None
 
 
 def study_name(cfg: Config) -> str:
