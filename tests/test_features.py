@@ -181,19 +181,22 @@ def test_best_is_a_hard_link_that_survives_the_next_last(tmp_path):
 
 
 def _repaint_keeping_size_and_mtime(folder: Path) -> None:
-    """Every image repainted (colours inverted) at the same size, its mtime put back."""
-    for f in sorted(folder.rglob("*.png")):
+    """Every image repainted (colours inverted): the same byte size (BMP), its mtime put back."""
+    for f in sorted(folder.rglob("*.bmp")):
         st = f.stat()
         with Image.open(f) as im:
             ImageOps.invert(im.convert("RGB")).save(f)
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert f.stat().st_mtime_ns == st.st_mtime_ns
+        assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 def test_folder_cache_keys_on_content_a_repaint_misses(setup, tmp_path, monkeypatch):
     """Issue 24: the folder's old features were served after every image was repainted."""
     root, _, weights = setup
     folder = write_png_tree(tmp_path / "imgs", {"a": 8, "b": 8, "c": 8}, size=16)
+    for png in folder.rglob("*.png"):  # BMP: a repaint keeps the byte size (the old key's blind
+        Image.open(png).save(png.with_suffix(".bmp"))  # spot: paths and sizes only)
+        png.unlink()
     cache = tmp_path / "cache"
     calls = []
     real = content.file_sha256

@@ -229,9 +229,12 @@ def _api_call(d, ws: Workspace) -> tuple[str, object]:
         keys = d.draw(st.lists(st.sampled_from(API_KEYS), min_size=1, max_size=3, unique=True))
         kwargs = {k: d.draw(st.sampled_from(API_VALUES)) for k in keys}
         base = dict(data_dir=str(ws.data), run_dir=ws.fresh(), model="cnn", epochs=1)
-        base |= dict(batch_size=16, val_size=10, device="cpu", progress=False)
+        base |= dict(batch_size=16, val_size=10, device="cpu", progress=False, engine="torch")
+        base |= dict(precision="fp32")
         what = f"tl.train({kwargs})"
-        call = lambda: tl.train(**{**base, **kwargs})  # noqa: E731
+        # None means "the default": a default epoch budget or batch is slow, not wrong
+        pinned = {k: v for k, v in kwargs.items() if not (v is None and k in base)}
+        call = lambda: tl.train(**{**base, **pinned})  # noqa: E731
     elif kind == "load_run":
         arg = d.draw(st.sampled_from([None, 42, "", "/no/such", str(ws.home), ws.copy(ws.run)]))
         what, call = f"tl.load_run({arg!r})", lambda: tl.load_run(arg)
