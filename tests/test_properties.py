@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transferlab.config import SECTIONS, _coerce, config_from_dict, config_to_dict, load_yaml
+from transferlab.config import SECTIONS, coerce, config_from_dict, config_to_dict, load_yaml
 from transferlab.data.cifar import safe_unpickle
 from transferlab.errors import UserError
 from transferlab.features import cache as fcache
@@ -89,7 +89,9 @@ def test_random_known_sections_give_a_config_or_a_user_error(d):
         fields = SECTIONS[section].__dataclass_fields__
         for key, value in (values or {}).items():
             if key != "mode":  # "" resolves to the model's default mode
-                assert getattr(getattr(cfg, section), key) == _coerce(value, fields[key])
+                assert getattr(getattr(cfg, section), key) == coerce(
+                    value, fields[key], f"{section}.{key}"
+                )
 
 
 def _tmp_file(data: bytes, suffix: str = "") -> Path:
