@@ -97,7 +97,7 @@ def bench_extraction(data_dir: str, work: Path, smoke: bool) -> dict:
         t0 = time.perf_counter()
         extract_features(cfg)
         seconds = time.perf_counter() - t0
-        n = {e["split"]: e["n"] for e in fcache.list_entries(cache) if e.get("split")}
+        n = {e["split"]: int(e["n"]) for e in fcache.list_entries(cache) if e.get("split")}
         out[label] = {"images": sum(n.values()), "by_split": n, "seconds": round(seconds, 1)}
     out["time_ratio"] = round(out["every_row"]["seconds"] / out["grid_rows"]["seconds"], 2)
     return out
