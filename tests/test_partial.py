@@ -197,3 +197,29 @@ def test_tune_searches_partial_heads_from_the_pretrained_stages(data, tmp_path):
     s = json.loads((run / "summary.json").read_text())
     # every trial and the final run start from the same stages: the best trial is reproduced
     assert s["fit_state"]["best_score"] == pytest.approx(result["best_val_score"])
+
+
+def test_study_runs_a_partial_arm_and_a_tuned_frozen_arm(data, tmp_path):
+    from transferlab.studies import run_study
+    from transferlab.studies.grid import make_grid
+
+    overrides = {
+        "data": {"data_dir": str(data), "val_size": 40, "image_size": 32},
+        "model": {"weights": "none"},
+        "optim": {"epochs": 1, "batch_size": 20},
+        "run": {
+            "progress": False,
+            "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+            "precision": "fp32",
+            "engine": "torch",
+        },
+    }
+    arms = ["timm:test_efficientnet:partial", "timm:test_efficientnet:frozen:tune2"]
+    grid = make_grid(arms, "all", seeds=1, overrides=overrides, min_steps=4)
+    run_study(grid, tmp_path / "study")
+    summaries = sorted((tmp_path / "study").glob("*/*/summary.json"))
+    assert len(summaries) == 2
+    modes = {json.loads(p.read_text())["mode"] for p in summaries}
+    assert modes == {"partial", "frozen"}
+    assert len(list((tmp_path / "study").glob("*/*/tune.json"))) == 1

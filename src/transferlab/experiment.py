@@ -163,6 +163,7 @@ def extract_features(cfg: Config, stop_requested=lambda: False) -> FeatureInfo:
     if not uses_feature_cache(cfg):
         raise UserError(f"{cfg.model.name} in {cfg.model.mode} mode does not use the cache")
     ds = load_data(cfg)
+    torch.manual_seed(cfg.run.seed)  # as a run does: --weights none draws the cells' backbone
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device)
     with threads_restored():
         use_threads(cfg.run.threads, "extract")
