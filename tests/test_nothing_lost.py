@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -459,3 +460,30 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_temp(
         assert main(argv) == 1
         assert "not enough free space" in _one_line(capsys)
     assert list(out.iterdir()) == []
+
+
+def test_explain_and_export_never_write_in_the_data_or_over_a_users_file(
+    folder_run, tmp_path, capsys
+):
+    import yaml
+
+    pytest.importorskip("pytorch_grad_cam")
+    data = Path(yaml.safe_load((folder_run / "config.yaml").read_text())["data"]["dataset"][7:])
+    image = str(next(data.rglob("*.png")))
+    before = sorted(p.name for p in data.rglob("*"))
+    assert main(["explain", str(folder_run), image, "--out", str(data / "out")]) == 2
+    assert "inside the data root" in _one_line(capsys)
+    argv = ["export", str(folder_run), "--format", "onnx", "--output", str(data / "a" / "m.onnx")]
+    assert main([*argv, "--force"]) == 2
+    assert "inside the data root" in _one_line(capsys)
+    assert sorted(p.name for p in data.rglob("*")) == before
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / (Path(image).stem + "_gradcam.png")
+    mine.write_bytes(Path(image).read_bytes())  # a user's own file with explain's name
+    assert main(["explain", str(folder_run), image, "--out", str(out), "--device", "cpu"]) == 2
+    assert "not written by transferlab explain" in _one_line(capsys)
+    assert mine.read_bytes() == Path(image).read_bytes()
+    mine.unlink()
+    for _ in range(2):  # its own output is replaced
+        assert main(["explain", str(folder_run), image, "--out", str(out), "--device", "cpu"]) == 0

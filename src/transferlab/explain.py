@@ -30,7 +30,7 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
-from transferlab.rundir import RunDir, make_output_dir
+from transferlab.rundir import RunDir, data_root, make_output_dir, refuse_inside
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,24 @@ def plot_rows(
             ax.imshow(tile)
             ax.set_title(cap, fontsize=7)
     fig.tight_layout()
-    write_atomic(
-        out_png, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    write_atomic(  # the Software tag marks the PNG as ours: a later explain may replace it
+        out_png, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": WRITER})
     )
     return out_png
+
+
+WRITER = "transferlab explain"  # the PNG's Software text chunk
+
+
+def is_our_overlay(path: Path) -> bool:
+    """``path`` is a PNG that explain (or a run report's Grad-CAM figure) wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == WRITER
+    except Exception:  # noqa: BLE001 - not an image, unreadable: not ours
+        return False
 
 
 def _short(name: str, n: int = 16) -> str:
@@ -196,6 +210,9 @@ def explain_images(
         Path(str(p)).stem if isinstance(p, (str, Path)) else f"image_{i}"
         for i, p in enumerate(images)
     ]
+    root = data_root(rm.config.data.dataset, rm.config.data.data_dir) if rm.config else None
+    if root is not None:  # its files would be read as data by the next run
+        refuse_inside(out_dir, root, "--out")
     make_output_dir(out_dir, "--out")
     written, used = [], set()
     for image, name in zip(images, names, strict=True):
@@ -216,11 +233,13 @@ def explain_images(
             caps.append(f"map: {_short(target)} (target {res.probs[0, ids[1]]:.2f})")
         stem = name if name not in used else f"{name}_{len(used)}"
         used.add(stem)
-        written.append(
-            plot_rows(
-                [(x.numpy(), list(res.maps[0]), caps)], out_dir / f"{stem}_gradcam.png", per_row=1
+        target_png = out_dir / f"{stem}_gradcam.png"
+        if target_png.exists() and not is_our_overlay(target_png):
+            raise UserError(
+                f"--out: {target_png} exists and was not written by transferlab explain; "
+                "choose another --out (nothing of yours is replaced)"
             )
-        )
+        written.append(plot_rows([(x.numpy(), list(res.maps[0]), caps)], target_png, per_row=1))
     if not written:
         raise UserError(
             "no readable image to explain: pass image files or folders that contain them"

@@ -43,7 +43,13 @@ from transferlab.extras import load_extra
 from transferlab.features import quantize
 from transferlab.io import temp_path, write_json
 from transferlab.predict import RunModel, load_run_model
-from transferlab.rundir import check_output_path, expand_user, make_output_dir
+from transferlab.rundir import (
+    check_output_path,
+    data_root,
+    expand_user,
+    make_output_dir,
+    refuse_inside,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +260,9 @@ def export_run(
     if not 0 <= min_agreement <= 1:
         raise UserError(f"--min-agreement must be in [0, 1]; got {min_agreement}")
     rm: RunModel = load_run_model(run_dir, "cpu")
+    root = data_root(rm.config.data.dataset, rm.config.data.data_dir) if rm.config else None
+    if root is not None and output:  # never inside the data: a later run would read it
+        refuse_inside(expand_user(output, "--output"), root, "--output")
     output, sidecar = _output_paths(Path(run_dir), fmt, output, force)
     check_free_space(output.parent, export_bytes(rm.model))
     wrapped = NormalizedModel(rm.model, rm.mean, rm.std).eval()
