@@ -30,7 +30,7 @@ from transferlab.data.preprocess import to_float_normalized
 from transferlab.features import content
 from transferlab.models.registry import build_model, weights_crop_pct
 from transferlab.plan import make_preprocessing
-from transferlab.training.precision import autocast
+from transferlab.precision import autocast
 
 
 def image_files(folder: Path) -> list[str]:
