@@ -58,10 +58,19 @@ def _accs(study: Path) -> dict[tuple[str, str, str], tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A Ray instance of 2 CPUs on 127.0.0.1 for this module's tests, shut down afterwards."""
-    ray = pytest.importorskip("ray")
+    """A Ray instance of 2 CPUs on 127.0.0.1 for this module's tests, shut down afterwards.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray._private.ray_constants`` is
+    imported: the variable is set first, and the constant too where another test imported Ray
+    before (its workers import Ray afresh and read the variable).
+    """
     before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 as the node address
+    ray = pytest.importorskip("ray")
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         num_cpus=2,
         _node_ip_address="127.0.0.1",
@@ -69,12 +78,16 @@ def ray_local():
         log_to_driver=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TRANSFERLAB_MALLOPT": "0"}},
     )
-    yield ray
-    ray.shutdown()
-    if before is None:
-        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    else:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before
+    try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # no traffic beyond loopback
+        yield ray
+    finally:
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        if before is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before
 
 
 # --- bad input -----------------------------------------------------------------------------------
