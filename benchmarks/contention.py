@@ -29,6 +29,7 @@ import csv
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -142,6 +143,8 @@ def main() -> None:
     p.add_argument("--run-limit", type=float, default=1800.0, help="one run's limit, s")
     p.add_argument("--smoke", action="store_true", help="400 images, 2 head epochs, 100 val+test")
     a = p.parse_args()
+    # a SIGTERM (timeout, kill) unwinds through the finally blocks: the neighbours stop with us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.smoke:
         a.images, a.head_epochs, a.test, a.val = 400, 2, 100, 100
     Path(a.out).mkdir(parents=True, exist_ok=True)
