@@ -358,7 +358,8 @@ def test_study_overwrite_of_a_foreign_folder_is_refused(cifar, tmp_path):
 def test_damaged_cells_costs_and_csv_are_rebuilt_or_named(cifar, tmp_path, caplog):
     from transferlab.rundir import StudyDir
     from transferlab.studies.report import read_rows
-    from transferlab.studies.runner import read_costs, run_study
+    from transferlab.studies.runner import run_study
+    from transferlab.studies.table import read_costs
 
     study = tmp_path / "study"
     grid = _grid(cifar, tmp_path)

@@ -47,7 +47,7 @@ from transferlab.rundir import check_resume_arg
 from transferlab.stopflag import StopFlag
 from transferlab.studies import cli as studies_cli
 from transferlab.studies.report import write_study_report
-from transferlab.studies.runner import is_study_dir
+from transferlab.studies.table import is_study_dir
 from transferlab.validate import check_dist_env
 
 log = logging.getLogger("transferlab")

@@ -9,6 +9,7 @@ Usage:
 """
 
 from transferlab.studies.report import write_study_report
-from transferlab.studies.runner import is_study_dir, run_study
+from transferlab.studies.runner import run_study
+from transferlab.studies.table import is_study_dir
 
 __all__ = ["is_study_dir", "run_study", "write_study_report"]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ class ModelCost:
 
 def forward_macs(model: nn.Module, image_size: int) -> int:
     """MACs of one 3 x image_size x image_size image through ``model`` (eval mode, fp32)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)

@@ -42,6 +42,7 @@ from transferlab.config import (
     resolve_preset,
 )
 from transferlab.errors import UserError
+from transferlab.models.registry import resolve_name
 from transferlab.plan import only_where_features_are_cached, uses_feature_cache
 
 ALL = "all"
@@ -118,8 +119,6 @@ def size_label(per_class: int) -> str:
 
 def parse_arm(text: str) -> Arm:
     """``MODEL:MODE[:PRESET][:tuneN]`` -> Arm; unknown model, mode or preset -> UserError."""
-    from transferlab.models.registry import resolve_name
-
     parts = text.strip().split(":")
     tune = re.fullmatch(r"tune(\d+)", parts[-1]) if len(parts) > 2 else None
     if tune:

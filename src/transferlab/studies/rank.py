@@ -31,7 +31,20 @@ from typing import Any
 
 import torch
 
+from transferlab.config import config_from_dict, merge_dicts
+from transferlab.data.load import load_data
+from transferlab.data.subsets import class_counts, select_per_class, subset_split
+from transferlab.distributed import init_distributed
 from transferlab.errors import UserError
+from transferlab.experiment import _plan
+from transferlab.features import cache as fcache
+from transferlab.features import pipeline as fp
+from transferlab.features.logme import logme
+from transferlab.features.pipeline import split_cache_key
+from transferlab.features.probe import L2_GRID, lbfgs_logreg
+from transferlab.models.registry import build_model, resolve_name
+from transferlab.studies.costs import forward_macs, inference_img_s
+from transferlab.studies.report import pareto
 from transferlab.validate import MAX_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -75,8 +88,6 @@ class RankRow:
 
 def parse_candidates(text: str) -> list[Candidate]:
     """``"timm:tf_efficientnet_lite0@128,resnet18"`` -> candidates (checked names and sizes)."""
-    from transferlab.models.registry import resolve_name
-
     out = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -118,8 +129,6 @@ def parse_candidates(text: str) -> list[Candidate]:
 
 def candidate_config(cand: Candidate, overrides: dict[str, dict[str, Any]]):
     """The config of a frozen run of ``cand`` (the study's/user's flags applied)."""
-    from transferlab.config import config_from_dict, merge_dicts
-
     return config_from_dict(
         merge_dicts(
             overrides,
@@ -135,8 +144,6 @@ def probe_accuracy(
     x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int
 ) -> tuple[float, float]:
     """(best validation accuracy, its L2) of the L-BFGS probe over the probe's L2 grid."""
-    from transferlab.features.probe import L2_GRID, lbfgs_logreg
-
     x, xv = x.float(), xv.float()
     mu, sigma = x.mean(0), x.std(0)
     sigma = sigma.clamp_min(1e-3 * sigma.mean().item() + 1e-8)  # as features/probe.py does
@@ -152,8 +159,6 @@ def probe_accuracy(
 
 
 def _timed_speed(model, plan, batch: int = 16) -> float:
-    from transferlab.studies.costs import inference_img_s
-
     return inference_img_s(
         model.backbone,
         plan.image_size,
@@ -175,10 +180,6 @@ class Setup:
 
 def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
     """Config, model and plan of a frozen run of ``cand`` (the plan is the experiment's own)."""
-    from transferlab.experiment import _plan
-    from transferlab.features import cache as fcache
-    from transferlab.models.registry import build_model
-
     cfg = candidate_config(cand, overrides)
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device).eval()
     plan = _plan(cfg, model, ds, env, None)  # size, preprocessing, extraction precision
@@ -190,8 +191,6 @@ def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
 def split_of(st: Setup, ds, name: str, env):
     """(features, labels, SplitFeatures) of split ``name`` of ``ds``, exactly as a run gets them
     (features.pipeline.split_features: the cache, the plan's engine and precision)."""
-    from transferlab.features import pipeline as fp
-
     engines = fp._Engines(st.cfg, st.plan, st.model, env, st.whash, ds)
     return fp.split_features(st.cfg, st.plan, ds, name, env, engines, lambda: False)
 
@@ -203,10 +202,6 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
     (the same images ``subset_split`` draws); else the subsample is extracted and cached under its
     own split name (``train-pc20-s0``), never under the whole split's key.
     """
-    from transferlab.data.subsets import select_per_class, subset_split
-    from transferlab.features import cache as fcache
-    from transferlab.features.pipeline import split_cache_key
-
     root = fcache.cache_root(st.cfg.run.cache_dir)
     key = split_cache_key(st.cfg, st.plan, ds, "train", st.whash)
     hit = fcache.load_entry(root, key)
@@ -224,9 +219,6 @@ def subsample_features(st: Setup, ds, per_class: int, seed: int, env):
 
 def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, env) -> RankRow:
     """Score and cost one candidate (see the module docstring)."""
-    from transferlab.features.logme import logme
-    from transferlab.studies.costs import forward_macs
-
     t0 = time.perf_counter()
     st = candidate_setup(cand, ds, overrides, env)
     model, plan = st.model, st.plan
@@ -267,8 +259,6 @@ def rank_one(cand: Candidate, ds, overrides: dict, per_class: int, seed: int, en
 def mark_pareto(rows: list[RankRow]) -> list[RankRow]:
     """Rows sorted by LogME (best first), the Pareto front over (est. extraction time, LogME)
     marked."""
-    from transferlab.studies.report import pareto
-
     front = set(pareto([(r.est_full_extract_s, r.logme) for r in rows]))
     marked = [dataclasses.replace(r, pareto=i in front) for i, r in enumerate(rows)]
     return sorted(marked, key=lambda r: -r.logme)
@@ -281,10 +271,6 @@ def rank_candidates(
     seed: int = 0,
 ) -> list[RankRow]:
     """Rank ``candidates`` on this data; every bad input fails before any extraction."""
-    from transferlab.data.load import load_data
-    from transferlab.data.subsets import class_counts
-    from transferlab.distributed import init_distributed
-
     if per_class < 1:
         raise UserError(f"--per-class must be at least 1; got {per_class}")
     cfgs = [candidate_config(c, overrides) for c in candidates]  # config errors first

@@ -20,17 +20,23 @@ Usage:
 from __future__ import annotations
 
 import csv
+import html as htmllib
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from markdown_it import MarkdownIt
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
 from transferlab.classmetrics import t_interval
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
+from transferlab.report.html import CSS, data_uri
 from transferlab.rundir import StudyDir
-from transferlab.studies.runner import (
+from transferlab.studies.table import (
     cell_row,
     is_study_dir,
     read_study_file,
@@ -157,7 +163,6 @@ def _color(pts: list[Point], arm: str) -> str:
 
 def plot_efficiency(pts: list[Point], path: Path) -> None:
     # a bare Figure: no pyplot state, so a notebook keeps its backend
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
@@ -179,9 +184,6 @@ def plot_efficiency(pts: list[Point], path: Path) -> None:
 
 
 def plot_cost(pts: list[Point], path: Path) -> None:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
     fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
     largest = {}
@@ -554,12 +556,6 @@ def write_study_report(study_dir: str | Path) -> Path:
 
 def write_html(md_path: Path, title: str) -> Path:
     """report.md -> report.html with markdown-it-py; images inlined as data URIs."""
-    import html as htmllib
-
-    from markdown_it import MarkdownIt
-
-    from transferlab.report.html import CSS, data_uri
-
     md = MarkdownIt("commonmark").enable("table")
     tokens = md.parse(md_path.read_text())
     for tok in tokens:

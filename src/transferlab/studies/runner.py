@@ -19,9 +19,7 @@ Usage:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -34,14 +32,15 @@ from transferlab.config import config_from_dict, config_to_dict, merge_dicts
 from transferlab.data.load import load_data
 from transferlab.data.subsets import class_counts
 from transferlab.errors import TrainingStopped, UserError
-from transferlab.io import write_atomic, write_json
-from transferlab.plan import uses_feature_cache
+from transferlab.io import write_json
+from transferlab.models.registry import build_model
+from transferlab.plan import use_channels_last, uses_feature_cache
+from transferlab.precision import resolve_precision
 from transferlab.rundir import (
     LOCK_NAME,
     RunDir,
     RunLock,
     StudyDir,
-    Summary,
     data_root,
     refuse_inside,
 )
@@ -50,11 +49,10 @@ from transferlab.studies.cells import (
     ExtractSpec,
     Outcome,
     cell_spec,
-    check_subset,
     comparable,
     extract_spec,
-    run_state,
 )
+from transferlab.studies.costs import model_cost
 from transferlab.studies.executors import (
     Executor,
     LocalExecutor,
@@ -62,37 +60,23 @@ from transferlab.studies.executors import (
     make_executor,
     parse_executor,
 )
-from transferlab.studies.grid import Arm, Cell, Grid, _arm_base, data_fields, plan_cells, size_label
+from transferlab.studies.grid import (
+    Cell,
+    Grid,
+    _arm_base,
+    data_fields,
+    plan_cells,
+)
+from transferlab.studies.report import write_study_report
+from transferlab.studies.table import (
+    cell_row,
+    cell_state,
+    read_costs,
+    read_study_file,
+    write_study_csv,
+)
 
 log = logging.getLogger(__name__)
-
-CSV_COLUMNS = (
-    "arm",
-    "model",
-    "mode",
-    "preset",
-    "per_class",
-    "n_train",
-    "seed",
-    "status",
-    "message",
-    "test_acc",
-    "test_balanced_acc",  # mean per-class recall (issue 22)
-    "val_acc",
-    "best_epoch",
-    "epochs",
-    "wall_s",
-    "extract_s",
-    "cache",
-    "extract_img_s",
-    "train_s",
-    "eval_s",
-    "params_trainable",
-    "params_total",
-    "macs",
-    "infer_img_s",
-    "run_dir",
-)
 
 
 @dataclass(frozen=True)
@@ -106,29 +90,10 @@ class StudyResult:
     seconds: float
 
 
-def is_study_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a study (its study.json)."""
-    return StudyDir(path).study.is_file()
-
-
 def _grid_comparable(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
     out["overrides"] = comparable(d.get("overrides") or {})
     return out
-
-
-def read_study_file(path: Path, key: str, what_to_do: str) -> Any:
-    """``json[key]`` of one of the study's files, never trusted: a missing, empty, truncated or
-    foreign file is a one-line UserError that names it and says ``what_to_do``."""
-    try:
-        data = json.loads(path.read_text())
-        value = data[key]
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; {what_to_do}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        raise UserError(f"{path} is damaged ({why}); {what_to_do}") from None
-    return value
 
 
 def _saved_grid(path: Path) -> dict:
@@ -219,11 +184,6 @@ def load_study_data(grid: Grid):
         dataclasses.replace(cfgs[0], data=dataclasses.replace(cfgs[0].data, per_class=0))
     )
     return ds, class_counts(ds.train.labels)
-
-
-def cell_state(cell: Cell) -> str:
-    """done | resume | new: what a (re)started study does with this cell."""
-    return run_state(cell.run_dir, cell.config)
 
 
 class Progress:
@@ -359,27 +319,8 @@ def write_failed(cell: Cell, message: str) -> None:
 COST_BATCH_CPU, COST_BATCH_GPU = 16, 256
 
 
-def read_costs(path: Path) -> dict[str, dict]:
-    """costs.json, or {} when missing; a damaged one is measured again (a warning says so)."""
-    if not path.is_file():
-        return {}
-    try:
-        costs = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        costs = e
-    if isinstance(costs, dict) and all(isinstance(v, dict) for v in costs.values()):
-        return costs
-    log.warning("%s is damaged; the costs are measured again", path)
-    return {}
-
-
 def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, dict]:
     """MACs, parameters and inference img/s per arm, measured once and kept in costs.json."""
-    from transferlab.models.registry import build_model
-    from transferlab.plan import use_channels_last
-    from transferlab.precision import resolve_precision
-    from transferlab.studies.costs import model_cost
-
     path = StudyDir(study_dir).costs
     costs = read_costs(path)
     for cell in cells:
@@ -414,83 +355,6 @@ def arm_costs(study_dir: Path, cells: list[Cell], n_classes: int) -> dict[str, d
         )
         path.write_text(json.dumps(costs, indent=2))
     return costs
-
-
-def _cache_status(hits: list) -> str:
-    """hit (every split read from the cache), miss (every split extracted), partial, or ""."""
-    if not hits:
-        return ""
-    return "hit" if all(hits) else ("miss" if not any(hits) else "partial")
-
-
-def _mean_speed(fc: dict) -> float | str:
-    speeds = [
-        v["img_s"]
-        for k, v in fc.items()
-        if k in ("train", "val", "test") and isinstance(v, dict) and v.get("img_s")
-    ]
-    return round(sum(speeds) / len(speeds), 1) if speeds else ""
-
-
-def cell_row(cell: Cell, costs: dict[str, dict]) -> dict[str, Any]:
-    """The study.csv row of one cell, read from its run dir."""
-    arm: Arm = cell.arm
-    cost = costs.get(arm.spec, {})
-    row: dict[str, Any] = {
-        "arm": arm.spec,
-        "model": arm.model,
-        "mode": arm.mode,
-        "preset": arm.preset,
-        "per_class": size_label(cell.per_class),
-        "n_train": cell.n_train,
-        "seed": cell.seed,
-        "status": "pending",
-        "message": "",
-        "macs": cost.get("macs", ""),
-        "infer_img_s": cost.get("img_s", ""),
-        "run_dir": str(cell.run_dir),
-    }
-    files = RunDir(cell.run_dir)
-    if cell_state(cell) == "done":
-        s = Summary.read(files.summary)
-        fc = s.feature_cache or {}
-        hit = [fc[k].get("hit") for k in ("train", "val", "test") if isinstance(fc.get(k), dict)]
-        t = s.time_s
-        row.update(
-            status="ok",
-            test_acc=s.test["acc"],
-            test_balanced_acc=s.test.get("balanced_acc", ""),  # runs before issue 22: none
-            val_acc=s.val["acc"],
-            best_epoch=s.best_epoch,
-            epochs=s.epochs_run,
-            wall_s=t.get("total"),
-            train_s=t.get("train"),
-            eval_s=t.get("eval"),
-            extract_s=fc.get("seconds", ""),
-            cache=_cache_status(hit),
-            extract_img_s=_mean_speed(fc),
-            params_trainable=s.params["trainable"],
-            params_total=s.params["total"],
-        )
-        try:
-            check_subset(cell.n_train, cell.per_class, s)
-        except UserError as e:
-            row.update(status="failed", message=str(e))
-    elif files.failed.is_file():
-        try:
-            row.update(status="failed", message=json.loads(files.failed.read_text())["message"])
-        except (OSError, ValueError, KeyError):
-            row.update(status="failed", message=f"{RunDir.FAILED} unreadable")
-    return row
-
-
-def write_study_csv(study_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    """study.csv with one row per cell (written whole, atomically)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_atomic(StudyDir(study_dir).csv, buf.getvalue())
 
 
 def refuse_study_in_data(study_dir: Path, grid: Grid) -> None:
@@ -540,8 +404,6 @@ def run_study(  # noqa: PLR0913 - the study's options, each with its default
             rows = [cell_row(c, costs) for c in cells]
             write_study_csv(study_dir, rows)
         if write_report:
-            from transferlab.studies.report import write_study_report
-
             write_study_report(study_dir)
     finally:
         lock.release()
@@ -554,34 +416,3 @@ def _write_cells_file(study_dir: Path, counts: dict[int, int], cells: list[Cell]
         for c in cells
     ]
     write_json(StudyDir(study_dir).cells, {"class_counts": counts, "cells": planned}, indent=None)
-
-
-def study_cells(study_dir: Path) -> tuple[Grid, list[Cell], dict[str, dict]]:
-    """The grid, cells and costs of an existing study (no data load: sizes from the run dirs)."""
-    from transferlab.studies.grid import make_grid
-
-    files = StudyDir(study_dir)
-    again = "rerun the same `transferlab study` command to rebuild it"
-    saved = read_study_file(files.study, "grid", again)
-    if not isinstance(saved, dict):
-        raise UserError(f"{files.study} is damaged (no grid); {again}")
-    try:
-        grid = make_grid(
-            saved["arms"],
-            ",".join(saved["sizes"]),
-            saved["seeds"],
-            saved.get("overrides") or {},
-            saved.get("min_steps", 0),
-            saved.get("patience", 1),
-        )
-    except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{files.study} is damaged ({type(e).__name__}: {e}); {again}") from None
-    costs = read_costs(files.costs)
-    if not files.cells.is_file():
-        return grid, [], costs
-    raw = read_study_file(files.cells, "class_counts", again)
-    try:
-        counts = {int(k): int(v) for k, v in raw.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise UserError(f"{files.cells} is damaged (class_counts); {again}") from None
-    return grid, plan_cells(grid, counts, study_dir), costs
