@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from transferlab.config import DataConfig, ModelConfig
 from transferlab.data.folder import (
@@ -146,8 +147,6 @@ def file_sha256(path: str) -> str:
 
 def dhash(img) -> int:
     """64-bit difference hash of a PIL image: 9x8 grayscale, bit = left pixel > right pixel."""
-    from PIL import Image
-
     small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
     bits = (small[:, :-1] > small[:, 1:]).flatten()
     return int(np.packbits(bits).view(">u8")[0])
@@ -155,8 +154,6 @@ def dhash(img) -> int:
 
 def inspect_file(path: str, split: str, cls: str, max_pixels: int) -> FileInfo:
     """Hash, header and dHash of one file; an error string instead when it cannot be used."""
-    from PIL import Image
-
     problem = _entry_problem(Path(path))
     if problem:
         return FileInfo(path, split, cls, error=problem)

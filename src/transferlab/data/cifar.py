@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets.utils import download_and_extract_archive
 
 from transferlab.errors import UserError
 
@@ -140,8 +141,6 @@ def ensure_cifar100(data_dir: str | Path, download: bool) -> dict[str, Path]:
 
 def download_cifar100(data_dir: str | Path) -> None:
     """Fetch and extract the official archive through torchvision's downloader."""
-    from torchvision.datasets.utils import download_and_extract_archive
-
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     log.info("downloading CIFAR-100 from %s into %s", url, data_dir)
     try:

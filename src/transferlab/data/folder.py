@@ -45,13 +45,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from transferlab.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from transferlab.data.cifar import ImageDataset
+from transferlab.data.preprocess import eval_transform
 from transferlab.distributed import DistEnv, augment_seed, shard_order
 from transferlab.errors import UserError
 from transferlab.io import write_json
+from transferlab.plan import square_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +160,6 @@ def check_regular_file(path: str | Path) -> None:
 def _pil_limit(max_pixels: int):
     """Open images with PIL's own bomb check off: we apply ``max_pixels`` ourselves, with one line
     of our own instead of PIL's DecompressionBombWarning/Error."""
-    from PIL import Image
-
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -167,8 +170,6 @@ def _pil_limit(max_pixels: int):
 
 def _open(path: str | Path, max_pixels: int):
     """PIL image of ``path`` (header read only), refused when over ``max_pixels``."""
-    from PIL import Image
-
     check_regular_file(path)
     im = Image.open(path)
     w, h = im.size
@@ -185,8 +186,6 @@ def to_rgb8(im):
     (65535 -> 255); float images (``F``) must hold values in [0, 1] and are multiplied by 255.
     Values outside those ranges cannot be mapped faithfully: ValueError (the file is skipped).
     """
-    from PIL import Image
-
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(im)
@@ -227,12 +226,6 @@ def load_image(path: str | Path, pre, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     Raises OSError/ValueError (PIL's errors) for unreadable files; callers decide the policy.
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    from transferlab.data.preprocess import eval_transform
-    from transferlab.plan import square_preprocessing
-
     if isinstance(pre, int):
         pre = square_preprocessing(pre)
     img = decode_rgb(path, max_pixels, draft=pre.resize)
@@ -254,8 +247,6 @@ def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dra
     files are opened; over ``max_pixels``, a mode :func:`to_rgb8` cannot convert, or a damaged
     EXIF block: ValueError; unreadable: PIL's OSError (and others: callers decide the policy).
     """
-    from PIL import ExifTags, ImageOps
-
     with _pil_limit(max_pixels), _open(path, max_pixels) as im:
         if draft:
             im.draft("RGB", (draft, draft))  # JPEG: decode at a reduced scale when enough

@@ -18,7 +18,8 @@ import torch
 
 from transferlab.config import Config, lt_imbalance_ratio
 from transferlab.data.cifar import ImageDataset, load_cifar100
-from transferlab.data.subsets import long_tail_split
+from transferlab.data.folder import load_folder_dataset
+from transferlab.data.subsets import long_tail_split, subset_split
 from transferlab.plan import uses_feature_cache
 
 
@@ -30,14 +31,10 @@ def load_data(cfg: Config) -> ImageDataset:
         if d.dataset.startswith("cifar100-lt:") and not uses_feature_cache(cfg):
             ds.train = long_tail_split(ds.train, lt_imbalance_ratio(d.dataset))
     else:
-        from transferlab.data.folder import load_folder_dataset
-
         ds = load_folder_dataset(d)  # the decode transform is set once the plan is known
     if d.train_subset and d.train_subset < len(ds.train):
         ds.train = _take(ds.train, _seeded_subset(len(ds.train), d.train_subset, d.split_seed + 1))
     if d.per_class and not uses_feature_cache(cfg):  # cached features pick their rows later
-        from transferlab.data.subsets import subset_split
-
         ds.train = subset_split(ds.train, d.per_class, d.subset_seed)
     if d.test_subset and d.test_subset < len(ds.test):  # the first N: CIFAR's test file is
         ds.test = _take(ds.test, torch.arange(d.test_subset))  # shuffled; indices stay valid

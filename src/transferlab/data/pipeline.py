@@ -16,6 +16,7 @@ from transferlab.config import Config
 from transferlab.data.augment import augment_batch
 from transferlab.data.balance import sample_weights
 from transferlab.data.cifar import ImageDataset
+from transferlab.data.folder import folder_loader
 from transferlab.data.preprocess import to_float_normalized
 from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import DistEnv, wrap_ddp
@@ -50,7 +51,6 @@ def make_loader(
             augment=augment,
             sample_weights=sample_weights,
         )
-    from transferlab.data.folder import folder_loader
 
     return folder_loader(split, batch_size, shuffle, env.device, seed, env, augment, sample_weights)
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 _MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
@@ -73,9 +75,6 @@ def eval_transform(img, pre) -> Tensor:
     torchvision's ``Resize`` and timm's ``create_transform`` do on PIL images), then a centre
     crop of ``pre.crop`` px. The normalisation follows in batches (``to_float_normalized``).
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
     img = TF.resize(img, pre.resize, interpolation=InterpolationMode(pre.interpolation))
     img = TF.center_crop(img, pre.crop)
     return TF.pil_to_tensor(img).contiguous()
