@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from torch import Tensor
 
@@ -136,8 +137,6 @@ def map_lite_state_dict(
 
 def _full_model_state(spec: LiteSpec) -> dict[str, Tensor]:
     """State dict (meta tensors: shapes only) of the 1000-class timm model."""
-    import timm
-
     with torch.device("meta"):
         full = timm.create_model(spec.timm_name, pretrained=False, num_classes=1000)
     return full.state_dict()

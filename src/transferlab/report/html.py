@@ -18,6 +18,8 @@ import base64
 import html
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
 from transferlab.io import write_atomic
 
 MIME = {
@@ -55,8 +57,6 @@ def data_uri(path: Path) -> str | None:
 
 def _renderer(base_dir: Path):
     """markdown-it with pipe tables, no raw HTML, and images inlined from ``base_dir``."""
-    from markdown_it import MarkdownIt
-
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
     def image(self, tokens, idx, options, env):  # markdown-it binds rules as methods

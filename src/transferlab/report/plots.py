@@ -9,6 +9,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from PIL import Image
+
+from transferlab.errors import UserError
 from transferlab.io import write_atomic
 
 
@@ -23,8 +27,6 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
                 for row in csv.DictReader(f)
             ]
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
-        from transferlab.errors import UserError
-
         raise UserError(
             f"{path} is damaged ({type(e).__name__}: {e}); it holds one row per "
             "epoch of numbers: restore it or rerun the training"
@@ -57,8 +59,6 @@ def draw_curves(fig, epochs, series, title: str = "") -> None:
 
 def intact_png(path: Path) -> bool:
     """``path`` is a whole PNG (a truncated or garbled curves.png is redrawn, not embedded)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()  # verify() misses a truncated image data stream; decoding does not
@@ -74,7 +74,6 @@ def plot_curves(metrics_csv: Path, out_png: Path, title: str = "") -> Path | Non
         return None
     # a bare Figure draws off-screen without pyplot's global state, so a notebook's own
     # backend (inline plots) is left as it was
-    from matplotlib.figure import Figure
 
     keys = ("train_loss", "val_loss", "train_acc", "val_acc")
     fig = Figure(figsize=CURVES_FIGSIZE)

@@ -24,10 +24,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
+from transferlab import explain
 from transferlab.classmetrics import class_metrics, confusion_matrix, worst_first
+from transferlab.data.cifar import load_cifar100
+from transferlab.data.folder import load_image
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
+from transferlab.report.compare_report import write_compare_report
 from transferlab.report.html import write_html
 from transferlab.report.plots import plot_curves, read_metrics
 from transferlab.report.predictions import load_predictions
@@ -69,8 +74,6 @@ def _test_images(
     """uint8 (3, H, W) test images at ``indices`` and '', or [] and why they are unavailable."""
     manifest = RunDir(run_dir).manifest
     if manifest.is_file():  # folder data: the test files by index
-        from transferlab.data.folder import load_image
-
         try:
             paths = json.loads(manifest.read_text())["test"]["paths"]
             paths[0]  # noqa: B018 - a list of at least one path, or damaged
@@ -88,7 +91,6 @@ def _test_images(
     source = Path(str(data.get("source") or ""))
     if source.name != "cifar-100-python":
         return [], f"no {RunDir.MANIFEST} and the source {source} is not a CIFAR-100 folder"
-    from transferlab.data.cifar import load_cifar100
 
     try:
         ds = load_cifar100(source.parent, False, 0, 1)
@@ -107,7 +109,6 @@ def _test_images(
 def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols: int = 6) -> Path:
     """A grid of images (uint8 (3, H, W)) with a caption above each."""
     # a plain Figure, not pyplot: no backend switch (a notebook keeps its inline plots), no state
-    from matplotlib.figure import Figure
 
     rows = (len(images) + cols - 1) // cols
     fig = Figure(figsize=(cols * 1.9, rows * 2.15))
@@ -245,8 +246,6 @@ def _class_sections(run_dir: Path, preds: dict, classes: list[str]) -> list[str]
 
 def plot_confusion(cm: np.ndarray, classes: list[str], out_png: Path) -> Path:
     """A row-normalised confusion matrix (rows: true class; each row sums to 1)."""
-    from matplotlib.figure import Figure
-
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     side = max(4.0, 0.35 * len(classes) + 2)
@@ -307,8 +306,6 @@ def _misclassified_section(run_dir: Path, s: Summary, preds: dict, classes: list
 def _gradcam_section(run_dir: Path, s: Summary, preds: dict, classes: list[str]) -> list[str]:
     """Grad-CAM overlays on the most confident mistakes and on one correct example per most
     confused class (explain.py), when the ``explain`` extra is installed."""
-    from transferlab import explain
-
     head = ["## Why the model decides (Grad-CAM)", ""]
     if not explain.available():
         return head + [
@@ -464,8 +461,6 @@ def write_reports(path: Path) -> list[Path]:
     if RunDir(path).summary.is_file():
         return list(write_run_report(path))
     if path.is_dir() and any(p.is_file() for p in path.glob(f"*/{RunDir.SUMMARY}")):
-        from transferlab.report.compare_report import write_compare_report
-
         md = write_compare_report(path)
         html = md.with_suffix(".html")
         return [md, html] if html.is_file() else [md, write_html(md)]

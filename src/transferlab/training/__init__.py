@@ -1,1 +1,1 @@
-"""Training: optimisers and schedules, precision, atomic checkpoints, the epoch loop, and fit()."""
+"""Training: optimisers and schedules, atomic checkpoints, the epoch loop, fit() and --tune."""
