@@ -39,11 +39,21 @@ from transferlab.config import (
     merge_dicts,
     resolve_preset,
 )
+from transferlab.data.load import load_data
 from transferlab.distributed import init_distributed
 from transferlab.errors import UserError
+from transferlab.experiment import run_experiment
 from transferlab.io import write_atomic, write_json, write_torch
-from transferlab.plan import only_where_features_are_cached
-from transferlab.rundir import RunDir
+from transferlab.models.registry import resolve_name
+from transferlab.plan import (
+    Plan,
+    only_where_features_are_cached,
+    resolved_config_dict,
+    resolved_config_text,
+)
+from transferlab.report.compare_report import write_compare_report
+from transferlab.rundir import RunDir, make_output_dir
+from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +112,6 @@ def chase_can_continue(first: Config, chase: Config, first_dir: Path) -> bool:
 
 def continue_from(first_dir: Path, chase: Config) -> None:
     """Make the chase dir a resumable copy of experiment 1 under the chase's config."""
-    from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
-    from transferlab.training.checkpoint import RESUME_KEYS, load_checkpoint
-
     first, dst = RunDir(first_dir), RunDir(chase.run.run_dir)
     dst.path.mkdir(parents=True, exist_ok=True)
     text = ""
@@ -137,19 +144,12 @@ def _prepare_root(base: Config, cc: CompareConfig) -> Path:
     root = Path(cc.run_dir or f"runs/compare-{datetime.now():%Y%m%d-%H%M%S}")
     if root.exists() and any(root.iterdir()) and not base.run.overwrite:
         raise UserError(f"compare dir {root} is not empty; pass --overwrite or another --run-dir")
-    from transferlab.models.registry import resolve_name
-    from transferlab.rundir import make_output_dir
-
     resolve_name(cc.backbone)  # an unknown backbone fails now, not after the CNN has trained
     return make_output_dir(root, "--run-dir")
 
 
 def run_compare(base: Config, cc: CompareConfig, stop_requested=lambda: False) -> dict:
     """Run the experiments, then write report.md (and report.html)."""
-    from transferlab.data.load import load_data
-    from transferlab.experiment import run_experiment
-    from transferlab.report.compare_report import write_compare_report
-
     env = init_distributed(base.run.device)
     root = _prepare_root(base, cc)
     data = load_data(base)

@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import errno
+import sys
 
 EXIT_USER = 2  # bad input or environment: fix it and rerun
 EXIT_FAILURE = 1  # the run failed on a resource (disk, memory) or a check
@@ -111,8 +112,6 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def _torch_oom_type():
-    import sys
-
     torch = sys.modules.get("torch")  # no import here: torch may not be loaded (models --help)
     return getattr(torch, "OutOfMemoryError", None) if torch is not None else None
 

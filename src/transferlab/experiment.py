@@ -27,8 +27,11 @@ from transferlab.data.balance import class_counts, class_weights, suggest_balanc
 from transferlab.data.check import warn_test_leaks
 from transferlab.data.cifar import ImageDataset
 from transferlab.data.load import load_data
+from transferlab.data.pipeline import build_pixel_pipeline
 from transferlab.distributed import DistEnv, broadcast_object, init_distributed, run_checked
 from transferlab.errors import TrainingStopped, UserError
+from transferlab.features.pipeline import build_feature_pipeline, choose_extraction
+from transferlab.features.probe import fit_linear_probe
 from transferlab.models.registry import build_model
 from transferlab.outputs import finish, write_run_header
 from transferlab.pipeline import FeatureInfo, Pipeline
@@ -87,8 +90,6 @@ def _plan(cfg: Config, model, ds: ImageDataset, env: DistEnv, ckpt: dict | None)
         return saved_plan(ckpt, env)
     extract = None
     if uses_feature_cache(cfg):  # the engine, precision and batch are measured first
-        from transferlab.features.pipeline import choose_extraction
-
         size = cfg.data.image_size or model.preprocess.input_size
         layout = use_channels_last(cfg.run.channels_last, size, env.device)
         extract = choose_extraction(cfg, model, ds, size, env, layout)
@@ -102,10 +103,7 @@ def _pipeline(
     if hasattr(ds, "set_preprocessing"):  # folder data: workers decode by the eval transform
         ds.set_preprocessing(plan.preprocessing)
     if plan.path == "features":
-        from transferlab.features.pipeline import build_feature_pipeline
-
         return build_feature_pipeline(cfg, plan, model, ds, env, stop_requested)
-    from transferlab.data.pipeline import build_pixel_pipeline
 
     return build_pixel_pipeline(cfg, plan, model, ds, env)
 
@@ -238,8 +236,6 @@ def _run(cfg: Config, ckpt, handle, dataset, env: DistEnv, stop_requested, t_sta
         torch.manual_seed(cfg.run.seed)  # each trial trained from here: the best one runs again
         run_checked(lambda: save_checkpoint(job, state, opt, RunDir.LAST), env, main_only=True)
     if cfg.model.solver == "lbfgs":
-        from transferlab.features.probe import fit_linear_probe
-
         state = fit_linear_probe(job, state, opt)
     else:
         state = fit(job, state, opt)

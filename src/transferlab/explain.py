@@ -26,10 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
+from transferlab.data.folder import load_image
+from transferlab.data.preprocess import to_float_normalized
+from transferlab.distributed import resolve_device
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
+from transferlab.predict import expand_inputs, load_run_model
 from transferlab.rundir import RunDir, data_root, make_output_dir, refuse_inside
 
 log = logging.getLogger(__name__)
@@ -103,8 +109,6 @@ def cam_maps(rm, images: torch.Tensor, targets: list[list[int]], device: torch.d
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from transferlab.data.preprocess import to_float_normalized
-
     model = rm.model.to(device).eval()
     for p in model.parameters():  # a frozen backbone has no grads; Grad-CAM needs them
         p.requires_grad_(True)
@@ -143,8 +147,6 @@ def plot_rows(
 
     ``rows``: (uint8 (3, H, W) image, [maps], [caption of the image, then one per map]).
     """
-    from matplotlib.figure import Figure
-
     panels = 1 + len(rows[0][1])
     n_rows = (len(rows) + per_row - 1) // per_row
     fig = Figure(figsize=(per_row * panels * 1.75, n_rows * 2.05))
@@ -171,8 +173,6 @@ WRITER = "transferlab explain"  # the PNG's Software text chunk
 
 def is_our_overlay(path: Path) -> bool:
     """``path`` is a PNG that explain (or a run report's Grad-CAM figure) wrote."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.info.get("Software") == WRITER
@@ -196,10 +196,6 @@ def explain_images(
     the map of ``target`` (a class name) when given. ``images`` are paths or file objects (PNG
     bytes). Unreadable images are skipped with a warning; a UserError when none is readable."""
     require()
-    from transferlab.data.folder import load_image
-    from transferlab.distributed import resolve_device
-    from transferlab.predict import load_run_model
-
     dev = resolve_device(device)
     rm = load_run_model(run_dir, dev)
     if target is not None and target not in rm.classes:
@@ -249,8 +245,6 @@ def explain_images(
 
 def cam_maps_probs(rm, images: torch.Tensor, device: torch.device) -> np.ndarray:
     """Softmax probabilities of uint8 images (no gradients): to pick the predicted class."""
-    from transferlab.data.preprocess import to_float_normalized
-
     x = to_float_normalized(images.to(device), rm.mean, rm.std, rm.image_size, rm.interpolation)
     return rm.model.eval()(x).float().softmax(1).cpu().numpy()
 
@@ -272,8 +266,6 @@ def report_figures(
     ``preds``: test_predictions.npz arrays; ``pairs``: the most confused (true, pred, count);
     ``load_images(indices, size)``: (uint8 images, reason when unavailable) of test images.
     """
-    from transferlab.predict import load_run_model
-
     rm = load_run_model(run_dir, "cpu")
     true, pred, prob = preds["true"], preds["pred"], preds["prob"]
     out = [
@@ -365,8 +357,6 @@ def _correct_examples(
 
 def cmd_explain(args) -> int:
     """``transferlab explain``: write the overlays, print their paths."""
-    from transferlab.predict import expand_inputs
-
     paths = explain_images(
         Path(args.run_dir),
         expand_inputs(args.images),

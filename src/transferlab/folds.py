@@ -38,6 +38,8 @@ from transferlab.data.load import load_data
 from transferlab.errors import UserError
 from transferlab.experiment import run_experiment
 from transferlab.plan import uses_feature_cache
+from transferlab.report.mlflow_log import log_run
+from transferlab.report.run_report import write_reports
 from transferlab.rundir import RunDir, Summary, data_root, prepare_run_dir
 
 log = logging.getLogger(__name__)
@@ -215,11 +217,7 @@ def _run_folds(cfg: Config, files: RunDir, handle, stop_requested) -> Summary:
             a["half_width_95"],
         )
     if cfg.run.report:
-        from transferlab.report.run_report import write_reports
-
         write_reports(files.path)
     if cfg.run.track:  # the run dir's model and the fold aggregate (the folds are not logged)
-        from transferlab.report.mlflow_log import log_run
-
         log_run(files.path, cfg.run.track)
     return final

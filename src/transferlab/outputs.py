@@ -18,14 +18,19 @@ import time
 from dataclasses import asdict
 
 import torch
+from torchinfo import summary
 
 from transferlab import __version__
 from transferlab.classmetrics import class_metrics, confusion_matrix
+from transferlab.data.tensor_loader import TensorLoader
 from transferlab.distributed import broadcast_module, run_checked
 from transferlab.errors import TrainingStopped
 from transferlab.io import write_atomic
 from transferlab.models.classifier import count_params
 from transferlab.plan import save_resolved_config
+from transferlab.report.mlflow_log import log_run
+from transferlab.report.plots import plot_curves
+from transferlab.report.run_report import write_reports
 from transferlab.rundir import RunDir, Summary
 from transferlab.training.checkpoint import load_checkpoint
 from transferlab.training.fit import FitState, Job
@@ -46,8 +51,6 @@ def write_run_header(job: Job, ds) -> None:
 
 def write_model_summary(model, cfg, size: int, path) -> None:
     """torchinfo summary (layers, output shapes, parameter counts) of ``model`` at ``size`` px."""
-    from torchinfo import summary
-
     batch = cfg.optim.batch_size if size <= 64 else 1  # the seed's CNN summary uses batch 200
     device = next(model.parameters()).device
     was_training = model.training
@@ -81,8 +84,6 @@ def _restore_best(job: Job) -> None:
 
 def _train_eval_loader(job: Job):
     """The training split without shuffling or augmentation (for the final train loss/acc)."""
-    from transferlab.data.tensor_loader import TensorLoader
-
     tl, env = job.pipe.train_loader, job.env
     if isinstance(tl, TensorLoader):
         return TensorLoader(
@@ -201,15 +202,10 @@ def _write_end_files(job: Job, summary: Summary, preds: dict) -> None:
             f"{RunDir.BEST} and {RunDir.METRICS} are intact"
         ) from None
     save_predictions(files.predictions, preds, list(job.data.classes))
-    from transferlab.report.plots import plot_curves
 
     cfg = job.cfg
     plot_curves(files.metrics, files.curves, title=f"{cfg.model.name} ({cfg.model.mode})")
     if cfg.run.report:
-        from transferlab.report.run_report import write_reports
-
         write_reports(job.run_dir)
     if cfg.run.track:
-        from transferlab.report.mlflow_log import log_run
-
         log_run(job.run_dir, cfg.run.track)

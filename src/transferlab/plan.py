@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from transferlab.config import Config
+from transferlab.config import Config, config_to_dict
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
@@ -226,8 +227,6 @@ def resolve_plan(
 def resolved_config_dict(cfg: Config, plan: Plan) -> dict:
     """config.yaml's content: the config with 0/auto replaced by what they resolved to, and the
     whole plan under ``resolved:`` (a rerun with ``--preset config.yaml`` repeats the run)."""
-    from transferlab.config import config_to_dict
-
     d = config_to_dict(cfg)
     d["data"]["image_size"] = plan.image_size
     d["run"]["precision"] = plan.train_precision
@@ -239,8 +238,6 @@ def resolved_config_dict(cfg: Config, plan: Plan) -> dict:
 
 def resolved_config_text(cfg: Config, plan: Plan) -> str:
     """config.yaml's text; checkpoints store its sha256 so a resume sees an edited file."""
-    import yaml
-
     return yaml.safe_dump(resolved_config_dict(cfg, plan), sort_keys=False)
 
 

@@ -16,6 +16,8 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 PLAIN_EVERY_S = 30.0  # seconds between plain progress lines when stderr is not a terminal
@@ -48,8 +50,6 @@ def _total(loader: Iterable) -> int:
 
 
 def _bar(loader: Iterable, desc: str) -> Iterator:
-    from tqdm.auto import tqdm
-
     with tqdm(
         total=_total(loader),
         desc=desc,

@@ -11,11 +11,24 @@ Usage:
 
 from __future__ import annotations
 
+import timm
+import torch
+
+from transferlab import rundir
 from transferlab.config import Config
 from transferlab.distributed import DistEnv
 from transferlab.errors import UserError
+from transferlab.features.cache import cache_root
+from transferlab.features.engines import require_engine
+from transferlab.features.quantize import require_int8
 from transferlab.metrics import load_tensorboard
+from transferlab.models.partial import check_stages
+from transferlab.models.registry import SOURCES, check_drop_path, resolve_name
+from transferlab.plan import uses_feature_cache
+from transferlab.precision import resolve_precision
+from transferlab.report.mlflow_log import check_tracking_available
 from transferlab.threads import usable_cores
+from transferlab.training.tune import load_optuna, open_storage
 
 
 def check_before_data(cfg: Config, env: DistEnv) -> None:
@@ -32,9 +45,6 @@ def check_before_data(cfg: Config, env: DistEnv) -> None:
 
 def check_model(cfg: Config, env: DistEnv) -> None:
     """The model exists, takes the flags given, and the device can run what is asked."""
-    from transferlab.models.registry import SOURCES, check_drop_path, resolve_name
-    from transferlab.precision import resolve_precision
-
     source, arch = resolve_name(cfg.model.name)  # an unknown name lists the choices
     resolve_precision(cfg.run.precision, env.device)  # fp16 on a CPU
     size = SOURCES[source].input_size
@@ -61,11 +71,6 @@ def check_model(cfg: Config, env: DistEnv) -> None:
 def _check_stages(source: str, arch: str, name: str, k: int) -> None:
     """--mode partial: the backbone has stages this tool knows and --train-stages fits them
     (a timm model is built on the meta device: no memory, no weights)."""
-    import timm
-    import torch
-
-    from transferlab.models.partial import check_stages
-
     net = torch.nn.Identity()  # no stages: check_stages names the supported models
     if source == "timm":
         with torch.device("meta"):
@@ -78,30 +83,20 @@ def check_extras(cfg: Config) -> None:
     if cfg.run.tensorboard:
         load_tensorboard()
     if cfg.run.track:
-        from transferlab.report.mlflow_log import check_tracking_available
-
         check_tracking_available(cfg.run.track)
     if cfg.optim.tune:
-        from transferlab.training.tune import load_optuna, open_storage
-
         load_optuna()
         if cfg.optim.tune_storage:  # unreachable: say so before any data loads
             open_storage(cfg.optim.tune_storage)
     if cfg.run.engine != "auto":
-        from transferlab.features.engines import require_engine
-
         require_engine(cfg.run.engine)
     if cfg.run.feature_precision == "int8":
-        from transferlab.features.quantize import require_int8
-
         require_int8()
 
 
 def check_feature_precision(cfg: Config) -> None:
     """``--feature-precision`` sets the extraction of cached frozen features: elsewhere it would
     be ignored, so it is an error."""
-    from transferlab.plan import uses_feature_cache
-
     if cfg.run.feature_precision == "int8" and cfg.model.mode != "frozen":
         raise UserError(
             f"--feature-precision int8 quantises a frozen backbone (--mode frozen); --mode "
@@ -230,9 +225,6 @@ def check_batch_size(batch_size: int, n_train: int, world_size: int = 1) -> None
 
 def check_paths(cfg: Config) -> None:
     """``folder:`` has a path, ``~user`` resolves, and run/cache dirs stay out of the data root."""
-    from transferlab import rundir
-    from transferlab.features.cache import cache_root
-
     if cfg.data.dataset.startswith("folder:") and not cfg.data.dataset[len("folder:") :].strip():
         raise UserError("--data folder: needs a path, e.g. --data folder:/data/flowers")
     root = rundir.data_root(cfg.data.dataset, cfg.data.data_dir)
