@@ -203,7 +203,15 @@ def _command(d, ws: Workspace) -> list[str]:
 
 def _check(ws: Workspace, record: dict, err: str, log_text: str, before: dict) -> None:
     after = ws.snapshot()
-    record["changed"] = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    out = (
+        record.get("argv", [])[record["argv"].index("--out") + 1]
+        if "--out" in record.get("argv", [])
+        else ""
+    )
+    new_output = lambda k: out and str(ws.root / k).startswith(out + "/") and k not in before  # noqa: E731
+    record["changed"] = sorted(
+        k for k in set(before) | set(after) if before.get(k) != after.get(k) and not new_output(k)
+    )  # an explicit --out may gain new files; nothing that was there may change
     problems = [
         why
         for why, bad in (
