@@ -32,7 +32,16 @@ ARTEFACTS = (
     "best.pt",
     "last.pt",
 )
-FIRST_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
+FIRST_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_balanced_acc",
+    "lr",
+    "epoch_time_s",
+]
 FLAGS = [
     "--val-size",
     "50",
