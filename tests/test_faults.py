@@ -27,7 +27,9 @@ from transferlab.cli import main
 from transferlab.features import cache as fcache
 from transferlab.rundir import RunDir
 
-COMMON = ["--no-progress", "--device", "cpu", "--precision", "fp32"]
+# One torch thread everywhere: the killed child and the in-process reference and resume must
+# reduce in the same order (float32 sums differ with the thread count on some CPUs).
+COMMON = ["--no-progress", "--device", "cpu", "--precision", "fp32", "--threads", "1"]
 AUG = ["--crop-padding", "4", "--flip"]  # augmentation RNG must survive an interrupt too
 # Columns that must match exactly between an interrupted-and-resumed run and an uninterrupted one
 # (epoch_time_s and train_img_s are wall-clock measurements).
