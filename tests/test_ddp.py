@@ -231,6 +231,12 @@ def _metrics(tmp: Path, name: str) -> list[list[float]]:
     return [[float(v) for v in r.split(",")[:6]] for r in rows]  # epoch .. lr (times differ)
 
 
+# Weights of 2 processes against 1: DDP's averaged gradient differs from one batch's in float32
+# rounding only. Gradual (pixels through ConvNeXt, Adam at 3e-3) amplifies it most: on an Intel
+# Xeon (AVX-512, no AMX) one weight of 81,920 ended 1.2e-5 apart (AMD Zen 4 stayed under 1e-5).
+ATOL = {"head": 1e-5, "gradual": 3e-5, "partial": 1e-5}
+
+
 @pytest.mark.parametrize("kind", ["head", "gradual", "partial"])
 def test_two_processes_match_one(runs, kind):
     tmp, single, ddp = runs
@@ -239,7 +245,9 @@ def test_two_processes_match_one(runs, kind):
         k.startswith("module.") for k in b
     )  # the unwrapped model
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{kind}: {k}")
+        torch.testing.assert_close(
+            b[k], a[k], rtol=1e-4, atol=ATOL[kind], msg=lambda m, k=k: f"{kind}: {k}: {m}"
+        )
     for ra, rb in zip(_metrics(tmp, f"one-{kind}"), _metrics(tmp, f"ddp-{kind}"), strict=True):
         assert rb == pytest.approx(ra, rel=1e-4, abs=1e-5)
     for split in ("train", "val", "test"):
@@ -288,7 +296,10 @@ def test_resume_under_two_processes_continues_exactly(runs):
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
     for ra, rb in zip(_metrics(tmp, "ddp-resume"), _metrics(tmp, "ddp-head"), strict=True):
         assert ra == pytest.approx(rb, rel=1e-5)
-    assert ddp[0]["resumed"]["test"] == pytest.approx(ddp[0]["head"]["test"])
+    resumed, head = ddp[0]["resumed"]["test"], ddp[0]["head"]["test"]
+    for key in ("loss", "acc", "balanced_acc", "macro_f1"):  # per_class: a list, not a number
+        assert resumed[key] == pytest.approx(head[key]), key
+    assert resumed["per_class"] == head["per_class"]
 
 
 def test_eval_counts_each_sample_once_and_extract_keeps_order(runs):
