@@ -65,7 +65,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RunDir:
+class _OurDir:
+    """A folder of ours with a marker file: the path, its ``/`` and the marker's read and write
+    (RunDir and StudyDir differ only in their file names and marker tag)."""
+
+    path: Path
+
+    MARKER: ClassVar[str] = ""
+    MARKER_FORMAT: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def marker(self) -> Path:
+        return self.path / self.MARKER
+
+    def write_marker(self) -> None:
+        """Mark the folder as ours (``--overwrite`` replaces only marked folders)."""
+        write_marker(self.marker, self.MARKER_FORMAT)
+
+    @classmethod
+    def is_ours(cls, path: Path | str) -> bool:
+        """True when ``path`` holds this kind's marker."""
+        return read_marker(Path(path) / cls.MARKER) == cls.MARKER_FORMAT
+
+
+@dataclass(frozen=True)
+class RunDir(_OurDir):
     """The files of one run dir (README "Run files"): the one place that spells their names."""
 
     path: Path
@@ -97,12 +127,6 @@ class RunDir:
     MARKER_FORMAT: ClassVar[str] = "transferlab-run"
     FINISHED: ClassVar[tuple[str, ...]] = (CONFIG, SUMMARY, METRICS)  # a finished run has these
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     config = property(lambda self: self.path / self.CONFIG)
     summary = property(lambda self: self.path / self.SUMMARY)
     metrics = property(lambda self: self.path / self.METRICS)
@@ -125,20 +149,10 @@ class RunDir:
     continued_from = property(lambda self: self.path / self.CONTINUED_FROM)
     failed = property(lambda self: self.path / self.FAILED)
     lock = property(lambda self: self.path / self.LOCK)
-    marker = property(lambda self: self.path / self.MARKER)
 
     def fold(self, i: int) -> Path:
         """The run dir of fold ``i`` (1-based) of a ``--folds`` run."""
         return self.path / self.FOLD.format(i)
-
-    def write_marker(self) -> None:
-        """Mark the folder as a run of ours (``--overwrite`` replaces only marked folders)."""
-        write_marker(self.marker, self.MARKER_FORMAT)
-
-    @classmethod
-    def is_ours(cls, path: Path | str) -> bool:
-        """True when ``path`` holds our run marker (written by every run since the marker)."""
-        return read_marker(Path(path) / cls.MARKER) == cls.MARKER_FORMAT
 
     def is_finished(self) -> bool:
         """summary.json exists: the run went through its last epoch and its test."""
@@ -146,7 +160,7 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class StudyDir:
+class StudyDir(_OurDir):
     """The files of a study dir (its cells are run dirs below it): their one place."""
 
     path: Path
@@ -162,12 +176,6 @@ class StudyDir:
     MARKER: ClassVar[str] = ".transferlab-study"
     MARKER_FORMAT: ClassVar[str] = "transferlab-study"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     study = property(lambda self: self.path / self.STUDY)
     cells = property(lambda self: self.path / self.CELLS)
     costs = property(lambda self: self.path / self.COSTS)
@@ -176,16 +184,6 @@ class StudyDir:
     report_html = property(lambda self: self.path / self.REPORT_HTML)
     efficiency_png = property(lambda self: self.path / self.EFFICIENCY_PNG)
     cost_png = property(lambda self: self.path / self.COST_PNG)
-    marker = property(lambda self: self.path / self.MARKER)
-
-    def write_marker(self) -> None:
-        """Mark the folder as a study of ours."""
-        write_marker(self.marker, self.MARKER_FORMAT)
-
-    @classmethod
-    def is_ours(cls, path: Path | str) -> bool:
-        """True when ``path`` holds our study marker."""
-        return read_marker(Path(path) / cls.MARKER) == cls.MARKER_FORMAT
 
 
 MARKER_VERSION = 1
