@@ -108,3 +108,43 @@ def test_entry_sets_the_policy_before_torch_loads():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("PASSIVE")
+
+
+def test_thread_watch_follows_a_neighbour_between_epochs(monkeypatch, caplog, keep_threads):
+    """After an epoch, the count follows the cores others used during it, and a change is logged;
+    no change logs nothing."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    busy = iter([1.2, 1.1, 0.1])  # a neighbour starts, stays, then stops
+    monkeypatch.setattr(threads, "_busy_between", lambda a, b: next(busy))
+    torch.set_num_threads(2)
+    watch = threads.ThreadWatch(0, "train")
+    with caplog.at_level(logging.INFO, "transferlab.threads"):
+        assert [watch.recheck() for _ in range(3)] == [1, None, 2]
+    lines = [r.getMessage() for r in caplog.records if r.name == "transferlab.threads"]
+    assert len(lines) == 2 and lines[0].startswith("threads for train: 2 -> 1 (2 cores, 1.2 busy")
+    assert torch.get_num_threads() == 2
+
+
+def test_thread_watch_leaves_a_pinned_count(monkeypatch, keep_threads):
+    monkeypatch.setattr(threads, "_busy_between", lambda a, b: 5.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    assert threads.ThreadWatch(0, "train").recheck() is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.ThreadWatch(2, "train").recheck() is None
+    assert torch.get_num_threads() == 2
+
+
+def test_own_cpu_counts_a_busy_child():
+    """A child process's CPU time is this process's own (DataLoader workers are not neighbours)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.6: pass"]
+    )
+    try:
+        before = threads._own_cpu_s()
+        child.wait()
+    finally:
+        child.kill()
+    # a reaped child counts through os.times; a live one through /proc: either way it counts
+    assert threads._own_cpu_s() - before > 0.2

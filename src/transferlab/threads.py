@@ -7,15 +7,20 @@ jobs (benchmarks/RESULTS.md, "Threads under contention"), and the seed CNN train
 beside one other PyTorch job with all cores than quiet (issue 25).
 
 So at the start of each phase (extraction, training) :func:`use_threads` measures how busy the
-CPU is over a quarter second (``/proc/stat`` minus this process's own CPU time; the 1-minute load
-average where there is no ``/proc/stat``), and uses the cores left free: at least one, at most
-the cores this process may run on. ``--threads N`` wins over the measurement. Each choice is
-logged in one line. The order: ``--threads N``, else ``OMP_NUM_THREADS`` where the user set it (the
-usual way to pin OpenMP programs; the test suite pins it so runs repeat bit for bit), else the
-measurement. OpenMP's passive waits are the other half (transferlab/entry.py).
+CPU is over a quarter second (``/proc/stat`` minus this process's own CPU time and its children's,
+such as DataLoader workers; the 1-minute load average where there is no ``/proc/stat``), and uses
+the cores left free: at least one, at most the cores this process may run on. During training,
+:class:`ThreadWatch` checks again after every epoch, with the epoch itself as the window (no extra
+sampling), so a neighbour that starts or stops mid-run changes the count at the next epoch.
+Each choice, and each change, is logged in one line. The order: ``--threads N``, else
+``OMP_NUM_THREADS`` where the user set it (the usual way to pin OpenMP programs; the test suite
+pins it so runs repeat bit for bit), else the measurement. OpenMP's passive waits are the other
+half (transferlab/entry.py).
 
 Usage:
     n = use_threads(cfg.run.threads, "train")     # logs "threads for train: 1 (...)"
+    watch = ThreadWatch(cfg.run.threads, "train")
+    watch.recheck()                                # after each epoch: logs a change only
     with threads_restored():                       # a library caller gets its count back
         ...
 """
@@ -28,6 +33,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -55,20 +61,63 @@ def _cpu_ticks() -> tuple[float, float] | None:
     return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is already in user time
 
 
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of its live children (DataLoader workers are ours, not
+    another job's); children that have ended count through ``os.times``."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return own
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                own += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, ValueError, IndexError):
+                continue
+    return own
+
+
+@dataclass(frozen=True)
+class _Mark:
+    ticks: tuple[float, float] | None  # (busy, total) of all CPUs, /proc/stat
+    own_s: float  # CPU seconds of this process and its children
+    wall: float
+
+
+def _mark() -> _Mark:
+    return _Mark(_cpu_ticks(), _own_cpu_s(), time.perf_counter())
+
+
+def _busy_between(a: _Mark, b: _Mark) -> float | None:
+    """Cores kept busy by other processes between two marks; None without /proc/stat."""
+    if a.ticks is None or b.ticks is None:
+        return None
+    busy, total, wall = b.ticks[0] - a.ticks[0], b.ticks[1] - a.ticks[1], b.wall - a.wall
+    if total <= 0 or wall <= 0:
+        return 0.0
+    own = (b.own_s - a.own_s) / wall  # cores
+    return max(0.0, busy / total * (os.cpu_count() or 1) - own)
+
+
 def busy_elsewhere(window_s: float = WINDOW_S) -> float:
     """Cores kept busy by other processes: over ``window_s`` seconds from /proc/stat (minus this
     process's own CPU time), else the 1-minute load average (which counts this process too)."""
-    first, own0, t0 = _cpu_ticks(), os.times(), time.perf_counter()
-    if first is None:
+    first = _mark()
+    if first.ticks is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     time.sleep(window_s)
-    last, own1, wall = _cpu_ticks(), os.times(), time.perf_counter() - t0
-    busy, total = last[0] - first[0], last[1] - first[1]
-    if total <= 0 or wall <= 0:
-        return 0.0
-    n_cpu = os.cpu_count() or 1
-    own = (own1.user + own1.system - own0.user - own0.system) / wall  # cores
-    return max(0.0, busy / total * n_cpu - own)
+    busy = _busy_between(first, _mark())
+    return 0.0 if busy is None else busy
 
 
 def free_threads(busy: float, cores: int) -> int:
@@ -83,20 +132,12 @@ def use_threads(requested: int, phase: str) -> int:
     Without them, the count is the cores free right now (see the module docstring); a DDP rank
     under torchrun shares them with its local peers (``LOCAL_WORLD_SIZE``).
     """
-    cores = usable_cores()
-    pinned = _env_threads()
-    if requested:
-        n, why = requested, "--threads"
-    elif pinned:
-        n, why = pinned, "OMP_NUM_THREADS"
+    pinned = _pinned(requested)
+    if pinned:
+        n, why = pinned
     else:
         busy = busy_elsewhere()
-        peers = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        n = max(1, free_threads(busy, cores) // peers)
-        why = f"{cores} cores, {busy:.1f} busy with other processes"
-        if peers > 1:
-            why += f", shared by {peers} local ranks"
-        why += "; --threads N to fix it"
+        n, why = _from_busy(busy), _why(busy)
     torch.set_num_threads(n)
     log.info(
         "threads for %s: %d (%s; OpenMP waits %s)",
@@ -106,6 +147,59 @@ def use_threads(requested: int, phase: str) -> int:
         os.environ.get("OMP_WAIT_POLICY", "default").lower(),
     )
     return n
+
+
+def _pinned(requested: int) -> tuple[int, str] | None:
+    """(count, why) where the user fixed it: ``--threads`` first, then OMP_NUM_THREADS."""
+    if requested:
+        return requested, "--threads"
+    env = _env_threads()
+    return (env, "OMP_NUM_THREADS") if env else None
+
+
+def _peers() -> int:
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def _from_busy(busy: float) -> int:
+    """Threads for this process (or DDP rank) when ``busy`` cores are taken by others."""
+    return max(1, free_threads(busy, usable_cores()) // _peers())
+
+
+def _why(busy: float) -> str:
+    why = f"{usable_cores()} cores, {busy:.1f} busy with other processes"
+    if _peers() > 1:
+        why += f", shared by {_peers()} local ranks"
+    return why + "; --threads N to fix it"
+
+
+class ThreadWatch:
+    """Re-checks the free cores between epochs, from the CPU time other processes used since the
+    last check: the epoch is the window, so it costs two reads of ``/proc``, no sampling. Does
+    nothing where the count is pinned (``--threads``, OMP_NUM_THREADS) or without ``/proc/stat``.
+    """
+
+    def __init__(self, requested: int, phase: str):
+        self.phase = phase
+        self.pinned = _pinned(requested) is not None
+        self.last = _mark()
+
+    def recheck(self) -> int | None:
+        """The new count where it changed (and is set and logged), else None."""
+        if self.pinned:
+            return None
+        now = _mark()
+        busy, self.last = _busy_between(self.last, now), now
+        if busy is None:
+            return None
+        n = _from_busy(busy)
+        if n == torch.get_num_threads():
+            return None
+        log.info(
+            "threads for %s: %d -> %d (%s)", self.phase, torch.get_num_threads(), n, _why(busy)
+        )
+        torch.set_num_threads(n)
+        return n
 
 
 def _env_threads() -> int:

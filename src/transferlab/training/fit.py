@@ -32,6 +32,7 @@ from transferlab.pipeline import Pipeline
 from transferlab.plan import Plan, resolved_config_dict, resolved_config_text
 from transferlab.precision import make_scaler
 from transferlab.rundir import RunDir
+from transferlab.threads import ThreadWatch
 from transferlab.training.checkpoint import rng_state, set_rng_state
 from transferlab.training.loop import (
     EpochStats,
@@ -321,6 +322,7 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
     """Train from ``state`` to the end of the epoch budget or an early stop."""
     cfg, env = job.cfg, job.env
     guard = StepGuard(job.ctx, state.nan_count)
+    watch = ThreadWatch(cfg.run.threads, "train")  # a neighbour that starts mid-run is seen
     for epoch in range(state.epoch, cfg.optim.epochs):
         if state.phase == "frozen" and epoch >= cfg.model.freeze_epochs:
             log.info(
@@ -362,6 +364,7 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
         if state.stop_reason:
             log.info("early stop after epoch %d: %s", epoch + 1, state.stop_reason)
             break
+        watch.recheck()
     if not state.stop_reason:
         state.stop_reason = f"epoch budget ({cfg.optim.epochs}) done"
     return state
