@@ -87,6 +87,7 @@ def test_summary_and_metrics_hold_per_class_metrics(imbalanced, tmp_path):
         (["--balance", "oversample"], "--balance must be one of"),
         (["--folds", "1"], "--folds must be at least 2"),
         (["--folds", "-3"], "--folds must be at least 2"),
+        (["--folds", "0"], "--folds must be at least 2; got 0 (leave --folds out"),
     ],
 )
 def test_bad_choices_are_one_line_errors(capsys, imbalanced, tmp_path, flags, message):

@@ -56,14 +56,23 @@ def opt(
     flag: str = "",
     aliases: tuple[str, ...] = (),
     choices: tuple[str, ...] = (),
+    given_min: int | None = None,
 ) -> Any:
     """A config field with its command-line face: the one source of its default and help.
 
     Its CLI flag is ``--<field-name>`` (``--no-<field-name>`` for a True bool, which sets it
     False) and its API keyword the flag in snake_case (see :func:`keywords`). ``flag``: another
-    flag name; ``aliases``: more flags for the same field; ``choices``: listed in ``--help``.
+    flag name; ``aliases``: more flags for the same field; ``choices``: listed in ``--help``;
+    ``given_min``: the least value a flag or keyword may ask for, where the default is an "off"
+    value below it (``--folds``: 0 is off, and ``--folds 0`` is refused, as ``--folds 1`` is).
     """
-    meta = {"help": help, "flag": flag, "aliases": aliases, "choices": choices}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "aliases": aliases,
+        "choices": choices,
+        "given_min": given_min,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -132,8 +141,9 @@ class DataConfig:
     num_workers: int = opt(2, "DataLoader workers for folder data (CIFAR needs none)")
     folds: int = opt(
         0,
-        "K >= 2: K stratified folds of train+val (test untouched), each a run in RUN_DIR/fold-i, "
-        "then the final model on all of train+val (0 = off)",
+        "K >= 2: K stratified folds of train+val (test untouched), each a run in RUN_DIR/fold-i; "
+        "the best fold is the final model (leave it out for one run)",
+        given_min=2,
     )
     check_data: bool = opt(
         True,
@@ -635,6 +645,12 @@ class OptionSet:
             section, f, negated = table[name]
             where = f"{name}=" if name == f.name and _negated(f) else f"{flag_of(name)} ({name}=)"
             value = coerce(value, f, where)
+            least = f.metadata.get("given_min")
+            if least is not None and value < least:
+                raise UserError(
+                    f"{flag_of(name)} must be at least {least}; got {value} "
+                    f"(leave {flag_of(name)} out to turn it off)"
+                )
             out.setdefault(section, {})[f.name] = not value if negated else value
         return out
 
