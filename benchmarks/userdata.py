@@ -11,20 +11,31 @@ inverse-frequency weights: the measurement behind the default) and sampler (all 
 --folds K: the K-fold mean and 95% interval of test accuracy against the single run's number,
 and the wall time of each.
 
+``planted``: the imbalanced folder's images (--common/--rare per class, as ``imbalanced``) with
+--plant leaks planted into val and test under new names, a third of each kind: exact copies of
+training images, copies resized to 48 px and saved as JPEG (quality 75), and copies with
+brightness +8% saved as PNG; then ``transferlab check-data --json`` (dHash): which planted pairs
+it finds, and which pairs it reports that were not planted (each checked: the same pixels, or a
+dHash distance within the threshold, means a real duplicate already in CIFAR-100).
+
 Usage:
     python benchmarks/userdata.py imbalanced --data-dir ../shared/datasets --out /tmp/imb
     python benchmarks/userdata.py folds --data-dir ../shared/datasets --out /tmp/k5 --folds 5
+    python benchmarks/userdata.py planted --data-dir ../shared/datasets --out /tmp/plant
     python benchmarks/userdata.py imbalanced --out /tmp/imb-smoke --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import random
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from transferlab.cli import main as cli
 from transferlab.data.cifar import load_cifar100
@@ -113,9 +124,84 @@ def folds(args) -> str:
     )
 
 
+def planted(args) -> str:
+    """Plant exact and near copies of training images into val/test; score check-data on them."""
+    half = args.classes // 2
+    counts = {c: (args.common if c < half else args.rare) for c in range(args.classes)}
+    data = write_folder(args, counts, args.val, 100 if not args.smoke else 10)
+    train_files = sorted((data / "train").rglob("*.png"))
+    rng = random.Random(0)
+    sources = rng.sample(train_files, args.plant)
+    planted_pairs = {}
+    for i, src in enumerate(sources):
+        kind = ("exact", "jpeg48", "brighter")[i % 3]
+        split = ("val", "test")[i % 2]
+        dst_dir = data / split / src.parent.name
+        img = Image.open(src).convert("RGB")
+        if kind == "exact":
+            dst = dst_dir / f"planted-{i}.png"
+            dst.write_bytes(src.read_bytes())
+        elif kind == "jpeg48":
+            dst = dst_dir / f"planted-{i}.jpg"
+            img.resize((48, 48), Image.BICUBIC).save(dst, quality=75)
+        else:
+            dst = dst_dir / f"planted-{i}.png"
+            ImageEnhance.Brightness(img).enhance(1.08).save(dst)
+        planted_pairs[frozenset((str(src), str(dst)))] = kind
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    argv = ["check-data", str(data), "--json", "--out", str(Path(args.out) / "report")]
+    with contextlib.redirect_stdout(buf):
+        code = cli(argv)
+    wall = time.perf_counter() - t0
+    if code not in (0, 1):
+        raise SystemExit(f"check-data exited {code}")
+    report = json.loads(buf.getvalue())
+
+    def full(path: str) -> str:  # the report's paths may be relative to its root
+        q = Path(path)
+        return str((q if q.is_absolute() else Path(report["root"]) / q).resolve())
+
+    found = {}
+    for pair in report["leaks"]:
+        pair["a"], pair["b"] = full(pair["a"]), full(pair["b"])
+        found[frozenset((pair["a"], pair["b"]))] = pair
+    planted_resolved = {
+        frozenset(str(Path(f).resolve()) for f in k): v for k, v in planted_pairs.items()
+    }
+    hit = {k: v for k, v in planted_resolved.items() if k in found}
+    extra = [found[k] for k in found if k not in planted_resolved]
+    by_kind = {
+        kind: (
+            sum(1 for v in hit.values() if v == kind),
+            sum(1 for v in planted_resolved.values() if v == kind),
+        )
+        for kind in ("exact", "jpeg48", "brighter")
+    }
+    lines = [
+        f"{len(train_files)} training images ({args.classes} CIFAR-100 classes), "
+        f"{args.plant} planted leaks in val/test; check-data (dHash) in {wall:.1f}s",
+        "",
+        "| planted kind | found / planted |",
+        "|---|---|",
+        *[f"| {k} | {h} / {n} |" for k, (h, n) in by_kind.items()],
+        f"| **all** | **{len(hit)} / {len(planted_resolved)}** |",
+        "",
+        f"Reported but not planted: {len(extra)}",
+    ]
+    for pair in extra:
+        a, b = Image.open(pair["a"]).convert("RGB"), Image.open(pair["b"]).convert("RGB")
+        same = a.size == b.size and a.tobytes() == b.tobytes()
+        lines.append(
+            f"- {pair['kind']} {pair['a']} ~ {pair['b']} (distance {pair.get('distance', 0)}; "
+            f"{'identical pixels' if same else 'pixels differ: look at them'})"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("imbalanced", "folds"))
+    ap.add_argument("what", choices=("imbalanced", "folds", "planted"))
     ap.add_argument("--data-dir", default="../shared/datasets")
     ap.add_argument("--out", required=True)
     ap.add_argument("--classes", type=int, default=10)
@@ -124,13 +210,14 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=10, help="val images per class")
     ap.add_argument("--per-class", type=int, default=40, help="folds: train+val images per class")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--plant", type=int, default=30, help="planted: leaks to plant")
     ap.add_argument("--model", default="lite0", choices=("lite0", "cnn"))
     ap.add_argument("--smoke", action="store_true", help="cnn, 1 epoch, 10 test images per class")
     args = ap.parse_args()
     if args.smoke:
         args.model = "cnn"
     args.model_flags = LITE0 if args.model == "lite0" else ["--model", "cnn"]
-    text = imbalanced(args) if args.what == "imbalanced" else folds(args)
+    text = {"imbalanced": imbalanced, "folds": folds, "planted": planted}[args.what](args)
     (Path(args.out) / f"{args.what}.md").write_text(text)
     print(text)
 
