@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
         "--near",
         default="dhash",
         choices=NEAR_METHODS,
-        help="near duplicates across splits by a 64-bit dHash (within 6 bits), or by lite0 "
+        help="near duplicates across splits by a 64-bit dHash (within 4 bits), or by lite0 "
         "feature cosine >= 0.95 (centred; needs the lite0 extra; not calibrated on photos yet)",
     )
 
