@@ -114,6 +114,8 @@ def run_cell(args, model: str, row: str, per_class: int, seed: int) -> dict:
     ]
     if per_class:
         cmd += ["--per-class", str(per_class)]
+        if args.extract_subset:  # extract only the rows of the seeds' subsets, as a study does
+            cmd += ["--extract-per-class", str(per_class), "--extract-seeds", str(args.seeds)]
     if args.train_subset:
         cmd += ["--train-subset", str(args.train_subset)]
     if args.smoke:
@@ -181,6 +183,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the sizes below 'all'")
     p.add_argument("--train-subset", type=int, default=0, help="a seeded pool instead of 45,000")
     p.add_argument("--engine", default="auto", help="extraction engine (auto measures them)")
+    p.add_argument(
+        "--extract-subset",
+        action="store_true",
+        help="sizes below all: extract only the training rows of the seeds' subsets "
+        "(--extract-per-class), not all 45,000",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny check that every row runs")
     args = p.parse_args()
     if args.smoke:
