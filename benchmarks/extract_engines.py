@@ -34,6 +34,7 @@ Usage (2 cores, shared; a few minutes each):
     python benchmarks/extract_engines.py --rounds 5 --n-batches 6 --probe-train 5000  # longer
     python benchmarks/extract_engines.py --int8 --main-job --out /tmp/int8      # issue 25 (long)
     python benchmarks/extract_engines.py --int8 --smoke --out /tmp/int8s        # a quick check
+    python benchmarks/extract_engines.py --int8 --int8-variants default,full-bc,mixed,last-fp32
 """
 
 from __future__ import annotations
@@ -628,8 +629,76 @@ def main_job_int8(args, log) -> dict:
     return row
 
 
+INT8_VARIANTS = {  # name: quantize.Int8Settings fields (NNCF's knobs that cost no extra images)
+    "default": {},
+    "full-bc": {"fast_bias_correction": False},
+    "mixed": {"preset": "mixed"},
+    "last-fp32": {"fp32_last_conv": True},
+    "full-bc+last-fp32": {"fast_bias_correction": False, "fp32_last_conv": True},
+}
+
+
+def int8_variant_rows(args, log) -> list[dict]:
+    """lite0's int8 quantisation settings against fp32 and bf16: the L-BFGS probe's test
+    accuracy on real CIFAR-100 features (--variant-train training images, --variant-test test
+    images) and the extraction img/s, each variant calibrated on the same 300 training images."""
+    from transferlab.data.preprocess import to_float_normalized
+    from transferlab.features import engines as eng
+    from transferlab.features import quantize
+
+    (x_tr, y_tr), (x_te, y_te) = cifar_subset(args.variant_train, args.variant_test)
+    model = lite_model("lite0").eval()
+    pp = model.preprocess
+    size = LITES["lite0"]
+
+    def batches(x):  # prepared float batches, made as they are consumed (memory stays small)
+        for b in x.split(32):
+            yield to_float_normalized(b, pp.mean, pp.std, size, pp.interpolation)
+
+    cal = list(batches(x_tr[quantize.calibration_indices(len(x_tr), 0)]))
+    blob = eng._convert_openvino(model.backbone, torch.rand(2, 3, size, size))
+    rows, ref = [], {}
+    for name in ["fp32", "bf16", *args.int8_variants]:
+        t = time.perf_counter()
+        if name in ("fp32", "bf16"):
+            prec, model_blob = name, blob
+        else:
+            settings = quantize.Int8Settings(**INT8_VARIANTS[name])
+            prec = "int8"
+            model_blob = eng._openvino_blob(
+                quantize.quantize_model(eng._read_openvino(blob), cal, settings)
+            )
+        build_s = time.perf_counter() - t
+        engine = eng.OpenVINOEngine(
+            eng._load_openvino(model_blob, prec), EngineChoice("openvino", prec, 32)
+        )
+        list(engine.map(iter(cal[:1])))  # compile and warm outside the timing
+        t = time.perf_counter()
+        f_te = torch.cat(list(engine.map(batches(x_te))))
+        img_s = len(x_te) / (time.perf_counter() - t)
+        f_tr = torch.cat(list(engine.map(batches(x_tr))))
+        acc = pct(fit_probe(f_tr, y_tr)(f_te), y_te)
+        if name in ("fp32", "bf16"):
+            ref[name] = acc
+        row = {
+            "variant": name,
+            "probe_test_acc": round(acc, 2),
+            "vs_fp32_points": round(acc - ref["fp32"], 2),
+            "img_s": round(img_s, 1),
+            "quantise_s": round(build_s, 1) if prec == "int8" else 0.0,
+            "load": round(os.getloadavg()[0], 2),
+        }
+        log(f"  {row}")
+        rows.append(row)
+    return rows
+
+
 def int8_results(args, root: Path, log) -> dict:
     out: dict = {}
+    if args.int8_variants:
+        out["variants"] = int8_variant_rows(args, log)
+        print_rows(out["variants"], log)
+        return out
     if not args.no_speed:
         out["speed"] = int8_speed_rows(args, root, log)
         print_rows(out["speed"], log)
@@ -681,11 +750,21 @@ def parse_args(argv=None):
     p.add_argument("--no-speed", action="store_true", help="--int8: skip the img/s rounds")
     p.add_argument("--out", default="/tmp/int8-bench", help="--int8: runs and caches")
     p.add_argument("--smoke", action="store_true", help="--int8: lite0, tiny subsets")
+    p.add_argument(
+        "--int8-variants",
+        default="",
+        help=f"--int8: compare NNCF settings on lite0 only ({','.join(INT8_VARIANTS)})",
+    )
+    p.add_argument("--variant-train", type=int, default=10000, help="--int8-variants: probe train")
+    p.add_argument("--variant-test", type=int, default=5000, help="--int8-variants: probe test")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.lites = args.lites.split(",")
     args.acc_per_class = [int(k) for k in args.acc_per_class.split(",")]
     args.acc_precisions = args.acc_precisions.split(",")
+    args.int8_variants = [v for v in args.int8_variants.split(",") if v]
+    if unknown := set(args.int8_variants) - set(INT8_VARIANTS):
+        p.error(f"--int8-variants: unknown {sorted(unknown)}; choose from {list(INT8_VARIANTS)}")
     if args.smoke:
         args.lites, args.int8_speed_n, args.rounds = ["lite0"], 64, 1
         args.acc_train_subset, args.acc_test_subset, args.acc_epochs = 400, 200, 1

@@ -295,7 +295,7 @@ def export_run(
             if data is not None:
                 meta["int8"] = {
                     "calibration": data.calibration.key,
-                    "nncf": quantize.nncf_version(),
+                    **quantize.SETTINGS.key(),
                     "quantiser": "nncf.quantize (post-training, <= 300 seeded training images)",
                 }
             runtime, diff, batches, agreement = export_openvino(

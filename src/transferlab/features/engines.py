@@ -426,7 +426,7 @@ def converted_model(
     """
     parts = _converted_key(engine, backbone, size, weights_hash)
     if calibration is not None:
-        parts["int8"] = {"calibration": calibration.key, "nncf": quantize.nncf_version()}
+        parts["int8"] = {"calibration": calibration.key, **quantize.SETTINGS.key()}
     key = fcache.cache_key(parts)
     root = Path(cache_root) / "engines"
     hit = fcache.load_entry(root, key)

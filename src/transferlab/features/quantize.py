@@ -2,17 +2,18 @@
 
 ``--feature-precision int8`` runs the frozen backbone as an int8 OpenVINO model: NNCF's
 post-training quantisation (``nncf.quantize``: min/max statistics of each quantised tensor, then
-fast bias correction) on at most :data:`CALIBRATION_MAX` images of the run's own training split,
-drawn with its split seed (``--split-seed``: not the run's ``--seed``, so a study's replicates
-share one quantised model and one feature cache entry, as they share the split). On
+full bias correction, :data:`SETTINGS`) on at most :data:`CALIBRATION_MAX` images of the run's own
+training split, drawn with its split seed (``--split-seed``: not the run's ``--seed``, so a
+study's replicates share one quantised model and one feature cache entry, as they share the
+split). On
 AVX512-VNNI/AMX CPUs int8 convolutions run at about twice the bf16 MAC rate; what that costs in
 accuracy is measured, not assumed (benchmarks/extract_engines.py --int8, RESULTS.md).
 
-The calibration set is named by :func:`calibration_id` (the training split's identity and the
-drawn indices) before anything is extracted, so the plan and the feature cache key carry it,
-and ``predict`` finds the same quantised model without the training data. The quantised model is
-cached like the converted engines (engines.converted_model: one safetensors file under
-``cache_root/engines``, keyed by the weights' hash, the image size, the calibration id, the
+The calibration set is named by :func:`calibration_id` (the training split's identity, the drawn
+indices and the quantiser's settings) before anything is extracted, so the plan and the feature
+cache key carry it, and ``predict`` finds the same quantised model without the training data. The
+quantised model is cached like the converted engines (engines.converted_model: one safetensors file
+under ``cache_root/engines``, keyed by the weights' hash, the image size, the calibration id, the
 preprocessing and the library versions, nncf's included; written atomically with a sha256; a
 corrupt file is deleted and rebuilt).
 
@@ -30,7 +31,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import ModuleType
 
 import torch
@@ -45,6 +46,30 @@ CALIBRATION_MAX = 300  # images (NNCF's own default subset_size)
 CALIBRATION_MIN = 10  # below this the min/max statistics describe a handful of images
 EXTRA = "int8"  # the pyproject extra: openvino + nncf
 PACKAGES = ("openvino", "nncf")
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How NNCF quantises (its cache keys hold these, so a change rebuilds the models).
+
+    ``fast_bias_correction``: NNCF's default one-pass bias correction; False runs its full
+    BiasCorrection (slower: a pass per layer). ``preset``: "performance" (symmetric) or "mixed"
+    (asymmetric activations). ``fp32_last_conv``: the last convolution (conv_head, 1280 output
+    channels that the head reads directly) stays in fp32 through an ignored scope.
+    """
+
+    fast_bias_correction: bool = True
+    preset: str = "performance"
+    fp32_last_conv: bool = False
+
+    def key(self) -> dict:
+        return {"nncf": nncf_version(), **asdict(self)}
+
+
+# The measured choice (benchmarks/extract_engines.py --int8-variants, RESULTS.md): NNCF's full
+# bias correction; on lite0's CIFAR-100 probe it lost 0.24 points to fp32 where the fast default
+# lost 1.12. Mixed (asymmetric) activations and an fp32 conv_head gained nothing.
+SETTINGS = Int8Settings(fast_bias_correction=False)
 
 
 @dataclass(frozen=True)
@@ -94,12 +119,27 @@ def calibration_indices(n_train: int, seed: int) -> torch.Tensor:
 
 
 def calibration_id(identity: dict, indices: torch.Tensor) -> str:
-    """The calibration set's hash: the training split's identity (data hash, split, subset) and
-    the drawn indices."""
-    return fcache.cache_key({**identity, "indices": indices.tolist(), "n": len(indices)})
+    """The calibration set's hash: the training split's identity (data hash, split, subset), the
+    drawn indices and the quantiser's settings (with nncf's version)."""
+    quantiser = SETTINGS.key()  # how the images become an int8 model: a change is a new model
+    return fcache.cache_key(
+        {**identity, "indices": indices.tolist(), "n": len(indices), "quantiser": quantiser}
+    )
 
 
-def quantize_model(model, batches: Iterable[torch.Tensor]):
+def _last_conv(model) -> str:
+    """The friendly name of an ``openvino.Model``'s last Convolution node."""
+    convs = [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Convolution"
+    ]
+    if not convs:
+        raise ValueError("the model has no Convolution node")
+    return convs[-1]
+
+
+def quantize_model(model, batches: Iterable[torch.Tensor], settings: Int8Settings = SETTINGS):
     """An ``openvino.Model`` quantised to int8 by NNCF on the calibration ``batches``.
 
     Each calibration image is one NNCF sample (batches are cut into single images, the form
@@ -113,6 +153,19 @@ def quantize_model(model, batches: Iterable[torch.Tensor]):
             f"it needs at least {CALIBRATION_MIN} (or use --feature-precision fp32 or bf16)"
         )
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: never in stdout's data
-        quantized = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
-    log.info("quantised the backbone to int8 with NNCF on %d calibration images", len(images))
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(images),
+            subset_size=len(images),
+            fast_bias_correction=settings.fast_bias_correction,
+            preset=nncf.QuantizationPreset(settings.preset),
+            ignored_scope=(
+                nncf.IgnoredScope(names=[_last_conv(model)]) if settings.fp32_last_conv else None
+            ),
+        )
+    log.info(
+        "quantised the backbone to int8 with NNCF on %d calibration images (%s)",
+        len(images),
+        settings,
+    )
     return quantized
