@@ -5,8 +5,8 @@ Rows (lite0 unless --models says more):
 - ``tune30``: frozen + ``--tune 30`` (an Optuna head search, scored on val);
 - ``p1v1``, ``p1v2``, ``p2v1``, ``p2v2``: ``--mode partial --train-stages K`` with V cached views
   (AdamW, backbone at lr/10, one-cycle, label smoothing 0.1, 15 epochs, a linear head: the
-  issue's first measurement); ``p1v2bn``: p1v2 with ``--partial-bn train`` (BatchNorm on batch
-  statistics, the choice the issue asks to measure against the default frozen statistics).
+  issue's first measurement; BatchNorm on batch statistics, the default ``--partial-bn train``);
+  ``p1v1bnfrozen``: p1v1 with ``--partial-bn frozen`` (the pretrained statistics), to compare.
 
 Each cell is one ``transferlab train`` process (per class N, seed s), so the wall time is end to
 end. Every row has its own cache dir: its first cell extracts (cold), the others read the cache;
@@ -59,9 +59,9 @@ ROWS = {  # name: (flags, epochs)
     "p1v2": ([*PARTIAL, "--train-stages", "1", "--feature-views", "2"], 15),
     "p2v1": ([*PARTIAL, "--train-stages", "2", "--feature-views", "1"], 15),
     "p2v2": ([*PARTIAL, "--train-stages", "2", "--feature-views", "2"], 15),
-    # BatchNorm of the trained stage on batch statistics, against the default frozen ones
-    "p1v2bn": (
-        [*PARTIAL, "--train-stages", "1", "--feature-views", "2", "--partial-bn", "train"],
+    # BatchNorm of the trained stage on its pretrained statistics, against the default batch ones
+    "p1v1bnfrozen": (
+        [*PARTIAL, "--train-stages", "1", "--feature-views", "1", "--partial-bn", "frozen"],
         15,
     ),
 }
@@ -70,18 +70,20 @@ BATCH = 200  # the default global batch
 TRAIN_IMAGES = 45_000  # CIFAR-100's training split after the 5,000 validation images
 
 
-def epochs_for(per_class: int, n_train: int, epochs: int) -> int:
-    """The recipe's epochs, raised so that a small subset still gets MIN_STEPS steps."""
+def epochs_for(per_class: int, n_train: int, epochs: int, min_steps: int = MIN_STEPS) -> int:
+    """The recipe's epochs, raised so that a small subset still gets ``min_steps`` steps."""
     n = per_class * 100 if per_class else n_train
     steps = math.ceil(n / BATCH)
-    return max(epochs, math.ceil(MIN_STEPS / steps))
+    return max(epochs, math.ceil(min_steps / steps))
 
 
 def run_cell(args, model: str, row: str, per_class: int, seed: int) -> dict:
     """One ``transferlab train`` process; its summary's numbers, wall time and load."""
     flags, epochs = ROWS[row]
     n_train = args.train_subset or TRAIN_IMAGES
-    epochs = 1 if args.smoke else epochs_for(per_class, n_train, epochs)
+    if per_class == 0 and args.epochs_all and row != "frozen":
+        epochs = args.epochs_all
+    epochs = 1 if args.smoke else epochs_for(per_class, n_train, epochs, args.min_steps)
     if args.smoke and "--tune" in flags:
         flags = [*flags[: flags.index("--tune")], "--tune", "2"]
     label = f"{model}-{row}-{per_class or 'all'}-s{seed}"
@@ -118,6 +120,8 @@ def run_cell(args, model: str, row: str, per_class: int, seed: int) -> dict:
             cmd += ["--extract-per-class", str(per_class), "--extract-seeds", str(args.seeds)]
     if args.train_subset:
         cmd += ["--train-subset", str(args.train_subset)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if args.smoke:
         cmd += ["--val-size", "200", "--test-subset", "200"]
     load0 = os.getloadavg()[0]
@@ -190,6 +194,9 @@ def main() -> None:
         "(--extract-per-class), not all 45,000",
     )
     p.add_argument("--smoke", action="store_true", help="a tiny check that every row runs")
+    p.add_argument("--threads", type=int, default=0, help="--threads of each cell (0 = auto)")
+    p.add_argument("--min-steps", type=int, default=MIN_STEPS, help="raise small sizes' epochs")
+    p.add_argument("--epochs-all", type=int, default=0, help="partial/tune rows' epochs at all")
     args = p.parse_args()
     if args.smoke:
         args.sizes, args.seeds, args.train_subset = "all", 1, args.train_subset or 300

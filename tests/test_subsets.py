@@ -62,3 +62,53 @@ def test_split_and_feature_selection_pick_the_same_images():
     f, y = select_per_class(feats, labels, per_class=3, seed=7)
     assert torch.equal(f[:, 0].to(torch.uint8), sub.images[:, 0, 0, 0])
     assert torch.equal(y, sub.labels)
+
+
+def test_a_per_class_run_extracts_only_its_subsets_rows(tmp_path):
+    """``train --per-class K`` (frozen, cached) extracts the K-per-class rows of its subset, not
+    the whole training split (--extract-per-class -1, auto), and trains on the same images and
+    features as a run that extracted every row (--extract-per-class 0)."""
+    import json
+
+    import torchvision
+
+    from transferlab.cli import main
+    from transferlab.data.cifar import write_cifar_like
+    from transferlab.features import cache as fcache
+
+    data = write_cifar_like(tmp_path / "data", 120, 40, n_classes=4)
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    flags = ["--model", "resnet18", "--weights", str(weights), "--image-size", "32"]
+    flags += ["--val-size", "20", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    flags += ["--precision", "fp32", "--engine", "torch", "--no-progress", "--no-report"]
+    flags += ["--per-class", "3", "--subset-seed", "1", "--data-dir", str(data)]
+
+    def run(name: str, *extra: str) -> tuple[dict, list[dict]]:
+        cache = tmp_path / f"cache-{name}"
+        assert (
+            main(
+                [
+                    "train",
+                    *flags,
+                    "--run-dir",
+                    str(tmp_path / name),
+                    "--cache-dir",
+                    str(cache),
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        return summary, [e for e in fcache.list_entries(cache) if e.get("split") == "train"]
+
+    auto, auto_train = run("auto")
+    every, every_train = run("every", "--extract-per-class", "0")
+    # the auto run's train entry holds the rows of seeds 0 and 1 (nested unions), at most 24
+    # of the 100 training images; the other run's, all 100
+    assert auto_train[0]["bytes"] < every_train[0]["bytes"] / 3
+    assert auto["data"]["n"]["train"] == every["data"]["n"]["train"] == 12
+    assert auto["test"]["acc"] == pytest.approx(every["test"]["acc"])
+    assert auto["val"]["loss"] == pytest.approx(every["val"]["loss"], rel=1e-5)

@@ -119,9 +119,11 @@ class DataConfig:
     per_class: int = opt(0, "train on a stratified, nested subset of N images per class (0 = all)")
     subset_seed: int = opt(0, "seed of the --per-class draw (a study's replicate)")
     extract_per_class: int = opt(
-        0,
-        "frozen mode: extract only the training images of the --per-class K subsets of seeds "
-        "0..--extract-seeds minus 1, the rows a study without 'all' uses (0 = every image)",
+        -1,
+        "cached features: extract only the training images of the --per-class K subsets of "
+        "seeds 0..--extract-seeds minus 1, the rows a study without 'all' uses (0 = every "
+        "image; -1 = auto: a --per-class run extracts the rows of its own subset, seeds "
+        "0..--subset-seed, and a run on every image extracts every image)",
     )
     extract_seeds: int = opt(1, "seeds whose --extract-per-class subsets are extracted")
     test_subset: int = opt(0, "evaluate on the first N test images, for quick runs (0 = all)")
@@ -173,12 +175,12 @@ class DataConfig:
         _check(self.per_class >= 0, f"--per-class must be >= 0; got {self.per_class}")
         _check(self.test_subset >= 0, f"--test-subset must be >= 0; got {self.test_subset}")
         _check(
-            self.extract_per_class >= 0 and self.extract_seeds >= 1,
-            "--extract-per-class must be >= 0 and --extract-seeds >= 1; got "
+            self.extract_per_class >= -1 and self.extract_seeds >= 1,
+            "--extract-per-class must be >= -1 and --extract-seeds >= 1; got "
             f"{self.extract_per_class}, {self.extract_seeds}",
         )
         _check(
-            not self.extract_per_class
+            self.extract_per_class <= 0
             or (
                 0 < self.per_class <= self.extract_per_class
                 and self.subset_seed < self.extract_seeds
@@ -234,9 +236,10 @@ class ModelConfig:
         "cached output of the frozen stages before them",
     )
     partial_bn: str = opt(
-        "frozen",
-        "partial: BatchNorm of the trained stages keeps its pretrained statistics (frozen) or "
-        "normalises with batch statistics and updates them (train)",
+        "train",
+        "partial: BatchNorm of the trained stages normalises with batch statistics and updates "
+        "them (train: measured far better, RESULTS.md) or keeps its pretrained statistics "
+        "(frozen)",
         choices=PARTIAL_BN,
     )
     freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")
@@ -266,7 +269,7 @@ class ModelConfig:
         )
         _choice(self.partial_bn, PARTIAL_BN, "--partial-bn")
         _check(
-            self.mode == "partial" or (self.train_stages == 1 and self.partial_bn == "frozen"),
+            self.mode == "partial" or (self.train_stages == 1 and self.partial_bn == "train"),
             "--train-stages and --partial-bn apply to --mode partial",
         )
         _check(self.train_stages >= 1, f"--train-stages must be >= 1; got {self.train_stages}")
@@ -759,6 +762,9 @@ def config_from_dict(d: dict[str, Any]) -> Config:
                 f"unknown key(s) {sorted(map(str, bad))} in config section {name!r}; "
                 f"valid: {sorted(valid)}"
             )
+        if name == "model" and section.get("mode") != "partial" and "partial_bn" in section:
+            # runs written before --partial-bn's default became "train" hold "frozen"
+            section = {k: v for k, v in section.items() if k != "partial_bn"}
         parts[name] = cls(
             **{k: coerce(v, valid[k], f"config key {name}.{k}") for k, v in section.items()}
         )

@@ -257,9 +257,15 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
 
 def train_rows_recipe(cfg: Config) -> tuple[int, int] | None:
     """(per class, seeds) of the training rows to extract, or None for every row (a long-tail
-    split picks its rows from the whole split's features first)."""
+    split picks its rows from the whole split's features first). ``--extract-per-class -1``
+    (auto): a ``--per-class K`` run extracts the rows of its subsets of seeds 0..--subset-seed
+    (nested, so a later seed's run reuses nothing but re-extracts few), not all 45,000."""
     d = cfg.data
-    if not d.extract_per_class or d.dataset.startswith("cifar100-lt:"):
+    if d.dataset.startswith("cifar100-lt:"):
+        return None
+    if d.extract_per_class < 0:
+        return (d.per_class, d.subset_seed + 1) if d.per_class else None
+    if not d.extract_per_class:
         return None
     return d.extract_per_class, d.extract_seeds
 
@@ -390,9 +396,11 @@ def check_cut_space(
     root = fcache.cache_root(cfg.run.cache_dir)
     per_image = math.prod(shape) * torch.finfo(storage_dtype(cfg)).bits // 8
     need, sizes = 0, []
+    rows = train_rows(cfg, ds)  # None: every training image
     for name in ("train", "val", "test"):
         views = cfg.run.feature_views if name == "train" else 1
-        size = len(getattr(ds, name)) * views * per_image
+        n = len(rows) if name == "train" and rows is not None else len(getattr(ds, name))
+        size = n * views * per_image
         sizes.append(f"{name} {_human(size)}")
         if not fcache.entry_path(root, split_cache_key(cfg, plan, ds, name, whash)).is_file():
             need += size

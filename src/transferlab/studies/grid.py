@@ -291,11 +291,13 @@ def plan_cells(grid: Grid, class_counts: dict[int, int], study_dir: Path) -> lis
                 n = k * len(class_counts) if k else n_all
                 run_dir = study_dir / arm.key / f"pc{size_label(k)}-s{seed}"
                 cfg = cell_config(grid, arm, k, seed, run_dir, n)
-                if 0 not in sizes and uses_feature_cache(cfg) and not _long_tail(cfg):
-                    # a grid without "all": a frozen arm extracts only the rows its cells use
-                    # (the subsets are nested: the largest size's of every seed)
+                if uses_feature_cache(cfg) and not _long_tail(cfg):
+                    # a grid with "all" extracts every row once and its cells pick theirs; a
+                    # grid without it, only the rows its cells use (the subsets are nested: the
+                    # largest size's of every seed)
+                    rows = (0, 1) if 0 in sizes else (max(sizes), grid.seeds)
                     data = dataclasses.replace(
-                        cfg.data, extract_per_class=max(sizes), extract_seeds=grid.seeds
+                        cfg.data, extract_per_class=rows[0], extract_seeds=rows[1]
                     )
                     cfg = dataclasses.replace(cfg, data=data)
                 cells.append(Cell(arm, k, seed, run_dir, cfg, n))
