@@ -581,29 +581,41 @@ def int8_accuracy_rows(args, log) -> tuple[list[dict], dict]:
 
 
 def int8_agreement(args, runs: dict, log) -> dict:
-    """predict's top-1 agreement between lite0's int8 and bf16 runs (all/class), test images."""
+    """predict's top-1 agreement between lite0's int8 and bf16 runs (all/class), test images:
+    each run as predict loads it (its own engine and head), and the same head (the bf16 run's)
+    on int8 features, which isolates what quantisation changes from what head training does."""
     from transferlab.data.cifar import load_cifar100
     from transferlab.data.preprocess import to_float_normalized
-    from transferlab.predict import load_run_model
+    from transferlab.predict import _engine_forward, load_run_model
 
     ds = load_cifar100(CIFAR_DIR, download=False, split_seed=0, val_size=5000)
     images, labels = ds.test.images[: args.agree_n], ds.test.labels[: args.agree_n]
-    preds = {}
     ref = "bf16" if "bf16" in args.acc_precisions else args.acc_precisions[0]
-    for prec in ("int8", ref):
-        rm = load_run_model(runs[("lite0", prec, 0)], "cpu")
-        pre = rm.preprocessing
+    rms = {prec: load_run_model(runs[("lite0", prec, 0)], "cpu") for prec in ("int8", ref)}
+    # the ref run's frozen backbone and head; int8 features from the int8 run's plan (the same
+    # pretrained weights, so the same weights hash and quantised model)
+    same_head = _engine_forward(
+        rms[ref].model, rms["int8"].plan, torch.device("cpu"), rms["int8"].config
+    )
+    forwards = {"int8": rms["int8"].logits, ref: rms[ref].logits, "int8_same_head": same_head}
+    preds = {}
+    pre = rms[ref].preprocessing
+    for name, fwd in forwards.items():
         out = []
         with torch.inference_mode():
             for x in images.split(250):
-                x = to_float_normalized(x, pre.mean, pre.std, rm.image_size, pre.interpolation)
-                out.append(rm.logits(x).argmax(1))
-        preds[prec] = torch.cat(out)
+                x = to_float_normalized(
+                    x, pre.mean, pre.std, rms[ref].image_size, pre.interpolation
+                )
+                out.append(fwd(x).argmax(1))
+        preds[name] = torch.cat(out)
     row = {
         "images": len(labels),
         "against": ref,
         "top1_agreement_pct": round(pct(preds["int8"], preds[ref]), 2),
+        "same_head_agreement_pct": round(pct(preds["int8_same_head"], preds[ref]), 2),
         "int8_acc": round(pct(preds["int8"], labels), 2),
+        "int8_same_head_acc": round(pct(preds["int8_same_head"], labels), 2),
         f"{ref}_acc": round(pct(preds[ref], labels), 2),
     }
     log(f"  predict agreement: {row}")
@@ -611,22 +623,30 @@ def int8_agreement(args, runs: dict, log) -> dict:
 
 
 def main_job_int8(args, log) -> dict:
-    """The README's main job, cold (empty cache dir), with --feature-precision int8: wall s."""
-    cache = Path(args.out) / "main-job-cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    cmd = [sys.executable, "-m", "transferlab", "compare", "--data-dir", CIFAR_DIR]
-    cmd += ["--backbone", "timm:tf_efficientnet_lite0", "--feature-precision", "int8"]
-    cmd += ["--run-dir", str(Path(args.out) / "main-job"), "--overwrite"]
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "TRANSFERLAB_CACHE_DIR": str(cache)})
-    wall = time.perf_counter() - t
-    frozen = Path(args.out) / "main-job" / "timm-tf_efficientnet_lite0-frozen" / "summary.json"
-    row = {
-        "wall_s": round(wall, 1),
-        "frozen_test_acc": json.loads(frozen.read_text())["test"]["acc"],
-    }
-    log(f"  main job cold, int8: {row}")
-    return row
+    """The README's main job, cold (empty cache dir), with ``--feature-precision P`` for each P of
+    --main-job-precisions (auto = what the README runs), one after another: wall s each."""
+    out = {}
+    for prec in args.main_job_precisions:
+        cache = Path(args.out) / f"main-job-cache-{prec}"
+        shutil.rmtree(cache, ignore_errors=True)
+        run_dir = Path(args.out) / f"main-job-{prec}"
+        cmd = [sys.executable, "-m", "transferlab", "compare", "--data-dir", CIFAR_DIR]
+        cmd += ["--backbone", "timm:tf_efficientnet_lite0", "--feature-precision", prec]
+        cmd += ["--run-dir", str(run_dir), "--overwrite"]
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "TRANSFERLAB_CACHE_DIR": str(cache)})
+        wall = time.perf_counter() - t
+        frozen = run_dir / "timm-tf_efficientnet_lite0-frozen" / "summary.json"
+        summary = json.loads(frozen.read_text())
+        out[prec] = {
+            "wall_s": round(wall, 1),
+            "frozen_test_acc": summary["test"]["acc"],
+            "frozen_setup_s": summary["time_s"]["setup"],
+            "load": [round(load, 2), round(os.getloadavg()[0], 2)],
+        }
+        log(f"  main job cold, --feature-precision {prec}: {out[prec]}")
+    return out
 
 
 INT8_VARIANTS = {  # name: quantize.Int8Settings fields (NNCF's knobs that cost no extra images)
@@ -747,6 +767,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--agree-n", type=int, default=2000, help="--int8: test images for predict")
     p.add_argument("--main-job", action="store_true", help="--int8: also the main job, cold")
+    p.add_argument("--main-job-precisions", default="auto,int8", help="--main-job: which")
     p.add_argument("--no-speed", action="store_true", help="--int8: skip the img/s rounds")
     p.add_argument("--out", default="/tmp/int8-bench", help="--int8: runs and caches")
     p.add_argument("--smoke", action="store_true", help="--int8: lite0, tiny subsets")
@@ -762,6 +783,7 @@ def parse_args(argv=None):
     args.lites = args.lites.split(",")
     args.acc_per_class = [int(k) for k in args.acc_per_class.split(",")]
     args.acc_precisions = args.acc_precisions.split(",")
+    args.main_job_precisions = args.main_job_precisions.split(",")
     args.int8_variants = [v for v in args.int8_variants.split(",") if v]
     if unknown := set(args.int8_variants) - set(INT8_VARIANTS):
         p.error(f"--int8-variants: unknown {sorted(unknown)}; choose from {list(INT8_VARIANTS)}")

@@ -207,12 +207,11 @@ def resolve_plan(
     train_precision = resolve_precision(cfg.run.precision, env.device)
     path = "features" if uses_feature_cache(cfg) else "pixels"
     # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16.
-    # Partial mode's last lite0 stage and conv_head on 192x7x7 cut activations train at the run's
-    # precision: bf16 autocast where --precision auto finds native bf16 (Zen 4 AVX512_BF16, 2
-    # threads, batch 200: fp32 253 img/s, bf16 440), fp32 elsewhere (an earlier Xeon without
-    # native bf16: fp32 39 img/s, bf16 23)
-    cpu_head = cfg.model.mode != "partial"
-    head_precision = "fp32" if env.device.type == "cpu" and cpu_head else train_precision
+    # Partial mode's last lite0 stage and conv_head train in fp32 on the CPU too: bf16 autocast
+    # was 1.7x faster on a Zen 4 with AVX512_BF16 (2 threads, batch 200: 440 img/s against 253)
+    # but wrecked the stage (64/class: val 34% after 8 epochs, fp32 67%; RESULTS.md issue 21),
+    # and slower on a Xeon without native bf16 (23 img/s against 39)
+    head_precision = "fp32" if env.device.type == "cpu" else train_precision
     return Plan(
         image_size=size,
         preprocessing=make_preprocessing(model, crop_pct, size, on_device_resize=pixels_in_memory),
