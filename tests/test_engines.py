@@ -406,3 +406,26 @@ def test_engines_run_the_same_under_the_commands_allocator(tmp_path):
         if engines.engine_installed(name):
             got = torch.load(tmp_path / f"{name}.pt")
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_the_auto_probe_leaves_a_partial_prefix_in_eval_mode_and_unchanged(tmp_path):
+    """The engine probe (every engine, two rounds, an ONNX export that restores the mode it
+    found) must not put partial mode's shared prefix in train mode: its BatchNorm would take the
+    probe's random batches into its running statistics, and the engine converted next would
+    normalise with batch statistics (a cold ``--engine auto`` partial run once trained on such
+    activations: 12% val where a warm one reached 38%)."""
+    from transferlab.config import ModelConfig
+    from transferlab.models.partial import StagePrefix
+    from transferlab.models.registry import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="timm:tf_efficientnet_lite0", weights="none", mode="partial")
+    model = build_model(cfg, 10)
+    model.train()  # the training loop's state; the frozen prefix stays in eval
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = StagePrefix(model.backbone, 1)
+    resolve_engine("auto", prefix, "lite0@cut-1", 32, torch.device("cpu"), tmp_path, "auto", True)
+    assert not any(m.training for m in prefix.modules())
+    after = model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not moved, moved[:5]

@@ -482,7 +482,11 @@ def build_engine(  # noqa: PLR0913 - the model, where to cache it, and how to qu
 
     int8 needs ``calibration``: the quantised model is built from it on a cache miss. It never
     falls back: the user asked for int8.
+
+    The backbone is put in eval mode: an engine extracts (BatchNorm on its running statistics,
+    which a probe's random batches must not move), and a converter traces what it is given.
     """
+    backbone.eval()
     spec = ENGINE_SPECS[choice.name]
     if spec.converter is None:  # runs the backbone itself
         if channels_last:

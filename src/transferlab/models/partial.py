@@ -80,12 +80,23 @@ def set_partial_trainable(model: Classifier, k: int, bn_train: bool = False) -> 
 
 
 class StagePrefix(nn.Module):
-    """Images -> the cut's activations, flattened to (N, C*H*W) (what the engines extract)."""
+    """Images -> the cut's activations, flattened to (N, C*H*W) (what the engines extract).
+
+    Always in eval mode: its modules are the model's frozen prefix, shared, and whatever puts a
+    module back in "its" mode (``torch.onnx.export`` restores the mode it found) must not set
+    them training. A fresh module starts in train mode, and an engine probe's export once left
+    the prefix training: its BatchNorm then took random probe batches into its running
+    statistics and the engine converted after it normalised with batch statistics.
+    """
 
     def __init__(self, backbone: nn.Module, k: int):
         super().__init__()
         self.conv_stem, self.bn1 = backbone.conv_stem, backbone.bn1
         self.blocks = nn.Sequential(*list(backbone.blocks)[:-k])
+        self.train(False)
+
+    def train(self, mode: bool = True) -> StagePrefix:
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.bn1(self.conv_stem(x))).flatten(1)
