@@ -59,6 +59,7 @@ def _train(root: Path, data: Path, weights: Path, name: str, *extra: str) -> dic
         "--overwrite",
         "--engine",
         "torch",
+        "--no-report",  # report.md/html (Grad-CAM, plots) are test_reports.py's claim, not these
         *extra,
     ]  # torch: the live path runs the same kernels
     assert main(args) == 0
@@ -208,7 +209,7 @@ def test_folder_cache_keys_on_content_a_repaint_misses(setup, tmp_path, monkeypa
         args = ["train", "--data", f"folder:{folder}", "--model", "resnet18"]
         args += ["--weights", str(weights), "--image-size", "32", "--epochs", "1"]
         args += ["--device", "cpu", "--precision", "fp32", "--engine", "torch"]
-        args += ["--cache-dir", str(cache), "--run-dir", str(out), "--no-progress"]
+        args += ["--cache-dir", str(cache), "--run-dir", str(out), "--no-progress", "--no-report"]
         assert main(args) == 0
         return json.loads((out / "summary.json").read_text())["feature_cache"]
 

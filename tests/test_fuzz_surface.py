@@ -10,7 +10,7 @@ asserts, as tests/test_fuzz_cli.py does for the older commands:
 * no file outside the command's own run or study dir (and the cache dir) changed, and a user's
   own files (in the cache dir, beside the data, in a folder passed as ``--run-dir``) survive.
 
-The default run is small (``FUZZ_SURFACE_EXAMPLES``, 30); the ``slow`` marker runs 200. Every
+The default run is small (``FUZZ_SURFACE_EXAMPLES``, 20); the ``slow`` marker runs 200. Every
 command line is appended to ``$FUZZ_LOG`` (if set), one JSON object per line, for the report.
 """
 
@@ -39,7 +39,7 @@ from transferlab.errors import TrainingStopped
 from transferlab.features import cache as fcache
 from transferlab.rundir import StudyDir
 
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_SURFACE_EXAMPLES", "30"))
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_SURFACE_EXAMPLES", "20"))  # slow: 200, random
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_SURFACE_SLOW", "200"))
 TINY = ["--epochs", "1", "--batch-size", "16", "--val-size", "10", "--device", "cpu"]
 TINY += ["--no-progress", "--no-report", "--num-workers", "0"]

@@ -415,6 +415,7 @@ def test_rank_scores_candidates_and_keeps_the_subsample_out_of_the_train_key(dat
     cands = parse_candidates(f"{LITE0}@32,{LITE0}@48")
     ov = _overrides(data4, tmp_path / "cache")
     del ov["data"]["image_size"]
+    ov["run"]["engine"] = "torch"  # the rank, not the engine: auto converts lite0 at each size
     rows = rank_candidates(cands, ov, per_class=3)
     assert [r.logme for r in rows] == sorted((r.logme for r in rows), reverse=True)
     assert {r.candidate for r in rows} == {f"{LITE0}@32", f"{LITE0}@48"}
@@ -476,6 +477,7 @@ def test_rank_picks_the_subsample_from_a_cached_training_split(data4, tmp_path):
     cands = parse_candidates(f"{LITE0}@32")
     ov = _overrides(data4, tmp_path / "cache")
     del ov["data"]["image_size"]
+    ov["run"]["engine"] = "torch"  # the rank, not the engine: auto converts lite0 at each size
     cold = rank(cands, ov, per_class=3)[0]  # extracts the subsample under its own key
     ds = load_data(candidate_config(cands[0], ov))
     env = init_distributed("cpu")

@@ -358,7 +358,7 @@ def test_fold_interval_is_student_t():
 def test_folds_run_k_fold_dirs_and_the_best_fold_is_the_model(imbalanced, tmp_path, frozen):
     run = tmp_path / "k3"
     extra = [*FROZEN, "--cache-dir", str(tmp_path / "cache")] if frozen else []
-    s = _train(f"folder:{imbalanced}", run, "--folds", "3", "--epochs", "2", *extra)
+    s = _train(f"folder:{imbalanced}", run, "--folds", "3", "--epochs", "1", *extra)
     folds = s["folds"]
     assert folds["k"] == 3 and len(folds["per_fold"]) == 3
     for i in (1, 2, 3):
