@@ -54,7 +54,8 @@ class StudyConfig:
     arms: str = opt(
         "",
         "comma-separated MODEL:MODE[:PRESET], e.g. cnn:scratch,cnn:scratch:cnn-best,"
-        "timm:tf_efficientnet_lite0:frozen,resnet18:finetune",
+        "timm:tf_efficientnet_lite0:frozen,resnet18:finetune; the best CPU arm measured beyond "
+        "frozen: timm:tf_efficientnet_lite0:partial:lite-partial",
     )
     per_class: str = opt(
         "4,16,64,all",
