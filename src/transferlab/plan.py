@@ -208,9 +208,9 @@ def resolve_plan(
     path = "features" if uses_feature_cache(cfg) else "pixels"
     # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16.
     # Partial mode's last lite0 stage and conv_head train in fp32 on the CPU too: bf16 autocast
-    # was 1.7x faster on a Zen 4 with AVX512_BF16 (2 threads, batch 200: 440 img/s against 253)
-    # but wrecked the stage (64/class: val 34% after 8 epochs, fp32 67%; RESULTS.md issue 21),
-    # and slower on a Xeon without native bf16 (23 img/s against 39)
+    # is 1.7x faster on a Zen 4 with AVX512_BF16 (2 threads, batch 200: 440 img/s against 253)
+    # and slower on a Xeon without native bf16 (23 img/s against 39), and its accuracy has not
+    # been measured cleanly yet (RESULTS.md issue 21)
     head_precision = "fp32" if env.device.type == "cpu" else train_precision
     return Plan(
         image_size=size,
