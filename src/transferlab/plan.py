@@ -207,11 +207,12 @@ def resolve_plan(
     train_precision = resolve_precision(cfg.run.precision, env.device)
     path = "features" if uses_feature_cache(cfg) else "pixels"
     # the head on cached features is a few small matmuls: on the CPU fp32 is as fast as bf16.
-    # Partial mode's last lite0 stage and conv_head train in fp32 on the CPU too: bf16 autocast
-    # is 1.7x faster on a Zen 4 with AVX512_BF16 (2 threads, batch 200: 440 img/s against 253)
-    # and slower on a Xeon without native bf16 (23 img/s against 39), and its accuracy has not
-    # been measured cleanly yet (RESULTS.md issue 21)
-    head_precision = "fp32" if env.device.type == "cpu" else train_precision
+    # Partial mode's last lite0 stage and conv_head are convolutions: they train at the run's
+    # precision, so --precision auto gives bf16 autocast where the CPU has native bf16 (Zen 4
+    # AVX512_BF16, 64/class: 630 img/s against fp32's 365-480, test 67.55% against 67.53%;
+    # RESULTS.md issue 21) and fp32 elsewhere (a Xeon without it: bf16 23 img/s, fp32 39)
+    cpu_head = env.device.type == "cpu" and cfg.model.mode != "partial"
+    head_precision = "fp32" if cpu_head else train_precision
     return Plan(
         image_size=size,
         preprocessing=make_preprocessing(model, crop_pct, size, on_device_resize=pixels_in_memory),
