@@ -259,7 +259,7 @@ def train_rows_recipe(cfg: Config) -> tuple[int, int] | None:
     """(per class, seeds) of the training rows to extract, or None for every row (a long-tail
     split picks its rows from the whole split's features first). ``--extract-per-class -1``
     (auto): a ``--per-class K`` run extracts the rows of its subsets of seeds 0..--subset-seed
-    (nested, so a later seed's run reuses nothing but re-extracts few), not all 45,000."""
+    (one cache entry per seed count), not the whole split; a study sets its rows explicitly."""
     d = cfg.data
     if d.dataset.startswith("cifar100-lt:"):
         return None

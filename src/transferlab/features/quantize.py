@@ -1,11 +1,10 @@
 """int8 extraction: the backbone's OpenVINO IR quantised by NNCF, calibrated on the run's data.
 
-``--feature-precision int8`` runs the frozen backbone as an int8 OpenVINO model: NNCF's
-post-training quantisation (``nncf.quantize``: min/max statistics of each quantised tensor, then
-full bias correction, :data:`SETTINGS`) on at most :data:`CALIBRATION_MAX` images of the run's own
-training split, drawn with its split seed (``--split-seed``: not the run's ``--seed``, so a
-study's replicates share one quantised model and one feature cache entry, as they share the
-split). On
+``--feature-precision int8`` runs the frozen backbone as an int8 OpenVINO model: NNCF's post-
+training quantisation (``nncf.quantize``: min/max statistics of each quantised tensor, then full
+bias correction, :data:`SETTINGS`) on at most :data:`CALIBRATION_MAX` images of the run's own
+training split, drawn with its split seed (``--split-seed``: not the run's ``--seed``, so a study's
+replicates share one quantised model and one feature cache entry, as they share the split). On
 AVX512-VNNI/AMX CPUs int8 convolutions run at about twice the bf16 MAC rate; what that costs in
 accuracy is measured, not assumed (benchmarks/extract_engines.py --int8, RESULTS.md).
 
