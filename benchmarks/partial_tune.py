@@ -3,6 +3,9 @@
 Rows (lite0 unless --models says more):
 - ``frozen``: the frozen backbone and the default head, as today;
 - ``tune30``: frozen + ``--tune 30`` (an Optuna head search, scored on val);
+- ``layers3``: frozen + ``--feature-layers 3`` (Head2Toe's multi-layer features, the default
+  head); ``frozenlin`` and ``layers3lin``: frozen and frozen + ``--feature-layers 3`` under a
+  linear head;
 - ``p1v1``, ``p1v2``, ``p2v1``, ``p2v2``: ``--mode partial --train-stages K`` with V cached views
   (AdamW, backbone at lr/10, one-cycle, label smoothing 0.1, 15 epochs, a linear head: the
   issue's first measurement; BatchNorm on batch statistics, the default ``--partial-bn train``);
@@ -55,6 +58,10 @@ PARTIAL = [
 ROWS = {  # name: (flags, epochs)
     "frozen": ([], 10),
     "tune30": (["--tune", "30"], 10),
+    # Head2Toe in the tool: the last 3 stages' pooled outputs beside the final features
+    "layers3": (["--feature-layers", "3"], 10),
+    "frozenlin": (["--head", "linear"], 10),
+    "layers3lin": (["--feature-layers", "3", "--head", "linear"], 10),
     "p1v1": ([*PARTIAL, "--train-stages", "1", "--feature-views", "1"], 15),
     "p1v2": ([*PARTIAL, "--train-stages", "1", "--feature-views", "2"], 15),
     "p2v1": ([*PARTIAL, "--train-stages", "2", "--feature-views", "1"], 15),

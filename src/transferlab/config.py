@@ -242,6 +242,12 @@ class ModelConfig:
         "statistics (frozen)",
         choices=PARTIAL_BN,
     )
+    feature_layers: int = opt(
+        0,
+        "frozen: also the pooled outputs of the last N stages beside the final features, under "
+        "one head (Head2Toe; timm EfficientNet-style backbones; +1.0 point at 64/class with 3, "
+        "RESULTS.md)",
+    )
     freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")
     backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")
     sync_bn: bool = opt(False, "SyncBatchNorm under DDP (CUDA only)")
@@ -277,6 +283,13 @@ class ModelConfig:
             not (self.name == "cnn" and self.mode == "partial"),
             "--mode partial needs a backbone with stages it knows (timm EfficientNet-style: "
             "timm:tf_efficientnet_lite0, ...); the cnn trains from scratch",
+        )
+        _check(
+            self.feature_layers >= 0, f"--feature-layers must be >= 0; got {self.feature_layers}"
+        )
+        _check(
+            not self.feature_layers or self.mode == "frozen",
+            "--feature-layers applies to --mode frozen (the head reads the frozen stages' outputs)",
         )
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0; got {self.freeze_epochs}")
         _check(

@@ -35,6 +35,7 @@ from transferlab.data.preprocess import to_float_normalized
 from transferlab.distributed import resolve_device
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
+from transferlab.models.taps import LayerTaps
 from transferlab.predict import expand_inputs, load_run_model
 from transferlab.rundir import RunDir, data_root, make_output_dir, refuse_inside
 
@@ -62,6 +63,8 @@ def _has_conv(module: nn.Module) -> bool:
 def target_layer(model: nn.Module) -> nn.Module:
     """The layer whose activations Grad-CAM weighs: the last conv stage of the backbone."""
     backbone = model.backbone
+    if isinstance(backbone, LayerTaps):  # --feature-layers wraps the timm network
+        backbone = backbone.net
     info = getattr(backbone, "feature_info", None)
     if info is not None:  # timm: the module of the last (deepest) feature stage
         names = [f["module"] for f in info] if isinstance(info, list) else info.module_name()

@@ -64,18 +64,20 @@ def check_model(cfg: Config, env: DistEnv) -> None:
         )
     if cfg.model.mode == "partial":
         _check_stages(source, arch, cfg.model.name, cfg.model.train_stages)
+    if cfg.model.feature_layers:
+        _check_stages(source, arch, cfg.model.name, cfg.model.feature_layers, "--feature-layers")
     if cfg.model.drop_path:
         check_drop_path(cfg.model.name)
 
 
-def _check_stages(source: str, arch: str, name: str, k: int) -> None:
-    """--mode partial: the backbone has stages this tool knows and --train-stages fits them
-    (a timm model is built on the meta device: no memory, no weights)."""
+def _check_stages(source: str, arch: str, name: str, k: int, flag: str = "--train-stages") -> None:
+    """--mode partial or --feature-layers: the backbone has stages this tool knows and ``k`` fits
+    them (a timm model is built on the meta device: no memory, no weights)."""
     net = torch.nn.Identity()  # no stages: check_stages names the supported models
     if source == "timm":
         with torch.device("meta"):
             net = timm.create_model(arch, pretrained=False, num_classes=0)
-    check_stages(net, name, k)
+    check_stages(net, name, k, flag)
 
 
 def check_extras(cfg: Config) -> None:

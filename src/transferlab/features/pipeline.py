@@ -78,6 +78,7 @@ def choose_extraction(
     if env.is_main:
         root = fcache.cache_root(cfg.run.cache_dir)
         cut = f"@cut-{cfg.model.train_stages}" if cfg.model.mode == "partial" else ""
+        cut += f"@layers-{cfg.model.feature_layers}" if cfg.model.feature_layers else ""
         choice = resolve_engine(
             cfg.run.engine,
             extraction_module(cfg, model),
@@ -250,6 +251,8 @@ def feature_key(cfg: Config, plan: Plan, ds: ImageDataset, split: str, whash: st
     if cfg.model.mode == "partial":  # the cut's activations: where the cut is, how stored
         key["cut"] = f"blocks[:-{cfg.model.train_stages}]"
         key["storage"] = str(storage_dtype(cfg)).removeprefix("torch.")
+    if cfg.model.feature_layers:  # the last stages' pooled outputs beside the final features
+        key["feature_layers"] = cfg.model.feature_layers
     if train_rows_recipe(cfg) and split == "train":  # only the rows a study uses
         key["rows"] = list(train_rows_recipe(cfg))
     return key

@@ -45,15 +45,15 @@ def has_stages(backbone: nn.Module) -> bool:
     )
 
 
-def check_stages(backbone: nn.Module, name: str, k: int) -> None:
-    """A one-line UserError unless ``backbone`` has stages and 1 <= k <= their number."""
+def check_stages(backbone: nn.Module, name: str, k: int, flag: str = "--train-stages") -> None:
+    """A one-line UserError unless ``backbone`` has stages and 1 <= k <= their number (``flag``
+    is the option that asked: --train-stages or --feature-layers)."""
     if not has_stages(backbone):
-        raise UserError(
-            f"--mode partial: {name} has no stage structure it knows; it supports {SUPPORTED}"
-        )
+        what = "--mode partial" if flag == "--train-stages" else flag
+        raise UserError(f"{what}: {name} has no stage structure it knows; it supports {SUPPORTED}")
     n = len(backbone.blocks)
     if not 1 <= k <= n:
-        raise UserError(f"--train-stages {k}: {name} has {n} stages; use 1 to {n}")
+        raise UserError(f"{flag} {k}: {name} has {n} stages; use 1 to {n}")
 
 
 def trained_parts(backbone: nn.Module, k: int) -> nn.ModuleDict:

@@ -43,6 +43,7 @@ from transferlab.models.lite import (
     load_lite_pretrained,
 )
 from transferlab.models.partial import check_stages, set_partial_trainable
+from transferlab.models.taps import LayerTaps
 from transferlab.models.weights import load_matching, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     """Build the classifier for ``cfg`` with a fresh head, frozen as ``cfg.mode`` says."""
     source, arch = resolve_name(cfg.name)
     backbone, dim, pp = SOURCES[source].build(arch, _weights_for_mode(cfg), cfg.drop_path)
+    if cfg.feature_layers:  # the last stages' pooled outputs beside the final features
+        check_stages(backbone, cfg.name, cfg.feature_layers, "--feature-layers")
+        backbone = LayerTaps(backbone, cfg.feature_layers)
+        dim = backbone.feature_dim
     model = Classifier(
         backbone,
         make_head(cfg.head, dim, num_classes, cfg.head_hidden, cfg.head_dropout),
