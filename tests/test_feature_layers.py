@@ -56,7 +56,9 @@ def test_taps_are_the_final_features_then_the_pooled_stage_outputs():
     torch.testing.assert_close(got, want)
 
 
-def test_a_frozen_run_caches_the_wider_features_and_predicts_and_exports(data, tmp_path, capsys):
+def test_a_frozen_run_caches_wider_features_and_predicts_exports_and_explains(
+    data, tmp_path, capsys
+):
     keys = {}
     for n in (0, 2):
         run = tmp_path / f"n{n}"
@@ -75,6 +77,9 @@ def test_a_frozen_run_caches_the_wider_features_and_predicts_and_exports(data, t
     png = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
     assert main(["predict", str(tmp_path / "n2"), str(png)]) == 0
+    cams = tmp_path / "cams"
+    assert main(["explain", str(tmp_path / "n2"), str(png), "--out", str(cams)]) == 0
+    assert list(cams.glob("*_gradcam.png"))  # Grad-CAM finds the wrapped network's last stage
 
 
 @pytest.mark.parametrize(
