@@ -245,8 +245,8 @@ class ModelConfig:
     feature_layers: int = opt(
         0,
         "frozen: also the pooled outputs of the last N stages beside the final features, under "
-        "one head (Head2Toe; timm EfficientNet-style backbones; +1.0 point at 64/class with 3, "
-        "RESULTS.md)",
+        "one head (Head2Toe; timm EfficientNet-style backbones; lite0 at 64/class with 3: +0.2 "
+        "to +0.7 points, RESULTS.md)",
     )
     freeze_epochs: int = opt(1, "gradual: epochs with the backbone frozen before unfreezing")
     backbone_lr_div: float = opt(10.0, "finetune/gradual: backbone lr = lr / this")
