@@ -33,10 +33,10 @@ class LayerTaps(nn.Module):
         super().__init__()
         self.net = backbone
         self.n = n
-        with torch.no_grad():  # the width: one tiny pass (no stage shrinks 64 px to nothing)
-            was = backbone.training
+        was = backbone.training
+        with torch.no_grad():  # the width: one tiny pass in eval mode (BatchNorm stats untouched)
             self.feature_dim = int(self.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
-            backbone.train(was)
+        self.train(was)  # the wrapper and the backbone back in the mode the backbone came in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.net
