@@ -10,16 +10,26 @@ Workloads (each a real ``transferlab train`` in a child process):
 Neighbours, started before the workload and stopped after it:
 - ``quiet``: none; ``torch1``/``torch2``: 1 or 2 other PyTorch jobs with default threads (a conv
   forward+backward loop, OpenMP env unset); ``py2``: 2 plain Python busy loops.
+``torch1late``: the one PyTorch job starts only once the run has logged its training threads, so
+the run chose them on a quiet CPU (the case the per-epoch re-check and the wait policy are for).
 Every neighbour stops by itself after ``--load-limit`` seconds, and all are stopped at the end.
 
 Policies:
 - ``before``: the old policy: OMP_WAIT_POLICY unset (libgomp spins), torch on every core
   (``--threads`` = the usable cores), the CLI entered without transferlab.entry;
-- ``after``: ``python -m transferlab`` (OMP_WAIT_POLICY=PASSIVE) and threads from the free cores.
+- ``after``: ``python -m transferlab``: threads from the free cores, re-checked every 2 s during
+  training, and libgomp's own waits (an idle thread spins ~300,000 iterations, then sleeps);
+- ``passive``: ``after`` with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), which the
+  entry set until the Zen 5 measurement (RESULTS.md, issue 25);
+- ``spinN`` (e.g. ``spin30000``): ``after`` with ``GOMP_SPINCOUNT=N``: an idle OpenMP thread spins
+  N iterations (libgomp: roughly 100,000 per ms) before it sleeps.
+
+``--repeats R`` runs the whole grid R times (each round in the same order) and reports medians.
 
 Usage (the real measurement wants a quiet machine: nothing else running):
     python benchmarks/contention.py --data-dir /work/shared/datasets --out /tmp/contention
     python benchmarks/contention.py --data-dir /work/shared/datasets --out /tmp/c --smoke
+    python benchmarks/contention.py --policies before,passive,after --images 45000
 """
 
 from __future__ import annotations
@@ -30,12 +40,15 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 LOADS = {"quiet": (0, 0), "torch1": (1, 0), "torch2": (2, 0), "py2": (0, 2)}  # (torch, python)
+LOADS["torch1late"] = LOADS["torch1"]  # starts when the run has chosen its training threads
 TORCH_LOOP = """
 import time, torch
 deadline = time.time() + {limit}
@@ -53,6 +66,16 @@ OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTI
 def clean_env() -> dict:
     """This environment without any OpenMP setting (what a user who never heard of it has)."""
     return {k: v for k, v in os.environ.items() if k not in OMP_VARS}
+
+
+def policy_env(policy: str) -> dict:
+    """The environment a policy's run starts with: clean, plus its OpenMP variable."""
+    env = clean_env()
+    if policy.startswith("spin"):
+        env["GOMP_SPINCOUNT"] = str(int(policy[4:]))
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
 
 
 def start_load(kind: tuple[int, int], limit: float) -> list[subprocess.Popen]:
@@ -107,19 +130,33 @@ def train_args(a, workload: str, run_dir: Path, policy: str) -> list[str]:
     return [*common, *lite, "--engine", "openvino"]
 
 
-def run_workload(a, workload: str, policy: str, tag: str) -> tuple[float, str]:
-    """(img/s for cnn or seconds for head, the run's thread line)."""
+def run_workload(a, workload: str, policy: str, tag: str, late=(0, 0)) -> tuple[float, str]:
+    """(img/s for cnn or seconds for head, the run's thread line); ``late`` neighbours start
+    once the run logs its training threads, and stop when it ends."""
     run_dir = Path(a.out) / f"{workload}-{policy}-{tag}"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [*cli(policy), *train_args(a, workload, run_dir, policy)],
-        env=clean_env(),
-        capture_output=True,
+        env=policy_env(policy),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=a.run_limit,
     )
+    timer = threading.Timer(a.run_limit, proc.kill)
+    timer.start()
+    lines, procs = [], []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "threads for train" in line and not procs:
+                procs = start_load(late, a.load_limit)
+        proc.wait()
+    finally:
+        timer.cancel()
+        stop([proc, *procs])
+    stderr = "".join(lines)
     if proc.returncode != 0:
-        raise SystemExit(f"{workload} {policy} {tag} failed:\n{proc.stderr[-3000:]}")
-    threads = "; ".join(re.findall(r"threads for train: [^\n]*", proc.stderr)) or "n/a"
+        raise SystemExit(f"{workload} {policy} {tag} failed:\n{stderr[-3000:]}")
+    threads = "; ".join(re.findall(r"threads for train: [^\n]*", stderr)) or "n/a"
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if workload == "cnn":
@@ -137,10 +174,11 @@ def main() -> None:
     p.add_argument("--head-epochs", type=int, default=10)
     p.add_argument("--workloads", default="cnn,head")
     p.add_argument("--loads", default=",".join(LOADS))
-    p.add_argument("--policies", default="before,after")
+    p.add_argument("--policies", default="before,passive,after")
     p.add_argument("--settle", type=float, default=3.0, help="s between load start and run")
     p.add_argument("--load-limit", type=float, default=1800.0, help="a neighbour's own limit, s")
     p.add_argument("--run-limit", type=float, default=1800.0, help="one run's limit, s")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the whole grid; medians")
     p.add_argument("--smoke", action="store_true", help="400 images, 2 head epochs, 100 val+test")
     a = p.parse_args()
     # a SIGTERM (timeout, kill) unwinds through the finally blocks: the neighbours stop with us
@@ -153,18 +191,27 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}; usable cores {len(os.sched_getaffinity(0))}")
     if "head" in workloads:  # fill the feature cache, untimed and quiet
         run_workload(a, "head", "after", "warmup")
-    results: dict = {}
-    for workload in workloads:
-        for load in loads:
-            for policy in policies:
-                procs = start_load(LOADS[load], a.load_limit)
-                try:
-                    time.sleep(a.settle if procs else 0)
-                    value, threads = run_workload(a, workload, policy, load)
-                finally:
-                    stop(procs)
-                results[(workload, load, policy)] = value
-                print(f"{workload:5s} {load:7s} {policy:6s} {value:10.1f}  ({threads})", flush=True)
+    samples: dict = {}
+    for rnd in range(a.repeats):
+        for workload in workloads:
+            for load in loads:
+                for policy in policies:
+                    late = load.endswith("late")
+                    procs = [] if late else start_load(LOADS[load], a.load_limit)
+                    try:
+                        time.sleep(a.settle if procs else 0)
+                        value, threads = run_workload(
+                            a, workload, policy, load, LOADS[load] if late else (0, 0)
+                        )
+                    finally:
+                        stop(procs)
+                    samples.setdefault((workload, load, policy), []).append(value)
+                    print(
+                        f"round {rnd} {workload:5s} {load:7s} {policy:10s} {value:10.1f}  "
+                        f"({threads}; load average {os.getloadavg()[0]:.2f})",
+                        flush=True,
+                    )
+    results = {k: statistics.median(v) for k, v in samples.items()}
     print(f"load average at end: {os.getloadavg()}\n")
     for workload in workloads:
         unit = "train img/s" if workload == "cnn" else f"s for {a.head_epochs} head epochs"

@@ -1,6 +1,7 @@
-"""Threads on a shared CPU (issue 25): the count follows the free cores, ``--threads`` and the
-user's OMP_NUM_THREADS win, every choice is logged, and only the CLI entry sets the OpenMP wait
-policy (before torch loads). No timing: the measurement is replaced where a test needs a value."""
+"""Threads on a shared CPU (issue 25): the count follows the free cores, re-checked during
+training, ``--threads`` and the user's OMP_NUM_THREADS win, every choice is logged, and the CLI
+entry leaves OpenMP's wait policy alone. No timing: the measurement is replaced where a test
+needs a value."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from transferlab import entry, threads
+from transferlab import threads
 from transferlab.cli import main
 from transferlab.config import RunConfig
 from transferlab.errors import UserError
@@ -85,29 +86,24 @@ def test_a_run_logs_its_threads_and_gives_the_count_back(
     assert torch.get_num_threads() == 2  # a library caller's count is put back
 
 
-def test_passive_waits_keep_the_users_choice():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert entry.set_passive_waits(env) == {} and env["OMP_WAIT_POLICY"] == "ACTIVE"
-    env = {}
-    assert entry.set_passive_waits(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def test_entry_sets_the_policy_before_torch_loads():
-    """The entry module imports no torch, and the CLI sees PASSIVE once torch is loaded."""
+def test_entry_tunes_the_heap_before_torch_and_leaves_openmp_waits_alone():
+    """The entry module imports no torch (mallopt comes first) and sets no OpenMP wait policy:
+    the thread count handles neighbours (see transferlab/entry.py for the measurement)."""
     code = (
         "import os, sys\n"
-        "os.environ.pop('OMP_WAIT_POLICY', None)\n"
+        "for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'):\n"
+        "    os.environ.pop(k, None)\n"
         "import transferlab.entry as e\n"
         "assert 'torch' not in sys.modules\n"
-        "sys.argv = ['transferlab', '--version']\n"
         "try:\n"
         "    e.main(['--version'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(os.environ['OMP_WAIT_POLICY'])\n"
+        "assert 'torch' in sys.modules\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("PASSIVE")
+    assert out.stdout.strip().endswith("None None")
 
 
 def test_thread_watch_follows_a_neighbour_between_epochs(monkeypatch, caplog, keep_threads):
@@ -124,6 +120,42 @@ def test_thread_watch_follows_a_neighbour_between_epochs(monkeypatch, caplog, ke
     lines = [r.getMessage() for r in caplog.records if r.name == "transferlab.threads"]
     assert len(lines) == 2 and lines[0].startswith("threads for train: 2 -> 1 (2 cores, 1.2 busy")
     assert torch.get_num_threads() == 2
+
+
+def test_thread_watch_ticks_only_after_its_interval(monkeypatch, keep_threads):
+    """``tick`` re-checks once ``every_s`` seconds have passed since the last check, not before."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_busy_between", lambda a, b: 1.5)
+    torch.set_num_threads(2)
+    assert threads.ThreadWatch(0, "train", every_s=3600).tick() is None
+    assert torch.get_num_threads() == 2
+    assert threads.ThreadWatch(0, "train", every_s=0).tick() == 1
+    assert torch.get_num_threads() == 1
+
+
+def test_a_neighbour_is_seen_within_the_epoch(
+    tiny_cifar, tmp_path, monkeypatch, caplog, keep_threads
+):
+    """Training ticks the watch after every batch: a neighbour that starts mid-epoch (here: from
+    the first batch on) lowers the count before the epoch ends, not at the next epoch."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)  # quiet when the phase starts
+    monkeypatch.setattr(threads, "_busy_between", lambda a, b: 1.5)  # then a neighbour
+    monkeypatch.setattr(threads, "RECHECK_S", 0.0)
+    ticks = []
+    tick = threads.ThreadWatch.tick
+    monkeypatch.setattr(threads.ThreadWatch, "tick", lambda self: ticks.append(1) or tick(self))
+    args = ["train", "--data-dir", str(tiny_cifar), "--run-dir", str(tmp_path / "run")]
+    args += ["--model", "cnn", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    args += ["--val-size", "50", "--batch-size", "50", "--no-report"]
+    with caplog.at_level(logging.INFO, "transferlab"):
+        assert main(args) == 0
+    assert len(ticks) == 5  # 250 training images in batches of 50
+    lines = [r.getMessage() for r in caplog.records]
+    change = next(i for i, m in enumerate(lines) if m.startswith("threads for train: 2 -> 1"))
+    assert change < next(i for i, m in enumerate(lines) if m.startswith("epoch 1/1"))
 
 
 def test_thread_watch_leaves_a_pinned_count(monkeypatch, keep_threads):

@@ -1,45 +1,32 @@
 """The ``transferlab`` command's entry point: the process's settings first, then the CLI.
 
-torch's Linux wheels run their parallel regions on GNU OpenMP (libgomp), whose idle threads spin
-for about 300,000 iterations before they sleep. On a CPU shared with other jobs those spins take
-the cores the other threads need: the seed CNN trained 7x slower beside one other PyTorch job
-(issue 25). ``OMP_WAIT_POLICY=PASSIVE`` makes idle threads sleep at once (GOMP_SPINCOUNT then
-defaults to 0). libgomp reads it once, when torch loads it, so it must be in the environment
-before anything imports torch.
-
-glibc's allocator (:func:`reuse_freed_memory`) is the other process-wide setting: freed memory
+glibc's allocator (:func:`reuse_freed_memory`) is the one process-wide setting: freed memory
 stays in the heap. Frozen-backbone activations are tens of MB per layer, above glibc's mmap
 threshold, so each one was mapped fresh and returned on free; measured on lite0 bf16 at 224 px:
 ~1.2M minor faults and 2 s of system time per 400 images, ~1.8x slower extraction
 (benchmarks/RESULTS.md, issue 13). The command's process is short-lived and ours; a notebook's
-is not, so the library never calls it.
+is not, so the library never calls it. It is set before the CLI (and so torch) is imported, so
+that nothing is allocated under the old thresholds; that is why this module is the one
+exception to "imports at the top". A library user's ``import transferlab`` does not come here.
 
-That is why this module is the one exception to "imports at the top": it sets the variable,
-then imports the CLI (and so torch). It is also the only place that changes the process
-environment: the console script and ``python -m transferlab`` come here, a library user's
-``import transferlab`` does not. A value the user set is kept.
+OpenMP's wait policy is left to libgomp (its idle threads spin ~300,000 iterations, a few ms,
+then sleep) or to the user's ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``. This module used to set
+``OMP_WAIT_POLICY=PASSIVE``: measured on a Zen 5 (RESULTS.md, issue 25), passive waits cost the
+seed CNN 0.72-0.78x of its quiet speed (many short parallel regions, each paying a wake-up),
+and what they protected against, threads spinning on cores a neighbour needs, is now handled by
+the thread count (transferlab/threads.py): one thread where a neighbour runs (no OpenMP workers
+to spin), re-checked every 2 s during training and torch extraction.
 
 Usage:
     transferlab train ...              # [project.scripts] transferlab = transferlab.entry:main
-    OMP_WAIT_POLICY=ACTIVE transferlab train ...      # the user's choice wins
+    OMP_WAIT_POLICY=PASSIVE transferlab train --threads 2 ...   # pinned threads on a shared CPU
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
-from collections.abc import MutableMapping
-
-PASSIVE_WAITS = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep instead of spinning
-
-
-def set_passive_waits(environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Set :data:`PASSIVE_WAITS` in ``environ`` where the user has not; returns what was set."""
-    added = {k: v for k, v in PASSIVE_WAITS.items() if k not in environ}
-    environ.update(added)
-    return added
 
 
 def reuse_freed_memory() -> bool:
@@ -60,9 +47,8 @@ def reuse_freed_memory() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``transferlab``: passive OpenMP waits, the heap tuning, then :func:`transferlab.cli.main`."""
-    set_passive_waits(os.environ)
+    """``transferlab``: the heap tuning, then :func:`transferlab.cli.main`."""
     reuse_freed_memory()
-    from transferlab.cli import main as cli_main  # noqa: PLC0415 - torch loads after the env is set
+    from transferlab.cli import main as cli_main  # noqa: PLC0415 - torch loads after mallopt
 
     return cli_main(argv)

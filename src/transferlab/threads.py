@@ -10,17 +10,19 @@ So at the start of each phase (extraction, training) :func:`use_threads` measure
 CPU is over a quarter second (``/proc/stat`` minus this process's own CPU time and its children's,
 such as DataLoader workers; the 1-minute load average where there is no ``/proc/stat``), and uses
 the cores left free: at least one, at most the cores this process may run on. During training,
-:class:`ThreadWatch` checks again after every epoch, with the epoch itself as the window (no extra
-sampling), so a neighbour that starts or stops mid-run changes the count at the next epoch.
+:class:`ThreadWatch` checks again every ``RECHECK_S`` (2) seconds, between batches, with the time
+since the last check as the window (no extra sampling), so a neighbour that starts or stops
+mid-epoch changes the count within about two seconds.
 Each choice, and each change, is logged in one line. The order: ``--threads N``, else
 ``OMP_NUM_THREADS`` where the user set it (the usual way to pin OpenMP programs; the test suite
-pins it so runs repeat bit for bit), else the measurement. OpenMP's passive waits are the other
-half (transferlab/entry.py).
+pins it so runs repeat bit for bit), else the measurement. OpenMP's own waits (libgomp spins a
+few ms before it sleeps) are left as they are: one thread has no workers to spin, and two are
+re-checked every two seconds (transferlab/entry.py says why it no longer sets a policy).
 
 Usage:
     n = use_threads(cfg.run.threads, "train")     # logs "threads for train: 1 (...)"
     watch = ThreadWatch(cfg.run.threads, "train")
-    watch.recheck()                                # after each epoch: logs a change only
+    watch.tick()                                   # after each batch: logs a change only
     with threads_restored():                       # a library caller gets its count back
         ...
 """
@@ -40,6 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.25  # seconds of /proc/stat sampling per decision (a phase lasts seconds to hours)
+RECHECK_S = 2.0  # during training, the longest a neighbour that starts mid-epoch goes unseen
 
 
 def usable_cores() -> int:
@@ -174,15 +177,24 @@ def _why(busy: float) -> str:
 
 
 class ThreadWatch:
-    """Re-checks the free cores between epochs, from the CPU time other processes used since the
-    last check: the epoch is the window, so it costs two reads of ``/proc``, no sampling. Does
-    nothing where the count is pinned (``--threads``, OMP_NUM_THREADS) or without ``/proc/stat``.
+    """Re-checks the free cores during training, from the CPU time other processes used since the
+    last check: that time is the window, so a check costs two reads of ``/proc``, no sampling.
+    :meth:`tick` runs after every batch and checks once ``every_s`` seconds have passed (else one
+    clock read); :meth:`recheck` checks now. Does nothing where the count is pinned
+    (``--threads``, OMP_NUM_THREADS) or without ``/proc/stat``.
     """
 
-    def __init__(self, requested: int, phase: str):
+    def __init__(self, requested: int, phase: str, every_s: float | None = None):
         self.phase = phase
+        self.every_s = RECHECK_S if every_s is None else every_s
         self.pinned = _pinned(requested) is not None
         self.last = _mark()
+
+    def tick(self) -> int | None:
+        """:meth:`recheck` where ``every_s`` seconds have passed since the last check, else None."""
+        if self.pinned or time.perf_counter() - self.last.wall < self.every_s:
+            return None
+        return self.recheck()
 
     def recheck(self) -> int | None:
         """The new count where it changed (and is set and logged), else None."""

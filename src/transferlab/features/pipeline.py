@@ -53,6 +53,7 @@ from transferlab.models.classifier import Classifier
 from transferlab.models.partial import PartialTrainer, StagePrefix, cut_shape
 from transferlab.pipeline import FeatureInfo, Pipeline, SplitFeatures
 from transferlab.plan import ExtractPlan, Plan
+from transferlab.threads import ThreadWatch
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,19 @@ def _lookup(root, key: str, env: DistEnv):
     return hit
 
 
+def _rechecking(
+    prepare: Callable[[torch.Tensor], torch.Tensor], watch: ThreadWatch
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``prepare`` that first ticks ``watch``: torch extraction follows a neighbour that starts
+    mid-split within seconds, as training does between batches (transferlab/threads.py)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        watch.tick()
+        return prepare(x)
+
+    return run
+
+
 def _view_aug(cfg: Config, views: int):
     if views == 1:
         return None
@@ -352,6 +366,8 @@ def split_features(
         plan, channels_last=plan.channels_last and plan.extract.engine == "torch"
     )
     prepare, aug = prepare_fn(layout), _view_aug(cfg, views)
+    if plan.extract.engine == "torch":  # a converted engine keeps the threads it was built with
+        prepare = _rechecking(prepare, ThreadWatch(cfg.run.threads, "extract"))
     outs, speed = [], 0.0
     for v in range(views):  # one augmentation stream per view
         loader = make_loader(

@@ -234,7 +234,7 @@ def _should_stop(cfg: Config, state: FitState) -> str:
 
 
 def _train_epoch(
-    job: Job, state: FitState, opt: OptimParts, guard: StepGuard, epoch: int
+    job: Job, state: FitState, opt: OptimParts, guard: StepGuard, epoch: int, watch: ThreadWatch
 ) -> EpochStats:
     """One training epoch (or the rest of an interrupted one); an interruption is saved."""
     every = job.cfg.run.ckpt_every_steps
@@ -259,6 +259,7 @@ def _train_epoch(
         partial,
         on_step if every else None,
         desc=f"epoch {epoch + 1}",
+        on_batch=watch.tick,
     )
     state.nan_count = guard.nan_count
     if stats.interrupted:
@@ -330,7 +331,7 @@ def fit(job: Job, state: FitState, opt: OptimParts) -> FitState:
             )
             state.phase = "unfrozen"
             opt = enter_phase(job, "unfrozen")
-        stats = _train_epoch(job, state, opt, guard, epoch)
+        stats = _train_epoch(job, state, opt, guard, epoch, watch)
         t0 = time.perf_counter()
         val = _validate(job, state, epoch)
         state.eval_s += time.perf_counter() - t0

@@ -156,7 +156,7 @@ def _optimizer_step(loss: torch.Tensor, opt: OptimParts, grad_clip: float) -> No
     opt.scheduler.step()
 
 
-def train_one_epoch(
+def train_one_epoch(  # noqa: PLR0913 - the step's parts and two hooks
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
     opt: OptimParts,
@@ -165,12 +165,14 @@ def train_one_epoch(
     stats: EpochStats | None = None,
     on_step: Callable[[EpochStats], None] | None = None,
     desc: str = "train",
+    on_batch: Callable[[], object] | None = None,
 ) -> EpochStats:
     """Train over ``loader`` once; resume a partial epoch by passing its ``stats``.
 
     Batches before ``stats.step`` are drawn and skipped (so augmentation RNG stays in sync).
-    ``on_step`` runs after every optimiser step (step checkpoints); a stop request (signal)
-    ends the epoch early with ``interrupted=True``.
+    ``on_step`` runs after every optimiser step with the folded totals (step checkpoints: a host
+    sync); ``on_batch`` runs after every batch with nothing (the thread re-check: no sync). A stop
+    request (signal) ends the epoch early with ``interrupted=True``.
     """
     stats = stats or EpochStats()
     stats.interrupted = False  # a resumed partial epoch was interrupted before; it runs on now
@@ -190,6 +192,8 @@ def train_one_epoch(
             )
         apply, stop = guard.check(loss, desc, stats.step, len(loader))
         stats.step += 1
+        if on_batch is not None:
+            on_batch()
         if not apply:
             opt.optimizer.zero_grad(set_to_none=True)
             continue
