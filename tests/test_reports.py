@@ -10,6 +10,7 @@ import pytest
 
 from conftest import write_png_tree
 from transferlab.cli import main
+from transferlab.report import run_report
 from transferlab.report.html import markdown_to_html
 from transferlab.report.run_report import confused_pairs, per_class_accuracy
 
@@ -94,6 +95,18 @@ def test_report_notes_a_changed_cifar_test_file(cifar_run, tmp_path):
     (run / "summary.json").write_text(json.dumps(s))
     assert main(["report", str(run)]) == 0
     assert "Images not shown" in (run / "report.md").read_text()
+
+
+def test_a_report_reads_the_cifar_test_file_once(cifar_run, tmp_path, monkeypatch):
+    """The mistakes grid and both Grad-CAM rows share one read of the test split (not three
+    loads of all of CIFAR-100, 180 MB each, as before)."""
+    run = tmp_path / "copy"
+    shutil.copytree(cifar_run, run)
+    reads = []
+    load = run_report.load_cifar100_test
+    monkeypatch.setattr(run_report, "load_cifar100_test", lambda d: reads.append(d) or load(d))
+    assert main(["report", str(run)]) == 0
+    assert len(reads) == 1 and (run / "misclassified.png").is_file()
 
 
 def test_test_predictions_match_summary(cifar_run):

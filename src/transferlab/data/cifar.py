@@ -216,6 +216,14 @@ def load_cifar100(
     )
 
 
+def load_cifar100_test(data_dir: str | Path) -> tuple[Split, str]:
+    """The test split alone, as uint8 tensors, and its file's md5: what a report's images need,
+    without reading (and hashing) the 150 MB training file."""
+    paths = ensure_cifar100(data_dir, False)
+    test_x, test_y = _read_split(paths["test"])
+    return Split(_to_tensor(test_x), torch.from_numpy(test_y)), md5sum(paths["test"])
+
+
 def write_cifar_like(
     root: str | Path, n_train: int, n_test: int, n_classes: int = N_CLASSES, seed: int = 0
 ) -> Path:

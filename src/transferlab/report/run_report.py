@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from matplotlib.figure import Figure
 
 from transferlab import explain
 from transferlab.classmetrics import class_metrics, confusion_matrix, worst_first
-from transferlab.data.cifar import load_cifar100
+from transferlab.data.cifar import Split, load_cifar100_test
 from transferlab.data.folder import load_image
 from transferlab.errors import UserError
 from transferlab.io import write_atomic
@@ -68,42 +69,57 @@ def confused_pairs(
     ]
 
 
-def _test_images(
-    run_dir: Path, summary: Summary, indices: np.ndarray, size: int = 64
-) -> tuple[list, str]:
-    """uint8 (3, H, W) test images at ``indices`` and '', or [] and why they are unavailable."""
-    manifest = RunDir(run_dir).manifest
-    if manifest.is_file():  # folder data: the test files by index
-        try:
-            paths = json.loads(manifest.read_text())["test"]["paths"]
-            paths[0]  # noqa: B018 - a list of at least one path, or damaged
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            log.warning("%s is damaged (%s); no test images in the report", manifest, e)
-            return [], f"{manifest} is damaged ({type(e).__name__}); rerun the training"
-        images = []
-        for i in indices:
-            try:
-                images.append(load_image(paths[int(i)], size).numpy())
-            except Exception as e:  # moved or changed since training
-                return [], f"cannot read {paths[int(i)]} ({type(e).__name__})"
-        return images, ""
-    data = summary.data
-    source = Path(str(data.get("source") or ""))
-    if source.name != "cifar-100-python":
-        return [], f"no {RunDir.MANIFEST} and the source {source} is not a CIFAR-100 folder"
+TestImages = Callable[[np.ndarray, int], tuple[list, str]]
 
+
+def image_reader(run_dir: Path, summary: Summary) -> TestImages:
+    """``read(indices, size)``: uint8 (3, H, W) test images at ``indices`` and '', or [] and why
+    they are unavailable. CIFAR's test split is read once per reader (a report asks up to 3
+    times), on the first call."""
+    loaded: list[tuple[Split, str] | str] = []
+
+    def cifar_test(source: Path) -> tuple[Split, str] | str:
+        if not loaded:
+            try:
+                loaded.append(load_cifar100_test(source.parent))
+            except UserError as e:
+                loaded.append(f"CIFAR-100 not readable at {source} ({e})")
+        return loaded[0]
+
+    def read(indices: np.ndarray, size: int = 64) -> tuple[list, str]:
+        manifest = RunDir(run_dir).manifest
+        if manifest.is_file():  # folder data: the test files by index
+            return _folder_test_images(manifest, indices, size)
+        data = summary.data
+        source = Path(str(data.get("source") or ""))
+        if source.name != "cifar-100-python":
+            return [], f"no {RunDir.MANIFEST} and the source {source} is not a CIFAR-100 folder"
+        got = cifar_test(source)
+        if isinstance(got, str):
+            return [], got
+        test, md5 = got
+        recorded = (data.get("md5") or {}).get("test")
+        if recorded and md5 != recorded:
+            return [], f"the CIFAR test file at {source} has md5 {md5}, the run recorded {recorded}"
+        return [test.images[int(i)].numpy() for i in indices], ""
+
+    return read
+
+
+def _folder_test_images(manifest: Path, indices: np.ndarray, size: int) -> tuple[list, str]:
     try:
-        ds = load_cifar100(source.parent, False, 0, 1)
-    except UserError as e:
-        return [], f"CIFAR-100 not readable at {source} ({e})"
-    recorded = (data.get("md5") or {}).get("test")
-    if recorded and ds.md5.get("test") != recorded:
-        return (
-            [],
-            f"the CIFAR test file at {source} has md5 {ds.md5.get('test')}, "
-            f"the run recorded {recorded}",
-        )
-    return [ds.test.images[int(i)].numpy() for i in indices], ""
+        paths = json.loads(manifest.read_text())["test"]["paths"]
+        paths[0]  # noqa: B018 - a list of at least one path, or damaged
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("%s is damaged (%s); no test images in the report", manifest, e)
+        return [], f"{manifest} is damaged ({type(e).__name__}); rerun the training"
+    images = []
+    for i in indices:
+        try:
+            images.append(load_image(paths[int(i)], size).numpy())
+        except Exception as e:  # moved or changed since training
+            return [], f"cannot read {paths[int(i)]} ({type(e).__name__})"
+    return images, ""
 
 
 def plot_grid(images: list[np.ndarray], captions: list[str], out_png: Path, cols: int = 6) -> Path:
@@ -277,7 +293,9 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out_png: Path) -> Path:
     return out_png
 
 
-def _misclassified_section(run_dir: Path, s: Summary, preds: dict, classes: list[str]) -> list[str]:
+def _misclassified_section(
+    run_dir: Path, test_images: TestImages, preds: dict, classes: list[str]
+) -> list[str]:
     wrong = np.flatnonzero(preds["true"] != preds["pred"])
     out = ["## Misclassified test images", ""]
     if len(wrong) == 0:
@@ -285,7 +303,7 @@ def _misclassified_section(run_dir: Path, s: Summary, preds: dict, classes: list
     pick = wrong[np.argsort(-preds["prob"][wrong], kind="stable")][
         :GRID_N
     ]  # most confident mistakes
-    images, why = _test_images(run_dir, s, preds["index"][pick])
+    images, why = test_images(preds["index"][pick], 64)
     if not images:
         return out + [f"Images not shown: {why}.", ""]
     captions = [
@@ -303,7 +321,9 @@ def _misclassified_section(run_dir: Path, s: Summary, preds: dict, classes: list
     ]
 
 
-def _gradcam_section(run_dir: Path, s: Summary, preds: dict, classes: list[str]) -> list[str]:
+def _gradcam_section(
+    run_dir: Path, test_images: TestImages, preds: dict, classes: list[str]
+) -> list[str]:
     """Grad-CAM overlays on the most confident mistakes and on one correct example per most
     confused class (explain.py), when the ``explain`` extra is installed."""
     head = ["## Why the model decides (Grad-CAM)", ""]
@@ -318,9 +338,7 @@ def _gradcam_section(run_dir: Path, s: Summary, preds: dict, classes: list[str])
     true, pred = preds["true"].astype(np.int64), preds["pred"].astype(np.int64)
     pairs = confused_pairs(true, pred, len(classes))
     try:
-        return explain.report_figures(
-            run_dir, preds, classes, pairs, lambda idx, size: _test_images(run_dir, s, idx, size)
-        )
+        return explain.report_figures(run_dir, preds, classes, pairs, test_images)
     except Exception as e:  # the overlays are an extra: the rest of the report still gets written
         log.warning("Grad-CAM overlays for %s failed: %s: %s", run_dir, type(e).__name__, e)
         return head + [
@@ -446,8 +464,9 @@ def _write_run_report(run_dir: Path, s: Summary) -> tuple[Path, Path]:
     if preds is not None:
         classes = [str(c) for c in preds["classes"]]
         parts += _class_sections(run_dir, preds, classes)
-        parts += _misclassified_section(run_dir, s, preds, classes)
-        parts += _gradcam_section(run_dir, s, preds, classes)
+        test_images = image_reader(run_dir, s)
+        parts += _misclassified_section(run_dir, test_images, preds, classes)
+        parts += _gradcam_section(run_dir, test_images, preds, classes)
     else:
         parts += [f"{no_preds}: no per-class results.", ""]
     parts += _timing_section(s, rows)
