@@ -19,6 +19,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -76,15 +77,13 @@ def image_reader(run_dir: Path, summary: Summary) -> TestImages:
     """``read(indices, size)``: uint8 (3, H, W) test images at ``indices`` and '', or [] and why
     they are unavailable. CIFAR's test split is read once per reader (a report asks up to 3
     times), on the first call."""
-    loaded: list[tuple[Split, str] | str] = []
 
+    @functools.cache
     def cifar_test(source: Path) -> tuple[Split, str] | str:
-        if not loaded:
-            try:
-                loaded.append(load_cifar100_test(source.parent))
-            except UserError as e:
-                loaded.append(f"CIFAR-100 not readable at {source} ({e})")
-        return loaded[0]
+        try:
+            return load_cifar100_test(source.parent)
+        except UserError as e:
+            return f"CIFAR-100 not readable at {source} ({e})"
 
     def read(indices: np.ndarray, size: int = 64) -> tuple[list, str]:
         manifest = RunDir(run_dir).manifest
